@@ -1,0 +1,174 @@
+"""What every InLine backbone shares: the OpenMMLab contract around the stages.
+
+Subclasses build their stages, then call :meth:`_finish_init`; they implement
+:meth:`_stage_modules` (what ``frozen_stages`` freezes) and name a
+``convert_checkpoint`` function that maps a released classification state dict
+to backbone keys.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Callable, Mapping, Optional, Sequence, Union
+
+from mmengine.model import BaseModule
+from timm.layers import trunc_normal_
+from torch import Tensor, nn
+
+from ...checkpoint import (drop_derived_buffers, extract_state_dict, load_state_dict_checked,
+                           safe_load)
+
+__all__ = ['InLineBackbone', 'init_transformer_weights', 'resolve_arch']
+
+logger = logging.getLogger(__name__)
+
+StateDictConverter = Callable[[Mapping[str, Tensor]], dict]
+
+
+def init_transformer_weights(module: nn.Module) -> None:
+    """Reference initialisation: truncated-normal Linear weights, zero biases, unit LayerNorms."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def resolve_arch(arch: Union[str, dict], table: Mapping[str, dict], family: str,
+                 overrides: Mapping[str, object]) -> dict:
+    """The arch setting of ``table[arch]`` (or a full dict) with explicit non-None overrides."""
+    if isinstance(arch, str):
+        key = arch.lower()
+        if key not in table:
+            raise ValueError(f'unknown {family} arch {arch!r}; expected one of {sorted(table)} '
+                             'or a dict')
+        setting = dict(table[key])
+    elif isinstance(arch, dict):
+        setting = dict(arch)
+    else:
+        raise TypeError(f'arch must be a str or dict, got {type(arch).__name__}')
+    setting.update({k: v for k, v in overrides.items() if v is not None})
+    missing = [k for k in next(iter(table.values())) if k not in setting]
+    if missing:
+        raise ValueError(f'{family} arch is missing {missing}')
+    return setting
+
+
+class InLineBackbone(BaseModule):
+    """Base of the InLine backbones: out_indices, frozen_stages, init_cfg, norm outputs."""
+
+    #: Module-level function converting a released classification state dict.
+    convert_checkpoint: Optional[StateDictConverter] = None
+    num_stages = 4
+
+    def __init__(self,
+                 out_indices: Sequence[int] = (0, 1, 2, 3),
+                 frozen_stages: int = -1,
+                 with_cp: bool = False,
+                 pretrained: Optional[str] = None,
+                 init_cfg: Optional[Union[dict, list]] = None) -> None:
+        if pretrained is not None:
+            if init_cfg is not None:
+                raise ValueError('pass either pretrained or init_cfg, not both')
+            if not isinstance(pretrained, str):
+                raise TypeError(f'pretrained must be a str or None, got {type(pretrained)}')
+            warnings.warn('pretrained is deprecated; use init_cfg=dict(type="Pretrained", '
+                          'checkpoint=...)', DeprecationWarning, stacklevel=2)
+            init_cfg = dict(type='Pretrained', checkpoint=pretrained)
+        super().__init__(init_cfg=init_cfg)
+        out_indices = tuple(out_indices) if not isinstance(out_indices, int) else (out_indices, )
+        bad = [i for i in out_indices if not -self.num_stages <= i < self.num_stages]
+        if bad:
+            raise ValueError(f'out_indices {bad} out of range for {self.num_stages} stages')
+        self.out_indices = tuple(sorted(i % self.num_stages for i in out_indices))
+        if not -1 <= frozen_stages <= self.num_stages:
+            raise ValueError(f'frozen_stages must be in [-1, {self.num_stages}], got '
+                             f'{frozen_stages}')
+        self.frozen_stages = frozen_stages
+        self.with_cp = with_cp
+
+    # -- contract -------------------------------------------------------------------------
+    def _stem_modules(self) -> list[nn.Module]:
+        """Modules frozen by ``frozen_stages >= 0`` (the patch embedding)."""
+        raise NotImplementedError
+
+    def _stage_modules(self, i: int) -> list[nn.Module]:
+        """Modules of stage ``i`` (blocks, its embedding or merging, its output norm)."""
+        raise NotImplementedError
+
+    def _stage_params(self, i: int) -> list[nn.Parameter]:
+        """Bare parameters of stage ``i`` (e.g. position embeddings); none by default."""
+        return []
+
+    def _freeze_stages(self) -> None:
+        if self.frozen_stages < 0:
+            return
+        modules = list(self._stem_modules())
+        params = []
+        for i in range(self.frozen_stages):
+            modules += self._stage_modules(i)
+            params += self._stage_params(i)
+        for m in modules:
+            m.eval()
+            for p in m.parameters():
+                p.requires_grad = False
+        for p in params:
+            p.requires_grad = False
+
+    def train(self, mode: bool = True) -> 'InLineBackbone':
+        super().train(mode)
+        self._freeze_stages()
+        return self
+
+    def _finish_init(self) -> None:
+        self.apply(init_transformer_weights)
+        self._freeze_stages()
+
+    # -- weights --------------------------------------------------------------------------
+    def init_weights(self) -> None:
+        cfg = self.init_cfg
+        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
+            self.load_pretrained(cfg['checkpoint'], prefix=cfg.get('prefix'))
+            self._is_init = True
+            return
+        super().init_weights()
+
+    def load_pretrained(self, checkpoint: str, prefix: Optional[str] = None) -> None:
+        """Load a released classification checkpoint or a converted/backbone state dict.
+
+        The file is read with :func:`mmlinattn.checkpoint.safe_load` (no pickled
+        object is executed); ``backbone.`` prefixes (detector checkpoints) and the
+        classification keys are converted; shape mismatches raise a
+        :class:`~mmlinattn.checkpoint.CheckpointMismatchError` naming each key.
+        """
+        if not os.path.isfile(checkpoint):
+            raise FileNotFoundError(
+                f'{type(self).__name__}: pretrained checkpoint {checkpoint!r} not found. '
+                'Download the released ImageNet checkpoint from the InLine release '
+                '(https://github.com/LeapLabTHU/InLine) and convert it with '
+                f'`python tools/convert_checkpoint.py <released.pth> {checkpoint}`, or set '
+                "the backbone's init_cfg=None to train from scratch.")
+        state = extract_state_dict(safe_load(checkpoint))
+        prefix = prefix if prefix is not None else (
+            'backbone.' if any(k.startswith('backbone.') for k in state) else None)
+        if prefix:
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        state = drop_derived_buffers(state)
+        if type(self).convert_checkpoint is not None:
+            state = type(self).convert_checkpoint(state)
+        missing, unexpected = load_state_dict_checked(self, state, source=checkpoint)
+        logger.info('%s: loaded %s (%d tensors); missing %d: %s; unexpected %d: %s',
+                    type(self).__name__, checkpoint, len(state), len(missing), missing,
+                    len(unexpected), unexpected)
+        if unexpected:
+            warnings.warn(f'{type(self).__name__}: {len(unexpected)} checkpoint keys were not '
+                          f'used: {unexpected[:8]}', stacklevel=2)
+
+    # -- output ---------------------------------------------------------------------------
+    @staticmethod
+    def to_nchw(x: Tensor) -> Tensor:
+        """``(B, H, W, C)`` -> contiguous ``(B, C, H, W)``."""
+        return x.permute(0, 3, 1, 2).contiguous()

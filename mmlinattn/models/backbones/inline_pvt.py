@@ -1,0 +1,178 @@
+"""InLine-PVT: Pyramid Vision Transformer with global InLine attention in every block.
+
+No spatial reduction (every key of the full map, linear cost); per-stage
+position embeddings stored at the 224 px grid (56, 28, 14, 7 tokens a side)
+and resized bilinearly (align_corners=False, as the reference) to the actual
+map at run time, so any input size works.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from torch import Tensor, nn
+
+from ...ops.inline import KernelArg
+from ...registry import MODELS
+from ..layers import InLineAttention, PatchEmbed, TransformerBlock, run_block
+from .base import InLineBackbone, resolve_arch
+
+__all__ = ['InLinePVT', 'convert_pvt_checkpoint', 'PVT_ARCHS', 'resize_pos_embed']
+
+_PVT_COMMON = dict(embed_dims=(64, 128, 320, 512), num_heads=(2, 4, 10, 16),
+                   mlp_ratios=(8, 8, 4, 4))
+PVT_ARCHS: dict[str, dict] = {
+    'tiny': dict(_PVT_COMMON, depths=(2, 2, 2, 2)),
+    'small': dict(_PVT_COMMON, depths=(3, 4, 6, 3)),
+    'medium': dict(_PVT_COMMON, depths=(3, 4, 18, 3)),
+    'large': dict(_PVT_COMMON, depths=(3, 8, 27, 3)),
+}
+
+
+def resize_pos_embed(pos_embed: Tensor, grid: tuple[int, int], size: tuple[int, int]) -> Tensor:
+    """``(1, gh*gw, C)`` embedding on a ``grid`` -> ``(1, h, w, C)`` by bilinear resizing."""
+    c = pos_embed.shape[-1]
+    pe = pos_embed.reshape(1, grid[0], grid[1], c)
+    if tuple(size) == tuple(grid):
+        return pe
+    pe = F.interpolate(pe.permute(0, 3, 1, 2), size=size, mode='bilinear', align_corners=False)
+    return pe.permute(0, 2, 3, 1)
+
+
+@MODELS.register_module()
+class InLinePVT(InLineBackbone):
+    """InLine-PVT backbone for dense prediction.
+
+    Args:
+        arch: ``'tiny'``, ``'small'``, ``'medium'``, ``'large'`` or a dict with
+            ``embed_dims``, ``depths``, ``num_heads``, ``mlp_ratios``.
+        embed_dims, depths, num_heads, mlp_ratios: override the arch's values.
+        in_channels: input image channels.
+        pretrain_img_size: image side the position embeddings were learned at
+            (224); it fixes their stored grid.
+        qkv_bias: bias of the ``q``/``kv`` projections.
+        inline_window: None (default, global) or a window side for InLine.
+        inline_operator: ``'inline'``; ``'linear'`` / ``'softmax'`` for ablations.
+        kernel: ``phi`` of the attention (``'default'``: identity for InLine).
+        drop_rate, attn_drop_rate, drop_path_rate: regularisation.
+        out_indices, out_norm, frozen_stages, with_cp, pretrained, init_cfg:
+            the OpenMMLab backbone contract (see :class:`InLineSwin`).
+
+    Input ``(B, in_channels, H, W)`` of any size; output a tuple of
+    ``(B, C_i, H_i, W_i)`` maps at strides 4, 8, 16, 32.
+    """
+
+    def __init__(self,
+                 arch: Union[str, dict] = 'tiny',
+                 embed_dims: Optional[Sequence[int]] = None,
+                 depths: Optional[Sequence[int]] = None,
+                 num_heads: Optional[Sequence[int]] = None,
+                 mlp_ratios: Optional[Sequence[float]] = None,
+                 in_channels: int = 3,
+                 pretrain_img_size: int = 224,
+                 qkv_bias: bool = True,
+                 inline_window: Optional[int] = None,
+                 inline_operator: str = 'inline',
+                 kernel: KernelArg = 'default',
+                 drop_rate: float = 0.,
+                 attn_drop_rate: float = 0.,
+                 drop_path_rate: float = 0.1,
+                 out_indices: Sequence[int] = (0, 1, 2, 3),
+                 out_norm: bool = True,
+                 frozen_stages: int = -1,
+                 with_cp: bool = False,
+                 pretrained: Optional[str] = None,
+                 init_cfg: Optional[Union[dict, list]] = None) -> None:
+        setting = resolve_arch(arch, PVT_ARCHS, 'InLinePVT',
+                               dict(embed_dims=embed_dims, depths=depths, num_heads=num_heads,
+                                    mlp_ratios=mlp_ratios))
+        dims = tuple(setting['embed_dims'])
+        depths = tuple(setting['depths'])
+        heads = tuple(setting['num_heads'])
+        ratios = tuple(setting['mlp_ratios'])
+        self.num_stages = len(depths)
+        if not len(dims) == len(heads) == len(ratios) == self.num_stages:
+            raise ValueError(f'embed_dims {dims}, depths {depths}, num_heads {heads} and '
+                             f'mlp_ratios {ratios} must have one entry per stage')
+        super().__init__(out_indices, frozen_stages, with_cp, pretrained, init_cfg)
+        self.num_features = list(dims)
+        self.out_norm = out_norm
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.pos_grids = []
+        for i in range(self.num_stages):
+            stride = 4 * 2**i
+            grid = (pretrain_img_size // stride, pretrain_img_size // stride)
+            self.pos_grids.append(grid)
+            self.add_module(f'patch_embed{i + 1}',
+                            PatchEmbed(in_channels if i == 0 else dims[i - 1], dims[i],
+                                       4 if i == 0 else 2, norm_eps=1e-5))
+            pos = nn.Parameter(torch.zeros(1, grid[0] * grid[1], dims[i]))
+            trunc_normal_(pos, std=.02)
+            self.register_parameter(f'pos_embed{i + 1}', pos)
+            self.add_module(f'pos_drop{i + 1}', nn.Dropout(drop_rate))
+            start = sum(depths[:i])
+            blocks = [
+                TransformerBlock(
+                    dims[i],
+                    InLineAttention(dims[i], heads[i], qkv_layout='q_kv', window_size=inline_window,
+                                    operator=inline_operator, kernel=kernel, qkv_bias=qkv_bias,
+                                    proj_drop=drop_rate),
+                    mlp_ratio=ratios[i], drop=drop_rate, drop_path=dpr[start + j], norm_eps=1e-6)
+                for j in range(depths[i])
+            ]
+            self.add_module(f'block{i + 1}', nn.ModuleList(blocks))
+            if out_norm and i in self.out_indices:
+                self.add_module(f'norm{i}', nn.LayerNorm(dims[i], eps=1e-6))
+        self._finish_init()
+
+    def _stem_modules(self) -> list[nn.Module]:
+        return [self.patch_embed1]
+
+    def _stage_modules(self, i: int) -> list[nn.Module]:
+        mods = [getattr(self, f'block{i + 1}')]
+        if i > 0:
+            mods.append(getattr(self, f'patch_embed{i + 1}'))
+        norm = getattr(self, f'norm{i}', None)
+        return mods + ([norm] if norm is not None else [])
+
+    def _stage_params(self, i: int) -> list[nn.Parameter]:
+        return [getattr(self, f'pos_embed{i + 1}')]
+
+    def forward_stages(self, x: Tensor) -> list[Tensor]:
+        """Channels-last outputs ``(B, H_i, W_i, C_i)`` of every stage."""
+        outs = []
+        for i in range(self.num_stages):
+            x = getattr(self, f'patch_embed{i + 1}')(x)
+            pos = resize_pos_embed(getattr(self, f'pos_embed{i + 1}'), self.pos_grids[i],
+                                   x.shape[1:3])
+            x = getattr(self, f'pos_drop{i + 1}')(x + pos)
+            for block in getattr(self, f'block{i + 1}'):
+                x = run_block(block, x, self.with_cp)
+            outs.append(x)
+            if i < self.num_stages - 1:
+                x = self.to_nchw(x)
+        return outs
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        stages = self.forward_stages(x)
+        outs = []
+        for i in self.out_indices:
+            out = stages[i]
+            if self.out_norm:
+                out = getattr(self, f'norm{i}')(out)
+            outs.append(self.to_nchw(out))
+        return tuple(outs)
+
+
+def convert_pvt_checkpoint(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Released InLine-PVT classification keys -> :class:`InLinePVT` keys (``head`` dropped).
+
+    The released model has no output norms; the backbone's ``norm{i}`` start
+    from their initialisation (identity up to the normalisation).
+    """
+    return {k: v for k, v in state_dict.items() if not k.startswith('head.')}
+
+
+InLinePVT.convert_checkpoint = staticmethod(convert_pvt_checkpoint)

@@ -1,0 +1,211 @@
+"""InLine-Swin: Swin Transformer whose InLine stages use injective linear attention.
+
+Layouts of the released models (INLINE.md, section 3): ``tiny`` IIIS, ``small``
+IISS, ``base`` IIMS2. InLine stages attend globally by default (the released
+models at 224 px with window 56 are global in every InLine stage), or in
+non-overlapping windows with ``inline_window``. Softmax blocks are Swin's
+7x7 shifted windows with relative position bias.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from ...ops.inline import KernelArg
+from ...registry import MODELS
+from ..layers import (InLineAttention, PatchEmbed, PatchMerging, TransformerBlock,
+                      WindowSoftmaxAttention, parse_attn_types, run_block)
+from .base import InLineBackbone, resolve_arch
+
+__all__ = ['InLineSwin', 'InLineSwinStage', 'convert_swin_checkpoint', 'SWIN_ARCHS']
+
+SWIN_ARCHS: dict[str, dict] = {
+    'tiny': dict(embed_dims=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), attn_types='IIIS'),
+    'small': dict(embed_dims=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24),
+                  attn_types='IISS'),
+    'base': dict(embed_dims=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
+                 attn_types='IIMS2'),
+}
+
+
+class InLineSwinStage(nn.Module):
+    """One stage: ``blocks`` then an optional ``downsample`` (PatchMerging).
+
+    ``forward(x: (B, H, W, C)) -> (stage output (B, H, W, C), next input)``.
+    """
+
+    def __init__(self,
+                 dim: int,
+                 num_heads: int,
+                 attn_letters: Sequence[str],
+                 drop_path: Sequence[float],
+                 inline_window: Optional[int],
+                 softmax_window: int,
+                 inline_operator: str,
+                 kernel: KernelArg,
+                 mlp_ratio: float,
+                 qkv_bias: bool,
+                 drop_rate: float,
+                 attn_drop_rate: float,
+                 downsample: bool,
+                 with_cp: bool = False) -> None:
+        super().__init__()
+        blocks = []
+        for j, letter in enumerate(attn_letters):
+            if letter == 'I':
+                attn = InLineAttention(dim, num_heads, qkv_layout='qkv', window_size=inline_window,
+                                       operator=inline_operator, kernel=kernel,
+                                       qkv_bias=qkv_bias, proj_drop=drop_rate)
+            else:
+                # Swin shifts every other block by half a window.
+                attn = WindowSoftmaxAttention(dim, num_heads, window_size=softmax_window,
+                                              shift_size=softmax_window // 2 if j % 2 else 0,
+                                              qkv_bias=qkv_bias, attn_drop=attn_drop_rate,
+                                              proj_drop=drop_rate)
+            blocks.append(TransformerBlock(dim, attn, mlp_ratio=mlp_ratio, drop=drop_rate,
+                                           drop_path=drop_path[j], norm_eps=1e-5))
+        self.blocks = nn.ModuleList(blocks)
+        self.downsample = PatchMerging(dim) if downsample else None
+        self.with_cp = with_cp
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        for block in self.blocks:
+            x = run_block(block, x, self.with_cp)
+        return x, (self.downsample(x) if self.downsample is not None else x)
+
+
+@MODELS.register_module()
+class InLineSwin(InLineBackbone):
+    """InLine-Swin backbone for dense prediction.
+
+    Args:
+        arch: ``'tiny'``, ``'small'``, ``'base'`` or a dict with ``embed_dims``,
+            ``depths``, ``num_heads``, ``attn_types``.
+        embed_dims, depths, num_heads, attn_types: override the arch's values.
+            ``attn_types`` has one letter per stage (``I`` InLine, ``S`` softmax,
+            ``M`` mixed, with the number of leading InLine blocks at the end).
+        in_channels: input image channels.
+        patch_size: stride of the patch embedding.
+        mlp_ratio: MLP hidden width / channels.
+        qkv_bias: bias in the qkv projections.
+        inline_window: None (default) for global InLine attention over each
+            whole map; an int for non-overlapping windows of that side.
+        softmax_window: window side of the softmax blocks (7).
+        inline_operator: ``'inline'``; ``'linear'`` or ``'softmax'`` turn the
+            InLine stages into plain linear / global softmax attention (ablations).
+        kernel: ``phi`` of the InLine stages (``'default'``: identity for InLine).
+        drop_rate, attn_drop_rate, drop_path_rate: regularisation.
+        out_indices: stages whose outputs are returned.
+        out_norm: LayerNorm on each returned map (``norm{i}``).
+        frozen_stages: -1 none; 0 the patch embedding; k also stages 0..k-1.
+        with_cp: activation checkpointing per block.
+        pretrained: deprecated alias of ``init_cfg=dict(type='Pretrained', ...)``.
+        init_cfg: mmengine init config; ``Pretrained`` loads released or converted
+            checkpoints safely.
+
+    Input ``(B, in_channels, H, W)`` of any size; output a tuple of
+    ``(B, C_i, ceil(H / 4 / 2^i), ceil(W / 4 / 2^i))`` maps for i in out_indices.
+    """
+
+    def __init__(self,
+                 arch: Union[str, dict] = 'tiny',
+                 embed_dims: Optional[int] = None,
+                 depths: Optional[Sequence[int]] = None,
+                 num_heads: Optional[Sequence[int]] = None,
+                 attn_types: Optional[str] = None,
+                 in_channels: int = 3,
+                 patch_size: int = 4,
+                 mlp_ratio: float = 4.,
+                 qkv_bias: bool = True,
+                 inline_window: Optional[int] = None,
+                 softmax_window: int = 7,
+                 inline_operator: str = 'inline',
+                 kernel: KernelArg = 'default',
+                 drop_rate: float = 0.,
+                 attn_drop_rate: float = 0.,
+                 drop_path_rate: float = 0.1,
+                 out_indices: Sequence[int] = (0, 1, 2, 3),
+                 out_norm: bool = True,
+                 frozen_stages: int = -1,
+                 with_cp: bool = False,
+                 pretrained: Optional[str] = None,
+                 init_cfg: Optional[Union[dict, list]] = None) -> None:
+        setting = resolve_arch(arch, SWIN_ARCHS, 'InLineSwin',
+                               dict(embed_dims=embed_dims, depths=depths, num_heads=num_heads,
+                                    attn_types=attn_types))
+        depths = tuple(setting['depths'])
+        num_heads = tuple(setting['num_heads'])
+        self.num_stages = len(depths)
+        if len(num_heads) != self.num_stages:
+            raise ValueError(f'num_heads {num_heads} and depths {depths} differ in length')
+        super().__init__(out_indices, frozen_stages, with_cp, pretrained, init_cfg)
+        letters = parse_attn_types(setting['attn_types'], depths)
+        dims = [setting['embed_dims'] * 2**i for i in range(self.num_stages)]
+        self.embed_dims = setting['embed_dims']
+        self.attn_types = setting['attn_types']
+        self.num_features = dims
+        self.patch_embed = PatchEmbed(in_channels, dims[0], patch_size, norm_eps=1e-5)
+        self.pos_drop = nn.Dropout(drop_rate)
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.layers = nn.ModuleList()
+        for i in range(self.num_stages):
+            start = sum(depths[:i])
+            self.layers.append(
+                InLineSwinStage(dims[i], num_heads[i], letters[i], dpr[start:start + depths[i]],
+                                inline_window, softmax_window, inline_operator, kernel,
+                                mlp_ratio, qkv_bias, drop_rate, attn_drop_rate,
+                                downsample=i < self.num_stages - 1, with_cp=with_cp))
+        self.out_norm = out_norm
+        if out_norm:
+            for i in self.out_indices:
+                self.add_module(f'norm{i}', nn.LayerNorm(dims[i], eps=1e-5))
+        self._finish_init()
+
+    def _stem_modules(self) -> list[nn.Module]:
+        return [self.patch_embed]
+
+    def _stage_modules(self, i: int) -> list[nn.Module]:
+        norm = getattr(self, f'norm{i}', None)
+        return [self.layers[i]] + ([norm] if norm is not None else [])
+
+    def forward_stages(self, x: Tensor) -> list[Tensor]:
+        """Channels-last stage outputs ``(B, H_i, W_i, C_i)`` (before merging), all stages."""
+        x = self.pos_drop(self.patch_embed(x))
+        outs = []
+        for layer in self.layers:
+            out, x = layer(x)
+            outs.append(out)
+        return outs
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        stages = self.forward_stages(x)
+        outs = []
+        for i in self.out_indices:
+            out = stages[i]
+            if self.out_norm:
+                out = getattr(self, f'norm{i}')(out)
+            outs.append(self.to_nchw(out))
+        return tuple(outs)
+
+
+def convert_swin_checkpoint(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Released InLine-Swin classification keys -> :class:`InLineSwin` backbone keys.
+
+    The final ``norm`` is the last stage's output norm (``norm3``); ``head`` is
+    dropped; derived buffers are expected to be removed already. Backbone keys
+    pass through unchanged.
+    """
+    last = max((int(k.split('.')[1]) for k in state_dict if k.startswith('layers.')), default=3)
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith('head.'):
+            continue
+        if k.startswith('norm.'):
+            k = f'norm{last}.' + k[len('norm.'):]
+        out[k] = v
+    return out
+
+
+InLineSwin.convert_checkpoint = staticmethod(convert_swin_checkpoint)

@@ -1,0 +1,144 @@
+"""The released ImageNet-1k InLine models, registered in timm.
+
+Built from the backbone classes (same stages, blocks and attention) plus the
+reference head, so that their learnable parameters match the released state
+dicts key for key and a released checkpoint loads and computes the same logits::
+
+    import timm, mmlinattn
+    model = timm.create_model('inline_swin_tiny')
+    mmlinattn.models.load_released(model, 'inline_swin_t.pth')
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from timm.models import register_model
+from torch import Tensor, nn
+
+from ..checkpoint import (drop_derived_buffers, extract_state_dict, load_state_dict_checked,
+                          safe_load)
+from .backbones import InLinePVT, InLineSwin
+
+__all__ = ['InLineSwinClassifier', 'InLinePVTClassifier', 'load_released', 'CLASSIFIERS']
+
+
+class InLineSwinClassifier(InLineSwin):
+    """InLine-Swin with the reference head: final ``norm``, token mean, ``head``.
+
+    ``forward(x: (B, 3, H, W)) -> (B, num_classes)`` logits.
+    """
+
+    def __init__(self, arch: str = 'tiny', num_classes: int = 1000, **kwargs: Any) -> None:
+        super().__init__(arch, out_indices=(3, ), out_norm=False, **kwargs)
+        self.num_classes = num_classes
+        self.norm = nn.LayerNorm(self.num_features[-1], eps=1e-5)
+        self.head = nn.Linear(self.num_features[-1], num_classes) if num_classes else nn.Identity()
+        self._finish_init()
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """``(B, 3, H, W)`` -> normed last-stage tokens ``(B, H/32, W/32, C)``."""
+        return self.norm(self.forward_stages(x)[-1])
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = x.mean(dim=(1, 2))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class InLinePVTClassifier(InLinePVT):
+    """InLine-PVT with the reference head: token mean of the last stage, ``head`` (no norm)."""
+
+    def __init__(self, arch: str = 'tiny', num_classes: int = 1000, **kwargs: Any) -> None:
+        super().__init__(arch, out_indices=(3, ), out_norm=False, **kwargs)
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features[-1], num_classes) if num_classes else nn.Identity()
+        self._finish_init()
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.forward_stages(x)[-1]
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = x.mean(dim=(1, 2))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def load_released(model: nn.Module, checkpoint: str, strict: bool = True) -> nn.Module:
+    """Load a released InLine checkpoint (read safely) into a classification model.
+
+    Derived buffers in the file (``relative_position_index``, ``attn_mask``) are
+    ignored; any other missing, unexpected or mis-shaped key raises
+    :class:`~mmlinattn.checkpoint.CheckpointMismatchError`.
+    """
+    state = drop_derived_buffers(extract_state_dict(safe_load(checkpoint)))
+    load_state_dict_checked(model, state, strict=strict, source=checkpoint)
+    return model
+
+
+def _cfg(**kwargs: Any) -> dict:
+    cfg = dict(num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.9,
+               interpolation='bicubic', mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+               first_conv='patch_embed.proj', classifier='head',
+               license='see https://github.com/LeapLabTHU/InLine')
+    cfg.update(kwargs)
+    return cfg
+
+
+def _create(cls: type, arch: str, pretrained: bool, default_drop_path: float,
+            **kwargs: Any) -> nn.Module:
+    # timm passes its own bookkeeping kwargs to entry points.
+    overlay = kwargs.pop('pretrained_cfg_overlay', None) or {}
+    for key in ('pretrained_cfg', 'cache_dir', 'features_only'):
+        kwargs.pop(key, None)
+    kwargs.setdefault('drop_path_rate', default_drop_path)
+    model = cls(arch, **kwargs)
+    model.pretrained_cfg = model.default_cfg = _cfg(first_conv=(
+        'patch_embed.proj' if cls is InLineSwinClassifier else 'patch_embed1.proj'))
+    if pretrained:
+        file = overlay.get('file')
+        if not file:
+            raise ValueError(
+                'released InLine weights are not downloadable from here: download them from '
+                'https://github.com/LeapLabTHU/InLine and pass '
+                "pretrained_cfg_overlay=dict(file='path/to/ckpt.pth') to timm.create_model")
+        load_released(model, file)
+    return model
+
+
+# Drop-path rates of the reference training configs.
+CLASSIFIERS: dict[str, tuple[type, str, float]] = {
+    'inline_swin_tiny': (InLineSwinClassifier, 'tiny', 0.2),
+    'inline_swin_small': (InLineSwinClassifier, 'small', 0.3),
+    'inline_swin_base': (InLineSwinClassifier, 'base', 0.5),
+    'inline_pvt_tiny': (InLinePVTClassifier, 'tiny', 0.1),
+    'inline_pvt_small': (InLinePVTClassifier, 'small', 0.1),
+    'inline_pvt_medium': (InLinePVTClassifier, 'medium', 0.3),
+    'inline_pvt_large': (InLinePVTClassifier, 'large', 0.3),
+}
+
+
+def _entry_point(name: str) -> Callable[..., nn.Module]:
+    cls, arch, dpr = CLASSIFIERS[name]
+
+    def create(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        return _create(cls, arch, pretrained, dpr, **kwargs)
+
+    create.__name__ = create.__qualname__ = name
+    create.__module__ = __name__
+    create.__doc__ = f'{name}: released ImageNet-1k layout ({cls.__name__}, arch {arch!r}).'
+    return create
+
+
+def _register_all() -> None:
+    import timm.models
+
+    for name in CLASSIFIERS:
+        if name not in timm.models.list_models(name):
+            register_model(_entry_point(name))
+
+
+_register_all()

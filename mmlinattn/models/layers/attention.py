@@ -1,0 +1,261 @@
+"""Attention modules over channels-last feature maps ``(B, H, W, C)``.
+
+:class:`InLineAttention` is the one implementation of InLine attention used by
+every backbone (global or windowed, ``qkv`` or ``q``/``kv`` projections, with
+the local residual). Its ``operator`` switch swaps in plain linear or global
+softmax attention for ablations with an identical parameter layout.
+:class:`WindowSoftmaxAttention` is Swin's shifted-window softmax attention with
+relative position bias, for the softmax stages of InLine-Swin.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from torch import Tensor, nn
+
+from ...ops import ATTENTION_FUNCTIONS, pad_to_multiple, window_merge, window_partition
+from ...ops.inline import KernelArg
+from .local_residual import LocalResidual, masked_mean
+
+__all__ = ['InLineAttention', 'WindowSoftmaxAttention', 'split_heads', 'merge_heads']
+
+_DEFAULT_KERNEL = {'inline': 'identity', 'linear': 'relu', 'softmax': None}
+
+
+def split_heads(x: Tensor, num_heads: int) -> Tensor:
+    """``(B, N, C)`` -> ``(B, heads, N, C // heads)`` (a view)."""
+    b, n, c = x.shape
+    return x.view(b, n, num_heads, c // num_heads).transpose(1, 2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """``(B, heads, N, d)`` -> ``(B, N, heads * d)``."""
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+class InLineAttention(nn.Module):
+    """InLine attention with the local residual, globally or in windows.
+
+    Args:
+        dim: channels ``C``.
+        num_heads: heads; ``C`` must be divisible by it.
+        qkv_layout: ``'qkv'`` (one Linear split as [q | k | v], Swin/DeiT) or
+            ``'q_kv'`` (a ``q`` Linear and a ``kv`` Linear split [k | v], PVT).
+        window_size: None for global attention over the whole map; an int for
+            non-overlapping windows (the map is padded to a multiple and the
+            padding masked). A map no larger than the window is one window.
+        operator: ``'inline'`` (default), ``'linear'`` (division-normalised,
+            non-injective) or ``'softmax'`` (global, through SDPA).
+        kernel: ``phi`` for q and k; defaults to identity for InLine, ReLU for
+            linear attention and none for softmax.
+        local_residual: add the 3x3 local term (``residual.*`` parameters).
+        qkv_bias: bias of the projections.
+        attn_drop: accepted for config parity; InLine has no attention map to drop.
+        proj_drop: dropout after the output projection.
+
+    Shapes: ``forward(x: (B, H, W, C)) -> (B, H, W, C)``.
+    """
+
+    def __init__(self,
+                 dim: int,
+                 num_heads: int,
+                 qkv_layout: str = 'qkv',
+                 window_size: Optional[int] = None,
+                 operator: str = 'inline',
+                 kernel: KernelArg = 'default',
+                 local_residual: bool = True,
+                 qkv_bias: bool = True,
+                 attn_drop: float = 0.,
+                 proj_drop: float = 0.) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f'dim {dim} is not divisible by num_heads {num_heads}')
+        if operator not in ATTENTION_FUNCTIONS:
+            raise ValueError(f'unknown attention operator {operator!r}; '
+                             f'expected one of {sorted(ATTENTION_FUNCTIONS)}')
+        if qkv_layout not in ('qkv', 'q_kv'):
+            raise ValueError(f"qkv_layout must be 'qkv' or 'q_kv', got {qkv_layout!r}")
+        if window_size is not None and window_size < 1:
+            raise ValueError(f'window_size must be a positive int or None, got {window_size}')
+        self.dim = dim
+        self.num_heads = num_heads
+        self.window_size = window_size
+        self.operator = operator
+        self.kernel = _DEFAULT_KERNEL[operator] if kernel == 'default' else kernel
+        self.qkv_layout = qkv_layout
+        if qkv_layout == 'qkv':
+            self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        else:
+            self.q = nn.Linear(dim, dim, bias=qkv_bias)
+            self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.residual = LocalResidual(dim, num_heads) if local_residual else None
+        self._attention = ATTENTION_FUNCTIONS[operator]
+
+    def extra_repr(self) -> str:
+        window = 'global' if self.window_size is None else f'window={self.window_size}'
+        return (f'dim={self.dim}, num_heads={self.num_heads}, operator={self.operator}, '
+                f'kernel={self.kernel}, {window}')
+
+    def project(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(B, N, C)`` -> q, k, v each ``(B, N, C)``."""
+        b, n, c = tokens.shape
+        if self.qkv_layout == 'qkv':
+            q, k, v = self.qkv(tokens).view(b, n, 3, c).unbind(2)
+        else:
+            q = self.q(tokens)
+            k, v = self.kv(tokens).view(b, n, 2, c).unbind(2)
+        return q, k, v
+
+    def attend(self, x: Tensor, valid: Optional[Tensor] = None) -> Tensor:
+        """Attention over each map of ``x (B', h, w, C)`` as one region, before ``proj``.
+
+        ``valid (B', h, w)`` marks real tokens (None: all). Returns ``(B', h, w, C)``.
+        """
+        b, h, w, c = x.shape
+        tokens = x.reshape(b, h * w, c)
+        mask = None if valid is None else valid.reshape(b, h * w)
+        q, k, v = self.project(tokens)
+        out = self._attention(split_heads(q, self.num_heads), split_heads(k, self.num_heads),
+                              split_heads(v, self.num_heads), mask=mask, kernel=self.kernel)
+        out = merge_heads(out)
+        if self.residual is not None:
+            out = out + self.residual(v.view(b, h, w, c), masked_mean(tokens, mask),
+                                      valid).reshape(b, h * w, c)
+        return out.view(b, h, w, c)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[-1] != self.dim:
+            raise ValueError(f'{type(self).__name__} expects (B, H, W, {self.dim}); '
+                             f'got {tuple(x.shape)}')
+        b, h, w, c = x.shape
+        ws = self.window_size
+        if ws is None or (h <= ws and w <= ws):
+            out = self.attend(x)
+        else:
+            xp = pad_to_multiple(x, ws)
+            hp, wp = xp.shape[1:3]
+            valid = None
+            if (hp, wp) != (h, w):
+                valid = torch.zeros(b, hp, wp, 1, dtype=torch.bool, device=x.device)
+                valid[:, :h, :w] = True
+                valid = window_partition(valid, ws)[..., 0]
+            out = self.attend(window_partition(xp, ws), valid)
+            out = window_merge(out, hp, wp)[:, :h, :w]
+        return self.proj_drop(self.proj(out))
+
+
+def relative_position_index(window_size: int) -> Tensor:
+    """``(ws*ws, ws*ws)`` index into a ``(2ws-1)^2`` relative position bias table."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window_size), torch.arange(window_size),
+                                        indexing='ij')).flatten(1)  # 2, ws*ws
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window_size - 1)
+    return rel[..., 0] * (2 * window_size - 1) + rel[..., 1]
+
+
+def shifted_window_mask(hp: int, wp: int, h: int, w: int, window_size: int, shift: int,
+                        device: torch.device) -> Optional[Tensor]:
+    """Additive ``(nW, ws*ws, ws*ws)`` mask for one (padded, rolled) map, or None.
+
+    -100 between tokens of different cyclic-shift regions (Swin's value) and
+    towards keys in the bottom/right padding; 0 elsewhere.
+    """
+    if shift == 0 and (hp, wp) == (h, w):
+        return None
+    region = torch.zeros(1, hp, wp, 1, device=device)
+    if shift > 0:
+        cnt = 0
+        for hs in (slice(0, -window_size), slice(-window_size, -shift), slice(-shift, None)):
+            for wsl in (slice(0, -window_size), slice(-window_size, -shift), slice(-shift, None)):
+                region[:, hs, wsl] = cnt
+                cnt += 1
+    # Padding is rolled with the map, so build it unrolled and roll it the same way.
+    pad = torch.ones(1, hp, wp, 1, device=device)
+    pad[:, :h, :w] = 0
+    if shift > 0:
+        pad = torch.roll(pad, shifts=(-shift, -shift), dims=(1, 2))
+    n = window_size * window_size
+    region = window_partition(region, window_size).reshape(-1, n)
+    pad = window_partition(pad, window_size).reshape(-1, n)
+    mask = (region[:, None, :] != region[:, :, None]) | (pad[:, None, :] > 0)
+    return mask.float() * -100.0
+
+
+class WindowSoftmaxAttention(nn.Module):
+    """Swin's (shifted) window softmax attention with relative position bias.
+
+    Any map size: the map is padded to a multiple of the window, the padding is
+    masked, and the cyclic-shift mask is built for the actual size. A map that
+    fits in one window is attended unshifted, as the reference does.
+
+    Shapes: ``forward(x: (B, H, W, C)) -> (B, H, W, C)``. Parameters
+    ``qkv``, ``proj``, ``relative_position_bias_table`` as in Swin.
+    """
+
+    def __init__(self,
+                 dim: int,
+                 num_heads: int,
+                 window_size: int = 7,
+                 shift_size: int = 0,
+                 qkv_bias: bool = True,
+                 attn_drop: float = 0.,
+                 proj_drop: float = 0.) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f'dim {dim} is not divisible by num_heads {num_heads}')
+        if not 0 <= shift_size < window_size:
+            raise ValueError(f'shift_size must be in [0, {window_size}), got {shift_size}')
+        self.dim = dim
+        self.num_heads = num_heads
+        self.window_size = window_size
+        self.shift_size = shift_size
+        self.attn_drop = attn_drop
+        self.relative_position_bias_table = nn.Parameter(
+            torch.zeros((2 * window_size - 1)**2, num_heads))
+        # Derived from the window size: not saved, so checkpoints carrying it or not both load.
+        self.register_buffer('relative_position_index', relative_position_index(window_size),
+                             persistent=False)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        trunc_normal_(self.relative_position_bias_table, std=.02)
+
+    def extra_repr(self) -> str:
+        return (f'dim={self.dim}, num_heads={self.num_heads}, window={self.window_size}, '
+                f'shift={self.shift_size}')
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[-1] != self.dim:
+            raise ValueError(f'{type(self).__name__} expects (B, H, W, {self.dim}); '
+                             f'got {tuple(x.shape)}')
+        b, h, w, c = x.shape
+        ws = self.window_size
+        shift = self.shift_size if (h > ws or w > ws) else 0
+        xp = pad_to_multiple(x, ws)
+        hp, wp = xp.shape[1:3]
+        if shift:
+            xp = torch.roll(xp, shifts=(-shift, -shift), dims=(1, 2))
+        windows = window_partition(xp, ws)  # (B*nW, ws, ws, C)
+        n = ws * ws
+        nw = windows.shape[0] // b
+        qkv = self.qkv(windows.reshape(-1, n, c)).view(b, nw, n, 3, self.num_heads, c // self.num_heads)
+        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each (B, nW, heads, N, d)
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        bias = bias.view(n, n, self.num_heads).permute(2, 0, 1)  # heads, N, N
+        mask = shifted_window_mask(hp, wp, h, w, ws, shift, x.device)
+        if mask is not None:
+            bias = bias[None] + mask[:, None]  # nW, heads, N, N
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias.to(q.dtype),
+            dropout_p=self.attn_drop if self.training else 0.)
+        out = out.permute(0, 1, 3, 2, 4).reshape(b * nw, ws, ws, c)
+        out = window_merge(out, hp, wp)
+        if shift:
+            out = torch.roll(out, shifts=(shift, shift), dims=(1, 2))
+        out = out[:, :h, :w]
+        return self.proj_drop(self.proj(out))

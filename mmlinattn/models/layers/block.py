@@ -1,0 +1,45 @@
+"""The pre-norm transformer block shared by every backbone."""
+from __future__ import annotations
+
+from typing import Type
+
+import torch.utils.checkpoint
+from timm.layers import DropPath, Mlp
+from torch import Tensor, nn
+
+__all__ = ['TransformerBlock', 'run_block']
+
+
+def run_block(block: nn.Module, x: Tensor, with_cp: bool = False) -> Tensor:
+    """``block(x)``, activation-checkpointed when ``with_cp`` and gradients are needed."""
+    if with_cp and x.requires_grad:
+        return torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+    return block(x)
+
+
+class TransformerBlock(nn.Module):
+    """``x + attn(norm1(x))`` then ``x + mlp(norm2(x))`` on ``(B, H, W, C)`` maps.
+
+    The attention module is built by the caller (InLine, window softmax, ...)
+    and must map ``(B, H, W, C)`` to the same shape. Parameters ``norm1``,
+    ``attn``, ``norm2``, ``mlp.fc1``, ``mlp.fc2`` as in the released models.
+    """
+
+    def __init__(self,
+                 dim: int,
+                 attn: nn.Module,
+                 mlp_ratio: float = 4.,
+                 drop: float = 0.,
+                 drop_path: float = 0.,
+                 norm_eps: float = 1e-5,
+                 act_layer: Type[nn.Module] = nn.GELU) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = attn
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))

@@ -1,0 +1,55 @@
+"""Patch embedding and Swin's patch merging, for any input size."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ...ops import pad_to_multiple
+
+__all__ = ['PatchEmbed', 'PatchMerging']
+
+
+class PatchEmbed(nn.Module):
+    """Strided convolution + LayerNorm: ``(B, C_in, H, W)`` -> ``(B, ceil(H/p), ceil(W/p), C)``.
+
+    Inputs whose sides are not multiples of the patch size are zero-padded at
+    the bottom/right first, so any size works. Parameters ``proj``, ``norm``.
+    """
+
+    def __init__(self, in_channels: int, embed_dims: int, patch_size: int,
+                 norm_eps: float = 1e-5) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_channels, embed_dims, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dims, eps=norm_eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f'expected an NCHW input with {self.in_channels} channels, got shape '
+                             f'{tuple(x.shape)} (check in_channels / the data pipeline)')
+        p = self.patch_size
+        h, w = x.shape[-2:]
+        if h % p or w % p:
+            x = F.pad(x, (0, (p - w % p) % p, 0, (p - h % p) % p))
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+class PatchMerging(nn.Module):
+    """Swin's 2x2 merge: ``(B, H, W, C)`` -> ``(B, ceil(H/2), ceil(W/2), 2C)``.
+
+    Concatenates x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2], x[1::2, 1::2]
+    (odd sides zero-padded), LayerNorm(4C), Linear(4C, 2C) without bias.
+    """
+
+    def __init__(self, dim: int, norm_eps: float = 1e-5) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim, eps=norm_eps)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = pad_to_multiple(x, 2)
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]],
+                      dim=-1)
+        return self.reduction(self.norm(x))

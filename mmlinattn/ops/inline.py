@@ -1,0 +1,204 @@
+"""InLine attention and the two attentions it is compared with, as pure functions.
+
+All functions take ``q, k, v`` of shape ``(batch, heads, tokens, head_dim)`` and
+return ``(batch, heads, tokens, head_dim)``. ``mask`` is an optional boolean
+tensor of shape ``(batch, tokens)``; ``True`` marks a valid token. Invalid
+(padding) tokens contribute nothing and do not count in ``N``; their outputs
+are defined but meaningless.
+
+InLine attention (Han et al., NeurIPS 2024) with ``s = head_dim ** -0.5``::
+
+    O_i = (s / N) sum_j (q_i . k_j) v_j + (1 - s q_i . kbar) vbar
+        = vbar + s q_i (K^T V / N - kbar^T vbar)
+
+The second (covariance) form is what :func:`inline_attention` evaluates: one
+``d x d`` matrix per head, so time and memory are O(N d^2), never O(N^2).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    'KERNELS', 'get_kernel', 'inline_attention', 'inline_attention_weights',
+    'linear_attention', 'softmax_attention', 'ATTENTION_FUNCTIONS'
+]
+
+
+def _exp_kernel(x: Tensor) -> Tensor:
+    # exp(0.2 x), the temperature used by the reference release.
+    return torch.exp(0.2 * x)
+
+
+KERNELS: dict[str, Optional[Callable[[Tensor], Tensor]]] = {
+    'identity': None,
+    'relu': F.relu,
+    'leakyrelu': F.leaky_relu,  # negative slope 0.01, as nn.LeakyReLU()
+    'exp': _exp_kernel,
+}
+
+KernelArg = Union[str, Callable[[Tensor], Tensor], None]
+
+
+def get_kernel(kernel: KernelArg) -> Optional[Callable[[Tensor], Tensor]]:
+    """Resolve a kernel name (``identity``, ``relu``, ``leakyrelu``, ``exp``) or callable."""
+    if kernel is None or callable(kernel):
+        return kernel
+    if kernel not in KERNELS:
+        raise ValueError(f'unknown attention kernel {kernel!r}; expected one of {sorted(KERNELS)}')
+    return KERNELS[kernel]
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError('q, k, v must be (batch, heads, tokens, head_dim); got shapes '
+                         f'{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}')
+    if k.shape[:3] != v.shape[:3] or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f'incompatible q, k, v shapes {tuple(q.shape)}, {tuple(k.shape)}, '
+                         f'{tuple(v.shape)}')
+    if mask is not None and (mask.dim() != 2 or mask.shape[0] != k.shape[0]
+                             or mask.shape[1] != k.shape[2]):
+        raise ValueError(f'mask must be (batch, tokens) = ({k.shape[0]}, {k.shape[2]}); '
+                         f'got {tuple(mask.shape)}')
+
+
+def _masked_stats(k: Tensor, v: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Means of k and v and the mean outer product K^T V / N, in float32.
+
+    Returns ``kbar (B, h, 1, d)``, ``vbar (B, h, 1, dv)``, ``kv (B, h, d, dv)``.
+    Reductions over up to 10^6 tokens of fp16/bf16 activations overflow or lose
+    all precision in half precision, so they always accumulate in float32.
+    """
+    k = k.float()
+    v = v.float()
+    if mask is None:
+        n = k.shape[2]
+        inv_n = 1.0 / n
+        kbar = k.mean(dim=2, keepdim=True)
+        vbar = v.mean(dim=2, keepdim=True)
+        kv = (k.transpose(-2, -1) * inv_n) @ v
+        return kbar, vbar, kv
+    m = mask[:, None, :, None].to(k.dtype)
+    inv_n = 1.0 / m.sum(dim=2, keepdim=True).clamp_min(1.0)  # (B, 1, 1, 1)
+    k = k * m
+    v = v * m
+    kbar = k.sum(dim=2, keepdim=True) * inv_n
+    vbar = v.sum(dim=2, keepdim=True) * inv_n
+    kv = (k.transpose(-2, -1) * inv_n) @ v
+    return kbar, vbar, kv
+
+
+def inline_attention(q: Tensor,
+                     k: Tensor,
+                     v: Tensor,
+                     mask: Optional[Tensor] = None,
+                     kernel: KernelArg = 'identity',
+                     scale: Optional[float] = None) -> Tensor:
+    """InLine (injective linear) attention in O(N d^2).
+
+    Args:
+        q: queries ``(B, heads, N, d)``.
+        k: keys ``(B, heads, N, d)``.
+        v: values ``(B, heads, N, dv)``.
+        mask: optional ``(B, N)`` bool, True for valid tokens (queries at
+            invalid positions get an output too, which callers discard).
+        kernel: ``phi`` applied to q and k: ``identity`` (default), ``relu``,
+            ``leakyrelu``, ``exp`` or a callable.
+        scale: ``s``; defaults to ``d ** -0.5``.
+
+    Returns:
+        ``(B, heads, N, dv)`` in the dtype of ``v``. The reductions and the
+        final product run in float32 whatever the input dtype or autocast.
+    """
+    _check_qkv(q, k, v, mask)
+    phi = get_kernel(kernel)
+    if phi is not None:
+        q, k = phi(q), phi(k)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out_dtype = v.dtype
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        kbar, vbar, kv = _masked_stats(k, v, mask)
+        # Covariance form: vbar + s q (K^T V / N - kbar^T vbar).
+        cov = (kv - kbar.transpose(-2, -1) @ vbar) * scale
+        out = torch.baddbmm(vbar.flatten(0, 1), q.float().flatten(0, 1), cov.flatten(0, 1))
+    return out.view(*q.shape[:3], v.shape[-1]).to(out_dtype)
+
+
+def inline_attention_weights(q: Tensor,
+                             k: Tensor,
+                             mask: Optional[Tensor] = None,
+                             kernel: KernelArg = 'identity',
+                             scale: Optional[float] = None) -> Tensor:
+    """The explicit ``(B, heads, N, N)`` InLine weights ``InL(q_i)_j`` (tests and plots only).
+
+    ``w_ij = s/N (q_i . k_j) - s/N^2 sum_t (q_i . k_t) + 1/N`` over valid ``j``
+    (0 at invalid ``j``); each row sums to 1. Quadratic memory: small N only.
+    """
+    phi = get_kernel(kernel)
+    if phi is not None:
+        q, k = phi(q), phi(k)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    sim = (q @ k.transpose(-2, -1)) * scale
+    if mask is None:
+        n = k.shape[2]
+        return (sim - sim.mean(dim=-1, keepdim=True) + 1.0) / n
+    m = mask[:, None, None, :].to(sim.dtype)
+    n = m.sum(dim=-1, keepdim=True).clamp_min(1.0)
+    sim = sim * m
+    return (sim - sim.sum(dim=-1, keepdim=True) / n + 1.0) / n * m
+
+
+def linear_attention(q: Tensor,
+                     k: Tensor,
+                     v: Tensor,
+                     mask: Optional[Tensor] = None,
+                     kernel: KernelArg = 'relu',
+                     scale: Optional[float] = None,
+                     eps: float = 1e-6) -> Tensor:
+    """Plain (division-normalised) linear attention, the non-injective baseline.
+
+    ``O_i = phi(q_i) sum_j phi(k_j)^T v_j / (phi(q_i) . sum_j phi(k_j) + eps)``.
+    ``phi`` must be non-negative for the weights to be; ReLU by default.
+    ``scale`` is accepted for interface parity and cancels out. Shapes as
+    :func:`inline_attention`; O(N d^2); reductions in float32.
+    """
+    del scale  # q and a*q give the same output: this is the non-injectivity.
+    _check_qkv(q, k, v, mask)
+    phi = get_kernel(kernel)
+    if phi is not None:
+        q, k = phi(q), phi(k)
+    out_dtype = v.dtype
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        kbar, _, kv = _masked_stats(k, v, mask)
+        qf = q.float()
+        num = qf @ kv
+        den = qf @ kbar.transpose(-2, -1)
+        out = num / (den + eps)
+    return out.to(out_dtype)
+
+
+def softmax_attention(q: Tensor,
+                      k: Tensor,
+                      v: Tensor,
+                      mask: Optional[Tensor] = None,
+                      kernel: KernelArg = None,
+                      scale: Optional[float] = None) -> Tensor:
+    """Global softmax attention through ``F.scaled_dot_product_attention`` (O(N^2) compute).
+
+    ``kernel`` is accepted for interface parity and must be None or identity.
+    """
+    _check_qkv(q, k, v, mask)
+    if get_kernel(kernel) is not None:
+        raise ValueError('softmax attention takes no kernel function')
+    attn_mask = None if mask is None else mask[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+
+
+ATTENTION_FUNCTIONS: dict[str, Callable[..., Tensor]] = {
+    'inline': inline_attention,
+    'linear': linear_attention,
+    'softmax': softmax_attention,
+}

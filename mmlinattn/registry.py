@@ -1,0 +1,49 @@
+"""The mmlinattn model registry and its registration into MMDetection/MMSegmentation.
+
+This is the only module that imports mmdet or mmseg, and only when they are
+installed: the backbones themselves need nothing beyond torch, timm and mmengine.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+from typing import Iterable
+
+from mmengine.registry import MODELS as MMENGINE_MODELS
+from mmengine.registry import Registry
+
+__all__ = ['MODELS', 'register_into_openmmlab', 'OPENMMLAB_SCOPES']
+
+logger = logging.getLogger(__name__)
+
+#: Child of mmengine's root MODELS, so ``mmlinattn.InLineSwin`` resolves from any scope.
+MODELS = Registry('model', parent=MMENGINE_MODELS, scope='mmlinattn',
+                  locations=['mmlinattn.models'])
+
+#: Downstream packages whose MODELS registries also receive our modules.
+OPENMMLAB_SCOPES = ('mmdet', 'mmseg')
+
+
+def register_into_openmmlab(modules: Iterable[type]) -> list[str]:
+    """Register ``modules`` in mmdet's and mmseg's MODELS where those packages import.
+
+    A config with ``default_scope='mmdet'`` (or ``'mmseg'``) then builds
+    ``dict(type='InLineSwin')`` directly. Returns the scopes registered into;
+    a package that is absent, or fails to import (e.g. mmcv not compiled), is
+    skipped with a debug message.
+    """
+    modules = list(modules)
+    done = []
+    for scope in OPENMMLAB_SCOPES:
+        if importlib.util.find_spec(scope) is None:
+            continue
+        try:
+            registry = importlib.import_module(f'{scope}.registry').MODELS
+        except Exception as exc:  # noqa: BLE001 - an unusable optional package is skipped
+            logger.debug('not registering into %s: %s', scope, exc)
+            continue
+        for module in modules:
+            registry.register_module(module=module, force=True)
+        done.append(scope)
+    return done
