@@ -43,7 +43,8 @@ trap 'fail "command exited with status $? (see the output above)"' ERR
 
 pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 # True when `python -c CODE` succeeds inside the venv.
-venv_check() { "$PY" -c "$1" >/dev/null 2>&1; }
+# Runs from / so that the repository's own directory does not shadow the install.
+venv_check() { (cd / && "$PY" -c "$1" >/dev/null 2>&1); }
 dist_version() {
   "$PY" -c "import importlib.metadata as m, sys
 try: print(m.version(sys.argv[1]))
@@ -127,7 +128,7 @@ fi
 
 step "6/7 mmlinattn (editable) with dev extras"
 if venv_check 'import mmlinattn, pytest, pytest_timeout, ruff' \
-   && [ "$("$PY" -c 'import mmlinattn, os; print(os.path.dirname(os.path.dirname(os.path.abspath(mmlinattn.__file__))))' 2>/dev/null)" = "$ROOT" ]; then
+   && [ "$(cd / && "$PY" -c 'import mmlinattn, os; print(os.path.dirname(os.path.dirname(os.path.abspath(mmlinattn.__file__))))' 2>/dev/null)" = "$ROOT" ]; then
   echo "  already installed from $ROOT"
 else
   # No build isolation: the venv's setuptools builds the editable install, so

@@ -1,0 +1,121 @@
+"""The OpenMMLab backbone contract of InLineSwin and InLinePVT."""
+import pytest
+import torch
+
+from mmlinattn.models import PVT_ARCHS, SWIN_ARCHS, InLinePVT, InLineSwin
+from mmlinattn.models.layers import parse_attn_types
+
+ALL_ARCHS = [(InLineSwin, a) for a in SWIN_ARCHS] + [(InLinePVT, a) for a in PVT_ARCHS]
+
+
+def _channels(model):
+    return model.num_features
+
+
+@pytest.mark.parametrize('cls,arch', ALL_ARCHS)
+def test_every_arch_forward_backward_at_224(cls, arch):
+    model = cls(arch, drop_path_rate=0.)
+    outs = model(torch.randn(1, 3, 224, 224))
+    assert [tuple(o.shape) for o in outs] == [(1, c, 56 // 2**i, 56 // 2**i)
+                                             for i, c in enumerate(_channels(model))]
+    sum(o.mean() for o in outs).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize('cls', [InLineSwin, InLinePVT])
+@pytest.mark.parametrize('hw', [(190, 250), (33, 65), (64, 64)])
+def test_any_input_size(cls, hw):
+    model = cls('tiny', embed_dims=32 if cls is InLineSwin else (32, 64, 96, 128),
+                num_heads=(1, 2, 4, 4) if cls is InLinePVT else (1, 2, 4, 8))
+    x = torch.randn(2, 3, *hw, requires_grad=True)
+    outs = model(x)
+    for i, o in enumerate(outs):
+        stride = 4 * 2**i
+        assert o.shape[-2:] == (-(-hw[0] // stride), -(-hw[1] // stride)), (i, o.shape)
+        assert o.is_contiguous()
+    sum(o.sum() for o in outs).backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_windowed_inline_swin_any_size_and_equal_to_global_when_window_covers():
+    glob = InLineSwin('tiny', embed_dims=32, num_heads=(1, 2, 4, 8), drop_path_rate=0.)
+    win = InLineSwin('tiny', embed_dims=32, num_heads=(1, 2, 4, 8), drop_path_rate=0.,
+                     inline_window=64)
+    win.load_state_dict(glob.state_dict())
+    x = torch.randn(1, 3, 200, 180)
+    for a, b in zip(glob(x), win(x)):
+        torch.testing.assert_close(a, b)
+    small = InLineSwin('tiny', embed_dims=32, num_heads=(1, 2, 4, 8), inline_window=7)
+    assert [o.shape[-1] for o in small(torch.randn(1, 3, 97, 101))] == [26, 13, 7, 4]
+
+
+@pytest.mark.parametrize('cls', [InLineSwin, InLinePVT])
+def test_out_indices_and_norms(cls):
+    model = cls('tiny', out_indices=(1, 3))
+    outs = model(torch.randn(1, 3, 64, 96))
+    assert len(outs) == 2 and outs[0].shape[1] == model.num_features[1]
+    assert hasattr(model, 'norm1') and hasattr(model, 'norm3') and not hasattr(model, 'norm0')
+    with pytest.raises(ValueError, match='out_indices'):
+        cls('tiny', out_indices=(4, ))
+
+
+@pytest.mark.parametrize('cls', [InLineSwin, InLinePVT])
+def test_frozen_stages_stay_frozen(cls):
+    model = cls('tiny', frozen_stages=2)
+    model.train()
+    stem = model.patch_embed if cls is InLineSwin else model.patch_embed1
+    assert not any(p.requires_grad for p in stem.parameters())
+    for i in range(2):
+        for m in model._stage_modules(i):
+            assert not m.training
+            assert not any(p.requires_grad for p in m.parameters())
+    for m in model._stage_modules(2):
+        assert m.training and all(p.requires_grad for p in m.parameters())
+    if cls is InLinePVT:
+        assert not model.pos_embed1.requires_grad and model.pos_embed3.requires_grad
+    assert model.train() is model  # chaining works, unlike mmdet's Swin
+
+
+@pytest.mark.parametrize('cls', [InLineSwin, InLinePVT])
+def test_with_cp_matches_without(cls):
+    torch.manual_seed(0)
+    ref = cls('tiny', drop_path_rate=0.)
+    cp = cls('tiny', drop_path_rate=0., with_cp=True)
+    cp.load_state_dict(ref.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    outs_ref, outs_cp = ref(x), cp(x)
+    for a, b in zip(outs_ref, outs_cp):
+        torch.testing.assert_close(a, b)
+    sum(o.sum() for o in outs_ref).backward()
+    sum(o.sum() for o in outs_cp).backward()
+    for (name, p), q in zip(ref.named_parameters(), cp.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match='unknown InLineSwin arch'):
+        InLineSwin('huge')
+    with pytest.raises(ValueError, match='attn_types'):
+        InLineSwin('tiny', attn_types='IIS')
+    with pytest.raises(ValueError, match='3 channels'):
+        InLineSwin('tiny')(torch.randn(1, 4, 32, 32))
+    with pytest.raises(TypeError):
+        InLinePVT('tiny', window=7)
+
+
+def test_parse_attn_types():
+    assert parse_attn_types('IIMS2', (2, 2, 4, 2))[2] == ['I', 'I', 'S', 'S']
+    assert parse_attn_types('IIIS', (1, 1, 1, 2))[3] == ['S', 'S']
+    with pytest.raises(ValueError):
+        parse_attn_types('IIMS', (2, 2, 2, 2))
+
+
+def test_swin_layouts_match_the_release():
+    tiny = InLineSwin('tiny')
+    blocks = [type(b.attn).__name__ for layer in tiny.layers for b in layer.blocks]
+    assert blocks.count('WindowSoftmaxAttention') == 2
+    base = InLineSwin('base')
+    stage3 = [type(b.attn).__name__ for b in base.layers[2].blocks]
+    assert stage3[:2] == ['InLineAttention'] * 2 and set(stage3[2:]) == {'WindowSoftmaxAttention'}
+    shifts = [b.attn.shift_size for b in base.layers[2].blocks[2:]]
+    assert shifts[:4] == [0, 3, 0, 3]

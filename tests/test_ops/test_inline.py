@@ -1,0 +1,131 @@
+"""The attention functions against their explicit N x N definitions (INLINE.md, section 1)."""
+import pytest
+import torch
+
+from mmlinattn.ops import (KERNELS, get_kernel, inline_attention, inline_attention_weights,
+                           linear_attention, softmax_attention)
+
+
+def _qkv(b=2, h=3, n=50, d=8, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, n, d, generator=g, dtype=dtype) for _ in range(3)]
+
+
+def _explicit_inline(q, k, v, kernel):
+    """InL(q_i)_j = s/N phi(q_i).phi(k_j) - s/N^2 sum_t phi(q_i).phi(k_t) + 1/N, then @ v."""
+    phi = get_kernel(kernel) or (lambda t: t)
+    q, k = phi(q), phi(k)
+    n, s = k.shape[2], q.shape[-1]**-0.5
+    sim = s * q @ k.transpose(-2, -1)
+    weights = sim / n - sim.sum(-1, keepdim=True) / n**2 + 1.0 / n
+    return weights, weights @ v
+
+
+@pytest.mark.parametrize('kernel', sorted(KERNELS))
+def test_inline_equals_nxn_and_covariance_forms(kernel):
+    q, k, v = _qkv()
+    weights, expected = _explicit_inline(q, k, v, kernel)
+    torch.testing.assert_close(weights.sum(-1), torch.ones_like(weights.sum(-1)))
+    torch.testing.assert_close(inline_attention_weights(q, k, kernel=kernel), weights)
+    out = inline_attention(q, k, v, kernel=kernel)
+    torch.testing.assert_close(out, expected.float().to(out.dtype), rtol=1e-5, atol=1e-5)
+    # Expanded form of the paper: s/N sum_j (q.k_j) v_j + (1 - s q.kbar) vbar.
+    phi = get_kernel(kernel) or (lambda t: t)
+    pq, pk = phi(q), phi(k)
+    s, n = q.shape[-1]**-0.5, q.shape[2]
+    kbar, vbar = pk.mean(2, keepdim=True), v.mean(2, keepdim=True)
+    expanded = s / n * (pq @ pk.transpose(-2, -1)) @ v + (1 - s * pq @ kbar.transpose(-2, -1)) * vbar
+    torch.testing.assert_close(expanded, expected)
+
+
+def test_negative_weights_exist_but_rows_sum_to_one():
+    q, k, _ = _qkv(n=30)
+    w = inline_attention_weights(q, k)
+    assert (w < 0).any()
+    torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:-1], dtype=w.dtype))
+
+
+def test_injectivity_inline_vs_linear():
+    q, k, v = _qkv(n=40)
+    q = q.abs() + 0.1  # positive queries: ReLU leaves them (and 2q) unchanged
+    inl_1, inl_2 = inline_attention(q, k, v), inline_attention(2 * q, k, v)
+    lin_1, lin_2 = linear_attention(q, k, v), linear_attention(2 * q, k, v)
+    assert (inl_1 - inl_2).abs().max() > 1e-2
+    torch.testing.assert_close(lin_1, lin_2, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('fn', [inline_attention, linear_attention, softmax_attention])
+def test_masked_padding_equals_unpadded(fn):
+    q, k, v = _qkv(b=2, n=37, dtype=torch.float32)
+    n_valid = (37, 23)
+    mask = torch.zeros(2, 37, dtype=torch.bool)
+    for i, n in enumerate(n_valid):
+        mask[i, :n] = True
+    out = fn(q, k, v, mask=mask)
+    for i, n in enumerate(n_valid):
+        ref = fn(q[i:i + 1, :, :n], k[i:i + 1, :, :n], v[i:i + 1, :, :n])
+        torch.testing.assert_close(out[i:i + 1, :, :n], ref, rtol=1e-5, atol=1e-5)
+    # The explicit weights put nothing on padding and still sum to one.
+    w = inline_attention_weights(q.double(), k.double(), mask=mask)
+    assert w[1, ..., 23:].abs().max() == 0
+    torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:-1], dtype=w.dtype))
+
+
+def test_linear_attention_matches_nxn():
+    q, k, v = _qkv()
+    pq, pk = torch.relu(q), torch.relu(k)
+    sim = pq @ pk.transpose(-2, -1)
+    expected = sim @ v / (sim.sum(-1, keepdim=True) + 1e-6 * q.shape[2])
+    torch.testing.assert_close(linear_attention(q, k, v), expected.float().double(), rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_softmax_attention_matches_nxn():
+    q, k, v = _qkv(dtype=torch.float32)
+    w = torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1]**-0.5, dim=-1)
+    torch.testing.assert_close(softmax_attention(q, k, v), w @ v, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_shapes_and_kernels_are_named():
+    q, k, v = _qkv(dtype=torch.float32)
+    with pytest.raises(ValueError, match='unknown attention kernel'):
+        inline_attention(q, k, v, kernel='gelu')
+    with pytest.raises(ValueError, match=r'\(batch, heads, tokens, head_dim\)'):
+        inline_attention(q[0], k, v)
+    with pytest.raises(ValueError, match='mask must be'):
+        inline_attention(q, k, v, mask=torch.ones(2, 3, dtype=torch.bool))
+
+
+def test_quarter_million_tokens_in_linear_memory():
+    """N = 512 x 512: an N x N matrix would need 256 GiB in fp32; this needs ~100 MiB."""
+    n = 512 * 512
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 16, generator=g) for _ in range(3))
+    out = inline_attention(q, k, v)
+    assert out.shape == (1, 2, n, 16) and torch.isfinite(out).all()
+    # Check a few rows against the covariance form in float64.
+    qd, kd, vd = q.double(), k.double(), v.double()
+    kbar, vbar = kd.mean(2, keepdim=True), vd.mean(2, keepdim=True)
+    cov = kd.transpose(-2, -1) @ vd / n - kbar.transpose(-2, -1) @ vbar
+    rows = torch.tensor([0, 1, n // 2, n - 1])
+    expected = vbar + 16**-0.5 * qd[:, :, rows] @ cov
+    torch.testing.assert_close(out[:, :, rows].double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_half_precision_large_n_and_magnitude():
+    """Keys/values of magnitude 1e3 over 10^6 tokens: sum_j k_j v_j^T reaches ~1e12, far past
+    fp16's 65504, while the output itself (~1e3) is representable."""
+    n = 10**6
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, n, 16, generator=g)
+    k, v = (torch.randn(1, 1, n, 16, generator=g) * 1e3 for _ in range(2))
+    k = k + 2e3  # a large mean makes the raw sums overflow for sure
+    ref = inline_attention(q, k, v)
+    out16 = inline_attention(q.half(), k.half(), v.half())
+    assert out16.dtype == torch.float16 and torch.isfinite(out16).all()
+    rel = (out16.float() - ref).norm() / ref.norm()
+    assert rel < 5e-3
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        outbf = inline_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert torch.isfinite(outbf).all()
+    assert (outbf.float() - ref).norm() / ref.norm() < 3e-2

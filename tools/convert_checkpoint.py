@@ -1,0 +1,76 @@
+#!/usr/bin/env python
+"""Convert a released InLine ImageNet checkpoint into a plain backbone state dict.
+
+    python tools/convert_checkpoint.py inline_swin_t.pth checkpoints/inline_swin_t_in1k.pth
+
+The released file pickles optimizer state and a yacs config next to the
+weights; it is read with mmlinattn's safe loader (nothing in it is executed).
+The output is a plain ``{name: tensor}`` file that ``torch.load(weights_only=True)``
+and the backbones' ``init_cfg=dict(type='Pretrained', checkpoint=...)`` read.
+The classification head is dropped unless ``--keep-head``; every dropped key is
+printed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import os.path as osp
+import sys
+
+import torch
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+from mmlinattn.checkpoint import DERIVED_BUFFER_SUFFIXES, extract_state_dict, safe_load  # noqa: E402
+from mmlinattn.models import convert_pvt_checkpoint, convert_swin_checkpoint  # noqa: E402
+
+FAMILIES = {
+    'swin': convert_swin_checkpoint,  # keys layers.i.blocks.j...
+    'pvt': convert_pvt_checkpoint,  # keys block1.j..., pos_embed1
+}
+
+
+def detect_family(keys: list[str]) -> str:
+    if any(k.startswith('layers.') for k in keys):
+        return 'swin'
+    if any(k.startswith('block1.') for k in keys):
+        return 'pvt'
+    raise SystemExit('cannot tell the model family from the checkpoint keys '
+                     f'({keys[:5]} ...); pass --family')
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('src', help='released checkpoint (.pth)')
+    parser.add_argument('dst', help='output state-dict file')
+    parser.add_argument('--family', choices=sorted(FAMILIES), help='default: from the keys')
+    parser.add_argument('--keep-head', action='store_true',
+                        help='keep the classification keys (head, final norm) unchanged')
+    args = parser.parse_args(argv)
+
+    state = extract_state_dict(safe_load(args.src))
+    family = args.family or detect_family(list(state))
+    dropped = [k for k in state if k.endswith(DERIVED_BUFFER_SUFFIXES)]
+    state = {k: v for k, v in state.items() if k not in dropped}
+    if not args.keep_head:
+        converted = FAMILIES[family](state)
+        renamed = sorted(set(state) - set(converted))
+        dropped += [k for k in renamed if k.startswith('head.')]
+        renamed = [k for k in renamed if not k.startswith('head.')]
+        state = converted
+    else:
+        renamed = []
+    os.makedirs(osp.dirname(osp.abspath(args.dst)), exist_ok=True)
+    torch.save({k: v.contiguous() for k, v in state.items()}, args.dst)
+    n_params = sum(v.numel() for v in state.values())
+    print(f'family: {family}; wrote {len(state)} tensors ({n_params / 1e6:.2f}M values) '
+          f'to {args.dst}')
+    if renamed:
+        print('renamed (classification -> backbone): ' + ', '.join(renamed))
+    print(f'dropped {len(dropped)} key(s): ' + (', '.join(dropped) if dropped else 'none'))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
