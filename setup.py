@@ -16,12 +16,17 @@ def read_version() -> str:
     return namespace['__version__']
 
 
+def read_readme() -> str:
+    with open(osp.join(osp.dirname(__file__), 'README.md'), encoding='utf-8') as f:
+        return f.read()
+
+
 setup(
     name='mmlinattn',
     version=read_version(),
     description='InLine (injective linear) attention backbones for '
     'MMDetection and MMSegmentation',
-    long_description=open('README.md', encoding='utf-8').read(),
+    long_description=read_readme(),
     long_description_content_type='text/markdown',
     license='Apache-2.0',
     packages=find_packages(include=['mmlinattn', 'mmlinattn.*']),

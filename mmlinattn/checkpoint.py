@@ -207,13 +207,30 @@ def _abbrev(keys: list[str], limit: int = 12) -> str:
 _RUNNER_TYPES_ALLOWED = False
 
 
+def _history_buffer_getattr(obj: Any, name: str) -> Any:
+    """``getattr`` as runner checkpoints use it, and nothing else.
+
+    mmengine's ``HistoryBuffer`` pickles its statistics methods (``min``, ``max``,
+    ``mean``, ``current``) as ``getattr(HistoryBuffer, name)``. Only that form is
+    honoured; any other ``getattr`` in a file is refused.
+    """
+    from mmengine.logging import HistoryBuffer
+
+    if obj is HistoryBuffer and name in HistoryBuffer._statistics_methods:
+        return getattr(obj, name)
+    raise pickle.UnpicklingError(
+        f'refused getattr({obj!r}, {name!r}) in a checkpoint: only HistoryBuffer statistics '
+        'methods are allowed')
+
+
 def allow_runner_checkpoint_types() -> None:
-    """Allow-list, for ``torch.load(weights_only=True)``, the types mmengine runners pickle.
+    """Allow-list, for ``torch.load(weights_only=True)``, what mmengine runners pickle.
 
     mmengine's Runner stores its ``MessageHub`` state (``HistoryBuffer``
-    objects holding numpy arrays and numpy scalars) in every checkpoint. These
-    exact types are added to torch's safe globals; nothing else is, so an
-    unexpected pickled object in a file is still refused by torch.
+    objects holding numpy arrays and numpy scalars, and their statistics methods
+    by ``getattr``) in every checkpoint. Exactly these types are added to torch's
+    safe globals, with ``getattr`` narrowed to :func:`_history_buffer_getattr`;
+    any other pickled object in a file is still refused by torch.
     """
     global _RUNNER_TYPES_ALLOWED
     if _RUNNER_TYPES_ALLOWED:
@@ -225,8 +242,9 @@ def allow_runner_checkpoint_types() -> None:
         from numpy._core.multiarray import _reconstruct, scalar
     except ImportError:  # pragma: no cover - numpy 1.x
         from numpy.core.multiarray import _reconstruct, scalar
-    safe: list[Any] = [HistoryBuffer, _reconstruct, scalar, np.ndarray, np.dtype]
-    # numpy pickles a dtype through its class (np.dtypes.Float64DType, ...).
+    safe: list[Any] = [HistoryBuffer, _reconstruct, scalar, np.ndarray, np.dtype,
+                       (_history_buffer_getattr, 'builtins.getattr')]
+    # numpy pickles some dtypes through their classes (np.dtypes.Float64DType, ...).
     safe += [type(np.dtype(t)) for t in (np.float64, np.float32, np.float16, np.int64,
                                          np.int32, np.int16, np.int8, np.uint8, np.bool_)]
     torch.serialization.add_safe_globals(safe)

@@ -36,9 +36,9 @@ def register_into_openmmlab(modules: Iterable[type]) -> list[str]:
     modules = list(modules)
     done = []
     for scope in OPENMMLAB_SCOPES:
-        if importlib.util.find_spec(scope) is None:
-            continue
         try:
+            if importlib.util.find_spec(scope) is None:
+                continue
             registry = importlib.import_module(f'{scope}.registry').MODELS
         except Exception as exc:  # noqa: BLE001 - an unusable optional package is skipped
             logger.debug('not registering into %s: %s', scope, exc)

@@ -15,7 +15,7 @@
 #   MAX_JOBS=N          parallel compile jobs for mmcv (default: number of cores)
 #   MMCV_WITH_CUDA=1    force building mmcv's CUDA ops (default: only if nvcc
 #                       and a CUDA-enabled torch are both visible)
-set -euo pipefail
+set -Eeuo pipefail  # -E: the ERR trap also fires inside functions
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"

@@ -1,9 +1,15 @@
 """Backbones (registered in the mmlinattn, mmdet and mmseg registries) and timm models."""
 from ..registry import register_into_openmmlab
-from .backbones import (PVT_ARCHS, SWIN_ARCHS, InLineBackbone, InLinePVT, InLineSwin,
-                        convert_pvt_checkpoint, convert_swin_checkpoint)
-from .classification import (CLASSIFIERS, InLinePVTClassifier, InLineSwinClassifier,
-                             load_released)
+from .backbones import (
+                        PVT_ARCHS,
+                        SWIN_ARCHS,
+                        InLineBackbone,
+                        InLinePVT,
+                        InLineSwin,
+                        convert_pvt_checkpoint,
+                        convert_swin_checkpoint,
+)
+from .classification import CLASSIFIERS, InLinePVTClassifier, InLineSwinClassifier, load_released
 
 BACKBONES = (InLineSwin, InLinePVT)
 

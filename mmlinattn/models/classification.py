@@ -15,8 +15,12 @@ from typing import Any, Callable
 from timm.models import register_model
 from torch import Tensor, nn
 
-from ..checkpoint import (drop_derived_buffers, extract_state_dict, load_state_dict_checked,
-                          safe_load)
+from ..checkpoint import (
+    drop_derived_buffers,
+    extract_state_dict,
+    load_state_dict_checked,
+    safe_load,
+)
 from .backbones import InLinePVT, InLineSwin
 
 __all__ = ['InLineSwinClassifier', 'InLinePVTClassifier', 'load_released', 'CLASSIFIERS']

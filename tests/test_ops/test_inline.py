@@ -2,8 +2,14 @@
 import pytest
 import torch
 
-from mmlinattn.ops import (KERNELS, get_kernel, inline_attention, inline_attention_weights,
-                           linear_attention, softmax_attention)
+from mmlinattn.ops import (
+    KERNELS,
+    get_kernel,
+    inline_attention,
+    inline_attention_weights,
+    linear_attention,
+    softmax_attention,
+)
 
 
 def _qkv(b=2, h=3, n=50, d=8, dtype=torch.float64, seed=0):
@@ -34,7 +40,8 @@ def test_inline_equals_nxn_and_covariance_forms(kernel):
     pq, pk = phi(q), phi(k)
     s, n = q.shape[-1]**-0.5, q.shape[2]
     kbar, vbar = pk.mean(2, keepdim=True), v.mean(2, keepdim=True)
-    expanded = s / n * (pq @ pk.transpose(-2, -1)) @ v + (1 - s * pq @ kbar.transpose(-2, -1)) * vbar
+    expanded = (s / n * (pq @ pk.transpose(-2, -1)) @ v
+                + (1 - s * pq @ kbar.transpose(-2, -1)) * vbar)
     torch.testing.assert_close(expanded, expected)
 
 

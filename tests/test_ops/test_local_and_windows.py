@@ -4,8 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from mmlinattn.models.layers import InLineAttention, LocalResidual, WindowSoftmaxAttention
-from mmlinattn.ops import (dynamic_depthwise_conv3x3, pad_to_multiple, window_merge,
-                           window_partition)
+from mmlinattn.ops import dynamic_depthwise_conv3x3, pad_to_multiple, window_merge, window_partition
 
 
 def test_dynamic_depthwise_conv_per_sample():
@@ -145,8 +144,8 @@ def test_shifted_window_softmax_equals_unshifted_on_rolled_regions():
     x = torch.randn(1, 12, 12, 16)
     out = shifted(x)
     # Window (1, 1) of the rolled map covers original rows/cols 6..9: all one region.
-    torch.testing.assert_close(out[:, 6:10, 6:10], _explicit_window_softmax(plain, x[:, 6:10, 6:10]),
-                               rtol=1e-4, atol=1e-4)
+    expected = _explicit_window_softmax(plain, x[:, 6:10, 6:10])
+    torch.testing.assert_close(out[:, 6:10, 6:10], expected, rtol=1e-4, atol=1e-4)
     # A token near the bottom-right border may not see wrapped-around tokens from the top-left.
     x2 = x.clone()
     x2[:, :2, :2] += 10.0  # top-left corner, wrapped next to the bottom-right by the roll

@@ -16,8 +16,12 @@ from mmengine.model import BaseModule
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
-from ...checkpoint import (drop_derived_buffers, extract_state_dict, load_state_dict_checked,
-                           safe_load)
+from ...checkpoint import (
+    drop_derived_buffers,
+    extract_state_dict,
+    load_state_dict_checked,
+    safe_load,
+)
 
 __all__ = ['InLineBackbone', 'init_transformer_weights', 'resolve_arch']
 
@@ -118,7 +122,7 @@ class InLineBackbone(BaseModule):
         for p in params:
             p.requires_grad = False
 
-    def train(self, mode: bool = True) -> 'InLineBackbone':
+    def train(self, mode: bool = True) -> InLineBackbone:
         super().train(mode)
         self._freeze_stages()
         return self

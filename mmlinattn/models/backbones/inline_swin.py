@@ -15,8 +15,15 @@ from torch import Tensor, nn
 
 from ...ops.inline import KernelArg
 from ...registry import MODELS
-from ..layers import (InLineAttention, PatchEmbed, PatchMerging, TransformerBlock,
-                      WindowSoftmaxAttention, parse_attn_types, run_block)
+from ..layers import (
+    InLineAttention,
+    PatchEmbed,
+    PatchMerging,
+    TransformerBlock,
+    WindowSoftmaxAttention,
+    parse_attn_types,
+    run_block,
+)
 from .base import InLineBackbone, resolve_arch
 
 __all__ = ['InLineSwin', 'InLineSwinStage', 'convert_swin_checkpoint', 'SWIN_ARCHS']

@@ -7,6 +7,6 @@ from .local_residual import LocalResidual, masked_mean
 
 __all__ = [
     'InLineAttention', 'WindowSoftmaxAttention', 'merge_heads', 'split_heads',
-    'parse_attn_types', 'TransformerBlock', 'run_block', 'PatchEmbed', 'PatchMerging', 'LocalResidual',
-    'masked_mean'
+    'parse_attn_types', 'TransformerBlock', 'run_block', 'PatchEmbed', 'PatchMerging',
+    'LocalResidual', 'masked_mean'
 ]

@@ -243,7 +243,8 @@ class WindowSoftmaxAttention(nn.Module):
         windows = window_partition(xp, ws)  # (B*nW, ws, ws, C)
         n = ws * ws
         nw = windows.shape[0] // b
-        qkv = self.qkv(windows.reshape(-1, n, c)).view(b, nw, n, 3, self.num_heads, c // self.num_heads)
+        qkv = self.qkv(windows.reshape(-1, n, c))
+        qkv = qkv.view(b, nw, n, 3, self.num_heads, c // self.num_heads)
         q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each (B, nW, heads, N, d)
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         bias = bias.view(n, n, self.num_heads).permute(2, 0, 1)  # heads, N, N
