@@ -5,9 +5,10 @@ import torch
 mmdet = pytest.importorskip('mmdet.registry', reason='mmdet (and a compiled mmcv) not installed')
 mmseg = pytest.importorskip('mmseg.registry', reason='mmseg not installed')
 
-import mmlinattn  # noqa: E402,F401  (registers the backbones)
 from mmengine.config import Config  # noqa: E402
 from mmengine.registry import DefaultScope, init_default_scope  # noqa: E402
+
+import mmlinattn  # noqa: E402,F401  (registers the backbones)
 
 
 @pytest.mark.parametrize('scope', ['mmdet', 'mmseg'])
