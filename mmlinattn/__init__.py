@@ -10,6 +10,6 @@ from .version import __version__
 # Our own runner checkpoints must load under torch >= 2.6's weights_only default.
 allow_runner_checkpoint_types()
 
-from . import models, ops  # noqa: E402  (registration happens on import)
+from . import engine, models, ops  # noqa: E402  (registration happens on import)
 
-__all__ = ['__version__', 'models', 'ops']
+__all__ = ['__version__', 'engine', 'models', 'ops']

@@ -10,10 +10,12 @@ import importlib.util
 import logging
 from typing import Iterable
 
+from mmengine.registry import HOOKS as MMENGINE_HOOKS
 from mmengine.registry import MODELS as MMENGINE_MODELS
+from mmengine.registry import OPTIM_WRAPPERS as MMENGINE_OPTIM_WRAPPERS
 from mmengine.registry import Registry
 
-__all__ = ['MODELS', 'register_into_openmmlab', 'OPENMMLAB_SCOPES']
+__all__ = ['MODELS', 'HOOKS', 'OPTIM_WRAPPERS', 'register_into_openmmlab', 'OPENMMLAB_SCOPES']
 
 logger = logging.getLogger(__name__)
 
@@ -21,12 +23,19 @@ logger = logging.getLogger(__name__)
 MODELS = Registry('model', parent=MMENGINE_MODELS, scope='mmlinattn',
                   locations=['mmlinattn.models'])
 
+#: Training hooks (``mmlinattn.FiniteLossHook``, ...), child of mmengine's root HOOKS.
+HOOKS = Registry('hook', parent=MMENGINE_HOOKS, scope='mmlinattn', locations=['mmlinattn.engine'])
+
+#: Optimizer wrappers (``mmlinattn.CPUAutocastOptimWrapper``).
+OPTIM_WRAPPERS = Registry('optim_wrapper', parent=MMENGINE_OPTIM_WRAPPERS, scope='mmlinattn',
+                          locations=['mmlinattn.engine'])
+
 #: Downstream packages whose MODELS registries also receive our modules.
 OPENMMLAB_SCOPES = ('mmdet', 'mmseg')
 
 
-def register_into_openmmlab(modules: Iterable[type]) -> list[str]:
-    """Register ``modules`` in mmdet's and mmseg's MODELS where those packages import.
+def register_into_openmmlab(modules: Iterable[type], kind: str = 'MODELS') -> list[str]:
+    """Register ``modules`` in mmdet's and mmseg's ``kind`` registry where those import.
 
     A config with ``default_scope='mmdet'`` (or ``'mmseg'``) then builds
     ``dict(type='InLineSwin')`` directly. Returns the scopes registered into;
@@ -39,7 +48,7 @@ def register_into_openmmlab(modules: Iterable[type]) -> list[str]:
         try:
             if importlib.util.find_spec(scope) is None:
                 continue
-            registry = importlib.import_module(f'{scope}.registry').MODELS
+            registry = getattr(importlib.import_module(f'{scope}.registry'), kind)
         except Exception as exc:  # noqa: BLE001 - an unusable optional package is skipped
             logger.debug('not registering into %s: %s', scope, exc)
             continue

@@ -1,0 +1,7 @@
+_base_ = './mask-rcnn_inline-pvt-t_fpn_1x_coco.py'
+
+checkpoint = 'checkpoints/inline_pvt_l_in1k.pth'
+model = dict(
+    backbone=dict(
+        arch='large', drop_path_rate=0.3,
+        init_cfg=dict(type='Pretrained', checkpoint=checkpoint)))

@@ -1,0 +1,7 @@
+_base_ = './upernet_inline-swin-t_8xb2-160k_ade20k-512x512.py'
+
+checkpoint = 'checkpoints/inline_swin_s_in1k.pth'
+model = dict(
+    backbone=dict(
+        arch='small', drop_path_rate=0.3,
+        init_cfg=dict(type='Pretrained', checkpoint=checkpoint)))

@@ -1,0 +1,130 @@
+"""What ``tools/train.py`` and ``tools/test.py`` share: config options, checks, runner.
+
+The config's ``default_scope`` (``mmdet`` or ``mmseg``, set by the upstream base
+configs) decides which library's datasets, models and metrics are used; one pair
+of tools serves both.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import os.path as osp
+from typing import Any, Iterable, Optional
+
+from mmengine.config import Config, ConfigDict, DictAction
+
+__all__ = [
+    'add_common_arguments', 'load_config', 'check_data_roots', 'add_safety_hooks',
+    'enable_amp', 'build_runner', 'import_project', 'SAFETY_HOOKS'
+]
+
+SAFETY_HOOKS = ('mmlinattn.FiniteLossHook', 'mmlinattn.ModelSanityHook')
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--work-dir', help='directory for logs and checkpoints')
+    parser.add_argument(
+        '--cfg-options', nargs='+', action=DictAction,
+        help='override config keys, e.g. model.backbone.with_cp=True '
+        'train_dataloader.batch_size=1')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
+                        default='none', help='job launcher (torchrun uses "pytorch")')
+    # torch.distributed.launch passes --local-rank; torchrun sets LOCAL_RANK.
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+
+
+def load_config(path: str, args: argparse.Namespace) -> Config:
+    """Read a config, apply ``--cfg-options`` and ``--launcher``, choose the work dir."""
+    if not osp.isfile(path):
+        raise FileNotFoundError(f'config file not found: {path}')
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    cfg = Config.fromfile(path)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    cfg.launcher = args.launcher
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(path))[0])
+    if cfg.get('default_scope') not in ('mmdet', 'mmseg'):
+        raise ValueError(f'{path}: default_scope is {cfg.get("default_scope")!r}; expected '
+                         "'mmdet' or 'mmseg' (inherit an mmdet:: or mmseg:: base config)")
+    return cfg
+
+
+def _datasets(cfg: Config, loaders: Iterable[str]) -> Iterable[tuple[str, Any]]:
+    for name in loaders:
+        loader = cfg.get(name)
+        if not loader:
+            continue
+        stack = [loader.get('dataset')]
+        while stack:
+            ds = stack.pop()
+            if isinstance(ds, (list, tuple)):
+                stack.extend(ds)
+            elif isinstance(ds, dict):
+                if 'dataset' in ds or 'datasets' in ds:  # Repeat/ClassBalanced/Concat wrappers
+                    stack.append(ds.get('dataset', ds.get('datasets')))
+                else:
+                    yield name, ds
+
+
+def check_data_roots(cfg: Config, loaders: Iterable[str]) -> None:
+    """Fail early, naming the path, when a dataset's ``data_root`` or annotation file is missing."""
+    for loader, ds in _datasets(cfg, loaders):
+        root = ds.get('data_root') or ''
+        if root and not osp.isdir(root):
+            raise FileNotFoundError(
+                f'{loader}: data_root {root!r} does not exist. Put the dataset there (see '
+                'docs/get_started.md), pass --cfg-options with the right data_root, or make a '
+                'tiny synthetic one with tools/make_tiny_dataset.py')
+        ann = ds.get('ann_file')
+        if ann:
+            path = ann if osp.isabs(ann) or not root else osp.join(root, ann)
+            if not osp.isfile(path) and not osp.isdir(path):
+                raise FileNotFoundError(f'{loader}: annotation file {path!r} does not exist')
+
+
+def add_safety_hooks(cfg: Config) -> None:
+    """Append the non-finite-loss and channel-check hooks unless the config has them."""
+    hooks = list(cfg.get('custom_hooks') or [])
+    present = {h.get('type') for h in hooks}
+    for hook in SAFETY_HOOKS:
+        if hook not in present and hook.split('.')[-1] not in present:
+            hooks.append(ConfigDict(type=hook))
+    cfg.custom_hooks = hooks
+
+
+def enable_amp(cfg: Config) -> str:
+    """Mixed precision: fp16 AmpOptimWrapper on a GPU, bf16 CPU autocast otherwise."""
+    import torch
+
+    wrapper = cfg.optim_wrapper
+    if wrapper.get('type', 'OptimWrapper') in ('AmpOptimWrapper',
+                                               'mmlinattn.CPUAutocastOptimWrapper'):
+        return wrapper.type
+    if torch.cuda.is_available():
+        wrapper.type = 'AmpOptimWrapper'
+        wrapper.loss_scale = 'dynamic'
+    else:
+        wrapper.type = 'mmlinattn.CPUAutocastOptimWrapper'
+        wrapper.dtype = 'bfloat16'
+    return wrapper.type
+
+
+def build_runner(cfg: Config) -> Any:
+    from mmengine.registry import RUNNERS
+    from mmengine.runner import Runner
+
+    if 'runner_type' not in cfg:
+        return Runner.from_cfg(cfg)
+    return RUNNERS.build(cfg)
+
+
+def import_project(extra: Optional[Iterable[str]] = None) -> None:
+    """Import mmlinattn (and its registrations) before any config is built."""
+    import mmlinattn  # noqa: F401
+
+    for name in extra or ():
+        __import__(name)

@@ -1,0 +1,64 @@
+#!/usr/bin/env python
+"""Evaluate a checkpoint of a detector or segmenter on its config's test set.
+
+    python tools/test.py <config> <checkpoint> [--show-dir vis]
+    bash tools/dist_test.sh <config> <checkpoint> 8
+
+Prints the config's metrics (COCO bbox/segm mAP for mmdet, mIoU for mmseg).
+"""
+from __future__ import annotations
+
+import argparse
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+from mmlinattn.engine.launch import (add_common_arguments, add_safety_hooks,  # noqa: E402
+                                     build_runner, check_data_roots, import_project,
+                                     load_config)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description='Test (and evaluate) a model')
+    parser.add_argument('config', help='config file')
+    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument('--show-dir', help='save images with drawn predictions here '
+                        '(relative to the work dir / timestamp for mmdet)')
+    add_common_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def enable_drawing(cfg, show_dir: str) -> None:
+    hook = cfg.default_hooks.get('visualization')
+    if hook is None:
+        raise ValueError('--show-dir needs a visualization hook in default_hooks')
+    hook['draw'] = True
+    if cfg.default_scope == 'mmdet':
+        hook['test_out_dir'] = show_dir
+    else:
+        cfg.visualizer['save_dir'] = show_dir
+        hook['interval'] = 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    import_project()
+    cfg = load_config(args.config, args)
+    if not osp.isfile(args.checkpoint):
+        raise FileNotFoundError(f'checkpoint not found: {args.checkpoint}')
+    cfg.load_from = args.checkpoint
+    # The checkpoint replaces the backbone's ImageNet initialisation.
+    if cfg.model.get('backbone', {}).get('init_cfg'):
+        cfg.model.backbone.init_cfg = None
+    if args.show_dir:
+        enable_drawing(cfg, args.show_dir)
+    check_data_roots(cfg, ('test_dataloader', ))
+    add_safety_hooks(cfg)
+    runner = build_runner(cfg)
+    metrics = runner.test()
+    print('metrics: ' + ', '.join(f'{k}={v}' for k, v in metrics.items()))
+
+
+if __name__ == '__main__':
+    main()

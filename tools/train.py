@@ -1,0 +1,57 @@
+#!/usr/bin/env python
+"""Train a detector or segmenter from an mmlinattn (or any mmdet/mmseg) config.
+
+    python tools/train.py configs/detection/inline_swin/mask-rcnn_inline-swin-t_fpn_1x_coco.py
+    bash tools/dist_train.sh <config> 8                       # 8 GPUs with torchrun
+
+The config's default_scope (mmdet or mmseg) picks the library. Besides the
+upstream flags this tool adds two checks to every run: training stops at the
+first non-finite loss naming it, and a backbone/neck channel mismatch is
+reported before the first iteration.
+"""
+from __future__ import annotations
+
+import argparse
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+from mmlinattn.engine.launch import (add_common_arguments, add_safety_hooks,  # noqa: E402
+                                     build_runner, check_data_roots, enable_amp,
+                                     import_project, load_config)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description='Train a detector or segmenter')
+    parser.add_argument('config', help='config file')
+    parser.add_argument('--amp', action='store_true',
+                        help='mixed precision (fp16 with loss scaling on GPU, bf16 on CPU)')
+    parser.add_argument(
+        '--resume', nargs='?', type=str, const='auto',
+        help='resume from the given checkpoint, or (no value) from the latest one in '
+        'the work dir')
+    add_common_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    import_project()
+    cfg = load_config(args.config, args)
+    if args.amp:
+        print(f'mixed precision: {enable_amp(cfg)}')
+    if args.resume == 'auto':
+        cfg.resume = True
+        cfg.load_from = None
+    elif args.resume is not None:
+        cfg.resume = True
+        cfg.load_from = args.resume
+    check_data_roots(cfg, ('train_dataloader', 'val_dataloader'))
+    add_safety_hooks(cfg)
+    runner = build_runner(cfg)
+    runner.train()
+
+
+if __name__ == '__main__':
+    main()
