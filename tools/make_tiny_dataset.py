@@ -112,6 +112,18 @@ def _save(array: np.ndarray, path: str) -> None:
 COCO_CATEGORIES = [(1, 'person', 'disc'), (2, 'bicycle', 'rectangle'), (3, 'car', 'triangle')]
 
 
+def coco_category_names() -> list[str]:
+    """All 80 COCO class names, so that mmdet's CocoMetric maps every label of an
+    unchanged 80-class model; only the first three are used by the shapes."""
+    try:
+        from mmdet.datasets import CocoDataset
+    except ImportError:  # mmdet absent: a 3-class file (configs then need num_classes=3)
+        return [name for _, name, _ in COCO_CATEGORIES]
+    names = list(CocoDataset.METAINFO['classes'])
+    assert names[:3] == [name for _, name, _ in COCO_CATEGORIES]
+    return names
+
+
 def make_coco(root: str, num_train: int, num_val: int, size: tuple[int, int], seed: int,
               mask_format: str = 'polygon') -> None:
     h, w = size
@@ -145,7 +157,7 @@ def make_coco(root: str, num_train: int, num_val: int, size: tuple[int, int], se
         ann = dict(info=dict(description='mmlinattn tiny synthetic COCO', version='1.0'),
                    licenses=[], images=images, annotations=annotations,
                    categories=[dict(id=cid, name=name, supercategory='shape')
-                               for cid, name, _ in COCO_CATEGORIES])
+                               for cid, name in enumerate(coco_category_names(), start=1)])
         path = osp.join(root, 'annotations', f'instances_{split}.json')
         os.makedirs(osp.dirname(path), exist_ok=True)
         with open(path, 'w') as f:
