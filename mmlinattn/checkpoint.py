@@ -216,7 +216,9 @@ def _history_buffer_getattr(obj: Any, name: str) -> Any:
     """
     from mmengine.logging import HistoryBuffer
 
-    if obj is HistoryBuffer and name in HistoryBuffer._statistics_methods:
+    # The defaults are registered lazily (on the first HistoryBuffer), so name them.
+    allowed = {'min', 'max', 'mean', 'current', *HistoryBuffer._statistics_methods}
+    if obj is HistoryBuffer and name in allowed:
         return getattr(obj, name)
     raise pickle.UnpicklingError(
         f'refused getattr({obj!r}, {name!r}) in a checkpoint: only HistoryBuffer statistics '

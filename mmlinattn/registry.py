@@ -11,11 +11,15 @@ import logging
 from typing import Iterable
 
 from mmengine.registry import HOOKS as MMENGINE_HOOKS
+from mmengine.registry import MODEL_WRAPPERS as MMENGINE_MODEL_WRAPPERS
 from mmengine.registry import MODELS as MMENGINE_MODELS
 from mmengine.registry import OPTIM_WRAPPERS as MMENGINE_OPTIM_WRAPPERS
 from mmengine.registry import Registry
 
-__all__ = ['MODELS', 'HOOKS', 'OPTIM_WRAPPERS', 'register_into_openmmlab', 'OPENMMLAB_SCOPES']
+__all__ = [
+    'MODELS', 'HOOKS', 'OPTIM_WRAPPERS', 'MODEL_WRAPPERS', 'register_into_openmmlab',
+    'OPENMMLAB_SCOPES'
+]
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +32,10 @@ HOOKS = Registry('hook', parent=MMENGINE_HOOKS, scope='mmlinattn', locations=['m
 
 #: Optimizer wrappers (``mmlinattn.CPUAutocastOptimWrapper``).
 OPTIM_WRAPPERS = Registry('optim_wrapper', parent=MMENGINE_OPTIM_WRAPPERS, scope='mmlinattn',
+                          locations=['mmlinattn.engine'])
+
+#: Model wrappers (``mmlinattn.CPUDistributedDataParallel``).
+MODEL_WRAPPERS = Registry('model_wrapper', parent=MMENGINE_MODEL_WRAPPERS, scope='mmlinattn',
                           locations=['mmlinattn.engine'])
 
 #: Downstream packages whose MODELS registries also receive our modules.

@@ -14,9 +14,14 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-from mmlinattn.engine.launch import (add_common_arguments, add_safety_hooks,  # noqa: E402
-                                     build_runner, check_data_roots, import_project,
-                                     load_config)
+from mmlinattn.engine.launch import (  # noqa: E402
+    add_common_arguments,
+    add_safety_hooks,
+    build_runner,
+    check_data_roots,
+    import_project,
+    load_config,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,5 +1,6 @@
 """mmengine extensions: hooks registered in the mmlinattn, mmdet and mmseg HOOKS registries."""
 from ..registry import register_into_openmmlab
+from .distributed import CPUDistributedDataParallel
 from .hooks import FiniteLossHook, ModelSanityHook, check_feature_channels
 from .optim import CPUAutocastOptimWrapper
 
@@ -7,5 +8,6 @@ register_into_openmmlab((FiniteLossHook, ModelSanityHook), kind='HOOKS')
 register_into_openmmlab((CPUAutocastOptimWrapper, ), kind='OPTIM_WRAPPERS')
 
 __all__ = [
-    'FiniteLossHook', 'ModelSanityHook', 'check_feature_channels', 'CPUAutocastOptimWrapper'
+    'FiniteLossHook', 'ModelSanityHook', 'check_feature_channels', 'CPUAutocastOptimWrapper',
+    'CPUDistributedDataParallel'
 ]

@@ -47,10 +47,28 @@ def load_config(path: str, args: argparse.Namespace) -> Config:
         cfg.work_dir = args.work_dir
     elif cfg.get('work_dir') is None:
         cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(path))[0])
+    if args.launcher != 'none':
+        _use_cpu_distributed_if_no_gpu(cfg)
     if cfg.get('default_scope') not in ('mmdet', 'mmseg'):
         raise ValueError(f'{path}: default_scope is {cfg.get("default_scope")!r}; expected '
                          "'mmdet' or 'mmseg' (inherit an mmdet:: or mmseg:: base config)")
     return cfg
+
+
+def _use_cpu_distributed_if_no_gpu(cfg: Config) -> None:
+    """Without a GPU, torchrun jobs use gloo and a CPU-capable DDP wrapper."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    env = cfg.get('env_cfg') or ConfigDict()
+    env.setdefault('dist_cfg', ConfigDict())
+    env.dist_cfg.backend = 'gloo'
+    cfg.env_cfg = env
+    if cfg.get('model_wrapper_cfg') is None:
+        cfg.model_wrapper_cfg = ConfigDict(
+            type='mmlinattn.CPUDistributedDataParallel', broadcast_buffers=False,
+            find_unused_parameters=cfg.get('find_unused_parameters', False))
 
 
 def _datasets(cfg: Config, loaders: Iterable[str]) -> Iterable[tuple[str, Any]]:
