@@ -48,7 +48,7 @@ def load_config(path: str, args: argparse.Namespace) -> Config:
     elif cfg.get('work_dir') is None:
         cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(path))[0])
     if args.launcher != 'none':
-        _use_cpu_distributed_if_no_gpu(cfg)
+        _use_cpu_distributed_if_no_gpu(cfg)  # needs cfg.launcher
     if cfg.get('default_scope') not in ('mmdet', 'mmseg'):
         raise ValueError(f'{path}: default_scope is {cfg.get("default_scope")!r}; expected '
                          "'mmdet' or 'mmseg' (inherit an mmdet:: or mmseg:: base config)")
@@ -65,6 +65,10 @@ def _use_cpu_distributed_if_no_gpu(cfg: Config) -> None:
     env.setdefault('dist_cfg', ConfigDict())
     env.dist_cfg.backend = 'gloo'
     cfg.env_cfg = env
+    # mmengine's init_dist calls torch.cuda.set_device unconditionally; with no GPU
+    # the process group is started here (the runner then finds it initialised).
+    if cfg.launcher == 'pytorch' and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend='gloo')
     if cfg.get('model_wrapper_cfg') is None:
         cfg.model_wrapper_cfg = ConfigDict(
             type='mmlinattn.CPUDistributedDataParallel', broadcast_buffers=False,
