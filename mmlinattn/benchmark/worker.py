@@ -1,0 +1,181 @@
+"""Measure one benchmark case in this process and print the result as JSON.
+
+Run by :mod:`mmlinattn.benchmark.runner` in a fresh subprocess per case, so that
+peak memory belongs to that case alone and an out-of-memory kill or a time-out
+loses only that case::
+
+    python -m mmlinattn.benchmark.worker '{"level": "backbone", "contender": ...}'
+"""
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+
+RESULT_PREFIX = 'BENCHMARK_RESULT '
+DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def _rss_mib() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _current_rss_mib() -> float:
+    with open('/proc/self/statm') as f:
+        pages = int(f.read().split()[1])
+    return pages * resource.getpagesize() / 2**20
+
+
+def _is_oom(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or 'out of memory' in text \
+        or "can't allocate memory" in text
+
+
+def _prepare(spec: dict) -> tuple[Callable[[], Any], Callable[[], Any], Any]:
+    """``(run, count_flops_fn, module)`` for the case: ``run()`` does one timed call."""
+    from .contenders import attention_input, get_contender, image_input
+
+    device, dtype = spec['device'], DTYPES[spec['dtype']]
+    contender = get_contender(spec['level'], spec['contender'])
+    target = contender.build()
+    autocast_dtype = None if dtype == torch.float32 else dtype
+    if spec['level'] == 'attention':
+        # Operators take the activations in the requested dtype directly.
+        args = attention_input(spec['size'], spec['batch'], device, dtype)
+        fn = target
+        module = None
+    else:
+        module = target.to(device).eval()
+        if spec['level'] == 'model':
+            args = _model_input(module, spec['size'], spec['batch'], device)
+            fn = module._forward
+        else:
+            args = image_input(spec['size'], spec['batch'], device)
+            fn = module
+        if spec.get('compile'):
+            fn = torch.compile(fn)
+
+    def run() -> Any:
+        with torch.no_grad():
+            if autocast_dtype is not None and spec['level'] != 'attention':
+                with torch.autocast(device_type=device, dtype=autocast_dtype):
+                    return fn(*args)
+            return fn(*args)
+
+    return run, (lambda: _count_flops(fn, args, autocast_dtype, device, spec)), module
+
+
+def _model_input(model: Any, size: int, batch: int, device: str) -> tuple:
+    meta = dict(img_shape=(size, size), ori_shape=(size, size), pad_shape=(size, size),
+                scale_factor=(1., 1.), batch_input_shape=(size, size))
+    if model.benchmark_scope == 'mmdet':
+        from mmdet.structures import DetDataSample as Sample
+    else:
+        from mmseg.structures import SegDataSample as Sample
+    images = [torch.randint(0, 256, (3, size, size), dtype=torch.uint8) for _ in range(batch)]
+    data = model.data_preprocessor(
+        dict(inputs=images, data_samples=[Sample(metainfo=meta) for _ in range(batch)]), False)
+    return data['inputs'].to(device), data['data_samples']
+
+
+def _count_flops(fn: Callable, args: tuple, autocast_dtype: Any, device: str, spec: dict
+                 ) -> int:
+    from ..utils.flops import count_flops
+
+    def once() -> Any:
+        with torch.no_grad():
+            if autocast_dtype is not None and spec['level'] != 'attention':
+                with torch.autocast(device_type=device, dtype=autocast_dtype):
+                    return fn(*args)
+            return fn(*args)
+
+    return count_flops(once)[0]
+
+
+def _sync(device: str) -> None:
+    if device == 'cuda':
+        torch.cuda.synchronize()
+
+
+def measure(spec: dict) -> dict:
+    """Time one case. Keys of ``spec``: level, contender, size, batch, device, dtype,
+    compile, threads, warmup, repeats, budget_s, flops."""
+    started = time.perf_counter()
+    if spec.get('threads'):
+        torch.set_num_threads(int(spec['threads']))
+    device = spec['device']
+    if device == 'cuda' and not torch.cuda.is_available():
+        return dict(status='error', error='--device cuda but torch sees no GPU')
+    result: dict[str, Any] = dict(status='ok')
+    base_rss = _current_rss_mib()
+    try:
+        run, flops_fn, module = _prepare(spec)
+        if module is not None:
+            result['params_m'] = sum(p.numel() for p in module.parameters()) / 1e6
+        if device == 'cuda':
+            torch.cuda.reset_peak_memory_stats()
+            base_cuda = torch.cuda.memory_allocated()
+        # Warm-up (also compiles with --compile); its time decides how many repeats fit.
+        warm_times = []
+        for _ in range(max(1, spec['warmup'])):
+            t0 = time.perf_counter()
+            run()
+            _sync(device)
+            warm_times.append(time.perf_counter() - t0)
+        left = spec['budget_s'] - (time.perf_counter() - started)
+        per_call = warm_times[-1]
+        repeats = max(1, min(spec['repeats'], int(left / max(per_call, 1e-6))))
+        result['repeats_planned'] = spec['repeats']
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run()
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        if repeats < spec['repeats']:
+            result['note'] = (f'{repeats} of {spec["repeats"]} repeats fitted the '
+                              f'{spec["budget_s"]:.0f} s budget')
+        q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+        result.update(
+            latency_ms=statistics.median(times) * 1e3, iqr_ms=(q[2] - q[0]) * 1e3,
+            p25_ms=q[0] * 1e3, p75_ms=q[2] * 1e3, repeats=len(times),
+            warmup_ms=[t * 1e3 for t in warm_times],
+            throughput_ips=spec['batch'] / statistics.median(times))
+        if device == 'cuda':
+            result['peak_mem_mib'] = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20
+            result['mem_source'] = 'cuda allocator peak'
+        else:
+            result['peak_mem_mib'] = _rss_mib()
+            result['peak_mem_above_start_mib'] = _rss_mib() - base_rss
+            result['mem_source'] = 'peak RSS of the isolated worker process'
+        # Counting runs the forward once more: only when that fits the budget.
+        fits = spec['budget_s'] - (time.perf_counter() - started) > 1.5 * per_call
+        if spec.get('flops', True) and not fits:
+            result['flops_error'] = 'skipped: another call would exceed the time budget'
+        elif spec.get('flops', True):
+            try:
+                result['gflops'] = flops_fn() / 1e9
+            except Exception as exc:  # noqa: BLE001 - FLOPs are informative, not essential
+                result['flops_error'] = f'{type(exc).__name__}: {exc}'[:300]
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a recorded result
+        result = dict(status='oom' if _is_oom(exc) else 'error',
+                      error=f'{type(exc).__name__}: {exc}'[:500])
+    result['wall_s'] = time.perf_counter() - started
+    return result
+
+
+def main(argv: list[str]) -> int:
+    spec = json.loads(argv[1])
+    print(RESULT_PREFIX + json.dumps(measure(spec)), flush=True)
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main(sys.argv))

@@ -1,0 +1,131 @@
+#!/usr/bin/env python
+"""High-resolution benchmark: does linear attention make large inputs affordable?
+
+    python tools/benchmark.py                       # quick CPU sweep (< 5 min on 2 cores)
+    python tools/benchmark.py --level attention     # the operators alone, N up to 512x512
+    python tools/benchmark.py --level backbone --contenders all --sizes 512 1024 2048
+    python tools/benchmark.py --level model --configs configs/detection/inline_swin/mask-rcnn_inline-swin-t_fpn_1x_coco.py --sizes 800 1600
+    python tools/benchmark.py --device cuda --dtype bf16 --sizes 1024 2048 4096
+
+Every case runs in its own worker process (so peak memory is that case's); a
+case that runs out of memory or time is recorded with the limit and the sweep
+goes on. Results go to work_dirs/benchmark/<timestamp>/: results.json (every
+figure and the environment), results.md (the tables) and log-log plots.
+"""  # noqa: E501
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+from mmlinattn.benchmark import (  # noqa: E402
+    ATTENTION_CONTENDERS,
+    BACKBONE_CONTENDERS,
+    DEFAULT_BACKBONES,
+    SweepConfig,
+    run_sweep,
+    write_outputs,
+)
+
+DEFAULT_SIZES = {'attention': [64, 128, 256, 512], 'backbone': [512, 1024, 2048],
+                 'model': [512, 1024]}
+COMPARISONS = [('inline-swin-t', 'swin-t (mmdet)'), ('inline-swin-t', 'swin-t-global-softmax'),
+               ('inline-swin-t-w56', 'swin-t (mmdet)'), ('inline-pvt-s', 'pvt-s (mmdet)'),
+               ('inline-pvt-t', 'pvt-t (mmdet)'), ('inline-pvt-s', 'pvtv2-b2 (mmdet)'),
+               ('inline-pvt-t', 'pvtv2-b1 (mmdet)'), ('inline', 'softmax'),
+               ('inline', 'linear')]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--level', nargs='+', choices=['attention', 'backbone', 'model'],
+                   default=['backbone'])
+    p.add_argument('--contenders', nargs='+',
+                   help='names, or "all" (backbone: ' + ', '.join(BACKBONE_CONTENDERS) +
+                   '; attention: ' + ', '.join(ATTENTION_CONTENDERS) + ')')
+    p.add_argument('--configs', nargs='+', default=[],
+                   help='config files for the model level')
+    p.add_argument('--sizes', type=int, nargs='+',
+                   help='input sides in px (attention level: token-map sides); default '
+                   'backbone 512 1024 2048, attention 64 128 256 512, model 512 1024')
+    p.add_argument('--batch', type=int, default=1)
+    p.add_argument('--device', choices=['cpu', 'cuda'], default='cpu')
+    p.add_argument('--dtype', choices=['fp32', 'bf16', 'fp16'], default='fp32')
+    p.add_argument('--compile', action='store_true', help='torch.compile each contender')
+    p.add_argument('--threads', type=int, help='torch CPU threads (default: torch decides)')
+    p.add_argument('--warmup', type=int, default=1)
+    p.add_argument('--repeats', type=int, default=5, help='timed calls per case (at most)')
+    p.add_argument('--budget', type=float, default=None,
+                   help='seconds of measuring per case (default 40 on CPU, 60 on CUDA)')
+    p.add_argument('--mem-limit', type=float, default=12.0,
+                   help='GiB of resident memory per CPU worker before it is stopped')
+    p.add_argument('--no-flops', action='store_true')
+    p.add_argument('--no-plots', action='store_true')
+    p.add_argument('--out-dir', help='default work_dirs/benchmark/<timestamp>')
+    return p.parse_args(argv)
+
+
+def _progress_printer(total: int):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn('[bold]{task.description}'), BarColumn(),
+                   TextColumn('{task.completed}/{task.total}'), TimeElapsedColumn())
+    task = bar.add_task('benchmark', total=total)
+
+    def update(case: dict) -> None:
+        status = case['status']
+        shown = f"{case['latency_ms']:.1f} ms" if status == 'ok' else status
+        bar.console.print(f"  {case['level']:9s} {case['contender']:24s} {case['size']:>5d}: "
+                          f"{shown}")
+        bar.advance(task)
+
+    return bar, update
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    budget = args.budget if args.budget is not None else (60.0 if args.device == 'cuda'
+                                                          else 40.0)
+    sweeps = []
+    for level in args.level:
+        if level == 'model':
+            if not args.configs:
+                raise SystemExit('--level model needs --configs <config.py> ...')
+            names = args.configs
+        elif args.contenders in (None, []):
+            names = list(DEFAULT_BACKBONES) if level == 'backbone' else list(ATTENTION_CONTENDERS)
+        else:
+            table = BACKBONE_CONTENDERS if level == 'backbone' else ATTENTION_CONTENDERS
+            names = list(table) if args.contenders == ['all'] else [
+                n for n in args.contenders if n in table]
+            unknown = [n for n in args.contenders if n != 'all' and n not in
+                       BACKBONE_CONTENDERS and n not in ATTENTION_CONTENDERS]
+            if unknown:
+                raise SystemExit(f'unknown contenders {unknown}')
+        sweeps.append(SweepConfig(
+            level=level, contenders=names, sizes=args.sizes or DEFAULT_SIZES[level],
+            batch=args.batch, device=args.device, dtype=args.dtype, compile=args.compile,
+            threads=args.threads, warmup=args.warmup, repeats=args.repeats, budget_s=budget,
+            mem_limit_gib=args.mem_limit, flops=not args.no_flops))
+    out_dir = args.out_dir or osp.join(
+        'work_dirs', 'benchmark', datetime.datetime.now().strftime('%Y%m%d_%H%M%S'))
+    total = sum(len(s.contenders) * len(s.sizes) for s in sweeps)
+    bar, update = _progress_printer(total)
+    runs = []
+    with bar:
+        for sweep in sweeps:
+            runs.append((sweep, run_sweep(sweep, progress=update)))
+    write_outputs(runs, out_dir, make_plots=not args.no_plots, comparisons=COMPARISONS)
+    with open(osp.join(out_dir, 'results.md')) as f:
+        print(f.read())
+    print(f'results: {os.path.abspath(out_dir)}')
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
