@@ -16,7 +16,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 from .contenders import get_contender, unavailable_reason
@@ -42,7 +42,8 @@ class SweepConfig:
     budget_s: float = 60.0
     mem_limit_gib: float = 12.0
     flops: bool = True
-    extra: dict = field(default_factory=dict)
+    #: Seconds allowed for imports and model construction beyond ``budget_s``.
+    startup_grace_s: float = STARTUP_GRACE_S
 
 
 def environment() -> dict:
@@ -129,7 +130,7 @@ def run_sweep(cfg: SweepConfig, progress: Any = None) -> list[dict]:
                             threads=cfg.threads, warmup=cfg.warmup, repeats=cfg.repeats,
                             budget_s=cfg.budget_s, flops=cfg.flops)
                 case.update(_run_case(spec, cfg.mem_limit_gib,
-                                      cfg.budget_s + STARTUP_GRACE_S))
+                                      cfg.budget_s + cfg.startup_grace_s))
                 if case['status'] in ('oom', 'timeout'):
                     failed_at = case
             results.append(case)
@@ -162,7 +163,8 @@ def _mem(case: dict) -> str:
     if case.get('status') != 'ok':
         limit = case.get('limit_gib')
         return f"{case.get('status')}" + (f' (>{limit:g} GiB)' if limit else '')
-    return f"{case['peak_mem_mib']:.0f}"
+    above = case.get('peak_mem_above_start_mib')
+    return f"{case['peak_mem_mib']:.0f}" + (f' (+{above:.0f})' if above is not None else '')
 
 
 def tables(results: list[dict], meta: dict) -> str:
@@ -189,7 +191,8 @@ def tables(results: list[dict], meta: dict) -> str:
     table('Throughput, images/s', lambda c: f"{c['throughput_ips']:.2f}"
           if c.get('status') == 'ok' else c.get('status', ''))
     mem_title = ('Peak memory, MiB (CUDA allocator)' if meta['device'] == 'cuda' else
-                 'Peak memory, MiB (peak RSS of the isolated worker, imports included)')
+                 'Peak memory, MiB: peak RSS of the isolated worker (in brackets: above the '
+                 'RSS after imports)')
     table(mem_title, _mem)
     table('GFLOPs (operator-level count)', lambda c: f"{c['gflops']:.1f}" if 'gflops' in c
           else ('-' if c.get('status') == 'ok' else c.get('status', '')))

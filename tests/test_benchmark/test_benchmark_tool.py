@@ -1,0 +1,70 @@
+"""The benchmark tool's behaviour on tiny sizes (never its timings)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from mmlinattn.benchmark import SweepConfig, run_sweep, write_outputs
+
+REPO = Path(__file__).resolve().parents[2]
+CASE_KEYS = {'level', 'contender', 'size', 'status', 'description'}
+OK_KEYS = {'latency_ms', 'iqr_ms', 'p25_ms', 'p75_ms', 'repeats', 'throughput_ips',
+           'peak_mem_mib', 'mem_source', 'wall_s'}
+
+
+def test_cli_writes_json_markdown_and_plots(tmp_path):
+    out = tmp_path / 'bench'
+    proc = subprocess.run(
+        [sys.executable, str(REPO / 'tools' / 'benchmark.py'), '--level', 'attention', 'backbone',
+         '--contenders', 'inline', 'softmax', 'inline-pvt-t', '--sizes', '16', '32',
+         '--repeats', '2', '--budget', '20', '--out-dir', str(out)],
+        capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((out / 'results.json').read_text())
+    assert {'torch', 'cpu', 'cpu_count', 'mmlinattn'} <= set(doc['environment'])
+    levels = [run['config']['level'] for run in doc['runs']]
+    assert levels == ['attention', 'backbone']
+    for run in doc['runs']:
+        assert len(run['results']) == len(run['config']['contenders']) * 2
+        for case in run['results']:
+            assert set(case) >= CASE_KEYS
+            assert case['status'] == 'ok', case
+            assert set(case) >= OK_KEYS
+            assert case['gflops'] > 0
+        assert run['results'][1]['growth'] > 0 and run['results'][1]['pixel_growth'] == 4
+        for plot in run['plots']:
+            assert (out / plot).stat().st_size > 1000
+    assert set(doc['runs'][0]['plots']) == {'attention_latency.png', 'attention_memory.png'}
+    md = (out / 'results.md').read_text()
+    assert '**Latency, ms' in md and '| inline |' in md and 'inline / softmax' in md
+    assert 'results:' in proc.stdout
+
+
+def test_out_of_memory_is_recorded_and_the_sweep_goes_on(tmp_path):
+    cfg = SweepConfig(level='attention', contenders=['inline', 'linear'], sizes=[8, 16],
+                      repeats=1, budget_s=20, mem_limit_gib=0.05, flops=False)
+    results = run_sweep(cfg)
+    assert [c['status'] for c in results] == ['oom', 'skipped', 'oom', 'skipped']
+    assert results[0]['limit_gib'] == 0.05 and 'GiB limit' in results[0]['error']
+    assert results[1]['error'] == 'oom at size 8'
+    doc = write_outputs([(cfg, results)], str(tmp_path))
+    assert doc['runs'][0]['plots'] == []  # nothing ran: no empty plots
+    assert 'oom' in (tmp_path / 'results.md').read_text()
+
+
+def test_time_out_is_recorded_with_the_limit():
+    cfg = SweepConfig(level='backbone', contenders=['inline-pvt-t'], sizes=[32, 64], repeats=1,
+                      budget_s=0.0, startup_grace_s=0.5, flops=False)
+    results = run_sweep(cfg)
+    assert results[0]['status'] == 'timeout' and results[0]['limit_s'] == 0.5
+    assert results[1]['status'] == 'skipped'
+
+
+def test_worker_reports_errors_as_results():
+    from mmlinattn.benchmark.worker import measure
+
+    spec = dict(level='attention', contender='inline', size=8, batch=1, device='cuda',
+                dtype='fp32', compile=False, threads=None, warmup=1, repeats=1, budget_s=5)
+    import torch
+    if not torch.cuda.is_available():
+        assert measure(spec)['status'] == 'error'
