@@ -176,3 +176,24 @@ class InLineBackbone(BaseModule):
     def to_nchw(x: Tensor) -> Tensor:
         """``(B, H, W, C)`` -> contiguous ``(B, C, H, W)``."""
         return x.permute(0, 3, 1, 2).contiguous()
+
+    def _add_out_norms(self, dims: Sequence[int], eps: float) -> None:
+        """A LayerNorm ``norm{i}`` on each returned stage when ``self.out_norm``."""
+        if self.out_norm:
+            for i in self.out_indices:
+                self.add_module(f'norm{i}', nn.LayerNorm(dims[i], eps=eps))
+
+    def forward_stages(self, x: Tensor) -> list[Tensor]:
+        """Channels-last outputs ``(B, H_i, W_i, C_i)`` of every stage."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        """``(B, C_in, H, W)`` -> the ``out_indices`` stage maps, normed, NCHW."""
+        stages = self.forward_stages(x)
+        outs = []
+        for i in self.out_indices:
+            out = stages[i]
+            if self.out_norm:
+                out = getattr(self, f'norm{i}')(out)
+            outs.append(self.to_nchw(out))
+        return tuple(outs)

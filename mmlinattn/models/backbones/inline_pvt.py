@@ -123,8 +123,7 @@ class InLinePVT(InLineBackbone):
                 for j in range(depths[i])
             ]
             self.add_module(f'block{i + 1}', nn.ModuleList(blocks))
-            if out_norm and i in self.out_indices:
-                self.add_module(f'norm{i}', nn.LayerNorm(dims[i], eps=1e-6))
+        self._add_out_norms(dims, eps=1e-6)
         self._finish_init()
 
     def _stem_modules(self) -> list[nn.Module]:
@@ -154,16 +153,6 @@ class InLinePVT(InLineBackbone):
             if i < self.num_stages - 1:
                 x = self.to_nchw(x)
         return outs
-
-    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
-        stages = self.forward_stages(x)
-        outs = []
-        for i in self.out_indices:
-            out = stages[i]
-            if self.out_norm:
-                out = getattr(self, f'norm{i}')(out)
-            outs.append(self.to_nchw(out))
-        return tuple(outs)
 
 
 def convert_pvt_checkpoint(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -165,9 +165,7 @@ class InLineSwin(InLineBackbone):
                                 mlp_ratio, qkv_bias, drop_rate, attn_drop_rate,
                                 downsample=i < self.num_stages - 1, with_cp=with_cp))
         self.out_norm = out_norm
-        if out_norm:
-            for i in self.out_indices:
-                self.add_module(f'norm{i}', nn.LayerNorm(dims[i], eps=1e-5))
+        self._add_out_norms(dims, eps=1e-5)
         self._finish_init()
 
     def _stem_modules(self) -> list[nn.Module]:
@@ -185,16 +183,6 @@ class InLineSwin(InLineBackbone):
             out, x = layer(x)
             outs.append(out)
         return outs
-
-    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
-        stages = self.forward_stages(x)
-        outs = []
-        for i in self.out_indices:
-            out = stages[i]
-            if self.out_norm:
-                out = getattr(self, f'norm{i}')(out)
-            outs.append(self.to_nchw(out))
-        return tuple(outs)
 
 
 def convert_swin_checkpoint(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
