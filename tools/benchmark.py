@@ -61,7 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--warmup', type=int, default=1)
     p.add_argument('--repeats', type=int, default=5, help='timed calls per case (at most)')
     p.add_argument('--budget', type=float, default=None,
-                   help='seconds of measuring per case (default 40 on CPU, 60 on CUDA)')
+                   help='seconds of measuring per case (default 30 on CPU, 60 on CUDA); a '
+                   'size predicted to exceed it is recorded as "over budget"')
     p.add_argument('--mem-limit', type=float, default=12.0,
                    help='GiB of resident memory per CPU worker before it is stopped')
     p.add_argument('--no-flops', action='store_true')
@@ -90,7 +91,7 @@ def _progress_printer(total: int):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     budget = args.budget if args.budget is not None else (60.0 if args.device == 'cuda'
-                                                          else 40.0)
+                                                          else 30.0)
     sweeps = []
     for level in args.level:
         if level == 'model':

@@ -116,6 +116,7 @@ def run_sweep(cfg: SweepConfig, progress: Any = None) -> list[dict]:
         contender = get_contender(cfg.level, name)
         missing = unavailable_reason(contender) if cfg.level != 'model' else None
         failed_at: Optional[dict] = None
+        previous: Optional[dict] = None
         for size in cfg.sizes:
             case = dict(level=cfg.level, contender=contender.name, size=size,
                         description=contender.description)
@@ -124,6 +125,12 @@ def run_sweep(cfg: SweepConfig, progress: Any = None) -> list[dict]:
             elif failed_at is not None:
                 case.update(status='skipped', error=f'{failed_at["status"]} at size '
                             f'{failed_at["size"]}')
+            elif (predicted := _predicted_seconds(previous, size)) is not None and \
+                    predicted * (cfg.warmup + 1) > cfg.budget_s:
+                case.update(status='over budget', error=f'predicted {predicted:.0f} s a call '
+                            f'from the previous size; warm-up plus one timed call would '
+                            f'exceed the {cfg.budget_s:.0f} s budget', limit_s=cfg.budget_s)
+                failed_at = case
             else:
                 spec = dict(level=cfg.level, contender=name, size=size, batch=cfg.batch,
                             device=cfg.device, dtype=cfg.dtype, compile=cfg.compile,
@@ -133,11 +140,26 @@ def run_sweep(cfg: SweepConfig, progress: Any = None) -> list[dict]:
                                       cfg.budget_s + cfg.startup_grace_s))
                 if case['status'] in ('oom', 'timeout'):
                     failed_at = case
+                elif case['status'] == 'ok':
+                    if previous is not None:
+                        case['growth'] = case['latency_ms'] / previous['latency_ms']
+                        case['pixel_growth'] = (size / previous['size'])**2
+                    previous = case
             results.append(case)
             if progress is not None:
                 progress(case)
     _add_growth(results)
     return results
+
+
+def _predicted_seconds(previous: Optional[dict], size: int) -> Optional[float]:
+    """Seconds a call at ``size`` should take, extrapolating the contender's own growth."""
+    if previous is None:
+        return None
+    pixel_ratio = (size / previous['size'])**2
+    growth = previous.get('growth', 0.0) / previous.get('pixel_growth', 1.0)
+    # Observed growth per pixel ratio (>= 1: at least linear), applied to the new ratio.
+    return previous['latency_ms'] / 1e3 * pixel_ratio * max(1.0, growth)
 
 
 def _add_growth(results: list[dict]) -> None:

@@ -52,6 +52,12 @@ def get_kernel(kernel: KernelArg) -> Optional[Callable[[Tensor], Tensor]]:
     return KERNELS[kernel]
 
 
+def _autocast_off(t: Tensor) -> torch.autocast:
+    """Disable autocast on ``t``'s device (meta tensors, used to count FLOPs, have none)."""
+    device_type = t.device.type if t.device.type != 'meta' else 'cpu'
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError('q, k, v must be (batch, heads, tokens, head_dim); got shapes '
@@ -119,7 +125,7 @@ def inline_attention(q: Tensor,
         q, k = phi(q), phi(k)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     out_dtype = v.dtype
-    with torch.autocast(device_type=q.device.type, enabled=False):
+    with _autocast_off(q):
         kbar, vbar, kv = _masked_stats(k, v, mask)
         # Covariance form: vbar + s q (K^T V / N - kbar^T vbar).
         cov = (kv - kbar.transpose(-2, -1) @ vbar) * scale
@@ -171,7 +177,7 @@ def linear_attention(q: Tensor,
     if phi is not None:
         q, k = phi(q), phi(k)
     out_dtype = v.dtype
-    with torch.autocast(device_type=q.device.type, enabled=False):
+    with _autocast_off(q):
         kbar, _, kv = _masked_stats(k, v, mask)
         qf = q.float()
         num = qf @ kv
