@@ -27,7 +27,8 @@ def dynamic_depthwise_conv3x3(x: Tensor, taps: Tensor, valid: Optional[Tensor] =
         raise ValueError(f'taps must be (B, C, 3, 3) = ({b}, {c}, 3, 3); got {tuple(taps.shape)}')
     if valid is not None:
         x = x * valid[..., None].to(x.dtype)
-    # One grouped convolution over all samples: the batch folds into channels.
-    x = x.permute(0, 3, 1, 2).reshape(1, b * c, h, w)
+    # One grouped convolution over all samples: the batch folds into channels. Kept
+    # channels-last, (1, h, w, b*c) in memory, which for b == 1 is x itself: no copy.
+    x = x.permute(1, 2, 0, 3).reshape(1, h, w, b * c).permute(0, 3, 1, 2)
     out = F.conv2d(x, taps.reshape(b * c, 1, 3, 3).to(x.dtype), padding=1, groups=b * c)
-    return out.view(b, c, h, w).permute(0, 2, 3, 1)
+    return out.permute(0, 2, 3, 1).reshape(h, w, b, c).permute(2, 0, 1, 3)
