@@ -22,11 +22,18 @@ import torch
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from mmlinattn.checkpoint import DERIVED_BUFFER_SUFFIXES, extract_state_dict, safe_load  # noqa: E402
-from mmlinattn.models import convert_pvt_checkpoint, convert_swin_checkpoint  # noqa: E402
+from mmlinattn.models import (  # noqa: E402
+    convert_cswin_checkpoint,
+    convert_pvt_checkpoint,
+    convert_swin_checkpoint,
+    convert_vit_checkpoint,
+)
 
 FAMILIES = {
     'swin': convert_swin_checkpoint,  # keys layers.i.blocks.j...
     'pvt': convert_pvt_checkpoint,  # keys block1.j..., pos_embed1
+    'cswin': convert_cswin_checkpoint,  # keys stage1_conv_embed..., stage1.j...
+    'vit': convert_vit_checkpoint,  # keys cls_token, blocks.j...
 }
 
 
@@ -35,6 +42,10 @@ def detect_family(keys: list[str]) -> str:
         return 'swin'
     if any(k.startswith('block1.') for k in keys):
         return 'pvt'
+    if any(k.startswith('stage1_conv_embed.') for k in keys):
+        return 'cswin'
+    if 'cls_token' in keys:
+        return 'vit'
     raise SystemExit('cannot tell the model family from the checkpoint keys '
                      f'({keys[:5]} ...); pass --family')
 

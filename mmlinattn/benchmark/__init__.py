@@ -4,11 +4,11 @@
 :func:`write_outputs` are the library behind it.
 """
 from .contenders import (
-                         ATTENTION_CONTENDERS,
-                         BACKBONE_CONTENDERS,
-                         DEFAULT_BACKBONES,
-                         Contender,
-                         get_contender,
+    ATTENTION_CONTENDERS,
+    BACKBONE_CONTENDERS,
+    DEFAULT_BACKBONES,
+    Contender,
+    get_contender,
 )
 from .runner import SweepConfig, environment, run_sweep, write_outputs
 

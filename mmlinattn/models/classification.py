@@ -21,9 +21,12 @@ from ..checkpoint import (
     load_state_dict_checked,
     safe_load,
 )
-from .backbones import InLinePVT, InLineSwin
+from .backbones import InLineCSwin, InLinePVT, InLineSwin, InLineViT
 
-__all__ = ['InLineSwinClassifier', 'InLinePVTClassifier', 'load_released', 'CLASSIFIERS']
+__all__ = [
+    'InLineSwinClassifier', 'InLinePVTClassifier', 'InLineCSwinClassifier', 'InLineViTClassifier',
+    'load_released', 'CLASSIFIERS'
+]
 
 
 class InLineSwinClassifier(InLineSwin):
@@ -71,6 +74,49 @@ class InLinePVTClassifier(InLinePVT):
         return self.forward_head(self.forward_features(x))
 
 
+class InLineCSwinClassifier(InLineCSwin):
+    """InLine-CSwin with the reference head: final ``norm``, token mean, ``head``."""
+
+    def __init__(self, arch: str = 'tiny', num_classes: int = 1000, **kwargs: Any) -> None:
+        super().__init__(arch, out_indices=(3, ), out_norm=False, **kwargs)
+        self.num_classes = num_classes
+        self.norm = nn.LayerNorm(self.num_features[-1])
+        self.head = nn.Linear(self.num_features[-1], num_classes) if num_classes else nn.Identity()
+        self._finish_init()
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.norm(self.forward_stages(x)[-1])
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = x.mean(dim=(1, 2))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class InLineViTClassifier(InLineViT):
+    """InLine-DeiT: final ``norm``, class token, ``head``."""
+
+    def __init__(self, arch: str = 'tiny', num_classes: int = 1000, **kwargs: Any) -> None:
+        super().__init__(arch, out_indices=(11, ), pyramid=False, out_norm=False, **kwargs)
+        self.num_classes = num_classes
+        self.norm = nn.LayerNorm(self.embed_dims, eps=1e-6)
+        self.head = nn.Linear(self.embed_dims, num_classes) if num_classes else nn.Identity()
+        self._finish_init()
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """``(B, 3, H, W)`` -> normed tokens ``(B, 1 + h*w, C)``."""
+        return self.norm(self.forward_tokens(x)[0])
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = x[:, 0]
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
 def load_released(model: nn.Module, checkpoint: str, strict: bool = True) -> nn.Module:
     """Load a released InLine checkpoint (read safely) into a classification model.
 
@@ -100,8 +146,11 @@ def _create(cls: type, arch: str, pretrained: bool, default_drop_path: float,
         kwargs.pop(key, None)
     kwargs.setdefault('drop_path_rate', default_drop_path)
     model = cls(arch, **kwargs)
-    model.pretrained_cfg = model.default_cfg = _cfg(first_conv=(
-        'patch_embed.proj' if cls is InLineSwinClassifier else 'patch_embed1.proj'))
+    first_conv = {InLinePVTClassifier: 'patch_embed1.proj',
+                  InLineCSwinClassifier: 'stage1_conv_embed.0'}.get(cls, 'patch_embed.proj')
+    size = VIT_IMAGE_SIZES.get(arch, 224) if cls is InLineViTClassifier else 224
+    model.pretrained_cfg = model.default_cfg = _cfg(first_conv=first_conv,
+                                                    input_size=(3, size, size))
     if pretrained:
         file = overlay.get('file')
         if not file:
@@ -122,7 +171,15 @@ CLASSIFIERS: dict[str, tuple[type, str, float]] = {
     'inline_pvt_small': (InLinePVTClassifier, 'small', 0.1),
     'inline_pvt_medium': (InLinePVTClassifier, 'medium', 0.3),
     'inline_pvt_large': (InLinePVTClassifier, 'large', 0.3),
+    'inline_cswin_tiny': (InLineCSwinClassifier, 'tiny', 0.2),
+    'inline_cswin_small': (InLineCSwinClassifier, 'small', 0.4),
+    'inline_cswin_base': (InLineCSwinClassifier, 'base', 0.5),
+    'inline_deit_tiny': (InLineViTClassifier, 'tiny', 0.1),
+    'inline_deit_small': (InLineViTClassifier, 'small', 0.1),
+    'inline_deit_base': (InLineViTClassifier, 'base', 0.1),
 }
+#: The InLine-DeiT models' image sides (their position embeddings are for these).
+VIT_IMAGE_SIZES = {'tiny': 224, 'small': 288, 'base': 448}
 
 
 def _entry_point(name: str) -> Callable[..., nn.Module]:

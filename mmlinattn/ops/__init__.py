@@ -1,12 +1,12 @@
 """Pure torch functions: no module state, nothing about backbones."""
 from .inline import (
-                     ATTENTION_FUNCTIONS,
-                     KERNELS,
-                     get_kernel,
-                     inline_attention,
-                     inline_attention_weights,
-                     linear_attention,
-                     softmax_attention,
+    ATTENTION_FUNCTIONS,
+    KERNELS,
+    get_kernel,
+    inline_attention,
+    inline_attention_weights,
+    linear_attention,
+    softmax_attention,
 )
 from .local import dynamic_depthwise_conv3x3
 from .windows import pad_to_multiple, valid_mask, window_merge, window_partition

@@ -71,30 +71,50 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> None:
                          f'got {tuple(mask.shape)}')
 
 
+#: Tokens are processed in chunks of about this many bytes (fp32) of the operands, so
+#: that each chunk is read from memory once and fully used (sums, K^T V, or q @ cov)
+#: while it sits in cache. At large N the operator is memory-bound, and this halves
+#: its traffic compared with one full pass per reduction.
+CHUNK_BYTES = 2 * 2**20
+
+
+def _acc(t: Tensor) -> Tensor:
+    """``t`` in the accumulation dtype: float32 for half types, else unchanged (fp32/fp64)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def _chunk_size(t: Tensor, width: int) -> int:
+    """Tokens per chunk for ``t (B, h, N, .)`` rows of ``width`` fp32 values."""
+    return max(1024, CHUNK_BYTES // (4 * t.shape[0] * t.shape[1] * width))
+
+
 def _masked_stats(k: Tensor, v: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """Means of k and v and the mean outer product K^T V / N, in float32.
+    """Means of k and v and the mean outer product K^T V / N, in float32 (or float64).
 
     Returns ``kbar (B, h, 1, d)``, ``vbar (B, h, 1, dv)``, ``kv (B, h, d, dv)``.
     Reductions over up to 10^6 tokens of fp16/bf16 activations overflow or lose
     all precision in half precision, so they always accumulate in float32.
     """
-    k = k.float()
-    v = v.float()
+    n = k.shape[2]
+    step = _chunk_size(k, k.shape[-1] + v.shape[-1])
+    k_sum = v_sum = kv = None
+    for start in range(0, n, step):
+        kc = _acc(k[:, :, start:start + step])
+        vc = _acc(v[:, :, start:start + step])
+        if mask is not None:
+            mc = mask[:, None, start:start + step, None].to(kc.dtype)
+            kc, vc = kc * mc, vc * mc
+        parts = (kc.sum(dim=2, keepdim=True), vc.sum(dim=2, keepdim=True),
+                 kc.transpose(-2, -1) @ vc)
+        if kv is None:
+            k_sum, v_sum, kv = parts
+        else:
+            k_sum, v_sum, kv = k_sum + parts[0], v_sum + parts[1], kv + parts[2]
     if mask is None:
-        n = k.shape[2]
-        kbar = k.mean(dim=2, keepdim=True)
-        vbar = v.mean(dim=2, keepdim=True)
-        # Scale the d x d product, not the N x d operand: one fewer pass over the tokens.
-        kv = (k.transpose(-2, -1) @ v).div_(n)
-        return kbar, vbar, kv
-    m = mask[:, None, :, None].to(k.dtype)
-    inv_n = 1.0 / m.sum(dim=2, keepdim=True).clamp_min(1.0)  # (B, 1, 1, 1)
-    k = k * m
-    v = v * m
-    kbar = k.sum(dim=2, keepdim=True) * inv_n
-    vbar = v.sum(dim=2, keepdim=True) * inv_n
-    kv = (k.transpose(-2, -1) * inv_n) @ v
-    return kbar, vbar, kv
+        inv_n = 1.0 / n
+    else:
+        inv_n = 1.0 / mask.sum(dim=1).to(kv.dtype).clamp_min(1.0)[:, None, None, None]
+    return k_sum * inv_n, v_sum * inv_n, kv * inv_n
 
 
 def inline_attention(q: Tensor,
@@ -117,7 +137,8 @@ def inline_attention(q: Tensor,
 
     Returns:
         ``(B, heads, N, dv)`` in the dtype of ``v``. The reductions and the
-        final product run in float32 whatever the input dtype or autocast.
+        final product run in float32 (float64 for float64 inputs) whatever the
+        input dtype or autocast.
     """
     _check_qkv(q, k, v, mask)
     phi = get_kernel(kernel)
@@ -129,7 +150,14 @@ def inline_attention(q: Tensor,
         kbar, vbar, kv = _masked_stats(k, v, mask)
         # Covariance form: vbar + s q (K^T V / N - kbar^T vbar).
         cov = (kv - kbar.transpose(-2, -1) @ vbar) * scale
-        out = torch.matmul(q.float(), cov).add_(vbar)
+        n, step = q.shape[2], _chunk_size(q, q.shape[-1] + v.shape[-1])
+        if n <= step:
+            out = torch.matmul(_acc(q).to(cov.dtype), cov).add_(vbar)
+        else:
+            out = q.new_empty(*q.shape[:3], v.shape[-1], dtype=cov.dtype)
+            for start in range(0, n, step):
+                out[:, :, start:start + step] = torch.matmul(
+                    _acc(q[:, :, start:start + step]).to(cov.dtype), cov).add_(vbar)
     return out.to(out_dtype)
 
 
@@ -179,7 +207,7 @@ def linear_attention(q: Tensor,
     out_dtype = v.dtype
     with _autocast_off(q):
         kbar, _, kv = _masked_stats(k, v, mask)
-        qf = q.float()
+        qf = _acc(q).to(kv.dtype)
         num = qf @ kv
         den = qf @ kbar.transpose(-2, -1)
         out = num / (den + eps)

@@ -2,7 +2,16 @@
 import pytest
 import torch
 
-from mmlinattn.models import PVT_ARCHS, SWIN_ARCHS, InLinePVT, InLineSwin
+from mmlinattn.models import (
+    CSWIN_ARCHS,
+    PVT_ARCHS,
+    SWIN_ARCHS,
+    VIT_ARCHS,
+    InLineCSwin,
+    InLinePVT,
+    InLineSwin,
+    InLineViT,
+)
 from mmlinattn.models.layers import parse_attn_types
 
 ALL_ARCHS = [(InLineSwin, a) for a in SWIN_ARCHS] + [(InLinePVT, a) for a in PVT_ARCHS]
@@ -119,3 +128,81 @@ def test_swin_layouts_match_the_release():
     assert stage3[:2] == ['InLineAttention'] * 2 and set(stage3[2:]) == {'WindowSoftmaxAttention'}
     shifts = [b.attn.shift_size for b in base.layers[2].blocks[2:]]
     assert shifts[:4] == [0, 3, 0, 3]
+
+
+
+# -- InLine-CSwin and InLine-ViT -----------------------------------------------------------
+@pytest.mark.parametrize('arch', sorted(CSWIN_ARCHS))
+def test_cswin_every_arch_at_224(arch):
+    model = InLineCSwin(arch, drop_path_rate=0.)
+    outs = model(torch.randn(1, 3, 224, 224))
+    assert [tuple(o.shape) for o in outs] == [(1, c, 56 // 2**i, 56 // 2**i)
+                                             for i, c in enumerate(model.num_features)]
+    sum(o.mean() for o in outs).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize('arch', sorted(VIT_ARCHS))
+def test_vit_every_arch_at_its_size(arch):
+    model = InLineViT(arch, drop_path_rate=0.)
+    size = {'tiny': 224, 'small': 288, 'base': 448}[arch] // 2
+    outs = model(torch.randn(1, 3, size, size))
+    g = size // 16
+    assert [tuple(o.shape[-2:]) for o in outs] == [(4 * g, 4 * g), (2 * g, 2 * g), (g, g),
+                                                  (-(-g // 2), -(-g // 2))]
+    assert {o.shape[1] for o in outs} == {model.embed_dims}
+    sum(o.mean() for o in outs).backward()
+    assert model.pos_embed.grad is not None and model.cls_token.grad is not None
+
+
+@pytest.mark.parametrize('hw', [(190, 250), (33, 65)])
+def test_cswin_and_vit_any_input_size(hw):
+    cswin = InLineCSwin('tiny', depths=(1, 1, 2, 1))
+    # The released stem is a 7x7 stride-4 convolution with padding 2, then 3x3 stride-2 merges.
+    side = [[(s - 3) // 4 + 1 for s in hw]]
+    for _ in range(3):
+        side.append([-(-s // 2) for s in side[-1]])
+    for i, o in enumerate(cswin(torch.randn(1, 3, *hw))):
+        assert list(o.shape[-2:]) == side[i], i
+    vit = InLineViT('tiny', out_indices=(0, 1, 2, 3))
+    outs = vit(torch.randn(1, 3, *hw))
+    g = (-(-hw[0] // 16), -(-hw[1] // 16))
+    assert outs[2].shape[-2:] == g and outs[0].shape[-2:] == (4 * g[0], 4 * g[1])
+
+
+def test_cswin_softmax_stripes_mask_their_padding():
+    """A softmax stage on a map that is not a multiple of the stripe: the output on the
+    map must not depend on what the padded area would hold (it holds zeros, masked)."""
+    from mmlinattn.models.backbones.inline_cswin import CSwinBranch
+
+    torch.manual_seed(0)
+    branch = CSwinBranch(8, 2, 'softmax', (0, 4))
+    q, k, v = (torch.randn(1, 5, 10, 8) for _ in range(3))
+    out = branch(q, k, v, v.mean((1, 2)))
+    # The last stripe covers columns 8-9 (+2 padded): equal to attending that 5x2 region.
+    ref = branch(q[:, :, 8:], k[:, :, 8:], v[:, :, 8:], v.mean((1, 2)))
+    branch.stripe = None
+    torch.testing.assert_close(out[:, :, 8:], ref)
+
+
+@pytest.mark.parametrize('cls', [InLineCSwin, InLineViT])
+def test_cswin_vit_frozen_stages_and_with_cp(cls):
+    kwargs = dict(depths=(1, 1, 2, 1)) if cls is InLineCSwin else {}
+    model = cls('tiny', frozen_stages=2, **kwargs)
+    model.train()
+    for m in model._stem_modules() + model._stage_modules(0) + model._stage_modules(1):
+        assert not m.training and not any(p.requires_grad for p in m.parameters())
+    assert all(p.requires_grad for p in model._stage_modules(2)[0].parameters())
+    torch.manual_seed(0)
+    ref = cls('tiny', drop_path_rate=0., **kwargs)
+    cp = cls('tiny', drop_path_rate=0., with_cp=True, **kwargs)
+    cp.load_state_dict(ref.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    a, b = ref(x), cp(x)
+    for u, w in zip(a, b):
+        torch.testing.assert_close(u, w)
+    sum(o.sum() for o in a).backward()
+    sum(o.sum() for o in b).backward()
+    for p, q in zip(ref.parameters(), cp.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)

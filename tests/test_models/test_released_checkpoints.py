@@ -12,7 +12,14 @@ import torch
 
 import mmlinattn  # noqa: F401  (registers the timm models)
 from mmlinattn.checkpoint import CheckpointMismatchError, UntrustedObject, safe_load
-from mmlinattn.models import CLASSIFIERS, InLinePVT, InLineSwin, load_released
+from mmlinattn.models import (
+    CLASSIFIERS,
+    InLineCSwin,
+    InLinePVT,
+    InLineSwin,
+    InLineViT,
+    load_released,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 REFERENCE = REPO.parent / 'shared' / 'reference' / 'inline_official_state_dicts.json'
@@ -20,7 +27,10 @@ REF_NAMES = {
     'inline_swin_tiny': 'inline_swin_t', 'inline_swin_small': 'inline_swin_s',
     'inline_swin_base': 'inline_swin_b', 'inline_pvt_tiny': 'inline_pvt_t',
     'inline_pvt_small': 'inline_pvt_s', 'inline_pvt_medium': 'inline_pvt_m',
-    'inline_pvt_large': 'inline_pvt_l'
+    'inline_pvt_large': 'inline_pvt_l', 'inline_cswin_tiny': 'inline_cswin_t',
+    'inline_cswin_small': 'inline_cswin_s', 'inline_cswin_base': 'inline_cswin_b',
+    'inline_deit_tiny': 'inline_deit_t', 'inline_deit_small': 'inline_deit_s',
+    'inline_deit_base': 'inline_deit_b'
 }
 DERIVED = ('relative_position_index', 'attn_mask')
 
@@ -157,3 +167,27 @@ def test_plain_pickle_of_untrusted_object_is_refused_by_torch_default(tmp_path):
     with pytest.raises(pickle.UnpicklingError):
         torch.load(path)
     assert not (tmp_path / 'marker').exists()
+
+
+@pytest.mark.parametrize('name,cls,norm', [('inline_cswin_tiny', InLineCSwin, 'norm3'),
+                                           ('inline_deit_tiny', InLineViT, 'norm11')])
+def test_released_cswin_and_deit_load_into_backbones(tmp_path, name, cls, norm):
+    src = timm.create_model(name).eval()
+    path, _ = _released_file(tmp_path, src, with_buffers=False)
+    out = tmp_path / 'converted.pth'
+    subprocess.run([sys.executable, str(REPO / 'tools' / 'convert_checkpoint.py'), str(path),
+                    str(out)], capture_output=True, text=True, check=True)
+    backbone = cls('tiny', init_cfg=dict(type='Pretrained', checkpoint=str(out)))
+    backbone.init_weights()
+    torch.testing.assert_close(getattr(backbone, norm).weight, src.norm.weight)
+    size = src.pretrained_cfg['input_size'][-1]
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        if cls is InLineCSwin:
+            torch.testing.assert_close(backbone.eval()(x)[3].permute(0, 2, 3, 1),
+                                       src.forward_features(x))
+        else:
+            backbone.pyramid = None
+            last = backbone.eval()(x)[3]  # normed patch map of the last block
+            torch.testing.assert_close(last.flatten(2).transpose(1, 2),
+                                       src.forward_features(x)[:, 1:])

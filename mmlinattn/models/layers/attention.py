@@ -112,22 +112,46 @@ class InLineAttention(nn.Module):
             k, v = self.kv(tokens).view(b, n, 2, c).unbind(2)
         return q, k, v
 
-    def attend(self, x: Tensor, valid: Optional[Tensor] = None) -> Tensor:
-        """Attention over each map of ``x (B', h, w, C)`` as one region, before ``proj``.
+    def attend_tokens(self, tokens: Tensor, hw: tuple[int, int], valid: Optional[Tensor] = None,
+                      num_prefix: int = 0) -> Tensor:
+        """Attention over ``tokens (B', P + h*w, C)`` as one region, before ``proj``.
 
-        ``valid (B', h, w)`` marks real tokens (None: all). Returns ``(B', h, w, C)``.
+        The first ``num_prefix`` tokens (a class token) take part in the attention
+        (they count in N and in the means) but not in the local 3x3 term, which
+        runs on the ``h x w`` map of the rest. ``valid (B', h, w)`` marks real map
+        tokens (None: all). Returns ``(B', P + h*w, C)``.
         """
-        b, h, w, c = x.shape
-        tokens = x.reshape(b, h * w, c)
-        mask = None if valid is None else valid.reshape(b, h * w)
+        b, n, c = tokens.shape
+        h, w = hw
+        mask = None
+        if valid is not None:
+            mask = valid.reshape(b, h * w)
+            if num_prefix:
+                mask = torch.cat([mask.new_ones(b, num_prefix), mask], dim=1)
         q, k, v = self.project(tokens)
         out = self._attention(split_heads(q, self.num_heads), split_heads(k, self.num_heads),
                               split_heads(v, self.num_heads), mask=mask, kernel=self.kernel)
         out = merge_heads(out)
         if self.residual is not None:
-            out = out + self.residual(v.view(b, h, w, c), masked_mean(tokens, mask),
-                                      valid).reshape(b, h * w, c)
-        return out.view(b, h, w, c)
+            local = self.residual(v[:, num_prefix:].view(b, h, w, c), masked_mean(tokens, mask),
+                                  valid).reshape(b, h * w, c)
+            out = out + local if not num_prefix else torch.cat(
+                [out[:, :num_prefix], out[:, num_prefix:] + local], dim=1)
+        return out
+
+    def attend(self, x: Tensor, valid: Optional[Tensor] = None) -> Tensor:
+        """Attention over each map of ``x (B', h, w, C)`` as one region, before ``proj``."""
+        b, h, w, c = x.shape
+        return self.attend_tokens(x.reshape(b, h * w, c), (h, w), valid).view(b, h, w, c)
+
+    def forward_tokens(self, tokens: Tensor, hw: tuple[int, int], num_prefix: int = 0) -> Tensor:
+        """Global attention for token sequences with ``num_prefix`` leading non-map tokens
+        (ViT's class token): ``(B, P + h*w, C) -> (B, P + h*w, C)``."""
+        if tokens.dim() != 3 or tokens.shape[-1] != self.dim or \
+                tokens.shape[1] != num_prefix + hw[0] * hw[1]:
+            raise ValueError(f'expected ({tokens.shape[0]}, {num_prefix} + {hw[0]}*{hw[1]}, '
+                             f'{self.dim}) tokens, got {tuple(tokens.shape)}')
+        return self.proj_drop(self.proj(self.attend_tokens(tokens, hw, None, num_prefix)))
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[-1] != self.dim:

@@ -14,16 +14,17 @@ class PatchEmbed(nn.Module):
     """Strided convolution + LayerNorm: ``(B, C_in, H, W)`` -> ``(B, ceil(H/p), ceil(W/p), C)``.
 
     Inputs whose sides are not multiples of the patch size are zero-padded at
-    the bottom/right first, so any size works. Parameters ``proj``, ``norm``.
+    the bottom/right first, so any size works. Parameters ``proj``, ``norm``
+    (``norm=False``: no normalisation, as ViT/DeiT).
     """
 
     def __init__(self, in_channels: int, embed_dims: int, patch_size: int,
-                 norm_eps: float = 1e-5) -> None:
+                 norm_eps: float = 1e-5, norm: bool = True) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.patch_size = patch_size
         self.proj = nn.Conv2d(in_channels, embed_dims, kernel_size=patch_size, stride=patch_size)
-        self.norm = nn.LayerNorm(embed_dims, eps=norm_eps)
+        self.norm = nn.LayerNorm(embed_dims, eps=norm_eps) if norm else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:

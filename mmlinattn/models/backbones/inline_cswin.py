@@ -1,0 +1,266 @@
+"""InLine-CSwin: CSwin Transformer whose InLine stages use global InLine attention.
+
+Released layouts (INLINE.md): ``tiny`` C=64, depths 2-4-18-1, heads 2-4-8-16;
+``small`` C=64, 3-6-29-2; ``base`` C=96, 3-6-29-2, heads 4-8-16-32; all IISS.
+At 224 px the InLine stages' split sizes (56, 28) equal their maps, so each
+InLine block is one branch over all channels and the whole map; we keep that
+(global) at every input size. Softmax stages are CSwin's cross-shaped stripes:
+two branches over half the channels each, vertical and horizontal stripes of
+``split_size`` (7) across the whole map, and one branch over the whole map in
+the last stage. Every branch adds the locally-enhanced positional encoding
+(LePE: a depthwise 3x3 ``get_v`` on v); InLine branches also add the local
+residual, with taps from the mean of the block input before ``norm1``.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp
+from torch import Tensor, nn
+
+from ...ops import inline_attention, pad_to_multiple, window_merge, window_partition
+from ...registry import MODELS
+from ..layers import LocalResidual, merge_heads, parse_attn_types, run_block, split_heads
+from .base import InLineBackbone, resolve_arch
+
+__all__ = ['InLineCSwin', 'CSwinBlock', 'CSwinBranch', 'convert_cswin_checkpoint', 'CSWIN_ARCHS']
+
+CSWIN_ARCHS: dict[str, dict] = {
+    'tiny': dict(embed_dims=64, depths=(2, 4, 18, 1), num_heads=(2, 4, 8, 16), attn_types='IISS'),
+    'small': dict(embed_dims=64, depths=(3, 6, 29, 2), num_heads=(2, 4, 8, 16),
+                  attn_types='IISS'),
+    'base': dict(embed_dims=96, depths=(3, 6, 29, 2), num_heads=(4, 8, 16, 32),
+                 attn_types='IISS'),
+}
+
+
+class CSwinBranch(nn.Module):
+    """One attention branch over a channel slice of a CSwin block.
+
+    Args:
+        dim: channels of the slice.
+        num_heads: heads of the slice.
+        kind: ``'inline'`` (InLine attention + local residual) or ``'softmax'``.
+        stripe: None for the whole map; ``(0, s)`` for full-height stripes ``s``
+            wide, ``(1, s)`` for full-width stripes ``s`` high.
+
+    ``forward(q, k, v: (B, H, W, dim), x_mean: (B, dim)) -> (B, H, W, dim)``;
+    maps not divisible by the stripe are padded and the padding masked.
+    """
+
+    def __init__(self, dim: int, num_heads: int, kind: str,
+                 stripe: Optional[tuple[int, int]] = None) -> None:
+        super().__init__()
+        if kind not in ('inline', 'softmax'):
+            raise ValueError(f"kind must be 'inline' or 'softmax', got {kind!r}")
+        self.num_heads = num_heads
+        self.kind = kind
+        self.stripe = stripe
+        self.get_v = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+        self.residual = LocalResidual(dim, num_heads) if kind == 'inline' else None
+
+    def extra_repr(self) -> str:
+        return f'kind={self.kind}, stripe={self.stripe}'
+
+    def _window(self, h: int, w: int) -> tuple[int, int]:
+        if self.stripe is None:
+            return h, w
+        orientation, size = self.stripe
+        return (h, size) if orientation == 0 else (size, w)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, x_mean: Tensor) -> Tensor:
+        b, h, w, c = q.shape
+        wh, ww = self._window(h, w)
+        valid = None
+        if h % wh or w % ww:
+            q, k, v = (pad_to_multiple(t, wh, ww) for t in (q, k, v))
+            valid = torch.zeros(b, *q.shape[1:3], 1, dtype=torch.bool, device=q.device)
+            valid[:, :h, :w] = True
+        hp, wp = q.shape[1:3]
+        q, k, v = (window_partition(t, wh, ww) for t in (q, k, v))  # (B*nW, wh, ww, c)
+        nw = q.shape[0] // b
+        n = wh * ww
+        mask = None
+        if valid is not None:
+            valid = window_partition(valid, wh, ww)[..., 0]
+            mask = valid.reshape(-1, n)
+            v = v * valid[..., None].to(v.dtype)  # zeros outside the map, as its border padding
+        # LePE: depthwise 3x3 on v within each stripe (zero padding at stripe borders).
+        lepe = self.get_v(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        qh, kh, vh = (split_heads(t.reshape(-1, n, c), self.num_heads) for t in (q, k, v))
+        if self.kind == 'inline':
+            out = merge_heads(inline_attention(qh, kh, vh, mask=mask)).view(-1, wh, ww, c)
+            taps_from = x_mean.repeat_interleave(nw, dim=0)
+            out = out + self.residual(v, taps_from, valid)
+        else:
+            attn_mask = None if mask is None else mask[:, None, None, :]
+            out = merge_heads(F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask))
+            out = out.view(-1, wh, ww, c)
+        out = window_merge(out + lepe, hp, wp)
+        return out[:, :h, :w]
+
+
+class CSwinBlock(nn.Module):
+    """CSwin block: block-level ``qkv`` and ``proj``, one or two attention branches.
+
+    ``forward(x: (B, H, W, C)) -> (B, H, W, C)``. Parameter names as released:
+    ``qkv``, ``norm1``, ``proj``, ``attns.{0,1}.{get_v,residual}``, ``mlp``, ``norm2``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, letter: str, split_size: int,
+                 last_stage: bool, mlp_ratio: float = 4., qkv_bias: bool = True,
+                 drop: float = 0., drop_path: float = 0.) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.norm1 = nn.LayerNorm(dim)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(drop)
+        if letter == 'I':
+            branches = [CSwinBranch(dim, num_heads, 'inline')]
+        elif last_stage:
+            branches = [CSwinBranch(dim, num_heads, 'softmax')]
+        else:
+            branches = [CSwinBranch(dim // 2, num_heads // 2, 'softmax', (i, split_size))
+                        for i in range(2)]
+        self.attns = nn.ModuleList(branches)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+        self.norm2 = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, h, w, c = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, h, w, 3, c).unbind(3)
+        x_mean = x.mean(dim=(1, 2))  # the block input, before norm1, as released
+        if len(self.attns) == 1:
+            out = self.attns[0](q, k, v, x_mean)
+        else:
+            half = c // 2
+            out = torch.cat([
+                branch(q[..., sl], k[..., sl], v[..., sl], x_mean[..., sl])
+                for branch, sl in zip(self.attns, (slice(0, half), slice(half, c)))
+            ], dim=-1)
+        x = x + self.drop_path(self.proj_drop(self.proj(out)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class _ToChannelsLast(nn.Module):
+    """``(B, C, H, W)`` -> ``(B, H, W, C)`` (no parameters; keeps the released indices)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.permute(0, 2, 3, 1)
+
+
+class ConvMerge(nn.Module):
+    """CSwin's stage merge: 3x3 stride-2 convolution then LayerNorm, channels last."""
+
+    def __init__(self, dim: int, dim_out: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim_out, 3, 2, 1)
+        self.norm = nn.LayerNorm(dim_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+
+
+@MODELS.register_module()
+class InLineCSwin(InLineBackbone):
+    """InLine-CSwin backbone for dense prediction.
+
+    Args:
+        arch: ``'tiny'``, ``'small'``, ``'base'`` or a dict (``embed_dims``,
+            ``depths``, ``num_heads``, ``attn_types``); the named args override it.
+        split_size: stripe width of the softmax stages (7, as released).
+        in_channels, mlp_ratio, qkv_bias, drop_rate, drop_path_rate: as usual.
+        out_indices, out_norm, frozen_stages, with_cp, pretrained, init_cfg:
+            the OpenMMLab backbone contract (see :class:`InLineSwin`).
+
+    Input ``(B, in_channels, H, W)`` of any size; outputs at strides 4, 8, 16, 32
+    (the 7x7 stride-4 stem, then stride-2 merges) with ``C * 2^i`` channels.
+    """
+
+    def __init__(self,
+                 arch: Union[str, dict] = 'tiny',
+                 embed_dims: Optional[int] = None,
+                 depths: Optional[Sequence[int]] = None,
+                 num_heads: Optional[Sequence[int]] = None,
+                 attn_types: Optional[str] = None,
+                 split_size: int = 7,
+                 in_channels: int = 3,
+                 mlp_ratio: float = 4.,
+                 qkv_bias: bool = True,
+                 drop_rate: float = 0.,
+                 drop_path_rate: float = 0.1,
+                 out_indices: Sequence[int] = (0, 1, 2, 3),
+                 out_norm: bool = True,
+                 frozen_stages: int = -1,
+                 with_cp: bool = False,
+                 pretrained: Optional[str] = None,
+                 init_cfg: Optional[Union[dict, list]] = None) -> None:
+        setting = resolve_arch(arch, CSWIN_ARCHS, 'InLineCSwin',
+                               dict(embed_dims=embed_dims, depths=depths, num_heads=num_heads,
+                                    attn_types=attn_types))
+        depths = tuple(setting['depths'])
+        heads = tuple(setting['num_heads'])
+        self.num_stages = len(depths)
+        super().__init__(out_indices, frozen_stages, with_cp, pretrained, init_cfg)
+        letters = parse_attn_types(setting['attn_types'], depths)
+        dims = [setting['embed_dims'] * 2**i for i in range(self.num_stages)]
+        self.num_features = dims
+        self.in_channels = in_channels
+        self.stage1_conv_embed = nn.Sequential(
+            nn.Conv2d(in_channels, dims[0], 7, 4, 2), _ToChannelsLast(), nn.LayerNorm(dims[0]))
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        for i in range(self.num_stages):
+            start = sum(depths[:i])
+            blocks = [
+                CSwinBlock(dims[i], heads[i], letters[i][j], split_size,
+                           last_stage=i == self.num_stages - 1, mlp_ratio=mlp_ratio,
+                           qkv_bias=qkv_bias, drop=drop_rate, drop_path=dpr[start + j])
+                for j in range(depths[i])
+            ]
+            self.add_module(f'stage{i + 1}', nn.ModuleList(blocks))
+            if i < self.num_stages - 1:
+                self.add_module(f'merge{i + 1}', ConvMerge(dims[i], dims[i + 1]))
+        self.out_norm = out_norm
+        self._add_out_norms(dims, eps=1e-5)
+        self._finish_init()
+
+    def _stem_modules(self) -> list[nn.Module]:
+        return [self.stage1_conv_embed]
+
+    def _stage_modules(self, i: int) -> list[nn.Module]:
+        mods = [getattr(self, f'stage{i + 1}')]
+        if i > 0:
+            mods.append(getattr(self, f'merge{i}'))
+        norm = getattr(self, f'norm{i}', None)
+        return mods + ([norm] if norm is not None else [])
+
+    def forward_stages(self, x: Tensor) -> list[Tensor]:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f'expected an NCHW input with {self.in_channels} channels, got '
+                             f'shape {tuple(x.shape)}')
+        x = self.stage1_conv_embed(x)
+        outs = []
+        for i in range(self.num_stages):
+            if i > 0:
+                x = getattr(self, f'merge{i}')(x)
+            for block in getattr(self, f'stage{i + 1}'):
+                x = run_block(block, x, self.with_cp)
+            outs.append(x)
+        return outs
+
+
+def convert_cswin_checkpoint(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Released InLine-CSwin keys -> :class:`InLineCSwin` keys (``norm`` -> ``norm3``,
+    ``head`` dropped)."""
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith('head.'):
+            continue
+        out['norm3.' + k[len('norm.'):] if k.startswith('norm.') else k] = v
+    return out
+
+
+InLineCSwin.convert_checkpoint = staticmethod(convert_cswin_checkpoint)

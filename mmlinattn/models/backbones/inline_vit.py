@@ -1,0 +1,187 @@
+"""InLine-ViT: the released InLine-DeiT layouts as a plain, single-scale backbone.
+
+Released layouts (INLINE.md): ``tiny`` 192 wide, 6 heads, 224 px; ``small`` 320
+wide, 10 heads, 288 px; ``base`` 384 wide, 12 heads, 448 px; depth 12, patch
+16, LayerNorm eps 1e-6, class token plus ``pos_embed``. InLine counts the class
+token (it is in N and in the means); the local 3x3 term runs on the patch
+tokens only. For dense prediction the patch-token maps of four blocks
+(``out_indices``, default 3, 5, 7, 11) go through a simple feature pyramid
+(ViTDet-style: two and one stride-2 transposed convolutions, identity, max
+pooling) to strides 4, 8, 16, 32, all ``embed_dims`` channels.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from timm.layers import LayerNorm2d, trunc_normal_
+from torch import Tensor, nn
+
+from ...registry import MODELS
+from ..layers import InLineAttention, PatchEmbed, TransformerBlock, run_block
+from .base import InLineBackbone, resolve_arch
+
+__all__ = ['InLineViT', 'ViTBlock', 'SimpleFeaturePyramid', 'convert_vit_checkpoint',
+           'VIT_ARCHS']
+
+VIT_ARCHS: dict[str, dict] = {
+    'tiny': dict(embed_dims=192, depth=12, num_heads=6, pretrain_img_size=224),
+    'small': dict(embed_dims=320, depth=12, num_heads=10, pretrain_img_size=288),
+    'base': dict(embed_dims=384, depth=12, num_heads=12, pretrain_img_size=448),
+}
+
+
+class ViTBlock(TransformerBlock):
+    """Pre-norm block on ``(B, 1 + h*w, C)`` tokens whose first token is the class token."""
+
+    def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+        x = x + self.drop_path(self.attn.forward_tokens(self.norm1(x), hw, num_prefix=1))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class SimpleFeaturePyramid(nn.Module):
+    """Stride-16 maps -> strides 4, 8, 16, 32 (``fpn{0..3}``), channels unchanged."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.fpn0 = nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, 2), LayerNorm2d(dim), nn.GELU(),
+                                  nn.ConvTranspose2d(dim, dim, 2, 2))
+        self.fpn1 = nn.ConvTranspose2d(dim, dim, 2, 2)
+        self.fpn2 = nn.Identity()
+        self.fpn3 = nn.MaxPool2d(2, ceil_mode=True)
+
+    def forward(self, maps: Sequence[Tensor]) -> list[Tensor]:
+        return [getattr(self, f'fpn{i}')(m) for i, m in enumerate(maps)]
+
+
+@MODELS.register_module()
+class InLineViT(InLineBackbone):
+    """InLine-ViT (released InLine-DeiT layouts) as a dense-prediction backbone.
+
+    Args:
+        arch: ``'tiny'``, ``'small'``, ``'base'`` or a dict (``embed_dims``,
+            ``depth``, ``num_heads``, ``pretrain_img_size``).
+        in_channels, patch_size (16), mlp_ratio, qkv_bias, drop_rate, drop_path_rate.
+        out_indices: the blocks whose patch maps are returned (four of them with
+            ``pyramid``), default (3, 5, 7, 11).
+        pyramid: map the four taps to strides 4/8/16/32 (True) or return them
+            all at stride 16 (False; e.g. for UperNet with its own resizing).
+        out_norm: LayerNorm ``norm{i}`` on each tap (the last block's is the
+            released final ``norm``).
+        frozen_stages: -1 none; 0 the patch embedding, class token and position
+            embedding; k also blocks 0..k-1.
+        with_cp, pretrained, init_cfg: the OpenMMLab backbone contract.
+
+    Position embeddings (stored for the arch's pre-training size) are resized
+    bicubically to the input's patch grid; any input size works (padded to a
+    multiple of the patch size).
+    """
+
+    def __init__(self,
+                 arch: Union[str, dict] = 'small',
+                 in_channels: int = 3,
+                 patch_size: int = 16,
+                 mlp_ratio: float = 4.,
+                 qkv_bias: bool = True,
+                 drop_rate: float = 0.,
+                 drop_path_rate: float = 0.1,
+                 out_indices: Sequence[int] = (3, 5, 7, 11),
+                 pyramid: bool = True,
+                 out_norm: bool = True,
+                 frozen_stages: int = -1,
+                 with_cp: bool = False,
+                 pretrained: Optional[str] = None,
+                 init_cfg: Optional[Union[dict, list]] = None) -> None:
+        setting = resolve_arch(arch, VIT_ARCHS, 'InLineViT', {})
+        depth, dim = setting['depth'], setting['embed_dims']
+        self.num_stages = depth
+        super().__init__(out_indices, frozen_stages, with_cp, pretrained, init_cfg)
+        if pyramid and len(self.out_indices) != 4:
+            raise ValueError(f'pyramid=True needs four out_indices (strides 4-32), got '
+                             f'{self.out_indices}')
+        self.embed_dims = dim
+        self.num_features = [dim] * depth
+        self.grid = setting['pretrain_img_size'] // patch_size
+        self.patch_embed = PatchEmbed(in_channels, dim, patch_size, norm=False)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid**2, dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList([
+            ViTBlock(dim, InLineAttention(dim, setting['num_heads'], qkv_layout='qkv',
+                                          qkv_bias=qkv_bias, proj_drop=drop_rate),
+                     mlp_ratio=mlp_ratio, drop=drop_rate, drop_path=dpr[i], norm_eps=1e-6)
+            for i in range(depth)
+        ])
+        self.out_norm = out_norm
+        self._add_out_norms(self.num_features, eps=1e-6)
+        self.pyramid = SimpleFeaturePyramid(dim) if pyramid else None
+        trunc_normal_(self.pos_embed, std=.02)
+        trunc_normal_(self.cls_token, std=.02)
+        self._finish_init()
+
+    def _stem_modules(self) -> list[nn.Module]:
+        return [self.patch_embed]
+
+    def _stage_params(self, i: int) -> list[nn.Parameter]:
+        return [self.cls_token, self.pos_embed] if i == 0 else []
+
+    def _freeze_stages(self) -> None:
+        super()._freeze_stages()
+        if self.frozen_stages >= 0:  # the stem owns the token and position embeddings
+            self.cls_token.requires_grad = False
+            self.pos_embed.requires_grad = False
+
+    def _stage_modules(self, i: int) -> list[nn.Module]:
+        norm = getattr(self, f'norm{i}', None)
+        return [self.blocks[i]] + ([norm] if norm is not None else [])
+
+    def position_embedding(self, h: int, w: int) -> Tensor:
+        """``(1, 1 + h*w, C)``: the class token's, then the patch grid's resized bicubically."""
+        cls_pos, grid_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        if (h, w) != (self.grid, self.grid):
+            grid_pos = grid_pos.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
+            grid_pos = F.interpolate(grid_pos, size=(h, w), mode='bicubic', align_corners=False)
+            grid_pos = grid_pos.flatten(2).transpose(1, 2)
+        return torch.cat([cls_pos, grid_pos], dim=1)
+
+    def forward_tokens(self, x: Tensor) -> tuple[Tensor, tuple[int, int], list[Tensor]]:
+        """Tokens after the last block, the patch grid, and the tapped patch maps."""
+        x = self.patch_embed(x)  # (B, h, w, C)
+        b, h, w, c = x.shape
+        x = torch.cat([self.cls_token.expand(b, -1, -1), x.reshape(b, h * w, c)], dim=1)
+        x = self.pos_drop(x + self.position_embedding(h, w))
+        taps = []
+        for i, block in enumerate(self.blocks):
+            x = run_block(functools.partial(block, hw=(h, w)), x, self.with_cp)
+            if i in self.out_indices:
+                taps.append(x[:, 1:].reshape(b, h, w, c))
+        return x, (h, w), taps
+
+    def forward_stages(self, x: Tensor) -> list[Tensor]:
+        taps = dict(zip(self.out_indices, self.forward_tokens(x)[2]))
+        return [taps.get(i) for i in range(self.num_stages)]
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        outs = list(super().forward(x))
+        if self.pyramid is not None:
+            outs = self.pyramid(outs)
+        return tuple(outs)
+
+
+def convert_vit_checkpoint(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Released InLine-DeiT keys -> :class:`InLineViT` keys: the final ``norm`` becomes the
+    last block's tap norm (``norm11`` for depth 12); ``head`` is dropped."""
+    depth = 1 + max((int(k.split('.')[1]) for k in state_dict if k.startswith('blocks.')),
+                    default=11)
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith('head.'):
+            continue
+        out[f'norm{depth - 1}.' + k[len('norm.'):] if k.startswith('norm.') else k] = v
+    return out
+
+
+InLineViT.convert_checkpoint = staticmethod(convert_vit_checkpoint)
