@@ -36,7 +36,8 @@ DEFAULT_SIZES = {'attention': [64, 128, 256, 512], 'backbone': [512, 1024, 2048]
 COMPARISONS = [('inline-swin-t', 'swin-t (mmdet)'), ('inline-swin-t', 'swin-t-global-softmax'),
                ('inline-swin-t-w56', 'swin-t (mmdet)'), ('inline-pvt-s', 'pvt-s (mmdet)'),
                ('inline-pvt-t', 'pvt-t (mmdet)'), ('inline-pvt-s', 'pvtv2-b2 (mmdet)'),
-               ('inline-pvt-t', 'pvtv2-b1 (mmdet)'), ('inline', 'softmax'),
+               ('inline-pvt-t', 'pvtv2-b1 (mmdet)'), ('inline-cswin-t', 'cswin-t-global-softmax'),
+               ('inline-vit-s', 'vit-s-global-softmax'), ('inline', 'softmax'),
                ('inline', 'linear')]
 
 

@@ -20,14 +20,14 @@ SEG = [c for c in CONFIGS if c not in DET]
 
 
 def test_every_config_is_covered():
-    assert len(CONFIGS) >= 22
+    assert len(CONFIGS) >= 25
     assert set(DET) | set(SEG) == set(CONFIGS)
 
 
 def _load(path):
     cfg = Config.fromfile(str(REPO / path))
     assert cfg.custom_imports == dict(imports=['mmlinattn'], allow_failed_imports=False)
-    assert cfg.model.backbone.type in ('InLineSwin', 'InLinePVT')
+    assert cfg.model.backbone.type in ('InLineSwin', 'InLinePVT', 'InLineCSwin', 'InLineViT')
     if cfg.model.backbone.get('init_cfg'):
         assert cfg.model.backbone.init_cfg.checkpoint.startswith('checkpoints/')
         cfg.model.backbone.init_cfg = None  # no pretrained loading in tests

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import Tensor, nn
 
-from ...ops import inline_attention, pad_to_multiple, window_merge, window_partition
+from ...ops import ATTENTION_FUNCTIONS, pad_to_multiple, window_merge, window_partition
 from ...registry import MODELS
 from ..layers import LocalResidual, merge_heads, parse_attn_types, run_block, split_heads
 from .base import InLineBackbone, resolve_arch
@@ -45,18 +45,23 @@ class CSwinBranch(nn.Module):
         kind: ``'inline'`` (InLine attention + local residual) or ``'softmax'``.
         stripe: None for the whole map; ``(0, s)`` for full-height stripes ``s``
             wide, ``(1, s)`` for full-width stripes ``s`` high.
+        operator: the attention of an ``'inline'`` branch: ``'inline'``, or
+            ``'linear'``/``'softmax'`` for ablations with the same parameters.
 
     ``forward(q, k, v: (B, H, W, dim), x_mean: (B, dim)) -> (B, H, W, dim)``;
     maps not divisible by the stripe are padded and the padding masked.
     """
 
     def __init__(self, dim: int, num_heads: int, kind: str,
-                 stripe: Optional[tuple[int, int]] = None) -> None:
+                 stripe: Optional[tuple[int, int]] = None, operator: str = 'inline') -> None:
         super().__init__()
         if kind not in ('inline', 'softmax'):
             raise ValueError(f"kind must be 'inline' or 'softmax', got {kind!r}")
+        if operator not in ATTENTION_FUNCTIONS:
+            raise ValueError(f'unknown attention operator {operator!r}')
         self.num_heads = num_heads
         self.kind = kind
+        self.operator = operator
         self.stripe = stripe
         self.get_v = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
         self.residual = LocalResidual(dim, num_heads) if kind == 'inline' else None
@@ -91,7 +96,9 @@ class CSwinBranch(nn.Module):
         lepe = self.get_v(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         qh, kh, vh = (split_heads(t.reshape(-1, n, c), self.num_heads) for t in (q, k, v))
         if self.kind == 'inline':
-            out = merge_heads(inline_attention(qh, kh, vh, mask=mask)).view(-1, wh, ww, c)
+            kernel = 'relu' if self.operator == 'linear' else None
+            out = ATTENTION_FUNCTIONS[self.operator](qh, kh, vh, mask=mask, kernel=kernel)
+            out = merge_heads(out).view(-1, wh, ww, c)
             taps_from = x_mean.repeat_interleave(nw, dim=0)
             out = out + self.residual(v, taps_from, valid)
         else:
@@ -111,14 +118,15 @@ class CSwinBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, letter: str, split_size: int,
                  last_stage: bool, mlp_ratio: float = 4., qkv_bias: bool = True,
-                 drop: float = 0., drop_path: float = 0.) -> None:
+                 drop: float = 0., drop_path: float = 0., inline_operator: str = 'inline'
+                 ) -> None:
         super().__init__()
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.norm1 = nn.LayerNorm(dim)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(drop)
         if letter == 'I':
-            branches = [CSwinBranch(dim, num_heads, 'inline')]
+            branches = [CSwinBranch(dim, num_heads, 'inline', operator=inline_operator)]
         elif last_stage:
             branches = [CSwinBranch(dim, num_heads, 'softmax')]
         else:
@@ -172,6 +180,8 @@ class InLineCSwin(InLineBackbone):
         arch: ``'tiny'``, ``'small'``, ``'base'`` or a dict (``embed_dims``,
             ``depths``, ``num_heads``, ``attn_types``); the named args override it.
         split_size: stripe width of the softmax stages (7, as released).
+        inline_operator: ``'inline'``; ``'linear'`` / ``'softmax'`` make the InLine
+            stages global plain-linear / softmax attention (ablations).
         in_channels, mlp_ratio, qkv_bias, drop_rate, drop_path_rate: as usual.
         out_indices, out_norm, frozen_stages, with_cp, pretrained, init_cfg:
             the OpenMMLab backbone contract (see :class:`InLineSwin`).
@@ -187,6 +197,7 @@ class InLineCSwin(InLineBackbone):
                  num_heads: Optional[Sequence[int]] = None,
                  attn_types: Optional[str] = None,
                  split_size: int = 7,
+                 inline_operator: str = 'inline',
                  in_channels: int = 3,
                  mlp_ratio: float = 4.,
                  qkv_bias: bool = True,
@@ -217,7 +228,8 @@ class InLineCSwin(InLineBackbone):
             blocks = [
                 CSwinBlock(dims[i], heads[i], letters[i][j], split_size,
                            last_stage=i == self.num_stages - 1, mlp_ratio=mlp_ratio,
-                           qkv_bias=qkv_bias, drop=drop_rate, drop_path=dpr[start + j])
+                           qkv_bias=qkv_bias, drop=drop_rate, drop_path=dpr[start + j],
+                           inline_operator=inline_operator)
                 for j in range(depths[i])
             ]
             self.add_module(f'stage{i + 1}', nn.ModuleList(blocks))

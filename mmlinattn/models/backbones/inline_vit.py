@@ -64,6 +64,7 @@ class InLineViT(InLineBackbone):
         arch: ``'tiny'``, ``'small'``, ``'base'`` or a dict (``embed_dims``,
             ``depth``, ``num_heads``, ``pretrain_img_size``).
         in_channels, patch_size (16), mlp_ratio, qkv_bias, drop_rate, drop_path_rate.
+        inline_operator: ``'inline'``; ``'linear'`` / ``'softmax'`` for ablations.
         out_indices: the blocks whose patch maps are returned (four of them with
             ``pyramid``), default (3, 5, 7, 11).
         pyramid: map the four taps to strides 4/8/16/32 (True) or return them
@@ -87,6 +88,7 @@ class InLineViT(InLineBackbone):
                  qkv_bias: bool = True,
                  drop_rate: float = 0.,
                  drop_path_rate: float = 0.1,
+                 inline_operator: str = 'inline',
                  out_indices: Sequence[int] = (3, 5, 7, 11),
                  pyramid: bool = True,
                  out_norm: bool = True,
@@ -111,7 +113,8 @@ class InLineViT(InLineBackbone):
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList([
             ViTBlock(dim, InLineAttention(dim, setting['num_heads'], qkv_layout='qkv',
-                                          qkv_bias=qkv_bias, proj_drop=drop_rate),
+                                          operator=inline_operator, qkv_bias=qkv_bias,
+                                          proj_drop=drop_rate),
                      mlp_ratio=mlp_ratio, drop=drop_rate, drop_path=dpr[i], norm_eps=1e-6)
             for i in range(depth)
         ])
