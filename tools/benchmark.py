@@ -67,6 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--mem-limit', type=float, default=12.0,
                    help='GiB of resident memory per CPU worker before it is stopped')
     p.add_argument('--no-flops', action='store_true')
+    p.add_argument('--system-malloc', action='store_true',
+                   help="glibc's default: large freed blocks go back to the kernel and are "
+                   'faulted in again each call (by default workers keep them, for every '
+                   'contender alike)')
     p.add_argument('--no-plots', action='store_true')
     p.add_argument('--out-dir', help='default work_dirs/benchmark/<timestamp>')
     return p.parse_args(argv)
@@ -113,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             level=level, contenders=names, sizes=args.sizes or DEFAULT_SIZES[level],
             batch=args.batch, device=args.device, dtype=args.dtype, compile=args.compile,
             threads=args.threads, warmup=args.warmup, repeats=args.repeats, budget_s=budget,
-            mem_limit_gib=args.mem_limit, flops=not args.no_flops))
+            mem_limit_gib=args.mem_limit, flops=not args.no_flops,
+            steady_malloc=not args.system_malloc))
     out_dir = args.out_dir or osp.join(
         'work_dirs', 'benchmark', datetime.datetime.now().strftime('%Y%m%d_%H%M%S'))
     total = sum(len(s.contenders) * len(s.sizes) for s in sweeps)

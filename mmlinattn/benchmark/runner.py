@@ -26,6 +26,12 @@ __all__ = ['SweepConfig', 'run_sweep', 'environment', 'write_outputs']
 
 STARTUP_GRACE_S = 90.0  # imports and model construction, beyond the measuring budget
 
+#: glibc returns every freed block above 32 MiB to the kernel and faults it in again on
+#: the next call, which at large sizes costs more than the arithmetic. These settings
+#: keep freed memory for reuse (as jemalloc/tcmalloc do); every contender of a sweep
+#: runs with the same setting. ``SweepConfig(steady_malloc=False)`` measures without.
+STEADY_MALLOC_ENV = {'MALLOC_MMAP_THRESHOLD_': str(2**32), 'MALLOC_TRIM_THRESHOLD_': str(2**32)}
+
 
 @dataclass
 class SweepConfig:
@@ -44,6 +50,8 @@ class SweepConfig:
     flops: bool = True
     #: Seconds allowed for imports and model construction beyond ``budget_s``.
     startup_grace_s: float = STARTUP_GRACE_S
+    #: Run workers with :data:`STEADY_MALLOC_ENV`.
+    steady_malloc: bool = True
 
 
 def environment() -> dict:
@@ -75,13 +83,17 @@ def _cpu_model() -> str:
     return platform.processor() or 'unknown'
 
 
-def _run_case(spec: dict, mem_limit_gib: float, timeout_s: float) -> dict:
+def _run_case(spec: dict, mem_limit_gib: float, timeout_s: float,
+              steady_malloc: bool = True) -> dict:
     """Spawn the worker; watch its memory and time; return its result or why it stopped."""
     import psutil
 
     cmd = [sys.executable, '-m', 'mmlinattn.benchmark.worker', json.dumps(spec)]
+    env = dict(os.environ, PYTHONWARNINGS='ignore')
+    if steady_malloc:
+        env.update(STEADY_MALLOC_ENV)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONWARNINGS='ignore'))
+                            env=env)
     watched = psutil.Process(proc.pid)
     limit = mem_limit_gib * 2**30
     started, peak, reason = time.perf_counter(), 0, None
@@ -137,7 +149,7 @@ def run_sweep(cfg: SweepConfig, progress: Any = None) -> list[dict]:
                             threads=cfg.threads, warmup=cfg.warmup, repeats=cfg.repeats,
                             budget_s=cfg.budget_s, flops=cfg.flops)
                 case.update(_run_case(spec, cfg.mem_limit_gib,
-                                      cfg.budget_s + cfg.startup_grace_s))
+                                      cfg.budget_s + cfg.startup_grace_s, cfg.steady_malloc))
                 if case['status'] in ('oom', 'timeout'):
                     failed_at = case
                 elif case['status'] == 'ok':
