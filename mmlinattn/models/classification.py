@@ -10,7 +10,7 @@ dicts key for key and a released checkpoint loads and computes the same logits::
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from timm.models import register_model
 from torch import Tensor, nn
@@ -29,92 +29,79 @@ __all__ = [
 ]
 
 
-class InLineSwinClassifier(InLineSwin):
-    """InLine-Swin with the reference head: final ``norm``, token mean, ``head``.
+class _ClassifierHead(nn.Module):
+    """Shared by the classifiers: a ``head`` on pooled features of the last stage."""
 
-    ``forward(x: (B, 3, H, W)) -> (B, num_classes)`` logits.
-    """
+    head: nn.Module
+
+    def _add_head(self, dim: int, num_classes: int, norm_eps: Optional[float]) -> None:
+        self.num_classes = num_classes
+        if norm_eps is not None:  # the released final norm (PVT has none)
+            self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.head = nn.Linear(dim, num_classes) if num_classes else nn.Identity()
+        self._finish_init()
+
+    def pool(self, x: Tensor) -> Tensor:
+        """Mean over the ``(B, h, w, C)`` map."""
+        return x.mean(dim=(1, 2))
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = self.pool(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, 3, H, W)`` -> ``(B, num_classes)`` logits."""
+        return self.forward_head(self.forward_features(x))
+
+
+class InLineSwinClassifier(_ClassifierHead, InLineSwin):
+    """InLine-Swin with the reference head: final ``norm``, token mean, ``head``."""
 
     def __init__(self, arch: str = 'tiny', num_classes: int = 1000, **kwargs: Any) -> None:
         super().__init__(arch, out_indices=(3, ), out_norm=False, **kwargs)
-        self.num_classes = num_classes
-        self.norm = nn.LayerNorm(self.num_features[-1], eps=1e-5)
-        self.head = nn.Linear(self.num_features[-1], num_classes) if num_classes else nn.Identity()
-        self._finish_init()
+        self._add_head(self.num_features[-1], num_classes, norm_eps=1e-5)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """``(B, 3, H, W)`` -> normed last-stage tokens ``(B, H/32, W/32, C)``."""
         return self.norm(self.forward_stages(x)[-1])
 
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = x.mean(dim=(1, 2))
-        return x if pre_logits else self.head(x)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
-
-
-class InLinePVTClassifier(InLinePVT):
+class InLinePVTClassifier(_ClassifierHead, InLinePVT):
     """InLine-PVT with the reference head: token mean of the last stage, ``head`` (no norm)."""
 
     def __init__(self, arch: str = 'tiny', num_classes: int = 1000, **kwargs: Any) -> None:
         super().__init__(arch, out_indices=(3, ), out_norm=False, **kwargs)
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features[-1], num_classes) if num_classes else nn.Identity()
-        self._finish_init()
+        self._add_head(self.num_features[-1], num_classes, norm_eps=None)
 
     def forward_features(self, x: Tensor) -> Tensor:
         return self.forward_stages(x)[-1]
 
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = x.mean(dim=(1, 2))
-        return x if pre_logits else self.head(x)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
-
-
-class InLineCSwinClassifier(InLineCSwin):
+class InLineCSwinClassifier(_ClassifierHead, InLineCSwin):
     """InLine-CSwin with the reference head: final ``norm``, token mean, ``head``."""
 
     def __init__(self, arch: str = 'tiny', num_classes: int = 1000, **kwargs: Any) -> None:
         super().__init__(arch, out_indices=(3, ), out_norm=False, **kwargs)
-        self.num_classes = num_classes
-        self.norm = nn.LayerNorm(self.num_features[-1])
-        self.head = nn.Linear(self.num_features[-1], num_classes) if num_classes else nn.Identity()
-        self._finish_init()
+        self._add_head(self.num_features[-1], num_classes, norm_eps=1e-5)
 
     def forward_features(self, x: Tensor) -> Tensor:
         return self.norm(self.forward_stages(x)[-1])
 
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = x.mean(dim=(1, 2))
-        return x if pre_logits else self.head(x)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
-
-
-class InLineViTClassifier(InLineViT):
+class InLineViTClassifier(_ClassifierHead, InLineViT):
     """InLine-DeiT: final ``norm``, class token, ``head``."""
 
     def __init__(self, arch: str = 'tiny', num_classes: int = 1000, **kwargs: Any) -> None:
         super().__init__(arch, out_indices=(11, ), pyramid=False, out_norm=False, **kwargs)
-        self.num_classes = num_classes
-        self.norm = nn.LayerNorm(self.embed_dims, eps=1e-6)
-        self.head = nn.Linear(self.embed_dims, num_classes) if num_classes else nn.Identity()
-        self._finish_init()
+        self._add_head(self.embed_dims, num_classes, norm_eps=1e-6)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """``(B, 3, H, W)`` -> normed tokens ``(B, 1 + h*w, C)``."""
         return self.norm(self.forward_tokens(x)[0])
 
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = x[:, 0]
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
+    def pool(self, x: Tensor) -> Tensor:
+        """The class token."""
+        return x[:, 0]
 
 
 def load_released(model: nn.Module, checkpoint: str, strict: bool = True) -> nn.Module:
