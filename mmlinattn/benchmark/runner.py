@@ -260,16 +260,21 @@ def plot(results: list[dict], meta: dict, out_dir: str) -> list[str]:
 
     written = []
     unit = 'token-map side' if meta['level'] == 'attention' else 'input side (px)'
+    names = list(dict.fromkeys(c['contender'] for c in results))
+    colors = plt.get_cmap('tab20' if len(names) > 10 else 'tab10')
     for key, label, fname in (('latency_ms', 'median latency (ms)', 'latency.png'),
                               ('peak_mem_mib', 'peak memory (MiB)', 'memory.png')):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for name in dict.fromkeys(c['contender'] for c in results):
+        fig, ax = plt.subplots(figsize=(9, 5))
+        for idx, name in enumerate(names):
             pts = [(c['size'], c[key]) for c in results
                    if c['contender'] == name and c.get('status') == 'ok' and key in c]
             if not pts:
                 continue
             xs, ys = zip(*pts)
-            line, = ax.plot(xs, ys, marker='o', label=name)
+            # Ours solid, the comparisons dashed; one colour each.
+            style = '-' if name.startswith('inline') else '--'
+            line, = ax.plot(xs, ys, marker='o', linestyle=style, label=name,
+                            color=colors(idx % colors.N))
             failed = [c for c in results if c['contender'] == name
                       and c.get('status') in ('oom', 'timeout')]
             for c in failed:
@@ -282,7 +287,7 @@ def plot(results: list[dict], meta: dict, out_dir: str) -> list[str]:
         ax.set_title(f"{meta['level']} level, {meta['device']} {meta['dtype']}, "
                      f"batch {meta['batch']}")
         ax.grid(True, which='both', alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
         path = osp.join(out_dir, f"{meta['level']}_{fname}")
         fig.savefig(path, dpi=110)
