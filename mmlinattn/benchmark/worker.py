@@ -72,8 +72,7 @@ def _prepare(spec: dict) -> tuple[Callable[[], Any], Callable[[], Any], Any]:
             return fn(*args)
 
     def flops() -> int:
-        return _count_flops(target if module is None else module, fn, args, autocast_dtype,
-                            device, spec)
+        return _count_flops(target if module is None else module, run, args, spec['level'])
 
     return run, flops, module
 
@@ -99,15 +98,14 @@ def _to_meta(obj: Any) -> Any:
     return obj
 
 
-def _count_flops(target: Any, fn: Callable, args: tuple, autocast_dtype: Any, device: str,
-                 spec: dict) -> int:
-    """Operator-level FLOPs of one call: on meta tensors (no compute) where every operator
-    supports them, else by running the call once more."""
+def _count_flops(target: Any, run: Callable[[], Any], args: tuple, level: str) -> int:
+    """Operator-level FLOPs of one call: ``target`` on meta tensors (no compute) where every
+    operator supports them, else by counting ``run()``, the timed call, once more."""
     import copy
 
     from ..utils.flops import count_flops
 
-    if spec['level'] != 'model':
+    if level != 'model':
         try:
             meta = copy.deepcopy(target).to('meta') if isinstance(target, torch.nn.Module) \
                 else target
@@ -115,15 +113,7 @@ def _count_flops(target: Any, fn: Callable, args: tuple, autocast_dtype: Any, de
                 return count_flops(meta, *_to_meta(args))[0]
         except Exception:  # noqa: BLE001 - an operator without a meta kernel: count for real
             pass
-
-    def once() -> Any:
-        with torch.no_grad():
-            if autocast_dtype is not None and spec['level'] != 'attention':
-                with torch.autocast(device_type=device, dtype=autocast_dtype):
-                    return fn(*args)
-            return fn(*args)
-
-    return count_flops(once)[0]
+    return count_flops(run)[0]
 
 
 def _sync(device: str) -> None:

@@ -68,3 +68,14 @@ def test_worker_reports_errors_as_results():
     import torch
     if not torch.cuda.is_available():
         assert measure(spec)['status'] == 'error'
+
+
+def test_model_level_times_a_whole_segmenter_from_its_config():
+    import pytest
+    pytest.importorskip('mmseg.models', reason='mmseg is needed for the model level')
+    cfg = SweepConfig(level='model', sizes=[64], repeats=2, budget_s=30,
+                      contenders=[str(REPO / 'configs/tiny/fpn_inline-pvt-t_300i_tiny-ade20k.py')])
+    (case, ) = run_sweep(cfg)
+    assert case['status'] == 'ok', case
+    assert case['contender'] == 'fpn_inline-pvt-t_300i_tiny-ade20k'
+    assert case['latency_ms'] > 0 and case['gflops'] > 0 and case['params_m'] > 10
