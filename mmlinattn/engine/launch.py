@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import os.path as osp
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable
 
 from mmengine.config import Config, ConfigDict, DictAction
 
@@ -144,9 +144,6 @@ def build_runner(cfg: Config) -> Any:
     return RUNNERS.build(cfg)
 
 
-def import_project(extra: Optional[Iterable[str]] = None) -> None:
+def import_project() -> None:
     """Import mmlinattn (and its registrations) before any config is built."""
     import mmlinattn  # noqa: F401
-
-    for name in extra or ():
-        __import__(name)

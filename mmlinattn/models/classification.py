@@ -22,6 +22,7 @@ from ..checkpoint import (
     safe_load,
 )
 from .backbones import InLineCSwin, InLinePVT, InLineSwin, InLineViT
+from .backbones.base import init_transformer_weights
 
 __all__ = [
     'InLineSwinClassifier', 'InLinePVTClassifier', 'InLineCSwinClassifier', 'InLineViTClassifier',
@@ -39,7 +40,10 @@ class _ClassifierHead(nn.Module):
         if norm_eps is not None:  # the released final norm (PVT has none)
             self.norm = nn.LayerNorm(dim, eps=norm_eps)
         self.head = nn.Linear(dim, num_classes) if num_classes else nn.Identity()
-        self._finish_init()
+        # The backbone initialised itself already; only the new modules need it.
+        for module in (getattr(self, 'norm', None), self.head):
+            if module is not None:
+                module.apply(init_transformer_weights)
 
     def pool(self, x: Tensor) -> Tensor:
         """Mean over the ``(B, h, w, C)`` map."""

@@ -106,6 +106,9 @@ def test_bad_arguments_are_named():
         InLineSwin('huge')
     with pytest.raises(ValueError, match='attn_types'):
         InLineSwin('tiny', attn_types='IIS')
+    for cls in (InLineSwin, InLineCSwin, InLinePVT):
+        with pytest.raises(ValueError, match='one entry per stage'):
+            cls('tiny', num_heads=(2, 4, 8))
     with pytest.raises(ValueError, match='3 channels'):
         InLineSwin('tiny')(torch.randn(1, 4, 32, 32))
     with pytest.raises(TypeError):

@@ -58,6 +58,11 @@ def resolve_arch(arch: Union[str, dict], table: Mapping[str, dict], family: str,
     missing = [k for k in next(iter(table.values())) if k not in setting]
     if missing:
         raise ValueError(f'{family} arch is missing {missing}')
+    # Per-stage settings (depths, num_heads, ...) need one entry per stage each.
+    per_stage = {k: v for k, v in setting.items() if isinstance(v, (list, tuple))}
+    if len({len(v) for v in per_stage.values()}) > 1:
+        raise ValueError(f'{family}: ' + ', '.join(f'{k} {list(v)}' for k, v in per_stage.items())
+                         + ' must have one entry per stage each')
     return setting
 
 

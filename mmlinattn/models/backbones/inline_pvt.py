@@ -93,9 +93,6 @@ class InLinePVT(InLineBackbone):
         heads = tuple(setting['num_heads'])
         ratios = tuple(setting['mlp_ratios'])
         self.num_stages = len(depths)
-        if not len(dims) == len(heads) == len(ratios) == self.num_stages:
-            raise ValueError(f'embed_dims {dims}, depths {depths}, num_heads {heads} and '
-                             f'mlp_ratios {ratios} must have one entry per stage')
         super().__init__(out_indices, frozen_stages, with_cp, pretrained, init_cfg)
         self.num_features = list(dims)
         self.out_norm = out_norm

@@ -145,8 +145,6 @@ class InLineSwin(InLineBackbone):
         depths = tuple(setting['depths'])
         num_heads = tuple(setting['num_heads'])
         self.num_stages = len(depths)
-        if len(num_heads) != self.num_stages:
-            raise ValueError(f'num_heads {num_heads} and depths {depths} differ in length')
         super().__init__(out_indices, frozen_stages, with_cp, pretrained, init_cfg)
         letters = parse_attn_types(setting['attn_types'], depths)
         dims = [setting['embed_dims'] * 2**i for i in range(self.num_stages)]
