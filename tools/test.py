@@ -21,6 +21,7 @@ from mmlinattn.engine.launch import (  # noqa: E402
     check_data_roots,
     import_project,
     load_config,
+    process_group_lifetime,
 )
 
 
@@ -48,21 +49,22 @@ def enable_drawing(cfg, show_dir: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    import_project()
-    cfg = load_config(args.config, args)
-    if not osp.isfile(args.checkpoint):
-        raise FileNotFoundError(f'checkpoint not found: {args.checkpoint}')
-    cfg.load_from = args.checkpoint
-    # The checkpoint replaces the backbone's ImageNet initialisation.
-    if cfg.model.get('backbone', {}).get('init_cfg'):
-        cfg.model.backbone.init_cfg = None
-    if args.show_dir:
-        enable_drawing(cfg, args.show_dir)
-    check_data_roots(cfg, ('test_dataloader', ))
-    add_safety_hooks(cfg)
-    runner = build_runner(cfg)
-    metrics = runner.test()
-    print('metrics: ' + ', '.join(f'{k}={v}' for k, v in metrics.items()))
+    with process_group_lifetime():  # the launcher may start one in load_config
+        import_project()
+        cfg = load_config(args.config, args)
+        if not osp.isfile(args.checkpoint):
+            raise FileNotFoundError(f'checkpoint not found: {args.checkpoint}')
+        cfg.load_from = args.checkpoint
+        # The checkpoint replaces the backbone's ImageNet initialisation.
+        if cfg.model.get('backbone', {}).get('init_cfg'):
+            cfg.model.backbone.init_cfg = None
+        if args.show_dir:
+            enable_drawing(cfg, args.show_dir)
+        check_data_roots(cfg, ('test_dataloader', ))
+        add_safety_hooks(cfg)
+        runner = build_runner(cfg)
+        metrics = runner.test()
+        print('metrics: ' + ', '.join(f'{k}={v}' for k, v in metrics.items()))
 
 
 if __name__ == '__main__':

@@ -25,6 +25,7 @@ from mmlinattn.engine.launch import (  # noqa: E402
     enable_amp,
     import_project,
     load_config,
+    process_group_lifetime,
 )
 
 
@@ -43,20 +44,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    import_project()
-    cfg = load_config(args.config, args)
-    if args.amp:
-        print(f'mixed precision: {enable_amp(cfg)}')
-    if args.resume == 'auto':
-        cfg.resume = True
-        cfg.load_from = None
-    elif args.resume is not None:
-        cfg.resume = True
-        cfg.load_from = args.resume
-    check_data_roots(cfg, ('train_dataloader', 'val_dataloader'))
-    add_safety_hooks(cfg)
-    runner = build_runner(cfg)
-    runner.train()
+    with process_group_lifetime():  # the launcher may start one in load_config
+        import_project()
+        cfg = load_config(args.config, args)
+        if args.amp:
+            print(f'mixed precision: {enable_amp(cfg)}')
+        if args.resume == 'auto':
+            cfg.resume = True
+            cfg.load_from = None
+        elif args.resume is not None:
+            cfg.resume = True
+            cfg.load_from = args.resume
+        check_data_roots(cfg, ('train_dataloader', 'val_dataloader'))
+        add_safety_hooks(cfg)
+        runner = build_runner(cfg)
+        runner.train()
 
 
 if __name__ == '__main__':

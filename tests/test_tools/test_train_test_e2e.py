@@ -121,20 +121,27 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_process_distributed_training(tmp_path, data):
+def test_two_process_distributed_training_and_testing(tmp_path, data):
+    """torchrun with two gloo processes, through the shipped launchers; every rank must
+    exit 0 (a process group left alive at exit used to abort a finished job)."""
     cfg, work = _det_config(tmp_path, data), tmp_path / 'work'
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    proc = subprocess.run(
-        [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
-         f'--master_port={_free_port()}', str(TOOLS / 'train.py'), str(cfg), '--launcher',
-         'pytorch', '--work-dir', str(work), '--cfg-options', 'train_dataloader.batch_size=1',
-         *_iters(2)],
+    env = dict(os.environ, OMP_NUM_THREADS='1', PORT=str(_free_port()), PYTHON=sys.executable)
+    train = subprocess.run(
+        ['bash', str(TOOLS / 'dist_train.sh'), str(cfg), '2', '--work-dir', str(work),
+         '--cfg-options', 'train_dataloader.batch_size=1', *_iters(2)],
         capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert train.returncode == 0, train.stderr[-5000:]
     log = '\n'.join(p.read_text() for p in work.rglob('*.log'))
     assert 'Distributed launcher: pytorch' in log and 'Distributed training: True' in log
     assert 'mmlinattn.CPUDistributedDataParallel' in log  # gloo DDP over two processes
     assert (work / 'iter_2.pth').is_file()
+    env['PORT'] = str(_free_port())
+    test = subprocess.run(
+        ['bash', str(TOOLS / 'dist_test.sh'), str(cfg), str(work / 'iter_2.pth'), '2',
+         '--work-dir', str(tmp_path / 'test')],
+        capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
+    assert test.returncode == 0, test.stderr[-5000:]
+    assert re.search(r'coco/bbox_mAP=[0-9.]+', test.stdout + test.stderr)
 
 
 def test_missing_data_root_is_named(tmp_path):
