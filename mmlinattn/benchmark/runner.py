@@ -224,12 +224,19 @@ def tables(results: list[dict], meta: dict) -> str:
           ('-' if c.get('status') == 'ok' else c.get('status', '')))
     table('Throughput, images/s', lambda c: f"{c['throughput_ips']:.2f}"
           if c.get('status') == 'ok' else c.get('status', ''))
-    mem_title = ('Peak memory, MiB (CUDA allocator)' if meta['device'] == 'cuda' else
-                 'Peak memory, MiB: peak RSS of the isolated worker (in brackets: above the '
-                 'RSS after imports)')
+    if meta['device'] == 'cuda':
+        mem_title = 'Peak memory, MiB (CUDA allocator)'
+    else:
+        # Kept freed memory fragments the heap, so the same model's peak RSS differs
+        # between the two allocator settings: say which one a table was measured with.
+        allocator = ('workers keep freed memory' if meta.get('steady_malloc', True) else
+                     "glibc's default allocator")
+        mem_title = ('Peak memory, MiB: peak RSS of the isolated worker (in brackets: above '
+                     f'the RSS after imports; {allocator})')
     table(mem_title, _mem)
-    table('GFLOPs (operator-level count)', lambda c: f"{c['gflops']:.1f}" if 'gflops' in c
-          else ('-' if c.get('status') == 'ok' else c.get('status', '')))
+    if any('gflops' in c for c in results):  # not counted with --no-flops
+        table('GFLOPs (operator-level count)', lambda c: f"{c['gflops']:.1f}" if 'gflops' in c
+              else ('-' if c.get('status') == 'ok' else c.get('status', '')))
     notes = [f"- {c['contender']} @ {c['size']}: {c['status']}: {c.get('error', c.get('note'))}"
              for c in results if c.get('status') != 'ok' or c.get('note')]
     if notes:
@@ -284,8 +291,10 @@ def plot(results: list[dict], meta: dict, out_dir: str) -> list[str]:
         ax.set_yscale('log')
         ax.set_xlabel(unit)
         ax.set_ylabel(label)
-        ax.set_title(f"{meta['level']} level, {meta['device']} {meta['dtype']}, "
-                     f"batch {meta['batch']}")
+        title = f"{meta['level']} level, {meta['device']} {meta['dtype']}, batch {meta['batch']}"
+        if meta['device'] == 'cpu' and not meta.get('steady_malloc', True):
+            title += ", glibc's default allocator"
+        ax.set_title(title)
         ax.grid(True, which='both', alpha=0.3)
         ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()

@@ -37,6 +37,7 @@ def test_cli_writes_json_markdown_and_plots(tmp_path):
     assert set(doc['runs'][0]['plots']) == {'attention_latency.png', 'attention_memory.png'}
     md = (out / 'results.md').read_text()
     assert '**Latency, ms' in md and '| inline |' in md and 'inline / softmax' in md
+    assert '**GFLOPs' in md and 'workers keep freed memory' in md
     assert 'results:' in proc.stdout
 
 
@@ -49,7 +50,9 @@ def test_out_of_memory_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert results[1]['error'] == 'oom at size 8'
     doc = write_outputs([(cfg, results)], str(tmp_path))
     assert doc['runs'][0]['plots'] == []  # nothing ran: no empty plots
-    assert 'oom' in (tmp_path / 'results.md').read_text()
+    md = (tmp_path / 'results.md').read_text()
+    assert 'oom' in md
+    assert '**GFLOPs' not in md  # flops=False: no table of blanks
 
 
 def test_time_out_is_recorded_with_the_limit():
