@@ -27,6 +27,7 @@ from mmlinattn.benchmark import (  # noqa: E402
     BACKBONE_CONTENDERS,
     DEFAULT_BACKBONES,
     SweepConfig,
+    default_mem_limit_gib,
     run_sweep,
     write_outputs,
 )
@@ -64,8 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--budget', type=float, default=None,
                    help='seconds of measuring per case (default 30 on CPU, 60 on CUDA); a '
                    'size predicted to exceed it is recorded as "over budget"')
-    p.add_argument('--mem-limit', type=float, default=12.0,
-                   help='GiB of resident memory per CPU worker before it is stopped')
+    p.add_argument('--mem-limit', type=float, default=default_mem_limit_gib(),
+                   help='GiB of resident memory per CPU worker before it is stopped '
+                   "(default: 70%% of this machine's memory, %(default)s GiB)")
     p.add_argument('--no-flops', action='store_true')
     p.add_argument('--system-malloc', action='store_true',
                    help="glibc's default: large freed blocks go back to the kernel and are "

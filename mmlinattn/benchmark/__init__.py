@@ -10,9 +10,10 @@ from .contenders import (
     Contender,
     get_contender,
 )
-from .runner import SweepConfig, environment, run_sweep, write_outputs
+from .runner import SweepConfig, default_mem_limit_gib, environment, run_sweep, write_outputs
 
 __all__ = [
     'ATTENTION_CONTENDERS', 'BACKBONE_CONTENDERS', 'DEFAULT_BACKBONES', 'Contender',
-    'get_contender', 'SweepConfig', 'environment', 'run_sweep', 'write_outputs'
+    'get_contender', 'SweepConfig', 'default_mem_limit_gib', 'environment', 'run_sweep',
+    'write_outputs'
 ]

@@ -16,13 +16,13 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from .contenders import get_contender, unavailable_reason
 from .worker import RESULT_PREFIX
 
-__all__ = ['SweepConfig', 'run_sweep', 'environment', 'write_outputs']
+__all__ = ['SweepConfig', 'run_sweep', 'environment', 'write_outputs', 'default_mem_limit_gib']
 
 STARTUP_GRACE_S = 90.0  # imports and model construction, beyond the measuring budget
 
@@ -31,6 +31,21 @@ STARTUP_GRACE_S = 90.0  # imports and model construction, beyond the measuring b
 #: keep freed memory for reuse (as jemalloc/tcmalloc do); every contender of a sweep
 #: runs with the same setting. ``SweepConfig(steady_malloc=False)`` measures without.
 STEADY_MALLOC_ENV = {'MALLOC_MMAP_THRESHOLD_': str(2**32), 'MALLOC_TRIM_THRESHOLD_': str(2**32)}
+
+
+def default_mem_limit_gib(fraction: float = 0.7) -> float:
+    """GiB of resident memory a CPU worker may use: ``fraction`` of this machine's RAM.
+
+    Kept freed memory fragments the heap, so a case's peak RSS can be well above what
+    its tensors need (PVT-S at 2048 px: 13.6 GiB kept, 9.4 GiB with glibc's default);
+    a fixed cap would turn that into spurious out-of-memory results on large machines
+    and too late a stop on small ones.
+    """
+    try:
+        total = os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+    except (ValueError, OSError, AttributeError):  # not POSIX
+        return 12.0
+    return round(fraction * total / 2**30, 1)
 
 
 @dataclass
@@ -46,7 +61,7 @@ class SweepConfig:
     warmup: int = 1
     repeats: int = 5
     budget_s: float = 60.0
-    mem_limit_gib: float = 12.0
+    mem_limit_gib: float = field(default_factory=default_mem_limit_gib)
     flops: bool = True
     #: Seconds allowed for imports and model construction beyond ``budget_s``.
     startup_grace_s: float = STARTUP_GRACE_S
