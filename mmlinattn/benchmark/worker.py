@@ -61,8 +61,8 @@ def _prepare(spec: dict) -> tuple[Callable[[], Any], Callable[[], Any], Any]:
         else:
             args = image_input(spec['size'], spec['batch'], device)
             fn = module
-        if spec.get('compile'):
-            fn = torch.compile(fn)
+    if spec.get('compile'):
+        fn = torch.compile(fn)
 
     def run() -> Any:
         with torch.no_grad():
@@ -139,9 +139,10 @@ def measure(spec: dict) -> dict:
         if device == 'cuda':
             torch.cuda.reset_peak_memory_stats()
             base_cuda = torch.cuda.memory_allocated()
-        # Warm-up (also compiles with --compile); its time decides how many repeats fit.
+        # Warm-up; the last warm-up call's time decides how many repeats fit. With
+        # --compile the first call compiles (a minute on a small CPU), so one more runs.
         warm_times = []
-        for _ in range(max(1, spec['warmup'])):
+        for _ in range(max(1, spec['warmup']) + (1 if spec.get('compile') else 0)):
             t0 = time.perf_counter()
             run()
             _sync(device)

@@ -82,3 +82,17 @@ def test_model_level_times_a_whole_segmenter_from_its_config():
     assert case['status'] == 'ok', case
     assert case['contender'] == 'fpn_inline-pvt-t_300i_tiny-ade20k'
     assert case['latency_ms'] > 0 and case['gflops'] > 0 and case['params_m'] > 10
+
+
+def test_compiled_operator_is_timed_after_its_compile():
+    """--compile: the first warm-up call compiles, so one more warm-up call decides the
+    repeats; compiling must not eat the timing budget."""
+    from mmlinattn.benchmark.worker import measure
+
+    spec = dict(level='attention', contender='inline', size=8, batch=1, device='cpu',
+                dtype='fp32', compile=True, threads=None, warmup=1, repeats=3, budget_s=300,
+                flops=False)
+    result = measure(spec)
+    assert result['status'] == 'ok', result
+    assert len(result['warmup_ms']) == 2 and result['repeats'] == 3
+    assert result['warmup_ms'][0] > result['warmup_ms'][1]  # the compile
