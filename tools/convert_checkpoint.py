@@ -4,7 +4,9 @@
     python tools/convert_checkpoint.py inline_swin_t.pth checkpoints/inline_swin_t_in1k.pth
 
 The released file pickles optimizer state and a yacs config next to the
-weights; it is read with mmlinattn's safe loader (nothing in it is executed).
+weights; it is read with mmlinattn's safe reader (nothing in it is executed;
+TorchScript archives and malformed files are refused with a one-line error and
+exit status 1).
 The output is a plain ``{name: tensor}`` file that ``torch.load(weights_only=True)``
 and the backbones' ``init_cfg=dict(type='Pretrained', checkpoint=...)`` read.
 The classification head is dropped unless ``--keep-head``; every dropped key is
@@ -21,7 +23,12 @@ import torch
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-from mmlinattn.checkpoint import DERIVED_BUFFER_SUFFIXES, extract_state_dict, safe_load  # noqa: E402
+from mmlinattn.checkpoint import (  # noqa: E402
+    DERIVED_BUFFER_SUFFIXES,
+    CheckpointError,
+    extract_state_dict,
+    safe_load,
+)
 from mmlinattn.models import (  # noqa: E402
     convert_cswin_checkpoint,
     convert_pvt_checkpoint,
@@ -60,7 +67,11 @@ def main(argv: list[str] | None = None) -> int:
                         help='keep the classification keys (head, final norm) unchanged')
     args = parser.parse_args(argv)
 
-    state = extract_state_dict(safe_load(args.src))
+    try:
+        state = extract_state_dict(safe_load(args.src), source=args.src)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 1
     family = args.family or detect_family(list(state))
     dropped = [k for k in state if k.endswith(DERIVED_BUFFER_SUFFIXES)]
     state = {k: v for k, v in state.items() if k not in dropped}

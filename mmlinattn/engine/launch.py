@@ -137,9 +137,13 @@ def enable_amp(cfg: Config) -> str:
 
 
 def build_runner(cfg: Config) -> Any:
+    """The config's runner, reading checkpoints (``load_from``, ``resume``) with our safe reader."""
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
 
+    from ..checkpoint import use_safe_checkpoint_loader
+
+    use_safe_checkpoint_loader()
     if 'runner_type' not in cfg:
         return Runner.from_cfg(cfg)
     return RUNNERS.build(cfg)

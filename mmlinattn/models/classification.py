@@ -10,12 +10,14 @@ dicts key for key and a released checkpoint loads and computes the same logits::
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
+from mmengine.logging import print_log
 from timm.models import register_model
 from torch import Tensor, nn
 
 from ..checkpoint import (
+    adapt_position_tables,
     drop_derived_buffers,
     extract_state_dict,
     load_state_dict_checked,
@@ -26,7 +28,7 @@ from .backbones.base import init_transformer_weights
 
 __all__ = [
     'InLineSwinClassifier', 'InLinePVTClassifier', 'InLineCSwinClassifier', 'InLineViTClassifier',
-    'load_released', 'CLASSIFIERS'
+    'load_released', 'CLASSIFIERS', 'ReleasedModel'
 ]
 
 
@@ -112,10 +114,16 @@ def load_released(model: nn.Module, checkpoint: str, strict: bool = True) -> nn.
     """Load a released InLine checkpoint (read safely) into a classification model.
 
     Derived buffers in the file (``relative_position_index``, ``attn_mask``) are
-    ignored; any other missing, unexpected or mis-shaped key raises
+    ignored; position tables learned for another window or grid are interpolated
+    (e.g. 224 px weights into a 384 px model, logged); any other missing,
+    unexpected or mis-shaped key raises
     :class:`~mmlinattn.checkpoint.CheckpointMismatchError`.
     """
-    state = drop_derived_buffers(extract_state_dict(safe_load(checkpoint)))
+    state = drop_derived_buffers(extract_state_dict(safe_load(checkpoint), source=checkpoint))
+    state, resized = adapt_position_tables(
+        state, model.state_dict(), getattr(model, 'pos_embed_interpolation', 'bicubic'))
+    for note in resized:
+        print_log(f'{type(model).__name__}: resized {note} from {checkpoint}', logger='current')
     load_state_dict_checked(model, state, strict=strict, source=checkpoint)
     return model
 
@@ -129,19 +137,32 @@ def _cfg(**kwargs: Any) -> dict:
     return cfg
 
 
-def _create(cls: type, arch: str, pretrained: bool, default_drop_path: float,
-            **kwargs: Any) -> nn.Module:
+class ReleasedModel(NamedTuple):
+    """One released ImageNet-1k model: how to build it and its timm ``pretrained_cfg``."""
+
+    cls: type
+    arch: str
+    drop_path_rate: float  # of the reference training config
+    image_size: int = 224
+    crop_pct: float = 0.9
+    #: Constructor arguments that differ from the arch's defaults (``(name, value)`` pairs).
+    options: tuple[tuple[str, Any], ...] = ()
+
+
+def _create(spec: ReleasedModel, pretrained: bool, **kwargs: Any) -> nn.Module:
     # timm passes its own bookkeeping kwargs to entry points.
     overlay = kwargs.pop('pretrained_cfg_overlay', None) or {}
     for key in ('pretrained_cfg', 'cache_dir', 'features_only'):
         kwargs.pop(key, None)
-    kwargs.setdefault('drop_path_rate', default_drop_path)
-    model = cls(arch, **kwargs)
+    kwargs = {'drop_path_rate': spec.drop_path_rate, **dict(spec.options), **kwargs}
+    model = spec.cls(spec.arch, **kwargs)
     first_conv = {InLinePVTClassifier: 'patch_embed1.proj',
-                  InLineCSwinClassifier: 'stage1_conv_embed.0'}.get(cls, 'patch_embed.proj')
-    size = VIT_IMAGE_SIZES.get(arch, 224) if cls is InLineViTClassifier else 224
-    model.pretrained_cfg = model.default_cfg = _cfg(first_conv=first_conv,
-                                                    input_size=(3, size, size))
+                  InLineCSwinClassifier: 'stage1_conv_embed.0'}.get(spec.cls, 'patch_embed.proj')
+    size = spec.image_size
+    grid = size // (16 if spec.cls is InLineViTClassifier else 32)
+    model.pretrained_cfg = model.default_cfg = _cfg(
+        first_conv=first_conv, input_size=(3, size, size), pool_size=(grid, grid),
+        crop_pct=spec.crop_pct)
     if pretrained:
         file = overlay.get('file')
         if not file:
@@ -153,35 +174,41 @@ def _create(cls: type, arch: str, pretrained: bool, default_drop_path: float,
     return model
 
 
-# Drop-path rates of the reference training configs.
-CLASSIFIERS: dict[str, tuple[type, str, float]] = {
-    'inline_swin_tiny': (InLineSwinClassifier, 'tiny', 0.2),
-    'inline_swin_small': (InLineSwinClassifier, 'small', 0.3),
-    'inline_swin_base': (InLineSwinClassifier, 'base', 0.5),
-    'inline_pvt_tiny': (InLinePVTClassifier, 'tiny', 0.1),
-    'inline_pvt_small': (InLinePVTClassifier, 'small', 0.1),
-    'inline_pvt_medium': (InLinePVTClassifier, 'medium', 0.3),
-    'inline_pvt_large': (InLinePVTClassifier, 'large', 0.3),
-    'inline_cswin_tiny': (InLineCSwinClassifier, 'tiny', 0.2),
-    'inline_cswin_small': (InLineCSwinClassifier, 'small', 0.4),
-    'inline_cswin_base': (InLineCSwinClassifier, 'base', 0.5),
-    'inline_deit_tiny': (InLineViTClassifier, 'tiny', 0.1),
-    'inline_deit_small': (InLineViTClassifier, 'small', 0.1),
-    'inline_deit_base': (InLineViTClassifier, 'base', 0.1),
+CLASSIFIERS: dict[str, ReleasedModel] = {
+    'inline_swin_tiny': ReleasedModel(InLineSwinClassifier, 'tiny', 0.2),
+    'inline_swin_small': ReleasedModel(InLineSwinClassifier, 'small', 0.3),
+    'inline_swin_base': ReleasedModel(InLineSwinClassifier, 'base', 0.5),
+    # The reference's 384 px fine-tuning: window 96 (InLine stages stay global),
+    # softmax windows max(7, 96 // 8) = 12; evaluated without a centre crop.
+    'inline_swin_base_384': ReleasedModel(InLineSwinClassifier, 'base', 0.5, 384, 1.0,
+                                          (('softmax_window', 12), )),
+    'inline_pvt_tiny': ReleasedModel(InLinePVTClassifier, 'tiny', 0.1),
+    'inline_pvt_small': ReleasedModel(InLinePVTClassifier, 'small', 0.1),
+    'inline_pvt_medium': ReleasedModel(InLinePVTClassifier, 'medium', 0.3),
+    'inline_pvt_large': ReleasedModel(InLinePVTClassifier, 'large', 0.3),
+    'inline_cswin_tiny': ReleasedModel(InLineCSwinClassifier, 'tiny', 0.2),
+    'inline_cswin_small': ReleasedModel(InLineCSwinClassifier, 'small', 0.4),
+    'inline_cswin_base': ReleasedModel(InLineCSwinClassifier, 'base', 0.5),
+    # 384 px: softmax stripes 12 (InLine split sizes 96-48 equal the maps: global).
+    'inline_cswin_base_384': ReleasedModel(InLineCSwinClassifier, 'base', 0.7, 384, 1.0,
+                                           (('split_size', 12), )),
+    # The InLine-DeiT models' image sides are those of their position embeddings.
+    'inline_deit_tiny': ReleasedModel(InLineViTClassifier, 'tiny', 0.1, 224),
+    'inline_deit_small': ReleasedModel(InLineViTClassifier, 'small', 0.1, 288),
+    'inline_deit_base': ReleasedModel(InLineViTClassifier, 'base', 0.1, 448),
 }
-#: The InLine-DeiT models' image sides (their position embeddings are for these).
-VIT_IMAGE_SIZES = {'tiny': 224, 'small': 288, 'base': 448}
 
 
 def _entry_point(name: str) -> Callable[..., nn.Module]:
-    cls, arch, dpr = CLASSIFIERS[name]
+    spec = CLASSIFIERS[name]
 
     def create(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-        return _create(cls, arch, pretrained, dpr, **kwargs)
+        return _create(spec, pretrained, **kwargs)
 
     create.__name__ = create.__qualname__ = name
     create.__module__ = __name__
-    create.__doc__ = f'{name}: released ImageNet-1k layout ({cls.__name__}, arch {arch!r}).'
+    create.__doc__ = (f'{name}: released ImageNet-1k layout ({spec.cls.__name__}, arch '
+                      f'{spec.arch!r}, {spec.image_size} px).')
     return create
 
 

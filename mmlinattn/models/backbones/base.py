@@ -7,16 +7,18 @@ to backbone keys.
 """
 from __future__ import annotations
 
-import logging
 import os
 import warnings
 from typing import Callable, Mapping, Optional, Sequence, Union
 
+from mmengine.logging import print_log
 from mmengine.model import BaseModule
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
 from ...checkpoint import (
+    adapt_position_tables,
+    check_checkpoint_fits,
     drop_derived_buffers,
     extract_state_dict,
     load_state_dict_checked,
@@ -24,8 +26,6 @@ from ...checkpoint import (
 )
 
 __all__ = ['InLineBackbone', 'init_transformer_weights', 'resolve_arch']
-
-logger = logging.getLogger(__name__)
 
 StateDictConverter = Callable[[Mapping[str, Tensor]], dict]
 
@@ -72,6 +72,9 @@ class InLineBackbone(BaseModule):
     #: Module-level function converting a released classification state dict.
     convert_checkpoint: Optional[StateDictConverter] = None
     num_stages = 4
+    #: How the model resizes its absolute position embeddings at run time; pretrained
+    #: embeddings on another grid are resized the same way when loaded.
+    pos_embed_interpolation = 'bicubic'
 
     def __init__(self,
                  out_indices: Sequence[int] = (0, 1, 2, 3),
@@ -148,10 +151,12 @@ class InLineBackbone(BaseModule):
     def load_pretrained(self, checkpoint: str, prefix: Optional[str] = None) -> None:
         """Load a released classification checkpoint or a converted/backbone state dict.
 
-        The file is read with :func:`mmlinattn.checkpoint.safe_load` (no pickled
-        object is executed); ``backbone.`` prefixes (detector checkpoints) and the
-        classification keys are converted; shape mismatches raise a
-        :class:`~mmlinattn.checkpoint.CheckpointMismatchError` naming each key.
+        The file is read with :func:`mmlinattn.checkpoint.safe_load` (no code in it
+        runs); ``backbone.`` prefixes (detector checkpoints) and the classification
+        keys are converted; position tables learned for another window or grid are
+        interpolated (:func:`~mmlinattn.checkpoint.adapt_position_tables`, logged).
+        A checkpoint of which fewer than half the model's keys are found, or whose
+        shapes do not fit, raises :class:`~mmlinattn.checkpoint.CheckpointMismatchError`.
         """
         if not os.path.isfile(checkpoint):
             raise FileNotFoundError(
@@ -160,7 +165,7 @@ class InLineBackbone(BaseModule):
                 '(https://github.com/LeapLabTHU/InLine) and convert it with '
                 f'`python tools/convert_checkpoint.py <released.pth> {checkpoint}`, or set '
                 "the backbone's init_cfg=None to train from scratch.")
-        state = extract_state_dict(safe_load(checkpoint))
+        state = extract_state_dict(safe_load(checkpoint), source=checkpoint)
         prefix = prefix if prefix is not None else (
             'backbone.' if any(k.startswith('backbone.') for k in state) else None)
         if prefix:
@@ -168,13 +173,19 @@ class InLineBackbone(BaseModule):
         state = drop_derived_buffers(state)
         if type(self).convert_checkpoint is not None:
             state = type(self).convert_checkpoint(state)
+        check_checkpoint_fits(self, state, source=checkpoint)
+        state, resized = adapt_position_tables(state, self.state_dict(),
+                                               self.pos_embed_interpolation)
+        name = type(self).__name__
+        for note in resized:
+            print_log(f'{name}: resized {note} from {checkpoint}', logger='current')
         missing, unexpected = load_state_dict_checked(self, state, source=checkpoint)
-        logger.info('%s: loaded %s (%d tensors); missing %d: %s; unexpected %d: %s',
-                    type(self).__name__, checkpoint, len(state), len(missing), missing,
-                    len(unexpected), unexpected)
+        print_log(f'{name}: loaded {checkpoint} ({len(state)} tensors, {len(resized)} position '
+                  f'table(s) resized); missing {len(missing)}: {missing}; unexpected '
+                  f'{len(unexpected)}: {unexpected}', logger='current')
         if unexpected:
-            warnings.warn(f'{type(self).__name__}: {len(unexpected)} checkpoint keys were not '
-                          f'used: {unexpected[:8]}', stacklevel=2)
+            warnings.warn(f'{name}: {len(unexpected)} checkpoint keys were not used: '
+                          f'{unexpected[:8]}', stacklevel=2)
 
     # -- output ---------------------------------------------------------------------------
     @staticmethod

@@ -64,6 +64,8 @@ class InLinePVT(InLineBackbone):
     ``(B, C_i, H_i, W_i)`` maps at strides 4, 8, 16, 32.
     """
 
+    pos_embed_interpolation = 'bilinear'  # as forward resizes them (reference behaviour)
+
     def __init__(self,
                  arch: Union[str, dict] = 'tiny',
                  embed_dims: Optional[Sequence[int]] = None,

@@ -11,8 +11,14 @@ __all__ = ['TransformerBlock', 'run_block']
 
 
 def run_block(block: nn.Module, x: Tensor, with_cp: bool = False) -> Tensor:
-    """``block(x)``, activation-checkpointed when ``with_cp`` and gradients are needed."""
-    if with_cp and x.requires_grad:
+    """``block(x)``, activation-checkpointed when ``with_cp`` and autograd would store anything.
+
+    The block's own parameters count, not only its input: the first trainable
+    block after ``frozen_stages`` gets an input that needs no gradient, yet
+    without checkpointing it would keep every activation for its weights' grads.
+    """
+    if with_cp and torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in block.parameters())):
         return torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
     return block(x)
 
