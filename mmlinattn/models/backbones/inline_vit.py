@@ -11,7 +11,6 @@ pooling) to strides 4, 8, 16, 32, all ``embed_dims`` channels.
 """
 from __future__ import annotations
 
-import functools
 from typing import Mapping, Optional, Sequence, Union
 
 import torch
@@ -158,7 +157,7 @@ class InLineViT(InLineBackbone):
         x = self.pos_drop(x + self.position_embedding(h, w))
         taps = []
         for i, block in enumerate(self.blocks):
-            x = run_block(functools.partial(block, hw=(h, w)), x, self.with_cp)
+            x = run_block(block, x, self.with_cp, hw=(h, w))
             if i in self.out_indices:
                 taps.append(x[:, 1:].reshape(b, h, w, c))
         return x, (h, w), taps

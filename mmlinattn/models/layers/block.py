@@ -1,7 +1,7 @@
 """The pre-norm transformer block shared by every backbone."""
 from __future__ import annotations
 
-from typing import Type
+from typing import Any, Type
 
 import torch.utils.checkpoint
 from timm.layers import DropPath, Mlp
@@ -10,8 +10,9 @@ from torch import Tensor, nn
 __all__ = ['TransformerBlock', 'run_block']
 
 
-def run_block(block: nn.Module, x: Tensor, with_cp: bool = False) -> Tensor:
-    """``block(x)``, activation-checkpointed when ``with_cp`` and autograd would store anything.
+def run_block(block: nn.Module, x: Tensor, with_cp: bool = False, **kwargs: Any) -> Tensor:
+    """``block(x, **kwargs)``, activation-checkpointed when ``with_cp`` and autograd would
+    store anything.
 
     The block's own parameters count, not only its input: the first trainable
     block after ``frozen_stages`` gets an input that needs no gradient, yet
@@ -19,8 +20,8 @@ def run_block(block: nn.Module, x: Tensor, with_cp: bool = False) -> Tensor:
     """
     if with_cp and torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in block.parameters())):
-        return torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-    return block(x)
+        return torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False, **kwargs)
+    return block(x, **kwargs)
 
 
 class TransformerBlock(nn.Module):
