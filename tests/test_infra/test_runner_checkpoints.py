@@ -81,3 +81,21 @@ def test_getattr_is_allowed_only_for_history_buffer_statistics(tmp_path):
     torch.save({'x': _Evil()}, path)
     with pytest.raises(pickle.UnpicklingError, match='refused getattr'):
         torch.load(path)
+
+
+def test_runner_resumes_through_the_safe_loader(tmp_path):
+    """What tools/train.py does: mmengine's local loader replaced by mmlinattn's reader."""
+    from mmengine.runner import CheckpointLoader
+
+    from mmlinattn.checkpoint import use_safe_checkpoint_loader
+    from mmlinattn.checkpoint.runner import _mmengine_local_loader
+
+    _runner(tmp_path, 4).train()
+    use_safe_checkpoint_loader()
+    assert CheckpointLoader._get_checkpoint_loader(str(tmp_path / 'iter_4.pth')) is \
+        _mmengine_local_loader
+    resumed = _runner(tmp_path, 6, resume=True)
+    resumed.train()
+    assert resumed.iter == 6
+    # The message hub's history (HistoryBuffer objects) came back through our reader.
+    assert len(resumed.message_hub.get_scalar('train/lr').data[0]) >= 4
