@@ -62,6 +62,17 @@ def _numpy_dtype_classes() -> list[type]:
                                         np.int16, np.int8, np.uint8, np.bool_)]
 
 
+class _NumpyArrayName:
+    """What the name ``numpy.ndarray`` resolves to: an argument of ``_reconstruct``, never
+    called (``ndarray(shape)`` would allocate whatever the file asks)."""
+
+    def __repr__(self) -> str:
+        return 'numpy.ndarray'
+
+
+_NDARRAY = _NumpyArrayName()
+
+
 def _empty_ndarray(subtype: Any, shape: Any, dtype: Any) -> Any:
     """numpy's ``_reconstruct`` as numpy's own pickles call it: an empty array, filled by BUILD.
 
@@ -69,7 +80,7 @@ def _empty_ndarray(subtype: Any, shape: Any, dtype: Any) -> Any:
     """
     import numpy as np
 
-    if subtype is not np.ndarray or shape not in ((0, ), 0):
+    if subtype is not _NDARRAY or shape not in ((0, ), 0):
         raise pickle.UnpicklingError(f'numpy _reconstruct({subtype!r:.40}, {shape!r:.40}) is '
                                      'not how numpy pickles arrays')
     return _numpy_core()._reconstruct(np.ndarray, (0, ), dtype)
@@ -96,7 +107,7 @@ def _runner_globals() -> tuple[dict[tuple[str, str], Any], dict[type, Any]]:
     names: dict[tuple[str, str], Any] = {
         ('mmengine.logging.history_buffer', 'HistoryBuffer'): HistoryBuffer,
         ('builtins', 'getattr'): _history_buffer_getattr,
-        ('numpy', 'ndarray'): np.ndarray,
+        ('numpy', 'ndarray'): _NDARRAY,
         ('numpy', 'dtype'): np.dtype,
     }
     for module in ('numpy.core.multiarray', 'numpy._core.multiarray'):

@@ -298,8 +298,8 @@ class RestrictedUnpickler(pickle._Unpickler):  # the pure-Python one: each opcod
 
     # -- calls ----------------------------------------------------------------------------
     def _check_callable(self, func: Any, opcode: str) -> None:
-        if id(func) in self._callables or (isinstance(func, type)
-                                           and issubclass(func, UntrustedObject)):
+        if (id(func) in self._callables and callable(func)) or (
+                isinstance(func, type) and issubclass(func, UntrustedObject)):
             return
         raise pickle.UnpicklingError(f'{opcode} on {type(func).__name__} {func!r:.60}: only '
                                      'rebuild functions and containers may be called')
@@ -344,8 +344,8 @@ class RestrictedUnpickler(pickle._Unpickler):  # the pure-Python one: each opcod
             return
         # Plain attributes on a container (``state_dict()._metadata``), or on a trusted
         # class without its own __setstate__: set directly, nothing of the type runs.
-        trusted_plain = isinstance(inst, OrderedDict) or (
-            id(type(inst)) in self._callables and '__setstate__' not in vars(type(inst)))
+        trusted_plain = hasattr(inst, '__dict__') and (isinstance(inst, OrderedDict) or (
+            id(type(inst)) in self._callables and '__setstate__' not in vars(type(inst))))
         if trusted_plain and isinstance(state, dict) and all(type(k) is str for k in state):
             self.stack.pop()
             vars(inst).update(state)
@@ -354,37 +354,34 @@ class RestrictedUnpickler(pickle._Unpickler):  # the pure-Python one: each opcod
 
     dispatch[pickle.BUILD[0]] = load_build
 
+    def _below_mark(self) -> Any:
+        """The object under the topmost MARK: the target of SETITEMS, APPENDS, ADDITEMS."""
+        return self.metastack[-1][-1] if self.metastack and self.metastack[-1] else None
+
     def load_setitem(self) -> None:
         self._check_target(self.stack[-3], (dict, ), 'SETITEM')
         super().load_setitem()
 
-    dispatch[pickle.SETITEM[0]] = load_setitem
-
     def load_setitems(self) -> None:
-        self._check_target(self.metastack[-1][-1] if self.metastack and self.metastack[-1]
-                           else None, (dict, ), 'SETITEMS')
+        self._check_target(self._below_mark(), (dict, ), 'SETITEMS')
         super().load_setitems()
-
-    dispatch[pickle.SETITEMS[0]] = load_setitems
 
     def load_append(self) -> None:
         self._check_target(self.stack[-2], (list, ), 'APPEND')
         super().load_append()
 
-    dispatch[pickle.APPEND[0]] = load_append
-
     def load_appends(self) -> None:
-        self._check_target(self.metastack[-1][-1] if self.metastack and self.metastack[-1]
-                           else None, (list, ), 'APPENDS')
+        self._check_target(self._below_mark(), (list, ), 'APPENDS')
         super().load_appends()
 
-    dispatch[pickle.APPENDS[0]] = load_appends
-
     def load_additems(self) -> None:
-        self._check_target(self.metastack[-1][-1] if self.metastack and self.metastack[-1]
-                           else None, (set, ), 'ADDITEMS')
+        self._check_target(self._below_mark(), (set, ), 'ADDITEMS')
         super().load_additems()
 
+    dispatch[pickle.SETITEM[0]] = load_setitem
+    dispatch[pickle.SETITEMS[0]] = load_setitems
+    dispatch[pickle.APPEND[0]] = load_append
+    dispatch[pickle.APPENDS[0]] = load_appends
     dispatch[pickle.ADDITEMS[0]] = load_additems
 
     # -- buffers --------------------------------------------------------------------------

@@ -391,3 +391,36 @@ def test_runner_checkpoint_types_rebuild_exactly(tmp_path):
     np.testing.assert_array_equal(loaded['message_hub']['array'], np.arange(6.))
     assert loaded['meta']['seed'] == 7
     assert torch.equal(loaded['state_dict']['w'], ckpt['state_dict']['w'])
+
+
+# -- the unpickler's narrowing, opcode by opcode --------------------------------------------
+_S = payloads._str
+HOSTILE_PICKLES = {
+    # REDUCE on an object that is not a trusted callable (a list built from the file).
+    'call a list': (b'\x80\x02c__builtin__\nlist\n)R(tR.', 'REDUCE on list'),
+    # numpy.ndarray resolves (runner files pass it to _reconstruct) but is never called:
+    # ndarray(2**34) would allocate what the file asks.
+    'call ndarray': (b'\x80\x02cnumpy\nndarray\n(' + payloads._int(2**34) + b'tR.', 'REDUCE'),
+    # _reconstruct with a shape other than numpy's own (0,): also an allocation.
+    'reconstruct': (b'\x80\x02cnumpy.core.multiarray\n_reconstruct\n(cnumpy\nndarray\n('
+                    + payloads._int(2**34) + b't' + _S('b') + b'tR.', 'not how numpy'),
+    # HistoryBuffer's __setstate__ merges methods into a class-wide table: not foreign ones.
+    'history methods': (b'\x80\x02cmmengine.logging.history_buffer\nHistoryBuffer\n)\x81}'
+                        + _S('statistics_methods') + b'}' + _S('mean') + b'cos\nsystem\nssb.',
+                        'foreign statistics methods'),
+    # BUILD (setting state) on a real object that is neither a stand-in nor a container.
+    'set state of a Size': (b'\x80\x02ctorch\nSize\n)R}b.', 'BUILD on a Size'),
+    # SETITEM into something that is not a dict.
+    'setitem on a list': (b'\x80\x02]' + _S('k') + _S('v') + b's.', 'SETITEM on a list'),
+}
+
+
+@pytest.mark.parametrize('name', sorted(HOSTILE_PICKLES))
+def test_hostile_opcodes_are_refused(tmp_path, name):
+    pkl, match = HOSTILE_PICKLES[name]
+    path = payloads.zip_checkpoint(tmp_path / 'hostile.pth', pkl)
+    with pytest.raises(CheckpointFormatError, match=match):
+        load_runner_checkpoint(path)  # the most trusting of our readers (runner types)
+    from mmengine.logging import HistoryBuffer
+    assert 'mean' not in HistoryBuffer._statistics_methods or \
+        HistoryBuffer._statistics_methods['mean'] is HistoryBuffer.mean
