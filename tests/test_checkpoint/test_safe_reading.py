@@ -424,3 +424,30 @@ def test_hostile_opcodes_are_refused(tmp_path, name):
     from mmengine.logging import HistoryBuffer
     assert 'mean' not in HistoryBuffer._statistics_methods or \
         HistoryBuffer._statistics_methods['mean'] is HistoryBuffer.mean
+
+
+def test_real_state_dict_loads_bit_for_bit_on_every_path(tmp_path):
+    src = timm.create_model('inline_pvt_tiny', **TINY)
+    reference = {k: v.clone() for k, v in src.state_dict().items()}
+    path = tmp_path / 'released.pth'
+    torch.save({'model': src.state_dict(), 'epoch': 300}, path)
+
+    def same(state, keys=None):
+        for k in keys or reference:
+            assert torch.equal(state[k], reference[k]), k
+
+    same(safe_load(path)['model'])
+    same(load_released(timm.create_model('inline_pvt_tiny', **TINY), str(path)).state_dict())
+    same(timm.create_model('inline_pvt_tiny', pretrained=True, **TINY,
+                           pretrained_cfg_overlay=dict(file=str(path))).state_dict())
+    use_safe_checkpoint_loader()
+    from mmengine.runner import CheckpointLoader
+    same(CheckpointLoader.load_checkpoint(str(path), map_location='cpu')['model'])
+    backbone = InLinePVT('tiny', **TINY, init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    backbone.init_weights()
+    shared = [k for k in reference if not k.startswith('head.')]
+    same(backbone.state_dict(), shared)
+    out = tmp_path / 'converted.pth'
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert _convert_tool().main([str(path), str(out)]) == 0
+    same(torch.load(out, weights_only=True), shared)
