@@ -1,7 +1,8 @@
 """Run a benchmark sweep: one isolated worker process per case, then tables and plots.
 
-A case that exceeds the memory limit (RSS watched from here, or an allocator
-error inside the worker) is recorded as ``oom``, one that exceeds its time budget
+A case whose memory in use exceeds the limit (judged inside the worker, see
+:mod:`.memory`; or an allocator error there; or, as a guard for the machine, RSS
+near its RAM) is recorded as ``oom``, one that exceeds its time budget
 as ``timeout``, each with the limit; larger sizes of that contender are then
 recorded as ``skipped`` and the sweep goes on.
 """
@@ -20,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from .contenders import get_contender, unavailable_reason
+from .memory import machine_memory_bytes
 from .worker import RESULT_PREFIX
 
 __all__ = ['SweepConfig', 'run_sweep', 'environment', 'write_outputs', 'default_mem_limit_gib']
@@ -34,18 +36,18 @@ STEADY_MALLOC_ENV = {'MALLOC_MMAP_THRESHOLD_': str(2**32), 'MALLOC_TRIM_THRESHOL
 
 
 def default_mem_limit_gib(fraction: float = 0.7) -> float:
-    """GiB of resident memory a CPU worker may use: ``fraction`` of this machine's RAM.
+    """GiB of memory in use a worker may reach: ``fraction`` of this machine's RAM.
 
-    Kept freed memory fragments the heap, so a case's peak RSS can be well above what
-    its tensors need (PVT-S at 2048 px: 13.6 GiB kept, 9.4 GiB with glibc's default);
-    a fixed cap would turn that into spurious out-of-memory results on large machines
-    and too late a stop on small ones.
+    The limit is judged on memory in use (:mod:`.memory`), not on RSS, which the
+    freed memory a steady-malloc worker keeps inflates far past what it holds.
     """
-    try:
-        total = os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
-    except (ValueError, OSError, AttributeError):  # not POSIX
-        return 12.0
-    return round(fraction * total / 2**30, 1)
+    total = machine_memory_bytes()
+    return 12.0 if total is None else round(fraction * total / 2**30, 1)
+
+
+#: Resident memory, as a fraction of the machine's RAM, at which the runner stops a
+#: worker whatever it holds: a guard for the machine, not the benchmark's limit.
+MACHINE_GUARD_FRACTION = 0.9
 
 
 @dataclass
@@ -100,9 +102,15 @@ def _cpu_model() -> str:
 
 def _run_case(spec: dict, mem_limit_gib: float, timeout_s: float,
               steady_malloc: bool = True) -> dict:
-    """Spawn the worker; watch its memory and time; return its result or why it stopped."""
+    """Spawn the worker; watch its time; return its result or why it stopped.
+
+    The worker judges ``mem_limit_gib`` itself, on memory in use. Here only the
+    machine is guarded: a worker whose RSS (kept freed memory included) passes
+    :data:`MACHINE_GUARD_FRACTION` of the RAM is stopped, and so reported.
+    """
     import psutil
 
+    spec = dict(spec, mem_limit_gib=mem_limit_gib)
     cmd = [sys.executable, '-m', 'mmlinattn.benchmark.worker', json.dumps(spec)]
     env = dict(os.environ, PYTHONWARNINGS='ignore')
     if steady_malloc:
@@ -110,14 +118,17 @@ def _run_case(spec: dict, mem_limit_gib: float, timeout_s: float,
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)
     watched = psutil.Process(proc.pid)
-    limit = mem_limit_gib * 2**30
+    machine = machine_memory_bytes()
+    guard = max(mem_limit_gib * 2**30, MACHINE_GUARD_FRACTION * machine) if machine else None
     started, peak, reason = time.perf_counter(), 0, None
     while proc.poll() is None:
         with contextlib.suppress(psutil.Error):
             peak = max(peak, watched.memory_info().rss)
-        if peak > limit:
-            reason = dict(status='oom', error=f'resident memory passed the {mem_limit_gib:g} '
-                          'GiB limit; the worker was stopped', limit_gib=mem_limit_gib)
+        if guard is not None and peak > guard:
+            reason = dict(status='oom', limit_gib=round(guard / 2**30, 1), error=(
+                f'resident memory (freed memory the worker keeps included) passed '
+                f'{guard / 2**30:.1f} GiB, {MACHINE_GUARD_FRACTION:.0%} of this machine; the '
+                'worker was stopped to protect the machine'))
         elif time.perf_counter() - started > timeout_s:
             reason = dict(status='timeout', error=f'one call did not finish within the '
                           f'{timeout_s:.0f} s limit', limit_s=timeout_s)
@@ -242,12 +253,9 @@ def tables(results: list[dict], meta: dict) -> str:
     if meta['device'] == 'cuda':
         mem_title = 'Peak memory, MiB (CUDA allocator)'
     else:
-        # Kept freed memory fragments the heap, so the same model's peak RSS differs
-        # between the two allocator settings: say which one a table was measured with.
-        allocator = ('workers keep freed memory' if meta.get('steady_malloc', True) else
-                     "glibc's default allocator")
-        mem_title = ('Peak memory, MiB: peak RSS of the isolated worker (in brackets: above '
-                     f'the RSS after imports; {allocator})')
+        source = next((c['mem_source'] for c in results if 'mem_source' in c), 'memory in use')
+        mem_title = (f'Peak memory, MiB: {source} (in brackets: above what was in use after '
+                     'the imports)')
     table(mem_title, _mem)
     if any('gflops' in c for c in results):  # not counted with --no-flops
         table('GFLOPs (operator-level count)', lambda c: f"{c['gflops']:.1f}" if 'gflops' in c

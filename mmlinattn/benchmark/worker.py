@@ -9,7 +9,6 @@ loses only that case::
 from __future__ import annotations
 
 import json
-import resource
 import statistics
 import sys
 import time
@@ -17,19 +16,14 @@ from typing import Any, Callable
 
 import torch
 
+from .memory import MemoryWatch, in_use_measure
+
 RESULT_PREFIX = 'BENCHMARK_RESULT '
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
-def _rss_mib() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _current_rss_mib() -> float:
-    with open('/proc/self/statm') as f:
-        pages = int(f.read().split()[1])
-    return pages * resource.getpagesize() / 2**20
+#: How often the worker samples its memory in use (seconds).
+MEMORY_SAMPLE_S = 0.005
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -123,7 +117,24 @@ def _sync(device: str) -> None:
 
 def measure(spec: dict) -> dict:
     """Time one case. Keys of ``spec``: level, contender, size, batch, device, dtype,
-    compile, threads, warmup, repeats, budget_s, flops."""
+    compile, threads, warmup, repeats, budget_s, flops, mem_limit_gib.
+
+    Host memory in use is watched throughout (:class:`~.memory.MemoryWatch`): past
+    ``mem_limit_gib`` the worker prints an ``oom`` result and exits at once.
+    """
+    limit = spec.get('mem_limit_gib')
+    with MemoryWatch(limit * 2**30 if limit else None, MEMORY_SAMPLE_S,
+                     result_prefix=RESULT_PREFIX) as watch:
+        result = _measure(spec)
+    if result.get('status') == 'ok' and spec['device'] != 'cuda':
+        result['peak_mem_mib'] = watch.peak / 2**20
+        result['peak_mem_above_start_mib'] = (watch.peak - watch.start) / 2**20
+        result['mem_source'] = (f'peak {in_use_measure()} of the isolated worker, sampled every '
+                                f'{MEMORY_SAMPLE_S * 1e3:g} ms')
+    return result
+
+
+def _measure(spec: dict) -> dict:
     started = time.perf_counter()
     if spec.get('threads'):
         torch.set_num_threads(int(spec['threads']))
@@ -131,7 +142,6 @@ def measure(spec: dict) -> dict:
     if device == 'cuda' and not torch.cuda.is_available():
         return dict(status='error', error='--device cuda but torch sees no GPU')
     result: dict[str, Any] = dict(status='ok')
-    base_rss = _current_rss_mib()
     try:
         run, flops_fn, module = _prepare(spec)
         if module is not None:
@@ -169,10 +179,6 @@ def measure(spec: dict) -> dict:
         if device == 'cuda':
             result['peak_mem_mib'] = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20
             result['mem_source'] = 'cuda allocator peak'
-        else:
-            result['peak_mem_mib'] = _rss_mib()
-            result['peak_mem_above_start_mib'] = _rss_mib() - base_rss
-            result['mem_source'] = 'peak RSS of the isolated worker process'
         # Meta-tensor counting is free; a real-run fallback must fit the budget.
         fits = spec['budget_s'] - (time.perf_counter() - started) > 1.5 * per_call
         if spec.get('flops', True) and not fits and spec['level'] == 'model':

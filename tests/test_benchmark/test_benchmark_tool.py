@@ -37,7 +37,7 @@ def test_cli_writes_json_markdown_and_plots(tmp_path):
     assert set(doc['runs'][0]['plots']) == {'attention_latency.png', 'attention_memory.png'}
     md = (out / 'results.md').read_text()
     assert '**Latency, ms' in md and '| inline |' in md and 'inline / softmax' in md
-    assert '**GFLOPs' in md and 'workers keep freed memory' in md
+    assert '**GFLOPs' in md and 'heap in use' in md
     assert 'results:' in proc.stdout
 
 
