@@ -66,8 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help='seconds of measuring per case (default 30 on CPU, 60 on CUDA); a '
                    'size predicted to exceed it is recorded as "over budget"')
     p.add_argument('--mem-limit', type=float, default=default_mem_limit_gib(),
-                   help='GiB of resident memory per CPU worker before it is stopped '
-                   "(default: 70%% of this machine's memory, %(default)s GiB)")
+                   help='GiB of memory in use (heap bytes allocated, not RSS) per worker '
+                   'before it stops as "oom" (default: 70%% of this machine\'s memory, '
+                   '%(default)s GiB)')
     p.add_argument('--no-flops', action='store_true')
     p.add_argument('--system-malloc', action='store_true',
                    help="glibc's default: large freed blocks go back to the kernel and are "
