@@ -1,10 +1,10 @@
 """Run a benchmark sweep: one isolated worker process per case, then tables and plots.
 
 A case whose memory in use exceeds the limit (judged inside the worker, see
-:mod:`.memory`; or an allocator error there; or, as a guard for the machine, RSS
-near its RAM) is recorded as ``oom``, one that exceeds its time budget
-as ``timeout``, each with the limit; larger sizes of that contender are then
-recorded as ``skipped`` and the sweep goes on.
+:mod:`.memory`, or an allocator error there) is recorded as ``oom``, one that
+exceeds its time budget as ``timeout``, one whose RSS nears the machine's RAM as
+``stopped`` (a guard for the machine), each with the limit; larger sizes of that
+contender are then recorded as ``skipped`` and the sweep goes on.
 """
 from __future__ import annotations
 
@@ -44,6 +44,9 @@ def default_mem_limit_gib(fraction: float = 0.7) -> float:
     total = machine_memory_bytes()
     return 12.0 if total is None else round(fraction * total / 2**30, 1)
 
+
+#: Statuses after which a contender's larger sizes are skipped.
+FAILED = ('oom', 'timeout', 'stopped')
 
 #: Resident memory, as a fraction of the machine's RAM, at which the runner stops a
 #: worker whatever it holds: a guard for the machine, not the benchmark's limit.
@@ -125,7 +128,8 @@ def _run_case(spec: dict, mem_limit_gib: float, timeout_s: float,
         with contextlib.suppress(psutil.Error):
             peak = max(peak, watched.memory_info().rss)
         if guard is not None and peak > guard:
-            reason = dict(status='oom', limit_gib=round(guard / 2**30, 1), error=(
+            # Not "oom": memory in use (the benchmark's measure) may be under the limit.
+            reason = dict(status='stopped', limit_gib=round(guard / 2**30, 1), error=(
                 f'resident memory (freed memory the worker keeps included) passed '
                 f'{guard / 2**30:.1f} GiB, {MACHINE_GUARD_FRACTION:.0%} of this machine; the '
                 'worker was stopped to protect the machine'))
@@ -176,7 +180,7 @@ def run_sweep(cfg: SweepConfig, progress: Any = None) -> list[dict]:
                             budget_s=cfg.budget_s, flops=cfg.flops)
                 case.update(_run_case(spec, cfg.mem_limit_gib,
                                       cfg.budget_s + cfg.startup_grace_s, cfg.steady_malloc))
-                if case['status'] in ('oom', 'timeout'):
+                if case['status'] in FAILED:
                     failed_at = case
                 elif case['status'] == 'ok':
                     if previous is not None:
@@ -306,7 +310,7 @@ def plot(results: list[dict], meta: dict, out_dir: str) -> list[str]:
             line, = ax.plot(xs, ys, marker='o', linestyle=style, label=name,
                             color=colors(idx % colors.N))
             failed = [c for c in results if c['contender'] == name
-                      and c.get('status') in ('oom', 'timeout')]
+                      and c.get('status') in FAILED]
             for c in failed:
                 ax.annotate(c['status'], (c['size'], ys[-1]), color=line.get_color(),
                             fontsize=8, textcoords='offset points', xytext=(0, 6))
