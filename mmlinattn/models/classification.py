@@ -64,7 +64,7 @@ class InLineSwinClassifier(_ClassifierHead, InLineSwin):
     """InLine-Swin with the reference head: final ``norm``, token mean, ``head``."""
 
     def __init__(self, arch: str = 'tiny', num_classes: int = 1000, **kwargs: Any) -> None:
-        super().__init__(arch, out_indices=(3, ), out_norm=False, **kwargs)
+        super().__init__(arch, out_indices=(-1, ), out_norm=False, **kwargs)
         self._add_head(self.num_features[-1], num_classes, norm_eps=1e-5)
 
     def forward_features(self, x: Tensor) -> Tensor:
@@ -76,7 +76,7 @@ class InLinePVTClassifier(_ClassifierHead, InLinePVT):
     """InLine-PVT with the reference head: token mean of the last stage, ``head`` (no norm)."""
 
     def __init__(self, arch: str = 'tiny', num_classes: int = 1000, **kwargs: Any) -> None:
-        super().__init__(arch, out_indices=(3, ), out_norm=False, **kwargs)
+        super().__init__(arch, out_indices=(-1, ), out_norm=False, **kwargs)
         self._add_head(self.num_features[-1], num_classes, norm_eps=None)
 
     def forward_features(self, x: Tensor) -> Tensor:
@@ -87,7 +87,7 @@ class InLineCSwinClassifier(_ClassifierHead, InLineCSwin):
     """InLine-CSwin with the reference head: final ``norm``, token mean, ``head``."""
 
     def __init__(self, arch: str = 'tiny', num_classes: int = 1000, **kwargs: Any) -> None:
-        super().__init__(arch, out_indices=(3, ), out_norm=False, **kwargs)
+        super().__init__(arch, out_indices=(-1, ), out_norm=False, **kwargs)
         self._add_head(self.num_features[-1], num_classes, norm_eps=1e-5)
 
     def forward_features(self, x: Tensor) -> Tensor:
@@ -98,7 +98,7 @@ class InLineViTClassifier(_ClassifierHead, InLineViT):
     """InLine-DeiT: final ``norm``, class token, ``head``."""
 
     def __init__(self, arch: str = 'tiny', num_classes: int = 1000, **kwargs: Any) -> None:
-        super().__init__(arch, out_indices=(11, ), pyramid=False, out_norm=False, **kwargs)
+        super().__init__(arch, out_indices=(-1, ), pyramid=False, out_norm=False, **kwargs)
         self._add_head(self.embed_dims, num_classes, norm_eps=1e-6)
 
     def forward_features(self, x: Tensor) -> Tensor:
@@ -152,10 +152,15 @@ class ReleasedModel(NamedTuple):
 def _create(spec: ReleasedModel, pretrained: bool, **kwargs: Any) -> nn.Module:
     # timm passes its own bookkeeping kwargs to entry points.
     overlay = kwargs.pop('pretrained_cfg_overlay', None) or {}
-    for key in ('pretrained_cfg', 'cache_dir', 'features_only'):
+    if kwargs.pop('features_only', False):
+        raise ValueError(
+            f'{spec.cls.__name__}: features_only is not supported by the timm entry points; for '
+            f'feature maps build the backbone ({spec.cls.__mro__[2].__name__}(arch='
+            f'{spec.arch!r}, out_indices=...)), which returns NCHW maps of the chosen stages')
+    for key in ('pretrained_cfg', 'cache_dir'):
         kwargs.pop(key, None)
     kwargs = {'drop_path_rate': spec.drop_path_rate, **dict(spec.options), **kwargs}
-    model = spec.cls(spec.arch, **kwargs)
+    model = spec.cls(kwargs.pop('arch', spec.arch), **kwargs)  # an arch dict may replace it
     first_conv = {InLinePVTClassifier: 'patch_embed1.proj',
                   InLineCSwinClassifier: 'stage1_conv_embed.0'}.get(spec.cls, 'patch_embed.proj')
     size = spec.image_size

@@ -200,3 +200,16 @@ def test_released_cswin_and_deit_load_into_backbones(tmp_path, name, cls, norm):
             last = backbone.eval()(x)[3]  # normed patch map of the last block
             torch.testing.assert_close(last.flatten(2).transpose(1, 2),
                                        src.forward_features(x)[:, 1:])
+
+
+def test_timm_entry_points_refuse_features_only_and_accept_custom_depths():
+    with pytest.raises(ValueError, match=r'features_only.*InLineSwin\(arch'):
+        timm.create_model('inline_swin_tiny', features_only=True)
+    # Three stages: the head reads the last one, whatever the depth.
+    model = timm.create_model('inline_swin_tiny', depths=(1, 1, 1), num_heads=(1, 2, 4),
+                              attn_types='IIS', embed_dims=16)
+    assert model.out_indices == (2, )
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+    vit = timm.create_model('inline_deit_tiny', arch=dict(embed_dims=32, depth=3, num_heads=2,
+                                                          pretrain_img_size=64))
+    assert vit(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
