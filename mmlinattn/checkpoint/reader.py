@@ -166,7 +166,7 @@ class _ZipReader(_Reader):
             stype, key, numel, _ = self.storage_id(pid, 5)
             if stype is None:
                 return UntrustedObject(pid[1])
-            nbytes = numel * torch.empty((), dtype=stype.dtype).element_size()
+            nbytes = numel * stype.dtype.itemsize
             if key not in loaded:
                 info = records.get(f'data/{key}')
                 if info is None:
@@ -255,7 +255,7 @@ class _LegacyReader(_Reader):
             stype, key, numel, (view, ) = self.storage_id(pid, 6)
             if stype is None:
                 raise self.fail(f'storage of a type the safe reader does not read: {pid[1]!r:.80}')
-            itemsize = torch.empty((), dtype=stype.dtype).element_size()
+            itemsize = stype.dtype.itemsize
             if key not in roots:
                 declared += numel * itemsize
                 if declared > self.size:  # checked before allocating
@@ -281,7 +281,7 @@ class _LegacyReader(_Reader):
             data, dtype = roots[key]
             count = struct.unpack('<q', self.read_into(offset, 8, f'storage {key} size')
                                   .numpy().tobytes())[0]
-            itemsize = torch.empty((), dtype=dtype).element_size()
+            itemsize = dtype.itemsize
             if count * itemsize != data.numel():
                 raise self.fail(f'storage {key} holds {count} elements of {itemsize} bytes; the '
                                 f'object pickle declares {data.numel()} bytes')
@@ -327,8 +327,8 @@ def relocate(obj: Any, map_location: MapLocation) -> Any:
         if isinstance(x, list):
             x[:] = [walk(v) for v in x]
             return x
-        if isinstance(x, tuple) and not isinstance(x, torch.Size):
-            return type(x)(walk(v) for v in x) if type(x) is tuple else x
+        if type(x) is tuple:  # not torch.Size or named tuples
+            return tuple(walk(v) for v in x)
         return x
 
     return walk(obj)

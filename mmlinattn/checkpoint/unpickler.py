@@ -115,7 +115,7 @@ class StorageRef:
         """The bytes as a 1-D tensor of ``dtype`` (shares memory)."""
         if not isinstance(dtype, torch.dtype):
             raise pickle.UnpicklingError(f'tensor dtype {dtype!r} is not a torch dtype')
-        size = torch.empty((), dtype=dtype).element_size()
+        size = dtype.itemsize
         if self.data.numel() % size:
             raise pickle.UnpicklingError(f'a storage of {self.data.numel()} bytes does not hold '
                                          f'whole {dtype} elements')
