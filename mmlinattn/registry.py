@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
-from typing import Iterable
+from typing import Iterable, Optional, Sequence
 
 from mmengine.registry import HOOKS as MMENGINE_HOOKS
 from mmengine.registry import MODEL_WRAPPERS as MMENGINE_MODEL_WRAPPERS
@@ -42,15 +42,19 @@ MODEL_WRAPPERS = Registry('model_wrapper', parent=MMENGINE_MODEL_WRAPPERS, scope
 OPENMMLAB_SCOPES = ('mmdet', 'mmseg')
 
 
-def register_into_openmmlab(modules: Iterable[type], kind: str = 'MODELS') -> list[str]:
+def register_into_openmmlab(modules: Iterable[type], kind: str = 'MODELS',
+                            names: Optional[Sequence[str]] = None) -> list[str]:
     """Register ``modules`` in mmdet's and mmseg's ``kind`` registry where those import.
 
     A config with ``default_scope='mmdet'`` (or ``'mmseg'``) then builds
-    ``dict(type='InLineSwin')`` directly. Returns the scopes registered into;
-    a package that is absent, or fails to import (e.g. mmcv not compiled), is
-    skipped with a debug message.
+    ``dict(type='InLineSwin')`` directly. ``names`` (one module only): every name
+    it is registered under (default: its class name). Returns the scopes
+    registered into; a package that is absent, or fails to import (e.g. mmcv not
+    compiled), is skipped with a debug message.
     """
     modules = list(modules)
+    if names is not None and len(modules) != 1:
+        raise ValueError('names need exactly one module')
     done = []
     for scope in OPENMMLAB_SCOPES:
         try:
@@ -61,6 +65,7 @@ def register_into_openmmlab(modules: Iterable[type], kind: str = 'MODELS') -> li
             logger.debug('not registering into %s: %s', scope, exc)
             continue
         for module in modules:
-            registry.register_module(module=module, force=True)
+            for name in names or (module.__name__, ):
+                registry.register_module(name=name, module=module, force=True)
         done.append(scope)
     return done

@@ -24,9 +24,9 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from mmlinattn.benchmark import (  # noqa: E402
     ATTENTION_CONTENDERS,
-    BACKBONE_CONTENDERS,
     DEFAULT_BACKBONES,
     SweepConfig,
+    backbone_contenders,
     default_mem_limit_gib,
     run_sweep,
     write_outputs,
@@ -38,7 +38,7 @@ COMPARISONS = [('inline-swin-t', 'swin-t (mmdet)'), ('inline-swin-t', 'swin-t-gl
                ('inline-swin-t-w56', 'swin-t (mmdet)'), ('inline-pvt-s', 'pvt-s (mmdet)'),
                ('inline-pvt-t', 'pvt-t (mmdet)'), ('inline-pvt-s', 'pvtv2-b2 (mmdet)'),
                ('inline-pvt-t', 'pvtv2-b1 (mmdet)'), ('inline-cswin-t', 'cswin-t-global-softmax'),
-               ('inline-vit-s', 'vit-s-global-softmax'), ('inline', 'softmax'),
+               ('inline-deit-s', 'deit-s-global-softmax'), ('inline', 'softmax'),
                ('inline', 'linear')]
 
 
@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--level', nargs='+', choices=['attention', 'backbone', 'model'],
                    default=['backbone'])
     p.add_argument('--contenders', nargs='+',
-                   help='names, or "all" (backbone: ' + ', '.join(BACKBONE_CONTENDERS) +
+                   help='names, or "all" (backbone: ' + ', '.join(backbone_contenders()) +
                    '; attention: ' + ', '.join(ATTENTION_CONTENDERS) + ')')
     p.add_argument('--configs', nargs='+', default=[],
                    help='config files for the model level')
@@ -109,11 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.contenders in (None, []):
             names = list(DEFAULT_BACKBONES) if level == 'backbone' else list(ATTENTION_CONTENDERS)
         else:
-            table = BACKBONE_CONTENDERS if level == 'backbone' else ATTENTION_CONTENDERS
+            backbones = backbone_contenders()
+            table = backbones if level == 'backbone' else ATTENTION_CONTENDERS
             names = list(table) if args.contenders == ['all'] else [
                 n for n in args.contenders if n in table]
             unknown = [n for n in args.contenders if n != 'all' and n not in
-                       BACKBONE_CONTENDERS and n not in ATTENTION_CONTENDERS]
+                       backbones and n not in ATTENTION_CONTENDERS]
             if unknown:
                 raise SystemExit(f'unknown contenders {unknown}')
         sweeps.append(SweepConfig(

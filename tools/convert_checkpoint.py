@@ -29,32 +29,20 @@ from mmlinattn.checkpoint import (  # noqa: E402
     extract_state_dict,
     safe_load,
 )
-from mmlinattn.models import (  # noqa: E402
-    convert_cswin_checkpoint,
-    convert_pvt_checkpoint,
-    convert_swin_checkpoint,
-    convert_vit_checkpoint,
-)
-
-FAMILIES = {
-    'swin': convert_swin_checkpoint,  # keys layers.i.blocks.j...
-    'pvt': convert_pvt_checkpoint,  # keys block1.j..., pos_embed1
-    'cswin': convert_cswin_checkpoint,  # keys stage1_conv_embed..., stage1.j...
-    'vit': convert_vit_checkpoint,  # keys cls_token, blocks.j...
-}
+from mmlinattn.models import FAMILIES, detect_family, find_family  # noqa: E402
 
 
-def detect_family(keys: list[str]) -> str:
-    if any(k.startswith('layers.') for k in keys):
-        return 'swin'
-    if any(k.startswith('block1.') for k in keys):
-        return 'pvt'
-    if any(k.startswith('stage1_conv_embed.') for k in keys):
-        return 'cswin'
-    if 'cls_token' in keys:
-        return 'vit'
-    raise SystemExit('cannot tell the model family from the checkpoint keys '
-                     f'({keys[:5]} ...); pass --family')
+def family_of(keys: list[str], name: str | None) -> str:
+    """``name`` (or an older alias of it), else the family the keys identify."""
+    if name is not None:
+        return find_family('deit' if name == 'vit' else name).name
+    spec = detect_family(keys)
+    if spec is None:
+        known = '; '.join(f'{s.name}: {", ".join(s.key_prefixes)}' for s in FAMILIES.values())
+        raise ValueError(f'cannot tell the model family from the checkpoint keys ({keys[:5]} '
+                         f'...); the families are known by these key prefixes: {known}. Pass '
+                         '--family')
+    return spec.name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,21 +50,22 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('src', help='released checkpoint (.pth)')
     parser.add_argument('dst', help='output state-dict file')
-    parser.add_argument('--family', choices=sorted(FAMILIES), help='default: from the keys')
+    parser.add_argument('--family', choices=sorted(FAMILIES) + ['vit'],
+                        help="default: from the keys ('vit' is an older name of 'deit')")
     parser.add_argument('--keep-head', action='store_true',
                         help='keep the classification keys (head, final norm) unchanged')
     args = parser.parse_args(argv)
 
     try:
         state = extract_state_dict(safe_load(args.src), source=args.src)
+        family = family_of(list(state), args.family)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
-    family = args.family or detect_family(list(state))
     dropped = [k for k in state if k.endswith(DERIVED_BUFFER_SUFFIXES)]
     state = {k: v for k, v in state.items() if k not in dropped}
     if not args.keep_head:
-        converted = FAMILIES[family](state)
+        converted = FAMILIES[family].convert(state)
         renamed = sorted(set(state) - set(converted))
         dropped += [k for k in renamed if k.startswith('head.')]
         renamed = [k for k in renamed if not k.startswith('head.')]

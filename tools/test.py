@@ -14,6 +14,7 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
+from mmlinattn.engine.build import clear_pretrained  # noqa: E402
 from mmlinattn.engine.launch import (  # noqa: E402
     add_common_arguments,
     add_safety_hooks,
@@ -55,9 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         if not osp.isfile(args.checkpoint):
             raise FileNotFoundError(f'checkpoint not found: {args.checkpoint}')
         cfg.load_from = args.checkpoint
-        # The checkpoint replaces the backbone's ImageNet initialisation.
-        if cfg.model.get('backbone', {}).get('init_cfg'):
-            cfg.model.backbone.init_cfg = None
+        clear_pretrained(cfg)  # the checkpoint replaces the backbone's ImageNet weights
         if args.show_dir:
             enable_drawing(cfg, args.show_dir)
         check_data_roots(cfg, ('test_dataloader', ))

@@ -1,9 +1,12 @@
 """What the benchmark can measure: attention operators, backbones and whole models.
 
-Each contender is a name and a builder returning ``(callable, make_input)``:
-``make_input(size, batch, device)`` gives the argument tuple for one call at an
-input side of ``size`` pixels (attention level: ``size`` is the token-map side).
-MMDetection's own backbones are offered when mmdet imports.
+A :class:`Contender` is a name, a level and ``build()``, which returns what one
+timed call runs: an attention function (attention level, called with
+:func:`attention_input`), a backbone module (called with :func:`image_input`) or
+a whole detector/segmenter (model level). Our backbones' contenders are the
+``benchmark`` variants their families declare
+(:class:`~mmlinattn.models.family.BackboneFamily`); MMDetection's own backbones
+are the comparisons, offered when mmdet imports.
 """
 from __future__ import annotations
 
@@ -14,21 +17,28 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-__all__ = ['Contender', 'ATTENTION_CONTENDERS', 'BACKBONE_CONTENDERS', 'DEFAULT_BACKBONES',
-           'get_contender', 'mmdet_available', 'model_contender']
+__all__ = ['Contender', 'ATTENTION_CONTENDERS', 'MMDET_CONTENDERS',
+           'DEFAULT_BACKBONES', 'backbone_contenders', 'get_contender', 'mmdet_available',
+           'model_contender']
 
 Builder = Callable[[], Any]
 
 
 @dataclass(frozen=True)
 class Contender:
-    """One thing to time. ``build()`` returns a module or function; ``kind`` is its family."""
+    """One thing to time at one ``level`` (``attention``, ``backbone`` or ``model``).
+
+    ``build()`` returns the function or module a timed call runs; ``ours`` marks
+    mmlinattn's own contenders (solid lines in plots) against the comparisons;
+    ``needs`` names optional packages it cannot run without.
+    """
 
     name: str
     level: str
     build: Builder
     description: str
     needs: tuple[str, ...] = field(default=())
+    ours: bool = True
 
 
 def mmdet_available() -> bool:
@@ -47,8 +57,10 @@ ATTN_HEADS, ATTN_HEAD_DIM = 3, 32  # InLine-Swin-T stage 1
 
 def _attention(name: str) -> Callable[[], Callable]:
     def build() -> Callable:
-        from ..ops import ATTENTION_FUNCTIONS
-        return ATTENTION_FUNCTIONS[name]
+        from functools import partial
+
+        from ..ops import attention
+        return partial(attention, name)
     return build
 
 
@@ -56,9 +68,9 @@ ATTENTION_CONTENDERS = {
     'inline': Contender('inline', 'attention', _attention('inline'),
                         'InLine attention, O(N d^2)'),
     'linear': Contender('linear', 'attention', _attention('linear'),
-                        'plain linear attention (ReLU kernel), O(N d^2)'),
+                        'plain linear attention (ReLU kernel), O(N d^2)', ours=False),
     'softmax': Contender('softmax', 'attention', _attention('softmax'),
-                         'softmax attention through SDPA, O(N^2 d)'),
+                         'softmax attention through SDPA, O(N^2 d)', ours=False),
 }
 
 
@@ -71,10 +83,9 @@ def attention_input(side: int, batch: int, device: str, dtype: torch.dtype = tor
 
 
 # -- backbone level --------------------------------------------------------------------------
-def _ours(cls_name: str, **kwargs: Any) -> Builder:
+def _ours(cls: type, kwargs: dict) -> Builder:
     def build() -> nn.Module:
-        from .. import models
-        return getattr(models, cls_name)(**kwargs)
+        return cls(**{'drop_path_rate': 0., **kwargs})
     return build
 
 
@@ -89,48 +100,42 @@ _SWIN_T = dict(embed_dims=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], win
                drop_path_rate=0.)
 _PVTV2 = dict(embed_dims=64, num_heads=[1, 2, 5, 8])
 
-BACKBONE_CONTENDERS = {c.name: c for c in [
-    Contender('inline-swin-t', 'backbone', _ours('InLineSwin', arch='tiny', drop_path_rate=0.),
-              'InLine-Swin-T, global InLine stages 1-3'),
-    Contender('inline-swin-t-w56', 'backbone',
-              _ours('InLineSwin', arch='tiny', inline_window=56, drop_path_rate=0.),
-              'InLine-Swin-T, InLine in 56x56 windows'),
-    Contender('swin-t-global-softmax', 'backbone',
-              _ours('InLineSwin', arch='tiny', inline_operator='softmax', drop_path_rate=0.),
-              'the same layout, global softmax attention in stages 1-3'),
-    Contender('swin-t-global-linear', 'backbone',
-              _ours('InLineSwin', arch='tiny', inline_operator='linear', drop_path_rate=0.),
-              'the same layout, plain linear attention in stages 1-3'),
+#: MMDetection's backbones that ours are compared with.
+MMDET_CONTENDERS = {c.name: c for c in [
     Contender('swin-t (mmdet)', 'backbone', _mmdet('SwinTransformer', **_SWIN_T),
-              "MMDetection's Swin-T, 7x7 shifted windows", needs=('mmdet', )),
-    Contender('inline-pvt-t', 'backbone', _ours('InLinePVT', arch='tiny', drop_path_rate=0.),
-              'InLine-PVT-T, global InLine, no spatial reduction'),
-    Contender('inline-pvt-s', 'backbone', _ours('InLinePVT', arch='small', drop_path_rate=0.),
-              'InLine-PVT-S, global InLine, no spatial reduction'),
+              "MMDetection's Swin-T, 7x7 shifted windows", needs=('mmdet', ), ours=False),
     Contender('pvt-t (mmdet)', 'backbone',
               _mmdet('PyramidVisionTransformer', num_layers=[2, 2, 2, 2], drop_path_rate=0.),
-              "MMDetection's PVT-T, softmax with spatial reduction", needs=('mmdet', )),
+              "MMDetection's PVT-T, softmax with spatial reduction", needs=('mmdet', ),
+              ours=False),
     Contender('pvt-s (mmdet)', 'backbone',
               _mmdet('PyramidVisionTransformer', num_layers=[3, 4, 6, 3], drop_path_rate=0.),
-              "MMDetection's PVT-S, softmax with spatial reduction", needs=('mmdet', )),
+              "MMDetection's PVT-S, softmax with spatial reduction", needs=('mmdet', ),
+              ours=False),
     Contender('pvtv2-b1 (mmdet)', 'backbone',
               _mmdet('PyramidVisionTransformerV2', num_layers=[2, 2, 2, 2], drop_path_rate=0.,
-                     **_PVTV2), "MMDetection's PVTv2-b1", needs=('mmdet', )),
-    Contender('inline-cswin-t', 'backbone',
-              _ours('InLineCSwin', arch='tiny', drop_path_rate=0.),
-              'InLine-CSwin-T, global InLine stages 1-2, softmax stripes after'),
-    Contender('cswin-t-global-softmax', 'backbone',
-              _ours('InLineCSwin', arch='tiny', inline_operator='softmax', drop_path_rate=0.),
-              'the same layout, global softmax attention in stages 1-2'),
-    Contender('inline-vit-s', 'backbone', _ours('InLineViT', arch='small', drop_path_rate=0.),
-              'InLine-ViT-S (InLine-DeiT-S layout), global InLine, simple pyramid'),
-    Contender('vit-s-global-softmax', 'backbone',
-              _ours('InLineViT', arch='small', inline_operator='softmax', drop_path_rate=0.),
-              'the same layout, global softmax attention'),
+                     **_PVTV2), "MMDetection's PVTv2-b1", needs=('mmdet', ), ours=False),
     Contender('pvtv2-b2 (mmdet)', 'backbone',
               _mmdet('PyramidVisionTransformerV2', num_layers=[3, 4, 6, 3], drop_path_rate=0.,
-                     **_PVTV2), "MMDetection's PVTv2-b2", needs=('mmdet', )),
+                     **_PVTV2), "MMDetection's PVTv2-b2", needs=('mmdet', ), ours=False),
 ]}
+
+
+def backbone_contenders() -> dict[str, Contender]:
+    """Every backbone contender: each registered family's variants, then mmdet's."""
+    from ..models import FAMILIES
+
+    ours = {}
+    for spec in FAMILIES.values():
+        for variant in spec.benchmark:
+            kwargs = dict(variant.kwargs)
+            # An ablation (another attention in the InLine stages) is a comparison.
+            ablation = kwargs.get('inline_operator', 'inline') != 'inline'
+            ours[variant.name] = Contender(variant.name, 'backbone',
+                                           _ours(spec.backbone, kwargs), variant.description,
+                                           ours=not ablation)
+    return {**ours, **MMDET_CONTENDERS}
+
 
 #: The no-argument sweep: the comparisons the documented targets are about.
 DEFAULT_BACKBONES = ('inline-swin-t', 'swin-t (mmdet)', 'inline-pvt-s', 'pvt-s (mmdet)')
@@ -148,27 +153,20 @@ def model_contender(config: str) -> Contender:
     import os.path as osp
 
     def build() -> Any:
-        from mmengine.config import Config
-        from mmengine.registry import DefaultScope
+        from ..engine.build import build_from_config
 
-        import mmlinattn  # noqa: F401
-
-        cfg = Config.fromfile(config)
-        if cfg.model.get('backbone', {}).get('init_cfg'):
-            cfg.model.backbone.init_cfg = None
-        scope = cfg.get('default_scope', 'mmdet')
-        registry = importlib.import_module(f'{scope}.registry').MODELS
-        with DefaultScope.overwrite_default_scope(scope):
-            model = registry.build(cfg.model)
+        model, scope = build_from_config(config)
         model.benchmark_scope = scope
         return model
 
     name = osp.splitext(osp.basename(config))[0]
-    return Contender(name, 'model', build, f'{name} (whole model)', needs=('mmdet', ))
+    return Contender(name, 'model', build, f'{name} (whole model)', needs=('mmdet', ),
+                     ours='inline' in name)
 
 
 def get_contender(level: str, name: str) -> Contender:
-    table = {'attention': ATTENTION_CONTENDERS, 'backbone': BACKBONE_CONTENDERS}.get(level)
+    table = {'attention': ATTENTION_CONTENDERS,
+             'backbone': backbone_contenders() if level == 'backbone' else None}.get(level)
     if level == 'model':
         return model_contender(name)
     if table is None:

@@ -34,6 +34,7 @@ def _is_oom(exc: BaseException) -> bool:
 
 def _prepare(spec: dict) -> tuple[Callable[[], Any], Callable[[], Any], Any]:
     """``(run, count_flops_fn, module)`` for the case: ``run()`` does one timed call."""
+    from ..engine.build import synthetic_batch
     from .contenders import attention_input, get_contender, image_input
 
     device, dtype = spec['device'], DTYPES[spec['dtype']]
@@ -50,7 +51,9 @@ def _prepare(spec: dict) -> tuple[Callable[[], Any], Callable[[], Any], Any]:
         module = target.to(device)
         module.eval()
         if spec['level'] == 'model':
-            args = _model_input(module, spec['size'], spec['batch'], device)
+            inputs, samples = synthetic_batch(module, module.benchmark_scope, spec['size'],
+                                              spec['size'], spec['batch'])
+            args = (inputs.to(device), samples)
             fn = module._forward
         else:
             args = image_input(spec['size'], spec['batch'], device)
@@ -69,19 +72,6 @@ def _prepare(spec: dict) -> tuple[Callable[[], Any], Callable[[], Any], Any]:
         return _count_flops(target if module is None else module, run, args, spec['level'])
 
     return run, flops, module
-
-
-def _model_input(model: Any, size: int, batch: int, device: str) -> tuple:
-    meta = dict(img_shape=(size, size), ori_shape=(size, size), pad_shape=(size, size),
-                scale_factor=(1., 1.), batch_input_shape=(size, size))
-    if model.benchmark_scope == 'mmdet':
-        from mmdet.structures import DetDataSample as Sample
-    else:
-        from mmseg.structures import SegDataSample as Sample
-    images = [torch.randint(0, 256, (3, size, size), dtype=torch.uint8) for _ in range(batch)]
-    data = model.data_preprocessor(
-        dict(inputs=images, data_samples=[Sample(metainfo=meta) for _ in range(batch)]), False)
-    return data['inputs'].to(device), data['data_samples']
 
 
 def _to_meta(obj: Any) -> Any:

@@ -1,38 +1,56 @@
-"""Backbones (registered in the mmlinattn, mmdet and mmseg registries) and timm models."""
+"""Backbones (registered in the mmlinattn, mmdet and mmseg registries) and timm models.
+
+Every backbone family is declared once (:mod:`.family`); :data:`FAMILIES` lists them.
+"""
 from ..registry import register_into_openmmlab
 from .backbones import (
     CSWIN_ARCHS,
+    DEIT_ARCHS,
     PVT_ARCHS,
     SWIN_ARCHS,
     VIT_ARCHS,
     InLineBackbone,
     InLineCSwin,
+    InLineCSwinClassifier,
+    InLineDeiT,
+    InLineDeiTClassifier,
     InLinePVT,
+    InLinePVTClassifier,
     InLineSwin,
+    InLineSwinClassifier,
     InLineViT,
     convert_cswin_checkpoint,
+    convert_deit_checkpoint,
     convert_pvt_checkpoint,
     convert_swin_checkpoint,
     convert_vit_checkpoint,
 )
-from .classification import (
-    CLASSIFIERS,
-    InLineCSwinClassifier,
-    InLinePVTClassifier,
-    InLineSwinClassifier,
-    InLineViTClassifier,
-    load_released,
+from .classification import CLASSIFIERS, load_released
+from .family import (
+    FAMILIES,
+    BackboneFamily,
+    BenchmarkVariant,
+    ReleasedModel,
+    detect_family,
+    find_family,
+    register_family,
 )
 
-BACKBONES = (InLineSwin, InLinePVT, InLineCSwin, InLineViT)
+#: Older name of InLineDeiTClassifier.
+InLineViTClassifier = InLineDeiTClassifier
+
+#: The backbone classes, one per family.
+BACKBONES = tuple(spec.backbone for spec in FAMILIES.values())
 
 #: mmdet/mmseg scopes that received the backbones on import.
-REGISTERED_SCOPES = register_into_openmmlab(BACKBONES)
+REGISTERED_SCOPES = register_into_openmmlab(())
 
 __all__ = [
-    'InLineBackbone', 'InLineSwin', 'InLinePVT', 'InLineCSwin', 'InLineViT', 'SWIN_ARCHS',
-    'PVT_ARCHS', 'CSWIN_ARCHS', 'VIT_ARCHS', 'convert_swin_checkpoint', 'convert_pvt_checkpoint',
-    'convert_cswin_checkpoint', 'convert_vit_checkpoint', 'CLASSIFIERS', 'InLineSwinClassifier',
-    'InLinePVTClassifier', 'InLineCSwinClassifier', 'InLineViTClassifier', 'load_released',
-    'BACKBONES', 'REGISTERED_SCOPES'
+    'InLineBackbone', 'InLineSwin', 'InLinePVT', 'InLineCSwin', 'InLineDeiT', 'SWIN_ARCHS',
+    'PVT_ARCHS', 'CSWIN_ARCHS', 'DEIT_ARCHS', 'convert_swin_checkpoint', 'convert_pvt_checkpoint',
+    'convert_cswin_checkpoint', 'convert_deit_checkpoint', 'CLASSIFIERS', 'InLineSwinClassifier',
+    'InLinePVTClassifier', 'InLineCSwinClassifier', 'InLineDeiTClassifier', 'load_released',
+    'BACKBONES', 'REGISTERED_SCOPES', 'FAMILIES', 'BackboneFamily', 'BenchmarkVariant',
+    'ReleasedModel', 'detect_family', 'find_family', 'register_family', 'InLineViT',
+    'InLineViTClassifier', 'VIT_ARCHS', 'convert_vit_checkpoint'
 ]

@@ -1,4 +1,13 @@
 """Pure torch functions: no module state, nothing about backbones."""
+from .implementations import (
+    ATTENTION_IMPLS,
+    ATTENTIONS,
+    AttentionImpl,
+    attention,
+    get_attention_impl,
+    register_attention_impl,
+    resolve_kernel,
+)
 from .inline import (
     ATTENTION_FUNCTIONS,
     KERNELS,
@@ -12,7 +21,9 @@ from .local import dynamic_depthwise_conv3x3
 from .windows import pad_to_multiple, valid_mask, window_merge, window_partition
 
 __all__ = [
-    'ATTENTION_FUNCTIONS', 'KERNELS', 'get_kernel', 'inline_attention',
+    'ATTENTION_IMPLS', 'ATTENTIONS', 'AttentionImpl', 'attention', 'get_attention_impl',
+    'register_attention_impl', 'resolve_kernel', 'ATTENTION_FUNCTIONS', 'KERNELS', 'get_kernel',
+    'inline_attention',
     'inline_attention_weights', 'linear_attention', 'softmax_attention',
     'dynamic_depthwise_conv3x3', 'pad_to_multiple', 'valid_mask', 'window_merge',
     'window_partition'

@@ -18,40 +18,8 @@ import torch
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
+from mmlinattn.engine.build import build_from_config, synthetic_batch  # noqa: E402
 from mmlinattn.utils import count_flops  # noqa: E402
-
-
-def build_model(config: str, cfg_options: dict | None = None):
-    from mmengine.config import Config
-    from mmengine.registry import DefaultScope
-
-    import mmlinattn  # noqa: F401
-
-    cfg = Config.fromfile(config)
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
-    if cfg.model.get('backbone', {}).get('init_cfg'):
-        cfg.model.backbone.init_cfg = None
-    scope = cfg.get('default_scope', 'mmdet')
-    registry = __import__(f'{scope}.registry', fromlist=['MODELS']).MODELS
-    with DefaultScope.overwrite_default_scope(scope):
-        model = registry.build(cfg.model)
-    return model.eval(), scope
-
-
-def model_inputs(model, scope: str, h: int, w: int):
-    """Preprocessed ``(inputs, data_samples)`` for one ``h x w`` image."""
-    image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8)
-    meta = dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w), scale_factor=(1., 1.),
-                batch_input_shape=(h, w))
-    if scope == 'mmdet':
-        from mmdet.structures import DetDataSample
-        sample = DetDataSample(metainfo=meta)
-    else:
-        from mmseg.structures import SegDataSample
-        sample = SegDataSample(metainfo=meta)
-    data = model.data_preprocessor(dict(inputs=[image], data_samples=[sample]), False)
-    return data['inputs'], data['data_samples']
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,8 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--cfg-options', nargs='+', action=DictAction)
     args = parser.parse_args(argv)
 
-    model, scope = build_model(args.config, args.cfg_options)
-    inputs, samples = model_inputs(model, scope, *args.shape)
+    model, scope = build_from_config(args.config, args.cfg_options)
+    model.eval()
+    inputs, samples = synthetic_batch(model, scope, *args.shape)
     with torch.no_grad():
         if args.backbone_only:
             total, per_module = count_flops(model.backbone, inputs)

@@ -1,12 +1,22 @@
-"""InLine backbones with the OpenMMLab backbone contract."""
+"""InLine backbones with the OpenMMLab backbone contract; each module registers its family."""
 from .base import InLineBackbone
-from .inline_cswin import CSWIN_ARCHS, InLineCSwin, convert_cswin_checkpoint
-from .inline_pvt import PVT_ARCHS, InLinePVT, convert_pvt_checkpoint
-from .inline_swin import SWIN_ARCHS, InLineSwin, convert_swin_checkpoint
-from .inline_vit import VIT_ARCHS, InLineViT, convert_vit_checkpoint
+from .inline_cswin import CSWIN_ARCHS, InLineCSwin, InLineCSwinClassifier, convert_cswin_checkpoint
+from .inline_deit import (
+    DEIT_ARCHS,
+    VIT_ARCHS,
+    InLineDeiT,
+    InLineDeiTClassifier,
+    InLineViT,
+    convert_deit_checkpoint,
+    convert_vit_checkpoint,
+)
+from .inline_pvt import PVT_ARCHS, InLinePVT, InLinePVTClassifier, convert_pvt_checkpoint
+from .inline_swin import SWIN_ARCHS, InLineSwin, InLineSwinClassifier, convert_swin_checkpoint
 
 __all__ = [
-    'InLineBackbone', 'InLineSwin', 'InLinePVT', 'InLineCSwin', 'InLineViT', 'SWIN_ARCHS',
-    'PVT_ARCHS', 'CSWIN_ARCHS', 'VIT_ARCHS', 'convert_swin_checkpoint', 'convert_pvt_checkpoint',
-    'convert_cswin_checkpoint', 'convert_vit_checkpoint'
+    'InLineBackbone', 'InLineSwin', 'InLinePVT', 'InLineCSwin', 'InLineDeiT', 'SWIN_ARCHS',
+    'PVT_ARCHS', 'CSWIN_ARCHS', 'DEIT_ARCHS', 'convert_swin_checkpoint', 'convert_pvt_checkpoint',
+    'convert_cswin_checkpoint', 'convert_deit_checkpoint', 'InLineSwinClassifier',
+    'InLinePVTClassifier', 'InLineCSwinClassifier', 'InLineDeiTClassifier', 'InLineViT',
+    'VIT_ARCHS', 'convert_vit_checkpoint'
 ]

@@ -1,19 +1,20 @@
 """What every InLine backbone shares: the OpenMMLab contract around the stages.
 
-Subclasses build their stages, then call :meth:`_finish_init`; they implement
-:meth:`_stage_modules` (what ``frozen_stages`` freezes) and name a
-``convert_checkpoint`` function that maps a released classification state dict
-to backbone keys.
+A subclass declares, in its class body, ``arch_settings`` (its arch table) and
+``convert_checkpoint`` (released classification keys -> backbone keys). Its
+``__init__`` resolves the arch, calls ``super().__init__(num_stages, out_indices,
+out_norm, frozen_stages, with_cp, pretrained, init_cfg)`` first, builds its
+stages, then calls :meth:`_finish_init`. It implements :meth:`_stem_modules`,
+:meth:`_stage_modules` (what ``frozen_stages`` freezes) and :meth:`forward_stages`.
 """
 from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable, Mapping, Optional, Sequence, Union
+from typing import Callable, ClassVar, Mapping, Optional, Sequence, Union
 
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
-from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
 from ...checkpoint import (
@@ -24,21 +25,11 @@ from ...checkpoint import (
     load_state_dict_checked,
     safe_load,
 )
+from ..layers.weight_init import init_transformer_weights
 
 __all__ = ['InLineBackbone', 'init_transformer_weights', 'resolve_arch']
 
 StateDictConverter = Callable[[Mapping[str, Tensor]], dict]
-
-
-def init_transformer_weights(module: nn.Module) -> None:
-    """Reference initialisation: truncated-normal Linear weights, zero biases, unit LayerNorms."""
-    if isinstance(module, nn.Linear):
-        trunc_normal_(module.weight, std=.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
 
 
 def resolve_arch(arch: Union[str, dict], table: Mapping[str, dict], family: str,
@@ -67,17 +58,32 @@ def resolve_arch(arch: Union[str, dict], table: Mapping[str, dict], family: str,
 
 
 class InLineBackbone(BaseModule):
-    """Base of the InLine backbones: out_indices, frozen_stages, init_cfg, norm outputs."""
+    """Base of the InLine backbones: out_indices, out_norm, frozen_stages, with_cp, init_cfg.
 
-    #: Module-level function converting a released classification state dict.
-    convert_checkpoint: Optional[StateDictConverter] = None
-    num_stages = 4
+    Args:
+        num_stages: stages the subclass builds (blocks for the plain DeiT); indices
+            in ``out_indices`` and ``frozen_stages`` count these.
+        out_indices: stages whose outputs ``forward`` returns (negative from the end).
+        out_norm: a LayerNorm ``norm{i}`` on each returned stage.
+        frozen_stages: -1 none; 0 the stem; k also stages 0..k-1 (eval mode, no grads).
+        with_cp: activation checkpointing per block.
+        pretrained: deprecated alias of ``init_cfg=dict(type='Pretrained', checkpoint=...)``.
+        init_cfg: mmengine init config; ``Pretrained`` loads released or converted
+            checkpoints safely (:meth:`load_pretrained`).
+    """
+
+    #: The named architectures (``arch='tiny'``, ...): each a dict of the arch's settings.
+    arch_settings: ClassVar[Mapping[str, dict]]
+    #: Released classification state dict -> backbone state dict (a staticmethod).
+    convert_checkpoint: ClassVar[Optional[StateDictConverter]] = None
     #: How the model resizes its absolute position embeddings at run time; pretrained
     #: embeddings on another grid are resized the same way when loaded.
-    pos_embed_interpolation = 'bicubic'
+    pos_embed_interpolation: ClassVar[str] = 'bicubic'
 
     def __init__(self,
+                 num_stages: int,
                  out_indices: Sequence[int] = (0, 1, 2, 3),
+                 out_norm: bool = True,
                  frozen_stages: int = -1,
                  with_cp: bool = False,
                  pretrained: Optional[str] = None,
@@ -91,6 +97,8 @@ class InLineBackbone(BaseModule):
                           'checkpoint=...)', DeprecationWarning, stacklevel=2)
             init_cfg = dict(type='Pretrained', checkpoint=pretrained)
         super().__init__(init_cfg=init_cfg)
+        self.num_stages = num_stages
+        self.out_norm = out_norm
         out_indices = tuple(out_indices) if not isinstance(out_indices, int) else (out_indices, )
         bad = [i for i in out_indices if not -self.num_stages <= i < self.num_stages]
         if bad:
@@ -135,7 +143,13 @@ class InLineBackbone(BaseModule):
         self._freeze_stages()
         return self
 
+    @classmethod
+    def resolve_arch(cls, arch: Union[str, dict], **overrides: object) -> dict:
+        """:func:`resolve_arch` on this class's ``arch_settings``."""
+        return resolve_arch(arch, cls.arch_settings, cls.__name__, overrides)
+
     def _finish_init(self) -> None:
+        """After the stages exist: the reference initialisation, then ``frozen_stages``."""
         self.apply(init_transformer_weights)
         self._freeze_stages()
 
@@ -194,7 +208,8 @@ class InLineBackbone(BaseModule):
         return x.permute(0, 3, 1, 2).contiguous()
 
     def _add_out_norms(self, dims: Sequence[int], eps: float) -> None:
-        """A LayerNorm ``norm{i}`` on each returned stage when ``self.out_norm``."""
+        """A LayerNorm ``norm{i}`` of ``dims[i]`` channels on each returned stage when
+        ``out_norm``."""
         if self.out_norm:
             for i in self.out_indices:
                 self.add_module(f'norm{i}', nn.LayerNorm(dims[i], eps=eps))

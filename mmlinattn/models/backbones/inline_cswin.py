@@ -1,6 +1,6 @@
 """InLine-CSwin: CSwin Transformer whose InLine stages use global InLine attention.
 
-Released layouts (INLINE.md): ``tiny`` C=64, depths 2-4-18-1, heads 2-4-8-16;
+Released layouts (docs/method.md): ``tiny`` C=64, depths 2-4-18-1, heads 2-4-8-16;
 ``small`` C=64, 3-6-29-2; ``base`` C=96, 3-6-29-2, heads 4-8-16-32; all IISS.
 At 224 px the InLine stages' split sizes (56, 28) equal their maps, so each
 InLine block is one branch over all channels and the whole map; we keep that
@@ -13,19 +13,27 @@ residual, with taps from the mean of the block input before ``norm1``.
 """
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import Tensor, nn
 
-from ...ops import ATTENTION_FUNCTIONS, pad_to_multiple, window_merge, window_partition
-from ...registry import MODELS
-from ..layers import LocalResidual, merge_heads, parse_attn_types, run_block, split_heads
-from .base import InLineBackbone, resolve_arch
+from ...ops import ATTENTIONS, resolve_kernel
+from ...ops.inline import KernelArg
+from ..family import BackboneFamily, BenchmarkVariant, ReleasedModel, register_family
+from ..layers import (
+    ClassifierHead,
+    LocalResidual,
+    RegionGrid,
+    attend_heads,
+    parse_attn_types,
+    run_block,
+)
+from .base import InLineBackbone
 
-__all__ = ['InLineCSwin', 'CSwinBlock', 'CSwinBranch', 'convert_cswin_checkpoint', 'CSWIN_ARCHS']
+__all__ = ['InLineCSwin', 'InLineCSwinClassifier', 'CSwinBlock', 'CSwinBranch',
+           'convert_cswin_checkpoint', 'CSWIN_ARCHS']
 
 CSWIN_ARCHS: dict[str, dict] = {
     'tiny': dict(embed_dims=64, depths=(2, 4, 18, 1), num_heads=(2, 4, 8, 16), attn_types='IISS'),
@@ -47,66 +55,64 @@ class CSwinBranch(nn.Module):
             wide, ``(1, s)`` for full-width stripes ``s`` high.
         operator: the attention of an ``'inline'`` branch: ``'inline'``, or
             ``'linear'``/``'softmax'`` for ablations with the same parameters.
+        kernel: ``phi`` of an ``'inline'`` branch (``'default'``: the operator's own).
+        window: an ``'inline'`` branch's window side (None: the whole map).
+        impl: the attention implementation (``'auto'``).
 
     ``forward(q, k, v: (B, H, W, dim), x_mean: (B, dim)) -> (B, H, W, dim)``;
-    maps not divisible by the stripe are padded and the padding masked.
+    maps not divisible by the stripe or window are padded and the padding masked.
     """
 
     def __init__(self, dim: int, num_heads: int, kind: str,
-                 stripe: Optional[tuple[int, int]] = None, operator: str = 'inline') -> None:
+                 stripe: Optional[tuple[int, int]] = None, operator: str = 'inline',
+                 kernel: KernelArg = 'default', window: Optional[int] = None,
+                 impl: str = 'auto') -> None:
         super().__init__()
         if kind not in ('inline', 'softmax'):
             raise ValueError(f"kind must be 'inline' or 'softmax', got {kind!r}")
-        if operator not in ATTENTION_FUNCTIONS:
-            raise ValueError(f'unknown attention operator {operator!r}')
+        if operator not in ATTENTIONS:
+            raise ValueError(f'unknown attention operator {operator!r}; expected one of '
+                             f'{sorted(ATTENTIONS)}')
+        if kind == 'softmax' and window is not None:
+            raise ValueError('a softmax branch attends in stripes (stripe=...), not windows')
         self.num_heads = num_heads
         self.kind = kind
-        self.operator = operator
+        self.attention = operator if kind == 'inline' else 'softmax'
+        self.kernel = resolve_kernel(self.attention, kernel if kind == 'inline' else 'default')
+        self.impl = impl
         self.stripe = stripe
+        self.window = window
         self.get_v = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
         self.residual = LocalResidual(dim, num_heads) if kind == 'inline' else None
 
     def extra_repr(self) -> str:
-        return f'kind={self.kind}, stripe={self.stripe}'
+        return f'kind={self.kind}, stripe={self.stripe}, window={self.window}'
 
-    def _window(self, h: int, w: int) -> tuple[int, int]:
-        if self.stripe is None:
-            return h, w
-        orientation, size = self.stripe
-        return (h, size) if orientation == 0 else (size, w)
+    def region(self, h: int, w: int) -> Optional[tuple[int, int]]:
+        """The attended region for an ``h x w`` map (None: the whole map)."""
+        if self.stripe is not None:
+            orientation, size = self.stripe
+            return (h, size) if orientation == 0 else (size, w)
+        ws = self.window
+        return None if ws is None or (h <= ws and w <= ws) else (ws, ws)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, x_mean: Tensor) -> Tensor:
         b, h, w, c = q.shape
-        wh, ww = self._window(h, w)
-        valid = None
-        if h % wh or w % ww:
-            q, k, v = (pad_to_multiple(t, wh, ww) for t in (q, k, v))
-            valid = torch.zeros(b, *q.shape[1:3], 1, dtype=torch.bool, device=q.device)
-            valid[:, :h, :w] = True
-        hp, wp = q.shape[1:3]
-        q, k, v = (window_partition(t, wh, ww) for t in (q, k, v))  # (B*nW, wh, ww, c)
-        nw = q.shape[0] // b
-        n = wh * ww
-        mask = None
-        if valid is not None:
-            valid = window_partition(valid, wh, ww)[..., 0]
-            mask = valid.reshape(-1, n)
-            v = v * valid[..., None].to(v.dtype)  # zeros outside the map, as its border padding
-        # LePE: depthwise 3x3 on v within each stripe (zero padding at stripe borders).
+        grid = RegionGrid(b, h, w, self.region(h, w), q.device)
+        q, k, v = (grid.split(t) for t in (q, k, v))  # (B*nR, wh, ww, c)
+        if grid.valid is not None:
+            v = v * grid.valid[..., None].to(v.dtype)  # zeros outside the map: its border
+        # LePE: depthwise 3x3 on v within each region (zero padding at region borders).
         lepe = self.get_v(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        qh, kh, vh = (split_heads(t.reshape(-1, n, c), self.num_heads) for t in (q, k, v))
-        if self.kind == 'inline':
-            kernel = 'relu' if self.operator == 'linear' else None
-            out = ATTENTION_FUNCTIONS[self.operator](qh, kh, vh, mask=mask, kernel=kernel)
-            out = merge_heads(out).view(-1, wh, ww, c)
-            taps_from = x_mean.repeat_interleave(nw, dim=0)
-            out = out + self.residual(v, taps_from, valid)
-        else:
-            attn_mask = None if mask is None else mask[:, None, None, :]
-            out = merge_heads(F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask))
-            out = out.view(-1, wh, ww, c)
-        out = window_merge(out + lepe, hp, wp)
-        return out[:, :h, :w]
+        nr, wh, ww = v.shape[:3]
+        out = attend_heads(self.attention, q.reshape(nr, wh * ww, c), k.reshape(nr, wh * ww, c),
+                           v.reshape(nr, wh * ww, c), self.num_heads, grid.mask, self.kernel,
+                           self.impl).view(nr, wh, ww, c)
+        if self.residual is not None:
+            # Taps from the mean of the block input (before norm1), as released.
+            taps_from = x_mean.repeat_interleave(grid.num_regions, dim=0)
+            out = out + self.residual(v, taps_from, grid.valid)
+        return grid.merge(out + lepe)
 
 
 class CSwinBlock(nn.Module):
@@ -118,20 +124,22 @@ class CSwinBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, letter: str, split_size: int,
                  last_stage: bool, mlp_ratio: float = 4., qkv_bias: bool = True,
-                 drop: float = 0., drop_path: float = 0., inline_operator: str = 'inline'
-                 ) -> None:
+                 drop: float = 0., drop_path: float = 0., inline_operator: str = 'inline',
+                 kernel: KernelArg = 'default', inline_window: Optional[int] = None,
+                 attn_impl: str = 'auto') -> None:
         super().__init__()
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.norm1 = nn.LayerNorm(dim)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(drop)
         if letter == 'I':
-            branches = [CSwinBranch(dim, num_heads, 'inline', operator=inline_operator)]
+            branches = [CSwinBranch(dim, num_heads, 'inline', operator=inline_operator,
+                                    kernel=kernel, window=inline_window, impl=attn_impl)]
         elif last_stage:
-            branches = [CSwinBranch(dim, num_heads, 'softmax')]
+            branches = [CSwinBranch(dim, num_heads, 'softmax', impl=attn_impl)]
         else:
-            branches = [CSwinBranch(dim // 2, num_heads // 2, 'softmax', (i, split_size))
-                        for i in range(2)]
+            branches = [CSwinBranch(dim // 2, num_heads // 2, 'softmax', (i, split_size),
+                                    impl=attn_impl) for i in range(2)]
         self.attns = nn.ModuleList(branches)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
@@ -172,7 +180,17 @@ class ConvMerge(nn.Module):
         return self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
 
 
-@MODELS.register_module()
+def convert_cswin_checkpoint(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Released InLine-CSwin keys -> :class:`InLineCSwin` keys (``norm`` -> ``norm3``,
+    ``head`` dropped)."""
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith('head.'):
+            continue
+        out['norm3.' + k[len('norm.'):] if k.startswith('norm.') else k] = v
+    return out
+
+
 class InLineCSwin(InLineBackbone):
     """InLine-CSwin backbone for dense prediction.
 
@@ -180,15 +198,22 @@ class InLineCSwin(InLineBackbone):
         arch: ``'tiny'``, ``'small'``, ``'base'`` or a dict (``embed_dims``,
             ``depths``, ``num_heads``, ``attn_types``); the named args override it.
         split_size: stripe width of the softmax stages (7, as released).
+        inline_window: None (default, global) or a window side for the InLine stages.
         inline_operator: ``'inline'``; ``'linear'`` / ``'softmax'`` make the InLine
             stages global plain-linear / softmax attention (ablations).
+        kernel: ``phi`` of the InLine stages (``'default'``: identity for InLine).
+        attn_impl: attention implementation (``'auto'``; see
+            :mod:`mmlinattn.ops.implementations`).
         in_channels, mlp_ratio, qkv_bias, drop_rate, drop_path_rate: as usual.
         out_indices, out_norm, frozen_stages, with_cp, pretrained, init_cfg:
-            the OpenMMLab backbone contract (see :class:`InLineSwin`).
+            the OpenMMLab backbone contract (see :class:`InLineBackbone`).
 
     Input ``(B, in_channels, H, W)`` of any size; outputs at strides 4, 8, 16, 32
     (the 7x7 stride-4 stem, then stride-2 merges) with ``C * 2^i`` channels.
     """
+
+    arch_settings = CSWIN_ARCHS
+    convert_checkpoint = staticmethod(convert_cswin_checkpoint)
 
     def __init__(self,
                  arch: Union[str, dict] = 'tiny',
@@ -197,7 +222,10 @@ class InLineCSwin(InLineBackbone):
                  num_heads: Optional[Sequence[int]] = None,
                  attn_types: Optional[str] = None,
                  split_size: int = 7,
+                 inline_window: Optional[int] = None,
                  inline_operator: str = 'inline',
+                 kernel: KernelArg = 'default',
+                 attn_impl: str = 'auto',
                  in_channels: int = 3,
                  mlp_ratio: float = 4.,
                  qkv_bias: bool = True,
@@ -209,13 +237,12 @@ class InLineCSwin(InLineBackbone):
                  with_cp: bool = False,
                  pretrained: Optional[str] = None,
                  init_cfg: Optional[Union[dict, list]] = None) -> None:
-        setting = resolve_arch(arch, CSWIN_ARCHS, 'InLineCSwin',
-                               dict(embed_dims=embed_dims, depths=depths, num_heads=num_heads,
-                                    attn_types=attn_types))
+        setting = self.resolve_arch(arch, embed_dims=embed_dims, depths=depths,
+                                    num_heads=num_heads, attn_types=attn_types)
         depths = tuple(setting['depths'])
         heads = tuple(setting['num_heads'])
-        self.num_stages = len(depths)
-        super().__init__(out_indices, frozen_stages, with_cp, pretrained, init_cfg)
+        super().__init__(len(depths), out_indices, out_norm, frozen_stages, with_cp, pretrained,
+                         init_cfg)
         letters = parse_attn_types(setting['attn_types'], depths)
         dims = [setting['embed_dims'] * 2**i for i in range(self.num_stages)]
         self.num_features = dims
@@ -229,16 +256,15 @@ class InLineCSwin(InLineBackbone):
                 CSwinBlock(dims[i], heads[i], letters[i][j], split_size,
                            last_stage=i == self.num_stages - 1, mlp_ratio=mlp_ratio,
                            qkv_bias=qkv_bias, drop=drop_rate, drop_path=dpr[start + j],
-                           inline_operator=inline_operator)
+                           inline_operator=inline_operator, kernel=kernel,
+                           inline_window=inline_window, attn_impl=attn_impl)
                 for j in range(depths[i])
             ]
             self.add_module(f'stage{i + 1}', nn.ModuleList(blocks))
             if i < self.num_stages - 1:
                 self.add_module(f'merge{i + 1}', ConvMerge(dims[i], dims[i + 1]))
-        self.out_norm = out_norm
         self._add_out_norms(dims, eps=1e-5)
         self._finish_init()
-
     def _stem_modules(self) -> list[nn.Module]:
         return [self.stage1_conv_embed]
 
@@ -264,15 +290,34 @@ class InLineCSwin(InLineBackbone):
         return outs
 
 
-def convert_cswin_checkpoint(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Released InLine-CSwin keys -> :class:`InLineCSwin` keys (``norm`` -> ``norm3``,
-    ``head`` dropped)."""
-    out = {}
-    for k, v in state_dict.items():
-        if k.startswith('head.'):
-            continue
-        out['norm3.' + k[len('norm.'):] if k.startswith('norm.') else k] = v
-    return out
+class InLineCSwinClassifier(ClassifierHead, InLineCSwin):
+    """InLine-CSwin with the reference head: final ``norm``, token mean, ``head``."""
+
+    def __init__(self, arch: Union[str, dict] = 'tiny', num_classes: int = 1000,
+                 **kwargs: Any) -> None:
+        super().__init__(arch, out_indices=(-1, ), out_norm=False, **kwargs)
+        self._add_head(self.num_features[-1], num_classes, norm_eps=1e-5)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """``(B, 3, H, W)`` -> normed last-stage tokens ``(B, H/32, W/32, C)``."""
+        return self.norm(self.forward_stages(x)[-1])
 
 
-InLineCSwin.convert_checkpoint = staticmethod(convert_cswin_checkpoint)
+register_family(BackboneFamily(
+    name='cswin', backbone=InLineCSwin, classifier=InLineCSwinClassifier,
+    key_prefixes=('stage1_conv_embed.', ), first_conv='stage1_conv_embed.0',
+    released=(
+        ReleasedModel('inline_cswin_tiny', 'inline_cswin_t', 'tiny', 0.2),
+        ReleasedModel('inline_cswin_small', 'inline_cswin_s', 'small', 0.4),
+        ReleasedModel('inline_cswin_base', 'inline_cswin_b', 'base', 0.5),
+        # 384 px: softmax stripes 12 (InLine split sizes 96-48 equal the maps: global).
+        ReleasedModel('inline_cswin_base_384', 'inline_cswin_b_384', 'base', 0.7, 384, 1.0,
+                      (('split_size', 12), )),
+    ),
+    benchmark=(
+        BenchmarkVariant('inline-cswin-t', 'InLine-CSwin-T, global InLine stages 1-2, softmax '
+                         'stripes after', (('arch', 'tiny'), )),
+        BenchmarkVariant('cswin-t-global-softmax', 'the same layout, global softmax attention '
+                         'in stages 1-2', (('arch', 'tiny'), ('inline_operator', 'softmax'))),
+    ),
+))

@@ -7,7 +7,7 @@ map at run time, so any input size works.
 """
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -15,11 +15,12 @@ from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
 from ...ops.inline import KernelArg
-from ...registry import MODELS
-from ..layers import InLineAttention, PatchEmbed, TransformerBlock, run_block
-from .base import InLineBackbone, resolve_arch
+from ..family import BackboneFamily, BenchmarkVariant, ReleasedModel, register_family
+from ..layers import ClassifierHead, InLineAttention, PatchEmbed, TransformerBlock, run_block
+from .base import InLineBackbone
 
-__all__ = ['InLinePVT', 'convert_pvt_checkpoint', 'PVT_ARCHS', 'resize_pos_embed']
+__all__ = ['InLinePVT', 'InLinePVTClassifier', 'convert_pvt_checkpoint', 'PVT_ARCHS',
+           'resize_pos_embed']
 
 _PVT_COMMON = dict(embed_dims=(64, 128, 320, 512), num_heads=(2, 4, 10, 16),
                    mlp_ratios=(8, 8, 4, 4))
@@ -41,7 +42,15 @@ def resize_pos_embed(pos_embed: Tensor, grid: tuple[int, int], size: tuple[int, 
     return pe.permute(0, 2, 3, 1)
 
 
-@MODELS.register_module()
+def convert_pvt_checkpoint(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Released InLine-PVT classification keys -> :class:`InLinePVT` keys (``head`` dropped).
+
+    The released model has no output norms; the backbone's ``norm{i}`` start
+    from their initialisation (identity up to the normalisation).
+    """
+    return {k: v for k, v in state_dict.items() if not k.startswith('head.')}
+
+
 class InLinePVT(InLineBackbone):
     """InLine-PVT backbone for dense prediction.
 
@@ -56,14 +65,19 @@ class InLinePVT(InLineBackbone):
         inline_window: None (default, global) or a window side for InLine.
         inline_operator: ``'inline'``; ``'linear'`` / ``'softmax'`` for ablations.
         kernel: ``phi`` of the attention (``'default'``: identity for InLine).
-        drop_rate, attn_drop_rate, drop_path_rate: regularisation.
+        attn_impl: attention implementation (``'auto'``; see
+            :mod:`mmlinattn.ops.implementations`).
+        drop_rate, drop_path_rate: regularisation (every block is InLine: there
+            are no attention weights to drop, hence no ``attn_drop_rate``).
         out_indices, out_norm, frozen_stages, with_cp, pretrained, init_cfg:
-            the OpenMMLab backbone contract (see :class:`InLineSwin`).
+            the OpenMMLab backbone contract (see :class:`InLineBackbone`).
 
     Input ``(B, in_channels, H, W)`` of any size; output a tuple of
     ``(B, C_i, H_i, W_i)`` maps at strides 4, 8, 16, 32.
     """
 
+    arch_settings = PVT_ARCHS
+    convert_checkpoint = staticmethod(convert_pvt_checkpoint)
     pos_embed_interpolation = 'bilinear'  # as forward resizes them (reference behaviour)
 
     def __init__(self,
@@ -78,8 +92,8 @@ class InLinePVT(InLineBackbone):
                  inline_window: Optional[int] = None,
                  inline_operator: str = 'inline',
                  kernel: KernelArg = 'default',
+                 attn_impl: str = 'auto',
                  drop_rate: float = 0.,
-                 attn_drop_rate: float = 0.,
                  drop_path_rate: float = 0.1,
                  out_indices: Sequence[int] = (0, 1, 2, 3),
                  out_norm: bool = True,
@@ -87,17 +101,15 @@ class InLinePVT(InLineBackbone):
                  with_cp: bool = False,
                  pretrained: Optional[str] = None,
                  init_cfg: Optional[Union[dict, list]] = None) -> None:
-        setting = resolve_arch(arch, PVT_ARCHS, 'InLinePVT',
-                               dict(embed_dims=embed_dims, depths=depths, num_heads=num_heads,
-                                    mlp_ratios=mlp_ratios))
+        setting = self.resolve_arch(arch, embed_dims=embed_dims, depths=depths,
+                                    num_heads=num_heads, mlp_ratios=mlp_ratios)
         dims = tuple(setting['embed_dims'])
         depths = tuple(setting['depths'])
         heads = tuple(setting['num_heads'])
         ratios = tuple(setting['mlp_ratios'])
-        self.num_stages = len(depths)
-        super().__init__(out_indices, frozen_stages, with_cp, pretrained, init_cfg)
+        super().__init__(len(depths), out_indices, out_norm, frozen_stages, with_cp, pretrained,
+                         init_cfg)
         self.num_features = list(dims)
-        self.out_norm = out_norm
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         self.pos_grids = []
         for i in range(self.num_stages):
@@ -116,8 +128,8 @@ class InLinePVT(InLineBackbone):
                 TransformerBlock(
                     dims[i],
                     InLineAttention(dims[i], heads[i], qkv_layout='q_kv', window_size=inline_window,
-                                    operator=inline_operator, kernel=kernel, qkv_bias=qkv_bias,
-                                    proj_drop=drop_rate),
+                                    operator=inline_operator, kernel=kernel, impl=attn_impl,
+                                    qkv_bias=qkv_bias, proj_drop=drop_rate),
                     mlp_ratio=ratios[i], drop=drop_rate, drop_path=dpr[start + j], norm_eps=1e-6)
                 for j in range(depths[i])
             ]
@@ -154,13 +166,32 @@ class InLinePVT(InLineBackbone):
         return outs
 
 
-def convert_pvt_checkpoint(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Released InLine-PVT classification keys -> :class:`InLinePVT` keys (``head`` dropped).
+class InLinePVTClassifier(ClassifierHead, InLinePVT):
+    """InLine-PVT with the reference head: token mean of the last stage, ``head`` (no norm)."""
 
-    The released model has no output norms; the backbone's ``norm{i}`` start
-    from their initialisation (identity up to the normalisation).
-    """
-    return {k: v for k, v in state_dict.items() if not k.startswith('head.')}
+    def __init__(self, arch: Union[str, dict] = 'tiny', num_classes: int = 1000,
+                 **kwargs: Any) -> None:
+        super().__init__(arch, out_indices=(-1, ), out_norm=False, **kwargs)
+        self._add_head(self.num_features[-1], num_classes, norm_eps=None)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """``(B, 3, H, W)`` -> last-stage tokens ``(B, H/32, W/32, C)``."""
+        return self.forward_stages(x)[-1]
 
 
-InLinePVT.convert_checkpoint = staticmethod(convert_pvt_checkpoint)
+register_family(BackboneFamily(
+    name='pvt', backbone=InLinePVT, classifier=InLinePVTClassifier,
+    key_prefixes=('block1.', ), first_conv='patch_embed1.proj',
+    released=(
+        ReleasedModel('inline_pvt_tiny', 'inline_pvt_t', 'tiny', 0.1),
+        ReleasedModel('inline_pvt_small', 'inline_pvt_s', 'small', 0.1),
+        ReleasedModel('inline_pvt_medium', 'inline_pvt_m', 'medium', 0.3),
+        ReleasedModel('inline_pvt_large', 'inline_pvt_l', 'large', 0.3),
+    ),
+    benchmark=(
+        BenchmarkVariant('inline-pvt-t', 'InLine-PVT-T, global InLine, no spatial reduction',
+                         (('arch', 'tiny'), )),
+        BenchmarkVariant('inline-pvt-s', 'InLine-PVT-S, global InLine, no spatial reduction',
+                         (('arch', 'small'), )),
+    ),
+))

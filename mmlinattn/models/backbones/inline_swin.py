@@ -1,6 +1,6 @@
 """InLine-Swin: Swin Transformer whose InLine stages use injective linear attention.
 
-Layouts of the released models (INLINE.md, section 3): ``tiny`` IIIS, ``small``
+Layouts of the released models (docs/method.md): ``tiny`` IIIS, ``small``
 IISS, ``base`` IIMS2. InLine stages attend globally by default (the released
 models at 224 px with window 56 are global in every InLine stage), or in
 non-overlapping windows with ``inline_window``. Softmax blocks are Swin's
@@ -8,14 +8,15 @@ non-overlapping windows with ``inline_window``. Softmax blocks are Swin's
 """
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from ...ops.inline import KernelArg
-from ...registry import MODELS
+from ..family import BackboneFamily, BenchmarkVariant, ReleasedModel, register_family
 from ..layers import (
+    ClassifierHead,
     InLineAttention,
     PatchEmbed,
     PatchMerging,
@@ -24,9 +25,10 @@ from ..layers import (
     parse_attn_types,
     run_block,
 )
-from .base import InLineBackbone, resolve_arch
+from .base import InLineBackbone
 
-__all__ = ['InLineSwin', 'InLineSwinStage', 'convert_swin_checkpoint', 'SWIN_ARCHS']
+__all__ = ['InLineSwin', 'InLineSwinClassifier', 'InLineSwinStage', 'convert_swin_checkpoint',
+           'SWIN_ARCHS']
 
 SWIN_ARCHS: dict[str, dict] = {
     'tiny': dict(embed_dims=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), attn_types='IIIS'),
@@ -52,6 +54,7 @@ class InLineSwinStage(nn.Module):
                  softmax_window: int,
                  inline_operator: str,
                  kernel: KernelArg,
+                 attn_impl: str,
                  mlp_ratio: float,
                  qkv_bias: bool,
                  drop_rate: float,
@@ -64,7 +67,7 @@ class InLineSwinStage(nn.Module):
             if letter == 'I':
                 attn = InLineAttention(dim, num_heads, qkv_layout='qkv', window_size=inline_window,
                                        operator=inline_operator, kernel=kernel,
-                                       qkv_bias=qkv_bias, proj_drop=drop_rate)
+                                       impl=attn_impl, qkv_bias=qkv_bias, proj_drop=drop_rate)
             else:
                 # Swin shifts every other block by half a window.
                 attn = WindowSoftmaxAttention(dim, num_heads, window_size=softmax_window,
@@ -83,7 +86,24 @@ class InLineSwinStage(nn.Module):
         return x, (self.downsample(x) if self.downsample is not None else x)
 
 
-@MODELS.register_module()
+def convert_swin_checkpoint(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Released InLine-Swin classification keys -> :class:`InLineSwin` backbone keys.
+
+    The final ``norm`` is the last stage's output norm (``norm3``); ``head`` is
+    dropped; derived buffers are expected to be removed already. Backbone keys
+    pass through unchanged.
+    """
+    last = max((int(k.split('.')[1]) for k in state_dict if k.startswith('layers.')), default=3)
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith('head.'):
+            continue
+        if k.startswith('norm.'):
+            k = f'norm{last}.' + k[len('norm.'):]
+        out[k] = v
+    return out
+
+
 class InLineSwin(InLineBackbone):
     """InLine-Swin backbone for dense prediction.
 
@@ -116,6 +136,9 @@ class InLineSwin(InLineBackbone):
     ``(B, C_i, ceil(H / 4 / 2^i), ceil(W / 4 / 2^i))`` maps for i in out_indices.
     """
 
+    arch_settings = SWIN_ARCHS
+    convert_checkpoint = staticmethod(convert_swin_checkpoint)
+
     def __init__(self,
                  arch: Union[str, dict] = 'tiny',
                  embed_dims: Optional[int] = None,
@@ -130,6 +153,7 @@ class InLineSwin(InLineBackbone):
                  softmax_window: int = 7,
                  inline_operator: str = 'inline',
                  kernel: KernelArg = 'default',
+                 attn_impl: str = 'auto',
                  drop_rate: float = 0.,
                  attn_drop_rate: float = 0.,
                  drop_path_rate: float = 0.1,
@@ -139,13 +163,12 @@ class InLineSwin(InLineBackbone):
                  with_cp: bool = False,
                  pretrained: Optional[str] = None,
                  init_cfg: Optional[Union[dict, list]] = None) -> None:
-        setting = resolve_arch(arch, SWIN_ARCHS, 'InLineSwin',
-                               dict(embed_dims=embed_dims, depths=depths, num_heads=num_heads,
-                                    attn_types=attn_types))
+        setting = self.resolve_arch(arch, embed_dims=embed_dims, depths=depths,
+                                    num_heads=num_heads, attn_types=attn_types)
         depths = tuple(setting['depths'])
         num_heads = tuple(setting['num_heads'])
-        self.num_stages = len(depths)
-        super().__init__(out_indices, frozen_stages, with_cp, pretrained, init_cfg)
+        super().__init__(len(depths), out_indices, out_norm, frozen_stages, with_cp, pretrained,
+                         init_cfg)
         letters = parse_attn_types(setting['attn_types'], depths)
         dims = [setting['embed_dims'] * 2**i for i in range(self.num_stages)]
         self.embed_dims = setting['embed_dims']
@@ -160,9 +183,8 @@ class InLineSwin(InLineBackbone):
             self.layers.append(
                 InLineSwinStage(dims[i], num_heads[i], letters[i], dpr[start:start + depths[i]],
                                 inline_window, softmax_window, inline_operator, kernel,
-                                mlp_ratio, qkv_bias, drop_rate, attn_drop_rate,
+                                attn_impl, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate,
                                 downsample=i < self.num_stages - 1, with_cp=with_cp))
-        self.out_norm = out_norm
         self._add_out_norms(dims, eps=1e-5)
         self._finish_init()
 
@@ -183,22 +205,39 @@ class InLineSwin(InLineBackbone):
         return outs
 
 
-def convert_swin_checkpoint(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Released InLine-Swin classification keys -> :class:`InLineSwin` backbone keys.
+class InLineSwinClassifier(ClassifierHead, InLineSwin):
+    """InLine-Swin with the reference head: final ``norm``, token mean, ``head``."""
 
-    The final ``norm`` is the last stage's output norm (``norm3``); ``head`` is
-    dropped; derived buffers are expected to be removed already. Backbone keys
-    pass through unchanged.
-    """
-    last = max((int(k.split('.')[1]) for k in state_dict if k.startswith('layers.')), default=3)
-    out = {}
-    for k, v in state_dict.items():
-        if k.startswith('head.'):
-            continue
-        if k.startswith('norm.'):
-            k = f'norm{last}.' + k[len('norm.'):]
-        out[k] = v
-    return out
+    def __init__(self, arch: Union[str, dict] = 'tiny', num_classes: int = 1000,
+                 **kwargs: Any) -> None:
+        super().__init__(arch, out_indices=(-1, ), out_norm=False, **kwargs)
+        self._add_head(self.num_features[-1], num_classes, norm_eps=1e-5)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """``(B, 3, H, W)`` -> normed last-stage tokens ``(B, H/32, W/32, C)``."""
+        return self.norm(self.forward_stages(x)[-1])
 
 
-InLineSwin.convert_checkpoint = staticmethod(convert_swin_checkpoint)
+register_family(BackboneFamily(
+    name='swin', backbone=InLineSwin, classifier=InLineSwinClassifier,
+    key_prefixes=('layers.', ), first_conv='patch_embed.proj',
+    released=(
+        ReleasedModel('inline_swin_tiny', 'inline_swin_t', 'tiny', 0.2),
+        ReleasedModel('inline_swin_small', 'inline_swin_s', 'small', 0.3),
+        ReleasedModel('inline_swin_base', 'inline_swin_b', 'base', 0.5),
+        # The reference's 384 px fine-tuning: window 96 (InLine stages stay global),
+        # softmax windows max(7, 96 // 8) = 12; evaluated without a centre crop.
+        ReleasedModel('inline_swin_base_384', 'inline_swin_b_384', 'base', 0.5, 384, 1.0,
+                      (('softmax_window', 12), )),
+    ),
+    benchmark=(
+        BenchmarkVariant('inline-swin-t', 'InLine-Swin-T, global InLine stages 1-3',
+                         (('arch', 'tiny'), )),
+        BenchmarkVariant('inline-swin-t-w56', 'InLine-Swin-T, InLine in 56x56 windows',
+                         (('arch', 'tiny'), ('inline_window', 56))),
+        BenchmarkVariant('swin-t-global-softmax', 'the same layout, global softmax attention '
+                         'in stages 1-3', (('arch', 'tiny'), ('inline_operator', 'softmax'))),
+        BenchmarkVariant('swin-t-global-linear', 'the same layout, plain linear attention in '
+                         'stages 1-3', (('arch', 'tiny'), ('inline_operator', 'linear'))),
+    ),
+))

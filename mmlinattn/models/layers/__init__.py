@@ -1,12 +1,16 @@
 """nn.Modules built on :mod:`mmlinattn.ops`, shared by every backbone."""
-from .attention import InLineAttention, WindowSoftmaxAttention, merge_heads, split_heads
+from .attention import InLineAttention, WindowSoftmaxAttention
 from .attn_types import parse_attn_types
 from .block import TransformerBlock, run_block
 from .embed import PatchEmbed, PatchMerging
+from .head import ClassifierHead
 from .local_residual import LocalResidual, masked_mean
+from .regions import RegionGrid, attend_heads, merge_heads, split_heads
+from .weight_init import init_transformer_weights
 
 __all__ = [
     'InLineAttention', 'WindowSoftmaxAttention', 'merge_heads', 'split_heads',
     'parse_attn_types', 'TransformerBlock', 'run_block', 'PatchEmbed', 'PatchMerging',
-    'LocalResidual', 'masked_mean'
+    'LocalResidual', 'masked_mean', 'RegionGrid', 'attend_heads', 'ClassifierHead',
+    'init_transformer_weights'
 ]

@@ -1,8 +1,9 @@
 """Attention modules over channels-last feature maps ``(B, H, W, C)``.
 
-:class:`InLineAttention` is the one implementation of InLine attention used by
-every backbone (global or windowed, ``qkv`` or ``q``/``kv`` projections, with
-the local residual). Its ``operator`` switch swaps in plain linear or global
+:class:`InLineAttention` is the InLine attention module of Swin, PVT and DeiT
+(global or windowed, ``qkv`` or ``q``/``kv`` projections, with the local
+residual); CSwin's branches share its region cutting and head attention
+(:mod:`.regions`). Its ``operator`` switch swaps in plain linear or global
 softmax attention for ablations with an identical parameter layout.
 :class:`WindowSoftmaxAttention` is Swin's shifted-window softmax attention with
 relative position bias, for the softmax stages of InLine-Swin.
@@ -16,25 +17,19 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
-from ...ops import ATTENTION_FUNCTIONS, pad_to_multiple, window_merge, window_partition
+from ...ops import (
+    ATTENTIONS,
+    pad_to_multiple,
+    resolve_kernel,
+    valid_mask,
+    window_merge,
+    window_partition,
+)
 from ...ops.inline import KernelArg
 from .local_residual import LocalResidual, masked_mean
+from .regions import RegionGrid, attend_heads, merge_heads, split_heads
 
 __all__ = ['InLineAttention', 'WindowSoftmaxAttention', 'split_heads', 'merge_heads']
-
-_DEFAULT_KERNEL = {'inline': 'identity', 'linear': 'relu', 'softmax': None}
-
-
-def split_heads(x: Tensor, num_heads: int) -> Tensor:
-    """``(B, N, C)`` -> ``(B, heads, N, C // heads)`` (a view)."""
-    b, n, c = x.shape
-    return x.view(b, n, num_heads, c // num_heads).transpose(1, 2)
-
-
-def merge_heads(x: Tensor) -> Tensor:
-    """``(B, heads, N, d)`` -> ``(B, N, heads * d)``."""
-    b, h, n, d = x.shape
-    return x.transpose(1, 2).reshape(b, n, h * d)
 
 
 class InLineAttention(nn.Module):
@@ -48,13 +43,15 @@ class InLineAttention(nn.Module):
         window_size: None for global attention over the whole map; an int for
             non-overlapping windows (the map is padded to a multiple and the
             padding masked). A map no larger than the window is one window.
-        operator: ``'inline'`` (default), ``'linear'`` (division-normalised,
-            non-injective) or ``'softmax'`` (global, through SDPA).
-        kernel: ``phi`` for q and k; defaults to identity for InLine, ReLU for
-            linear attention and none for softmax.
+        operator: the attention, ``'inline'`` (default), ``'linear'``
+            (division-normalised, non-injective) or ``'softmax'`` (global), with
+            the same parameters (ablations).
+        kernel: ``phi`` for q and k; ``'default'`` is the attention's own
+            (identity for InLine, ReLU for linear, none for softmax).
+        impl: the implementation (:mod:`mmlinattn.ops.implementations`), ``'auto'``
+            for the best one available for the input.
         local_residual: add the 3x3 local term (``residual.*`` parameters).
         qkv_bias: bias of the projections.
-        attn_drop: accepted for config parity; InLine has no attention map to drop.
         proj_drop: dropout after the output projection.
 
     Shapes: ``forward(x: (B, H, W, C)) -> (B, H, W, C)``.
@@ -67,16 +64,16 @@ class InLineAttention(nn.Module):
                  window_size: Optional[int] = None,
                  operator: str = 'inline',
                  kernel: KernelArg = 'default',
+                 impl: str = 'auto',
                  local_residual: bool = True,
                  qkv_bias: bool = True,
-                 attn_drop: float = 0.,
                  proj_drop: float = 0.) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f'dim {dim} is not divisible by num_heads {num_heads}')
-        if operator not in ATTENTION_FUNCTIONS:
+        if operator not in ATTENTIONS:
             raise ValueError(f'unknown attention operator {operator!r}; '
-                             f'expected one of {sorted(ATTENTION_FUNCTIONS)}')
+                             f'expected one of {sorted(ATTENTIONS)}')
         if qkv_layout not in ('qkv', 'q_kv'):
             raise ValueError(f"qkv_layout must be 'qkv' or 'q_kv', got {qkv_layout!r}")
         if window_size is not None and window_size < 1:
@@ -85,7 +82,8 @@ class InLineAttention(nn.Module):
         self.num_heads = num_heads
         self.window_size = window_size
         self.operator = operator
-        self.kernel = _DEFAULT_KERNEL[operator] if kernel == 'default' else kernel
+        self.kernel = resolve_kernel(operator, kernel)
+        self.impl = impl
         self.qkv_layout = qkv_layout
         if qkv_layout == 'qkv':
             self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
@@ -95,12 +93,11 @@ class InLineAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.residual = LocalResidual(dim, num_heads) if local_residual else None
-        self._attention = ATTENTION_FUNCTIONS[operator]
 
     def extra_repr(self) -> str:
         window = 'global' if self.window_size is None else f'window={self.window_size}'
         return (f'dim={self.dim}, num_heads={self.num_heads}, operator={self.operator}, '
-                f'kernel={self.kernel}, {window}')
+                f'kernel={self.kernel}, impl={self.impl}, {window}')
 
     def project(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(B, N, C)`` -> q, k, v each ``(B, N, C)``."""
@@ -129,9 +126,7 @@ class InLineAttention(nn.Module):
             if num_prefix:
                 mask = torch.cat([mask.new_ones(b, num_prefix), mask], dim=1)
         q, k, v = self.project(tokens)
-        out = self._attention(split_heads(q, self.num_heads), split_heads(k, self.num_heads),
-                              split_heads(v, self.num_heads), mask=mask, kernel=self.kernel)
-        out = merge_heads(out)
+        out = attend_heads(self.operator, q, k, v, self.num_heads, mask, self.kernel, self.impl)
         if self.residual is not None:
             local = self.residual(v[:, num_prefix:].view(b, h, w, c), masked_mean(tokens, mask),
                                   valid).reshape(b, h * w, c)
@@ -139,39 +134,30 @@ class InLineAttention(nn.Module):
                 [out[:, :num_prefix], out[:, num_prefix:] + local], dim=1)
         return out
 
-    def attend(self, x: Tensor, valid: Optional[Tensor] = None) -> Tensor:
-        """Attention over each map of ``x (B', h, w, C)`` as one region, before ``proj``."""
-        b, h, w, c = x.shape
-        return self.attend_tokens(x.reshape(b, h * w, c), (h, w), valid).view(b, h, w, c)
-
     def forward_tokens(self, tokens: Tensor, hw: tuple[int, int], num_prefix: int = 0) -> Tensor:
         """Global attention for token sequences with ``num_prefix`` leading non-map tokens
-        (ViT's class token): ``(B, P + h*w, C) -> (B, P + h*w, C)``."""
+        (DeiT's class token): ``(B, P + h*w, C) -> (B, P + h*w, C)``."""
         if tokens.dim() != 3 or tokens.shape[-1] != self.dim or \
                 tokens.shape[1] != num_prefix + hw[0] * hw[1]:
             raise ValueError(f'expected ({tokens.shape[0]}, {num_prefix} + {hw[0]}*{hw[1]}, '
                              f'{self.dim}) tokens, got {tuple(tokens.shape)}')
         return self.proj_drop(self.proj(self.attend_tokens(tokens, hw, None, num_prefix)))
 
+    def region(self, h: int, w: int) -> Optional[tuple[int, int]]:
+        """The attended region for an ``h x w`` map: None (the whole map) or the window."""
+        ws = self.window_size
+        return None if ws is None or (h <= ws and w <= ws) else (ws, ws)
+
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[-1] != self.dim:
             raise ValueError(f'{type(self).__name__} expects (B, H, W, {self.dim}); '
                              f'got {tuple(x.shape)}')
         b, h, w, c = x.shape
-        ws = self.window_size
-        if ws is None or (h <= ws and w <= ws):
-            out = self.attend(x)
-        else:
-            xp = pad_to_multiple(x, ws)
-            hp, wp = xp.shape[1:3]
-            valid = None
-            if (hp, wp) != (h, w):
-                valid = torch.zeros(b, hp, wp, 1, dtype=torch.bool, device=x.device)
-                valid[:, :h, :w] = True
-                valid = window_partition(valid, ws)[..., 0]
-            out = self.attend(window_partition(xp, ws), valid)
-            out = window_merge(out, hp, wp)[:, :h, :w]
-        return self.proj_drop(self.proj(out))
+        grid = RegionGrid(b, h, w, self.region(h, w), x.device)
+        regions = grid.split(x)
+        rb, rh, rw = regions.shape[:3]
+        out = self.attend_tokens(regions.reshape(rb, rh * rw, c), (rh, rw), grid.valid)
+        return self.proj_drop(self.proj(grid.merge(out.view(rb, rh, rw, c))))
 
 
 def relative_position_index(window_size: int) -> Tensor:
@@ -199,8 +185,7 @@ def shifted_window_mask(hp: int, wp: int, h: int, w: int, window_size: int, shif
                 region[:, hs, wsl] = cnt
                 cnt += 1
     # Padding is rolled with the map, so build it unrolled and roll it the same way.
-    pad = torch.ones(1, hp, wp, 1, device=device)
-    pad[:, :h, :w] = 0
+    pad = (~valid_mask(1, h, w, hp, wp, device))[..., None].float()
     if shift > 0:
         pad = torch.roll(pad, shifts=(-shift, -shift), dims=(1, 2))
     n = window_size * window_size

@@ -1,6 +1,8 @@
-"""InLine-ViT: the released InLine-DeiT layouts as a plain, single-scale backbone.
+"""InLine-DeiT: the released InLine-DeiT models (plain ViTs) as a dense-prediction backbone.
 
-Released layouts (INLINE.md): ``tiny`` 192 wide, 6 heads, 224 px; ``small`` 320
+The model is called DeiT everywhere (class, timm names, checkpoints, configs);
+``InLineViT``, ``VIT_ARCHS`` and ``convert_vit_checkpoint`` are older aliases.
+Released layouts (docs/method.md): ``tiny`` 192 wide, 6 heads, 224 px; ``small`` 320
 wide, 10 heads, 288 px; ``base`` 384 wide, 12 heads, 448 px; depth 12, patch
 16, LayerNorm eps 1e-6, class token plus ``pos_embed``. InLine counts the class
 token (it is in N and in the means); the local 3x3 term runs on the patch
@@ -11,28 +13,29 @@ pooling) to strides 4, 8, 16, 32, all ``embed_dims`` channels.
 """
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d, trunc_normal_
 from torch import Tensor, nn
 
-from ...registry import MODELS
-from ..layers import InLineAttention, PatchEmbed, TransformerBlock, run_block
-from .base import InLineBackbone, resolve_arch
+from ...ops.inline import KernelArg
+from ..family import BackboneFamily, BenchmarkVariant, ReleasedModel, register_family
+from ..layers import ClassifierHead, InLineAttention, PatchEmbed, TransformerBlock, run_block
+from .base import InLineBackbone
 
-__all__ = ['InLineViT', 'ViTBlock', 'SimpleFeaturePyramid', 'convert_vit_checkpoint',
-           'VIT_ARCHS']
+__all__ = ['InLineDeiT', 'InLineDeiTClassifier', 'DeiTBlock', 'SimpleFeaturePyramid',
+           'convert_deit_checkpoint', 'DEIT_ARCHS']
 
-VIT_ARCHS: dict[str, dict] = {
+DEIT_ARCHS: dict[str, dict] = {
     'tiny': dict(embed_dims=192, depth=12, num_heads=6, pretrain_img_size=224),
     'small': dict(embed_dims=320, depth=12, num_heads=10, pretrain_img_size=288),
     'base': dict(embed_dims=384, depth=12, num_heads=12, pretrain_img_size=448),
 }
 
 
-class ViTBlock(TransformerBlock):
+class DeiTBlock(TransformerBlock):
     """Pre-norm block on ``(B, 1 + h*w, C)`` tokens whose first token is the class token."""
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
@@ -55,15 +58,33 @@ class SimpleFeaturePyramid(nn.Module):
         return [getattr(self, f'fpn{i}')(m) for i, m in enumerate(maps)]
 
 
-@MODELS.register_module()
-class InLineViT(InLineBackbone):
-    """InLine-ViT (released InLine-DeiT layouts) as a dense-prediction backbone.
+def convert_deit_checkpoint(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Released InLine-DeiT keys -> :class:`InLineDeiT` keys: the final ``norm`` becomes the
+    last block's tap norm (``norm11`` for depth 12); ``head`` is dropped."""
+    depth = 1 + max((int(k.split('.')[1]) for k in state_dict if k.startswith('blocks.')),
+                    default=11)
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith('head.'):
+            continue
+        out[f'norm{depth - 1}.' + k[len('norm.'):] if k.startswith('norm.') else k] = v
+    return out
+
+
+class InLineDeiT(InLineBackbone):
+    """InLine-DeiT (the released layouts) as a dense-prediction backbone.
 
     Args:
         arch: ``'tiny'``, ``'small'``, ``'base'`` or a dict (``embed_dims``,
             ``depth``, ``num_heads``, ``pretrain_img_size``).
         in_channels, patch_size (16), mlp_ratio, qkv_bias, drop_rate, drop_path_rate.
+        inline_window: must be None: the class token attends to every patch, so
+            the attention is global (it is accepted so that every family takes
+            the same arguments, and refused with the reason otherwise).
         inline_operator: ``'inline'``; ``'linear'`` / ``'softmax'`` for ablations.
+        kernel: ``phi`` of the attention (``'default'``: identity for InLine).
+        attn_impl: attention implementation (``'auto'``; see
+            :mod:`mmlinattn.ops.implementations`).
         out_indices: the blocks whose patch maps are returned (four of them with
             ``pyramid``), default (3, 5, 7, 11).
         pyramid: map the four taps to strides 4/8/16/32 (True) or return them
@@ -79,15 +100,21 @@ class InLineViT(InLineBackbone):
     multiple of the patch size).
     """
 
+    arch_settings = DEIT_ARCHS
+    convert_checkpoint = staticmethod(convert_deit_checkpoint)
+
     def __init__(self,
-                 arch: Union[str, dict] = 'small',
+                 arch: Union[str, dict] = 'tiny',
                  in_channels: int = 3,
                  patch_size: int = 16,
                  mlp_ratio: float = 4.,
                  qkv_bias: bool = True,
                  drop_rate: float = 0.,
                  drop_path_rate: float = 0.1,
+                 inline_window: Optional[int] = None,
                  inline_operator: str = 'inline',
+                 kernel: KernelArg = 'default',
+                 attn_impl: str = 'auto',
                  out_indices: Sequence[int] = (3, 5, 7, 11),
                  pyramid: bool = True,
                  out_norm: bool = True,
@@ -95,10 +122,15 @@ class InLineViT(InLineBackbone):
                  with_cp: bool = False,
                  pretrained: Optional[str] = None,
                  init_cfg: Optional[Union[dict, list]] = None) -> None:
-        setting = resolve_arch(arch, VIT_ARCHS, 'InLineViT', {})
+        if inline_window is not None:
+            raise ValueError(f'InLineDeiT: inline_window={inline_window} is not possible: the '
+                             'class token attends to every patch token, so InLine-DeiT attends '
+                             'globally; windowed InLine needs a pyramid backbone (InLineSwin, '
+                             'InLinePVT, InLineCSwin)')
+        setting = self.resolve_arch(arch)
         depth, dim = setting['depth'], setting['embed_dims']
-        self.num_stages = depth
-        super().__init__(out_indices, frozen_stages, with_cp, pretrained, init_cfg)
+        super().__init__(depth, out_indices, out_norm, frozen_stages, with_cp, pretrained,
+                         init_cfg)
         if pyramid and len(self.out_indices) != 4:
             raise ValueError(f'pyramid=True needs four out_indices (strides 4-32), got '
                              f'{self.out_indices}')
@@ -111,13 +143,13 @@ class InLineViT(InLineBackbone):
         self.pos_drop = nn.Dropout(drop_rate)
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList([
-            ViTBlock(dim, InLineAttention(dim, setting['num_heads'], qkv_layout='qkv',
-                                          operator=inline_operator, qkv_bias=qkv_bias,
-                                          proj_drop=drop_rate),
+            DeiTBlock(dim, InLineAttention(dim, setting['num_heads'], qkv_layout='qkv',
+                                           operator=inline_operator, kernel=kernel,
+                                           impl=attn_impl, qkv_bias=qkv_bias,
+                                           proj_drop=drop_rate),
                      mlp_ratio=mlp_ratio, drop=drop_rate, drop_path=dpr[i], norm_eps=1e-6)
             for i in range(depth)
         ])
-        self.out_norm = out_norm
         self._add_out_norms(self.num_features, eps=1e-6)
         self.pyramid = SimpleFeaturePyramid(dim) if pyramid else None
         trunc_normal_(self.pos_embed, std=.02)
@@ -173,17 +205,42 @@ class InLineViT(InLineBackbone):
         return tuple(outs)
 
 
-def convert_vit_checkpoint(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Released InLine-DeiT keys -> :class:`InLineViT` keys: the final ``norm`` becomes the
-    last block's tap norm (``norm11`` for depth 12); ``head`` is dropped."""
-    depth = 1 + max((int(k.split('.')[1]) for k in state_dict if k.startswith('blocks.')),
-                    default=11)
-    out = {}
-    for k, v in state_dict.items():
-        if k.startswith('head.'):
-            continue
-        out[f'norm{depth - 1}.' + k[len('norm.'):] if k.startswith('norm.') else k] = v
-    return out
+class InLineDeiTClassifier(ClassifierHead, InLineDeiT):
+    """InLine-DeiT with the reference head: final ``norm``, class token, ``head``."""
+
+    def __init__(self, arch: Union[str, dict] = 'tiny', num_classes: int = 1000,
+                 **kwargs: Any) -> None:
+        super().__init__(arch, out_indices=(-1, ), pyramid=False, out_norm=False, **kwargs)
+        self._add_head(self.embed_dims, num_classes, norm_eps=1e-6)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """``(B, 3, H, W)`` -> normed tokens ``(B, 1 + h*w, C)``."""
+        return self.norm(self.forward_tokens(x)[0])
+
+    def pool(self, x: Tensor) -> Tensor:
+        """The class token."""
+        return x[:, 0]
 
 
-InLineViT.convert_checkpoint = staticmethod(convert_vit_checkpoint)
+register_family(BackboneFamily(
+    name='deit', backbone=InLineDeiT, classifier=InLineDeiTClassifier,
+    key_prefixes=('cls_token', ), first_conv='patch_embed.proj', feature_stride=16,
+    # The released models' image sides are those of their position embeddings.
+    released=(
+        ReleasedModel('inline_deit_tiny', 'inline_deit_t', 'tiny', 0.1, 224),
+        ReleasedModel('inline_deit_small', 'inline_deit_s', 'small', 0.1, 288),
+        ReleasedModel('inline_deit_base', 'inline_deit_b', 'base', 0.1, 448),
+    ),
+    benchmark=(
+        BenchmarkVariant('inline-deit-s', 'InLine-DeiT-S, global InLine, simple pyramid',
+                         (('arch', 'small'), )),
+        BenchmarkVariant('deit-s-global-softmax', 'the same layout, global softmax attention',
+                         (('arch', 'small'), ('inline_operator', 'softmax'))),
+    ),
+    aliases=('InLineViT', ),
+))
+
+#: Older names of the same model.
+InLineViT = InLineDeiT
+VIT_ARCHS = DEIT_ARCHS
+convert_vit_checkpoint = convert_deit_checkpoint

@@ -1,0 +1,161 @@
+"""Benchmark outputs: markdown tables, latency ratios, log-log plots and the JSON record."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import os.path as osp
+from dataclasses import asdict
+from typing import Any, Optional
+
+from .runner import FAILED, SweepConfig, environment
+
+__all__ = ['tables', 'ratios', 'plot', 'write_outputs']
+
+
+def _cell(case: dict) -> str:
+    if case.get('status') != 'ok':
+        return case.get('status', '?')
+    return f"{case['latency_ms']:.1f} ({case['iqr_ms']:.1f})"
+
+
+def _mem(case: dict) -> str:
+    if case.get('status') != 'ok':
+        limit = case.get('limit_gib')
+        return f"{case.get('status')}" + (f' (>{limit:g} GiB)' if limit else '')
+    above = case.get('peak_mem_above_start_mib')
+    return f"{case['peak_mem_mib']:.0f}" + (f' (+{above:.0f})' if above is not None else '')
+
+
+def tables(results: list[dict], meta: dict) -> str:
+    """Markdown tables: latency (median, IQR), growth, memory, FLOPs, per level."""
+    lines = []
+    unit = 'tokens per side' if meta['level'] == 'attention' else 'px'
+    sizes = sorted({c['size'] for c in results})
+    names = list(dict.fromkeys(c['contender'] for c in results))
+    by = {(c['contender'], c['size']): c for c in results}
+
+    def table(title: str, fmt: Any) -> None:
+        lines.append(f'\n**{title}**\n')
+        lines.append('| contender | ' + ' | '.join(f'{s} {unit}' for s in sizes) + ' |')
+        lines.append('|---|' + '---|' * len(sizes))
+        for n in names:
+            lines.append(f'| {n} | ' + ' | '.join(fmt(by[(n, s)]) if (n, s) in by else ''
+                                                  for s in sizes) + ' |')
+
+    table(f'Latency, ms: median (inter-quartile range), batch {meta["batch"]}', _cell)
+    table('Cost growth: latency / latency at the previous size (pixels grow by the ratio '
+          'in brackets)',
+          lambda c: f"{c['growth']:.2f}x ({c['pixel_growth']:.0f}x)" if 'growth' in c else
+          ('-' if c.get('status') == 'ok' else c.get('status', '')))
+    table('Throughput, images/s', lambda c: f"{c['throughput_ips']:.2f}"
+          if c.get('status') == 'ok' else c.get('status', ''))
+    if meta['device'] == 'cuda':
+        mem_title = 'Peak memory, MiB (CUDA allocator)'
+    else:
+        source = next((c['mem_source'] for c in results if 'mem_source' in c), 'memory in use')
+        mem_title = (f'Peak memory, MiB: {source} (in brackets: above what was in use after '
+                     'the imports)')
+    table(mem_title, _mem)
+    if any('gflops' in c for c in results):  # not counted with --no-flops
+        table('GFLOPs (operator-level count)', lambda c: f"{c['gflops']:.1f}" if 'gflops' in c
+              else ('-' if c.get('status') == 'ok' else c.get('status', '')))
+    notes = [f"- {c['contender']} @ {c['size']}: {c['status']}: {c.get('error', c.get('note'))}"
+             for c in results if c.get('status') != 'ok' or c.get('note')]
+    if notes:
+        lines.append('\n**Notes**\n')
+        lines.extend(notes)
+    return '\n'.join(lines)
+
+
+def ratios(results: list[dict], pairs: list[tuple[str, str]]) -> str:
+    """Latency of ``a`` / latency of ``b`` at each size where both ran."""
+    by = {(c['contender'], c['size']): c for c in results if c.get('status') == 'ok'}
+    sizes = sorted({c['size'] for c in results})
+    lines = []
+    for a, b in pairs:
+        cells = []
+        for s in sizes:
+            if (a, s) in by and (b, s) in by:
+                cells.append(f"{s}: {by[(a, s)]['latency_ms'] / by[(b, s)]['latency_ms']:.2f}x")
+        if cells:
+            lines.append(f'- {a} / {b}: ' + ', '.join(cells))
+    return '\n'.join(lines)
+
+
+def plot(results: list[dict], meta: dict, out_dir: str) -> list[str]:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    written = []
+    unit = 'token-map side' if meta['level'] == 'attention' else 'input side (px)'
+    names = list(dict.fromkeys(c['contender'] for c in results))
+    colors = plt.get_cmap('tab20' if len(names) > 10 else 'tab10')
+    for key, label, fname in (('latency_ms', 'median latency (ms)', 'latency.png'),
+                              ('peak_mem_mib', 'peak memory (MiB)', 'memory.png')):
+        fig, ax = plt.subplots(figsize=(9, 5))
+        for idx, name in enumerate(names):
+            pts = [(c['size'], c[key]) for c in results
+                   if c['contender'] == name and c.get('status') == 'ok' and key in c]
+            if not pts:
+                continue
+            xs, ys = zip(*pts)
+            # Ours solid, the comparisons dashed; one colour each.
+            ours = next((c.get('ours', True) for c in results if c['contender'] == name), True)
+            style = '-' if ours else '--'
+            line, = ax.plot(xs, ys, marker='o', linestyle=style, label=name,
+                            color=colors(idx % colors.N))
+            failed = [c for c in results if c['contender'] == name
+                      and c.get('status') in FAILED]
+            for c in failed:
+                ax.annotate(c['status'], (c['size'], ys[-1]), color=line.get_color(),
+                            fontsize=8, textcoords='offset points', xytext=(0, 6))
+        ax.set_xscale('log', base=2)
+        ax.set_yscale('log')
+        ax.set_xlabel(unit)
+        ax.set_ylabel(label)
+        title = f"{meta['level']} level, {meta['device']} {meta['dtype']}, batch {meta['batch']}"
+        if meta['device'] == 'cpu' and not meta.get('steady_malloc', True):
+            title += ", glibc's default allocator"
+        ax.set_title(title)
+        ax.grid(True, which='both', alpha=0.3)
+        ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1.0))
+        fig.tight_layout()
+        path = osp.join(out_dir, f"{meta['level']}_{fname}")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_outputs(runs: list[tuple[SweepConfig, list[dict]]], out_dir: str,
+                  make_plots: bool = True, comparisons: Optional[list] = None) -> dict:
+    """``results.json``, ``results.md`` and the plots in ``out_dir``; returns the JSON."""
+    os.makedirs(out_dir, exist_ok=True)
+    doc: dict[str, Any] = dict(
+        created=datetime.datetime.now().isoformat(timespec='seconds'),
+        environment=environment(), runs=[])
+    md = [f"# Benchmark {doc['created']}\n", '```', json.dumps(doc['environment'], indent=1),
+          '```']
+    for cfg, results in runs:
+        meta = asdict(cfg)
+        entry = dict(config=meta, results=results, plots=[])
+        if make_plots and any(c.get('status') == 'ok' for c in results):
+            entry['plots'] = [osp.basename(p) for p in plot(results, meta, out_dir)]
+        doc['runs'].append(entry)
+        md.append(f"\n## {cfg.level} level ({cfg.device}, {cfg.dtype}"
+                  f"{', compiled' if cfg.compile else ''})\n")
+        md.append(tables(results, meta))
+        if comparisons:
+            cmp = ratios(results, comparisons)
+            if cmp:
+                md.append('\n**Latency ratios**\n')
+                md.append(cmp)
+        for p in entry['plots']:
+            md.append(f'\n![{p}]({p})')
+    with open(osp.join(out_dir, 'results.json'), 'w') as f:
+        json.dump(doc, f, indent=1)
+    with open(osp.join(out_dir, 'results.md'), 'w') as f:
+        f.write('\n'.join(md) + '\n')
+    return doc

@@ -1,0 +1,66 @@
+"""A detector or segmenter from a config file, and a synthetic batch for it.
+
+Shared by the benchmark, ``tools/analysis/get_flops.py`` and ``tools/test.py``: the
+config's ``default_scope`` (mmdet or mmseg) decides the registry and the data
+sample type.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Optional, Union
+
+import torch
+from mmengine.config import Config
+
+__all__ = ['clear_pretrained', 'build_from_config', 'synthetic_batch']
+
+
+def clear_pretrained(cfg: Config) -> bool:
+    """Drop the backbone's ``init_cfg`` (its ImageNet checkpoint): for a model whose
+    weights come from elsewhere (a trained checkpoint) or do not matter (timing,
+    FLOPs). Returns whether there was one."""
+    backbone = cfg.model.get('backbone', {})
+    if backbone.get('init_cfg'):
+        backbone.init_cfg = None
+        return True
+    return False
+
+
+def build_from_config(config: Union[str, Config], cfg_options: Optional[dict] = None,
+                      pretrained: bool = False) -> tuple[Any, str]:
+    """``(model, scope)`` built from ``config`` in its default scope (``mmdet`` if unset).
+
+    ``pretrained=False`` (the default) skips the backbone's ImageNet checkpoint.
+    """
+    from mmengine.registry import DefaultScope
+
+    import mmlinattn  # noqa: F401  (registers the backbones)
+
+    cfg = Config.fromfile(config) if isinstance(config, str) else config
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    if not pretrained:
+        clear_pretrained(cfg)
+    scope = cfg.get('default_scope', 'mmdet')
+    registry = importlib.import_module(f'{scope}.registry').MODELS
+    with DefaultScope.overwrite_default_scope(scope):
+        model = registry.build(cfg.model)
+    return model, scope
+
+
+def synthetic_batch(model: Any, scope: str, h: int, w: int, batch: int = 1,
+                    seed: int = 0) -> tuple[torch.Tensor, list]:
+    """``(inputs, data_samples)`` for ``batch`` random ``h x w`` images, through the
+    model's own data preprocessor (normalisation, padding to its divisor)."""
+    meta = dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w), scale_factor=(1., 1.),
+                batch_input_shape=(h, w))
+    if scope == 'mmdet':
+        from mmdet.structures import DetDataSample as Sample
+    else:
+        from mmseg.structures import SegDataSample as Sample
+    g = torch.Generator().manual_seed(seed)
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+              for _ in range(batch)]
+    data = model.data_preprocessor(
+        dict(inputs=images, data_samples=[Sample(metainfo=meta) for _ in range(batch)]), False)
+    return data['inputs'], data['data_samples']

@@ -1,0 +1,95 @@
+"""Attention over regions of a channels-last map: the whole map, windows or stripes.
+
+Every backbone attends this way: cut the ``(B, H, W, C)`` map into ``wh x ww``
+regions (padding it at the bottom/right to a multiple first), attend within each
+region with the padding masked, and put the regions back. :class:`RegionGrid`
+does the cutting and the one validity mask; :func:`attend_heads` runs an
+attention of :mod:`mmlinattn.ops` over the heads of the region tokens.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor
+
+from ...ops import attention, pad_to_multiple, valid_mask, window_merge, window_partition
+from ...ops.inline import KernelArg
+
+__all__ = ['RegionGrid', 'attend_heads', 'split_heads', 'merge_heads']
+
+
+def split_heads(x: Tensor, num_heads: int) -> Tensor:
+    """``(B, N, C)`` -> ``(B, heads, N, C // heads)`` (a view)."""
+    b, n, c = x.shape
+    return x.view(b, n, num_heads, c // num_heads).transpose(1, 2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """``(B, heads, N, d)`` -> ``(B, N, heads * d)``."""
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+def _ceil_to(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+class RegionGrid:
+    """How ``(B, H, W, C)`` maps of one size are cut into ``(wh, ww)`` regions.
+
+    Args:
+        batch, h, w: the map's batch and size.
+        region: ``(wh, ww)``, or None for the whole map as one region.
+        device: where the validity mask lives.
+
+    Attributes:
+        valid: ``(B * nR, wh, ww)`` bool, True on real (unpadded) positions, or None
+            when the map is a multiple of the region (nothing is padded).
+        mask: the same as ``(B * nR, wh * ww)`` token masks, or None.
+    """
+
+    def __init__(self, batch: int, h: int, w: int, region: Optional[tuple[int, int]],
+                 device: object) -> None:
+        self.size = (h, w)
+        self.region = (h, w) if region is None else tuple(region)
+        wh, ww = self.region
+        self.padded = (_ceil_to(h, wh), _ceil_to(w, ww))
+        self.valid: Optional[Tensor] = None
+        if self.padded != self.size:
+            full = valid_mask(batch, h, w, *self.padded, device=device)
+            self.valid = window_partition(full[..., None], wh, ww)[..., 0]
+
+    @property
+    def mask(self) -> Optional[Tensor]:
+        return None if self.valid is None else self.valid.reshape(self.valid.shape[0], -1)
+
+    @property
+    def num_regions(self) -> int:
+        """Regions per map (``nR``)."""
+        return (self.padded[0] // self.region[0]) * (self.padded[1] // self.region[1])
+
+    def split(self, x: Tensor) -> Tensor:
+        """``(B, H, W, C)`` -> ``(B * nR, wh, ww, C)``, zero-padded to whole regions."""
+        x = pad_to_multiple(x, *self.region)
+        if self.region == self.padded:
+            return x
+        return window_partition(x, *self.region)
+
+    def merge(self, regions: Tensor) -> Tensor:
+        """Inverse of :meth:`split`: ``(B * nR, wh, ww, C)`` -> ``(B, H, W, C)``."""
+        h, w = self.size
+        x = regions if self.region == self.padded else window_merge(regions, *self.padded)
+        return x if self.padded == self.size else x[:, :h, :w]
+
+
+def attend_heads(name: str, q: Tensor, k: Tensor, v: Tensor, num_heads: int,
+                 mask: Optional[Tensor] = None, kernel: KernelArg = 'default',
+                 impl: str = 'auto') -> Tensor:
+    """Attention ``name`` over ``num_heads`` heads of ``(B', N, C)`` tokens -> ``(B', N, C)``.
+
+    ``mask (B', N)``: True for real tokens (None: all); the attention function
+    and implementation come from :func:`mmlinattn.ops.attention`.
+    """
+    out = attention(name, split_heads(q, num_heads), split_heads(k, num_heads),
+                    split_heads(v, num_heads), mask=mask, kernel=kernel, impl=impl)
+    return merge_heads(out)
