@@ -12,6 +12,10 @@ from mmengine.registry import DefaultScope  # noqa: E402
 
 import mmlinattn  # noqa: E402,F401
 from mmlinattn.engine import check_feature_channels  # noqa: E402
+from mmlinattn.models import FAMILIES  # noqa: E402
+
+BACKBONE_NAMES = {name for spec in FAMILIES.values()
+                  for name in (spec.backbone.__name__, ) + spec.aliases}
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / 'configs').rglob('*.py'))
@@ -27,7 +31,7 @@ def test_every_config_is_covered():
 def _load(path):
     cfg = Config.fromfile(str(REPO / path))
     assert cfg.custom_imports == dict(imports=['mmlinattn'], allow_failed_imports=False)
-    assert cfg.model.backbone.type in ('InLineSwin', 'InLinePVT', 'InLineCSwin', 'InLineViT')
+    assert cfg.model.backbone.type in BACKBONE_NAMES
     if cfg.model.backbone.get('init_cfg'):
         assert cfg.model.backbone.init_cfg.checkpoint.startswith('checkpoints/')
         cfg.model.backbone.init_cfg = None  # no pretrained loading in tests

@@ -1,17 +1,19 @@
-"""The OpenMMLab backbone contract of InLineSwin and InLinePVT."""
+"""The OpenMMLab backbone contract of every family, and their attention paths."""
+import explicit
 import pytest
 import torch
 
 from mmlinattn.models import (
     CSWIN_ARCHS,
+    DEIT_ARCHS,
     PVT_ARCHS,
     SWIN_ARCHS,
-    VIT_ARCHS,
     InLineCSwin,
+    InLineDeiT,
     InLinePVT,
     InLineSwin,
-    InLineViT,
 )
+from mmlinattn.models.backbones.inline_cswin import CSwinBranch
 from mmlinattn.models.layers import parse_attn_types
 
 ALL_ARCHS = [(InLineSwin, a) for a in SWIN_ARCHS] + [(InLinePVT, a) for a in PVT_ARCHS]
@@ -46,14 +48,20 @@ def test_any_input_size(cls, hw):
     assert torch.isfinite(x.grad).all()
 
 
-def test_windowed_inline_swin_any_size_and_equal_to_global_when_window_covers():
-    glob = InLineSwin('tiny', embed_dims=32, num_heads=(1, 2, 4, 8), drop_path_rate=0.)
-    win = InLineSwin('tiny', embed_dims=32, num_heads=(1, 2, 4, 8), drop_path_rate=0.,
-                     inline_window=64)
-    win.load_state_dict(glob.state_dict())
-    x = torch.randn(1, 3, 200, 180)
-    for a, b in zip(glob(x), win(x)):
-        torch.testing.assert_close(a, b)
+def test_windowed_inline_swin_attends_each_window_of_its_stage_maps():
+    """Stage 1 of a 200x180 input is 50x45: 7x7 windows, the last row and column cut."""
+    torch.manual_seed(0)
+    model = InLineSwin('tiny', embed_dims=32, num_heads=(1, 2, 4, 8), drop_path_rate=0.,
+                       inline_window=7)
+    attn = model.layers[0].blocks[1].attn
+    seen = {}
+    attn.register_forward_hook(lambda m, args, out: seen.update(x=args[0], out=out))
+    model(torch.randn(1, 3, 200, 180))
+    x, out = seen['x'], seen['out']
+    assert x.shape[1:3] == (50, 45)
+    for rows, cols in explicit.regions(50, 45, 7, 7):
+        torch.testing.assert_close(out[:, rows, cols], explicit.inline_map(attn, x[:, rows, cols]),
+                                   rtol=1e-4, atol=1e-4)
     small = InLineSwin('tiny', embed_dims=32, num_heads=(1, 2, 4, 8), inline_window=7)
     assert [o.shape[-1] for o in small(torch.randn(1, 3, 97, 101))] == [26, 13, 7, 4]
 
@@ -134,7 +142,7 @@ def test_swin_layouts_match_the_release():
 
 
 
-# -- InLine-CSwin and InLine-ViT -----------------------------------------------------------
+# -- InLine-CSwin and InLine-DeiT -----------------------------------------------------------
 @pytest.mark.parametrize('arch', sorted(CSWIN_ARCHS))
 def test_cswin_every_arch_at_224(arch):
     model = InLineCSwin(arch, drop_path_rate=0.)
@@ -145,9 +153,9 @@ def test_cswin_every_arch_at_224(arch):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize('arch', sorted(VIT_ARCHS))
-def test_vit_every_arch_at_its_size(arch):
-    model = InLineViT(arch, drop_path_rate=0.)
+@pytest.mark.parametrize('arch', sorted(DEIT_ARCHS))
+def test_deit_every_arch_at_its_size(arch):
+    model = InLineDeiT(arch, drop_path_rate=0.)
     size = {'tiny': 224, 'small': 288, 'base': 448}[arch] // 2
     outs = model(torch.randn(1, 3, size, size))
     g = size // 16
@@ -159,7 +167,7 @@ def test_vit_every_arch_at_its_size(arch):
 
 
 @pytest.mark.parametrize('hw', [(190, 250), (33, 65)])
-def test_cswin_and_vit_any_input_size(hw):
+def test_cswin_and_deit_any_input_size(hw):
     cswin = InLineCSwin('tiny', depths=(1, 1, 2, 1))
     # The released stem is a 7x7 stride-4 convolution with padding 2, then 3x3 stride-2 merges.
     side = [[(s - 3) // 4 + 1 for s in hw]]
@@ -167,29 +175,55 @@ def test_cswin_and_vit_any_input_size(hw):
         side.append([-(-s // 2) for s in side[-1]])
     for i, o in enumerate(cswin(torch.randn(1, 3, *hw))):
         assert list(o.shape[-2:]) == side[i], i
-    vit = InLineViT('tiny', out_indices=(0, 1, 2, 3))
-    outs = vit(torch.randn(1, 3, *hw))
+    deit = InLineDeiT('tiny', out_indices=(0, 1, 2, 3))
+    outs = deit(torch.randn(1, 3, *hw))
     g = (-(-hw[0] // 16), -(-hw[1] // 16))
     assert outs[2].shape[-2:] == g and outs[0].shape[-2:] == (4 * g[0], 4 * g[1])
 
 
 def test_cswin_softmax_stripes_mask_their_padding():
-    """A softmax stage on a map that is not a multiple of the stripe: the output on the
-    map must not depend on what the padded area would hold (it holds zeros, masked)."""
-    from mmlinattn.models.backbones.inline_cswin import CSwinBranch
-
+    """Stripes 4 wide on a 10-wide map: the last covers columns 8-9 (+2 padded); each
+    stripe equals explicit attention over its own columns, with LePE inside it."""
     torch.manual_seed(0)
     branch = CSwinBranch(8, 2, 'softmax', (0, 4))
-    q, k, v = (torch.randn(1, 5, 10, 8) for _ in range(3))
-    out = branch(q, k, v, v.mean((1, 2)))
-    # The last stripe covers columns 8-9 (+2 padded): equal to attending that 5x2 region.
-    ref = branch(q[:, :, 8:], k[:, :, 8:], v[:, :, 8:], v.mean((1, 2)))
-    branch.stripe = None
-    torch.testing.assert_close(out[:, :, 8:], ref)
+    q, k, v = (torch.randn(2, 5, 10, 8) for _ in range(3))
+    x_mean = torch.randn(2, 8)
+    expected = explicit.cswin_branch(branch, q, k, v, x_mean, explicit.regions(5, 10, 5, 4))
+    torch.testing.assert_close(branch(q, k, v, x_mean), expected, rtol=1e-4, atol=1e-4)
+    rows = CSwinBranch(8, 2, 'softmax', (1, 2))  # full-width stripes 2 high: rows 0-1, 2-3, 4
+    rows.load_state_dict(branch.state_dict())
+    expected = explicit.cswin_branch(rows, q, k, v, x_mean, explicit.regions(5, 10, 2, 10))
+    torch.testing.assert_close(rows(q, k, v, x_mean), expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize('cls', [InLineCSwin, InLineViT])
-def test_cswin_vit_frozen_stages_and_with_cp(cls):
+@pytest.mark.parametrize('window,hw', [(None, (5, 7)), (4, (6, 9))])
+def test_cswin_inline_branch_equals_explicit(window, hw):
+    """InLine over the map (or windows), LePE, and the local term with taps from the
+    block input's mean (not the attention input's, as in Swin/PVT)."""
+    torch.manual_seed(0)
+    branch = CSwinBranch(8, 2, 'inline', window=window)
+    q, k, v = (torch.randn(2, *hw, 8) for _ in range(3))
+    x_mean = torch.randn(2, 8)
+    tiles = explicit.regions(*hw, window, window) if window else None
+    torch.testing.assert_close(branch(q, k, v, x_mean),
+                               explicit.cswin_branch(branch, q, k, v, x_mean, tiles),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_cswin_inline_window_reaches_its_blocks():
+    model = InLineCSwin('tiny', depths=(1, 1, 1, 1), inline_window=8, kernel='relu')
+    branch = model.stage1[0].attns[0]
+    assert (branch.window, branch.kernel) == (8, 'relu')
+    assert model(torch.randn(1, 3, 70, 50))[0].shape[-2:] == (17, 12)
+
+
+def test_deit_refuses_windows_with_the_reason():
+    with pytest.raises(ValueError, match='class token attends to every patch'):
+        InLineDeiT('tiny', inline_window=7)
+
+
+@pytest.mark.parametrize('cls', [InLineCSwin, InLineDeiT])
+def test_cswin_deit_frozen_stages_and_with_cp(cls):
     kwargs = dict(depths=(1, 1, 2, 1)) if cls is InLineCSwin else {}
     model = cls('tiny', frozen_stages=2, **kwargs)
     model.train()

@@ -1,4 +1,4 @@
-"""The attention functions against their explicit N x N definitions (INLINE.md, section 1)."""
+"""The attention functions against their explicit N x N definitions (docs/method.md)."""
 import pytest
 import torch
 
@@ -35,14 +35,17 @@ def test_inline_equals_nxn_and_covariance_forms(kernel):
     torch.testing.assert_close(inline_attention_weights(q, k, kernel=kernel), weights)
     out = inline_attention(q, k, v, kernel=kernel)
     torch.testing.assert_close(out, expected.float().to(out.dtype), rtol=1e-5, atol=1e-5)
-    # Expanded form of the paper: s/N sum_j (q.k_j) v_j + (1 - s q.kbar) vbar.
+    # The paper's expanded form, token by token: s/N sum_j (q_i.k_j) v_j + (1 - s q_i.kbar) vbar.
     phi = get_kernel(kernel) or (lambda t: t)
     pq, pk = phi(q), phi(k)
     s, n = q.shape[-1]**-0.5, q.shape[2]
-    kbar, vbar = pk.mean(2, keepdim=True), v.mean(2, keepdim=True)
-    expanded = (s / n * (pq @ pk.transpose(-2, -1)) @ v
-                + (1 - s * pq @ kbar.transpose(-2, -1)) * vbar)
-    torch.testing.assert_close(expanded, expected)
+    kbar, vbar = pk.mean(2), v.mean(2)
+    for i in (0, n // 2, n - 1):
+        qi = pq[:, :, i]  # (B, heads, d)
+        dots = (qi[:, :, None, :] * pk).sum(-1)  # (B, heads, N)
+        expanded_i = (s / n * (dots[..., None] * v).sum(2)
+                      + (1 - s * (qi * kbar).sum(-1, keepdim=True)) * vbar)
+        torch.testing.assert_close(out[:, :, i], expanded_i.to(out.dtype), rtol=1e-5, atol=1e-5)
 
 
 def test_negative_weights_exist_but_rows_sum_to_one():

@@ -1,4 +1,5 @@
 """The local residual and the attention modules against explicit computations."""
+import explicit
 import pytest
 import torch
 import torch.nn.functional as F
@@ -38,36 +39,11 @@ def test_window_partition_roundtrip_and_padding():
         window_partition(x, 4)
 
 
-def _explicit_inline_module(attn: InLineAttention, x: torch.Tensor) -> torch.Tensor:
-    """InLine attention of one whole map via its N x N weights and a loop of convolutions."""
-    b, h, w, c = x.shape
-    heads, d = attn.num_heads, c // attn.num_heads
-    t = x.reshape(b, h * w, c).double()
-    qkv = F.linear(t, attn.qkv.weight.double(), attn.qkv.bias.double())
-    q, k, v = qkv.split(c, dim=-1)
-    out = torch.empty_like(q)
-    n = h * w
-    for i in range(heads):
-        sl = slice(i * d, (i + 1) * d)
-        sim = d**-0.5 * q[..., sl] @ k[..., sl].transpose(-2, -1)
-        weights = sim / n - sim.sum(-1, keepdim=True) / n**2 + 1 / n
-        out[..., sl] = weights @ v[..., sl]
-    res = attn.residual.double()
-    for s in range(b):
-        taps = res.taps(t[s].mean(0, keepdim=True))[0]  # C, 3, 3
-        vmap = v[s].reshape(h, w, c).permute(2, 0, 1)[None]
-        conv = F.conv2d(vmap, taps[:, None], padding=1, groups=c)[0]
-        out[s] += conv.permute(1, 2, 0).reshape(n, c)
-    attn.residual.float()
-    out = F.linear(out, attn.proj.weight.double(), attn.proj.bias.double())
-    return out.reshape(b, h, w, c).float()
-
-
 def test_inline_attention_module_equals_explicit():
     torch.manual_seed(0)
     attn = InLineAttention(16, 2)
     x = torch.randn(2, 5, 7, 16)
-    torch.testing.assert_close(attn(x), _explicit_inline_module(attn, x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(attn(x), explicit.inline_map(attn, x), rtol=1e-4, atol=1e-4)
 
 
 def test_windowed_inline_attends_within_each_window_with_padding_masked():
@@ -79,17 +55,31 @@ def test_windowed_inline_attends_within_each_window_with_padding_masked():
     for r0, r1 in ((0, 4), (4, 6)):
         for c0, c1 in ((0, 4), (4, 8), (8, 9)):
             region = x[:, r0:r1, c0:c1]
-            torch.testing.assert_close(out[:, r0:r1, c0:c1], _explicit_inline_module(attn, region),
+            torch.testing.assert_close(out[:, r0:r1, c0:c1], explicit.inline_map(attn, region),
                                        rtol=1e-4, atol=1e-4)
 
 
-def test_window_larger_than_map_is_global():
+def test_window_covering_the_map_is_one_region():
+    """A map inside the window is attended whole; one side past it makes windows again."""
     torch.manual_seed(0)
-    glob = InLineAttention(16, 2)
-    win = InLineAttention(16, 2, window_size=8)
-    win.load_state_dict(glob.state_dict())
+    attn = InLineAttention(16, 2, window_size=8)
     x = torch.randn(2, 8, 6, 16)
-    torch.testing.assert_close(win(x), glob(x))
+    torch.testing.assert_close(attn(x), explicit.inline_map(attn, x), rtol=1e-4, atol=1e-4)
+    x = torch.randn(1, 9, 6, 16)  # 9 rows > 8: windows of 8x8, rows 0-7 and row 8 (padded)
+    out = attn(x)
+    for rows, cols in explicit.regions(9, 6, 8, 8):
+        torch.testing.assert_close(out[:, rows, cols], explicit.inline_map(attn, x[:, rows, cols]),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_class_token_takes_part_in_attention_but_not_in_the_local_term():
+    """DeiT's path: N counts the class token, the 3x3 term runs on the patch map only."""
+    torch.manual_seed(0)
+    attn = InLineAttention(16, 2)
+    tokens = torch.randn(2, 1 + 3 * 5, 16)
+    torch.testing.assert_close(attn.forward_tokens(tokens, (3, 5), num_prefix=1),
+                               explicit.inline_tokens(attn, tokens, (3, 5), num_prefix=1),
+                               rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize('operator', ['linear', 'softmax'])

@@ -13,7 +13,7 @@ residual, with taps from the mean of the block input before ``norm1``.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from timm.layers import DropPath, Mlp
@@ -291,16 +291,7 @@ class InLineCSwin(InLineBackbone):
 
 
 class InLineCSwinClassifier(ClassifierHead, InLineCSwin):
-    """InLine-CSwin with the reference head: final ``norm``, token mean, ``head``."""
-
-    def __init__(self, arch: Union[str, dict] = 'tiny', num_classes: int = 1000,
-                 **kwargs: Any) -> None:
-        super().__init__(arch, out_indices=(-1, ), out_norm=False, **kwargs)
-        self._add_head(self.num_features[-1], num_classes, norm_eps=1e-5)
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """``(B, 3, H, W)`` -> normed last-stage tokens ``(B, H/32, W/32, C)``."""
-        return self.norm(self.forward_stages(x)[-1])
+    """InLine-CSwin with the reference head: final ``norm`` (eps 1e-5), token mean, ``head``."""
 
 
 register_family(BackboneFamily(

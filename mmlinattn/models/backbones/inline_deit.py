@@ -206,12 +206,13 @@ class InLineDeiT(InLineBackbone):
 
 
 class InLineDeiTClassifier(ClassifierHead, InLineDeiT):
-    """InLine-DeiT with the reference head: final ``norm``, class token, ``head``."""
+    """InLine-DeiT with the reference head: final ``norm`` (eps 1e-6), class token, ``head``."""
+
+    head_norm_eps = 1e-6
 
     def __init__(self, arch: Union[str, dict] = 'tiny', num_classes: int = 1000,
                  **kwargs: Any) -> None:
-        super().__init__(arch, out_indices=(-1, ), pyramid=False, out_norm=False, **kwargs)
-        self._add_head(self.embed_dims, num_classes, norm_eps=1e-6)
+        super().__init__(arch, num_classes, pyramid=False, **kwargs)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """``(B, 3, H, W)`` -> normed tokens ``(B, 1 + h*w, C)``."""

@@ -7,7 +7,7 @@ map at run time, so any input size works.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -169,14 +169,7 @@ class InLinePVT(InLineBackbone):
 class InLinePVTClassifier(ClassifierHead, InLinePVT):
     """InLine-PVT with the reference head: token mean of the last stage, ``head`` (no norm)."""
 
-    def __init__(self, arch: Union[str, dict] = 'tiny', num_classes: int = 1000,
-                 **kwargs: Any) -> None:
-        super().__init__(arch, out_indices=(-1, ), out_norm=False, **kwargs)
-        self._add_head(self.num_features[-1], num_classes, norm_eps=None)
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """``(B, 3, H, W)`` -> last-stage tokens ``(B, H/32, W/32, C)``."""
-        return self.forward_stages(x)[-1]
+    head_norm_eps = None
 
 
 register_family(BackboneFamily(

@@ -1,7 +1,7 @@
 """The ImageNet classification head the released models put on a backbone."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, ClassVar, Optional, Union
 
 from torch import Tensor, nn
 
@@ -13,12 +13,20 @@ __all__ = ['ClassifierHead']
 class ClassifierHead(nn.Module):
     """Mixin for ``Classifier(ClassifierHead, Backbone)``: ``head`` on pooled last-stage features.
 
-    The subclass builds the backbone with its last stage only and no output
-    norms, then calls :meth:`_add_head`, and defines ``forward_features``
-    (``(B, 3, H, W)`` -> the features :meth:`pool` reduces).
+    It builds the backbone with its last stage only and no output norms, then
+    the released head: a final LayerNorm ``norm`` (eps :attr:`head_norm_eps`; none
+    when None), the token mean (:meth:`pool`) and the Linear ``head``. A family
+    whose head differs overrides :meth:`forward_features` / :meth:`pool`.
     """
 
     head: nn.Module
+    #: eps of the final ``norm``; None: the released model has no final norm.
+    head_norm_eps: ClassVar[Optional[float]] = 1e-5
+
+    def __init__(self, arch: Union[str, dict] = 'tiny', num_classes: int = 1000,
+                 **kwargs: Any) -> None:
+        super().__init__(arch, out_indices=(-1, ), out_norm=False, **kwargs)
+        self._add_head(self.num_features[-1], num_classes, self.head_norm_eps)
 
     def _add_head(self, dim: int, num_classes: int, norm_eps: Optional[float]) -> None:
         """``norm`` (when ``norm_eps`` is given; PVT has none) and ``head`` of ``dim`` inputs."""
@@ -32,7 +40,9 @@ class ClassifierHead(nn.Module):
                 module.apply(init_transformer_weights)
 
     def forward_features(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+        """``(B, 3, H, W)`` -> the last stage's tokens ``(B, h, w, C)``, through ``norm``."""
+        out = self.forward_stages(x)[-1]
+        return self.norm(out) if self.head_norm_eps is not None else out
 
     def pool(self, x: Tensor) -> Tensor:
         """Mean over the ``(B, h, w, C)`` map -> ``(B, C)``."""
