@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from ...ops import attention, pad_to_multiple, valid_mask, window_merge, window_partition
@@ -49,7 +50,7 @@ class RegionGrid:
     """
 
     def __init__(self, batch: int, h: int, w: int, region: Optional[tuple[int, int]],
-                 device: object) -> None:
+                 device: torch.device) -> None:
         self.size = (h, w)
         self.region = (h, w) if region is None else tuple(region)
         wh, ww = self.region
