@@ -1,5 +1,6 @@
 """Pure torch functions: no module state, nothing about backbones."""
 from .implementations import (
+    ATTENTION_FUNCTIONS,
     ATTENTION_IMPLS,
     ATTENTIONS,
     AttentionImpl,
@@ -9,7 +10,6 @@ from .implementations import (
     resolve_kernel,
 )
 from .inline import (
-    ATTENTION_FUNCTIONS,
     KERNELS,
     get_kernel,
     inline_attention,

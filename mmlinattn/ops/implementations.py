@@ -22,7 +22,7 @@ from torch import Tensor
 from .inline import KernelArg, inline_attention, linear_attention, softmax_attention
 
 __all__ = ['AttentionImpl', 'ATTENTION_IMPLS', 'register_attention_impl', 'get_attention_impl',
-           'attention', 'resolve_kernel', 'ATTENTIONS']
+           'attention', 'resolve_kernel', 'ATTENTIONS', 'ATTENTION_FUNCTIONS']
 
 
 def _any_input(q: Tensor) -> bool:
@@ -118,3 +118,7 @@ for _entry in (AttentionImpl('inline', 'torch', inline_attention, 'identity'),
 
 #: The attentions (mathematics) there are.
 ATTENTIONS = tuple(ATTENTION_IMPLS)
+
+#: The ``torch`` implementation of each attention (an older view of the table).
+ATTENTION_FUNCTIONS: dict[str, Callable[..., Tensor]] = {
+    name: impls['torch'].fn for name, impls in ATTENTION_IMPLS.items()}

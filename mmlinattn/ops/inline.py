@@ -24,7 +24,7 @@ from torch import Tensor
 
 __all__ = [
     'KERNELS', 'get_kernel', 'inline_attention', 'inline_attention_weights',
-    'linear_attention', 'softmax_attention', 'ATTENTION_FUNCTIONS'
+    'linear_attention', 'softmax_attention'
 ]
 
 
@@ -229,10 +229,3 @@ def softmax_attention(q: Tensor,
         raise ValueError('softmax attention takes no kernel function')
     attn_mask = None if mask is None else mask[:, None, None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
-
-
-ATTENTION_FUNCTIONS: dict[str, Callable[..., Tensor]] = {
-    'inline': inline_attention,
-    'linear': linear_attention,
-    'softmax': softmax_attention,
-}

@@ -54,9 +54,11 @@ def test_a_new_implementation_is_one_entry(explicit_impl):
     with pytest.raises(ValueError, match="'explicit' implementation of inline attention does "
                        'not support torch.float32'):
         attention('inline', q64.float(), k64.float(), v64.float(), impl='explicit')
-    # The module takes it by name, through every layer that attends.
-    layer = InLineAttention(8, 2, impl='explicit').double()
-    layer(torch.randn(1, 3, 4, 8, dtype=torch.float64))
+    # The module runs the implementation it is given (float64 input: auto would pick ours).
+    x = torch.randn(1, 3, 4, 8, dtype=torch.float64)
+    InLineAttention(8, 2, impl='torch').double()(x)
+    assert len(calls) == 1
+    InLineAttention(8, 2, impl='explicit').double()(x)
     assert len(calls) == 2
 
 
