@@ -6,11 +6,18 @@
     python tools/benchmark.py --level backbone --contenders all --sizes 512 1024 2048
     python tools/benchmark.py --level model --configs configs/detection/inline_swin/mask-rcnn_inline-swin-t_fpn_1x_coco.py --sizes 800 1600
     python tools/benchmark.py --device cuda --dtype bf16 --sizes 1024 2048 4096
+    python tools/benchmark.py --mode train --with-cp both --sizes 512 1024   # training steps
+    python tools/benchmark.py --level model --mode train --configs <config.py> --sizes 512
+    python tools/benchmark.py --find-max-size --mem-limit 16   # largest input that fits
 
 Every case runs in its own worker process (so peak memory is that case's); a
 case that runs out of memory or time is recorded with the limit and the sweep
-goes on. Results go to work_dirs/benchmark/<timestamp>/: results.json (every
-figure and the environment), results.md (the tables) and log-log plots.
+goes on. ``--mode train`` times whole training steps (forward, backward, AdamW
+step; at the model level the model's own train_step on a synthetic batch with
+ground truth). ``--find-max-size`` searches, per contender, the largest square
+input whose inference forward and whose training step fit --mem-limit (each probe
+in its own worker). Results go to work_dirs/benchmark/<timestamp>/: results.json
+(every figure and the environment), results.md (the tables) and log-log plots.
 """  # noqa: E501
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ from mmlinattn.benchmark import (  # noqa: E402
     SweepConfig,
     backbone_contenders,
     default_mem_limit_gib,
+    find_max_sizes,
     run_sweep,
     write_outputs,
 )
@@ -55,6 +63,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--sizes', type=int, nargs='+',
                    help='input sides in px (attention level: token-map sides); default '
                    'backbone 512 1024 2048, attention 64 128 256 512, model 512 1024')
+    p.add_argument('--mode', choices=['infer', 'train'],
+                   help='infer: a forward without autograd (default); train: a whole training '
+                   'step. With --find-max-size: only this mode (default both)')
+    p.add_argument('--with-cp', choices=['off', 'on', 'both'], default='off',
+                   help='activation checkpointing in training steps; both: every contender '
+                   'twice, the checkpointed one as "<name> +cp"')
+    p.add_argument('--find-max-size', action='store_true',
+                   help='instead of timing sizes: the largest square side (a multiple of 32) '
+                   'that fits --mem-limit, per contender and mode, by bisection')
+    p.add_argument('--max-size-range', type=int, nargs=2, default=(512, 8192),
+                   metavar=('START', 'LIMIT'), help='the search starts at START px and stops '
+                   'at LIMIT px (default 512 8192)')
     p.add_argument('--batch', type=int, default=1)
     p.add_argument('--device', choices=['cpu', 'cuda'], default='cpu')
     p.add_argument('--dtype', choices=['fp32', 'bf16', 'fp16'], default='fp32')
@@ -79,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _progress_printer(total: int):
+def _progress_printer(total: int | None):
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     bar = Progress(TextColumn('[bold]{task.description}'), BarColumn(),
@@ -89,8 +109,10 @@ def _progress_printer(total: int):
     def update(case: dict) -> None:
         status = case['status']
         shown = f"{case['latency_ms']:.1f} ms" if status == 'ok' else status
-        bar.console.print(f"  {case['level']:9s} {case['contender']:24s} {case['size']:>5d}: "
-                          f"{shown}")
+        if case.get('peak_mem_mib') is not None:
+            shown += f", {case['peak_mem_mib']:.0f} MiB"
+        bar.console.print(f"  {case['level']:9s} {case.get('mode', 'infer'):5s} "
+                          f"{case['contender']:24s} {case['size']:>5d}: {shown}")
         bar.advance(task)
 
     return bar, update
@@ -122,16 +144,27 @@ def main(argv: list[str] | None = None) -> int:
             batch=args.batch, device=args.device, dtype=args.dtype, compile=args.compile,
             threads=args.threads, warmup=args.warmup, repeats=args.repeats, budget_s=budget,
             mem_limit_gib=args.mem_limit, flops=not args.no_flops,
-            steady_malloc=not args.system_malloc))
+            steady_malloc=not args.system_malloc, mode=args.mode or 'infer',
+            with_cp=args.with_cp))
     out_dir = args.out_dir or osp.join(
         'work_dirs', 'benchmark', datetime.datetime.now().strftime('%Y%m%d_%H%M%S'))
-    total = sum(len(s.contenders) * len(s.sizes) for s in sweeps)
-    bar, update = _progress_printer(total)
-    runs = []
-    with bar:
-        for sweep in sweeps:
-            runs.append((sweep, run_sweep(sweep, progress=update)))
-    write_outputs(runs, out_dir, make_plots=not args.no_plots, comparisons=COMPARISONS)
+    if args.find_max_size:
+        if len(sweeps) != 1:
+            raise SystemExit('--find-max-size searches one --level at a time')
+        modes = (args.mode, ) if args.mode else ('infer', 'train')
+        bar, update = _progress_printer(None)
+        with bar:
+            found = find_max_sizes(sweeps[0], modes, *args.max_size_range, progress=update)
+        write_outputs([], out_dir, max_sizes=(sweeps[0], found))
+    else:
+        total = sum(len(s.contenders) * len(s.sizes) * (2 if s.with_cp == 'both' else 1)
+                    for s in sweeps)
+        bar, update = _progress_printer(total)
+        runs = []
+        with bar:
+            for sweep in sweeps:
+                runs.append((sweep, run_sweep(sweep, progress=update)))
+        write_outputs(runs, out_dir, make_plots=not args.no_plots, comparisons=COMPARISONS)
     with open(osp.join(out_dir, 'results.md')) as f:
         print(f.read())
     print(f'results: {os.path.abspath(out_dir)}')

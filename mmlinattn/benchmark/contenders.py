@@ -21,16 +21,17 @@ __all__ = ['Contender', 'ATTENTION_CONTENDERS', 'MMDET_CONTENDERS',
            'DEFAULT_BACKBONES', 'backbone_contenders', 'get_contender', 'mmdet_available',
            'model_contender']
 
-Builder = Callable[[], Any]
+Builder = Callable[..., Any]
 
 
 @dataclass(frozen=True)
 class Contender:
     """One thing to time at one ``level`` (``attention``, ``backbone`` or ``model``).
 
-    ``build()`` returns the function or module a timed call runs; ``ours`` marks
-    mmlinattn's own contenders (solid lines in plots) against the comparisons;
-    ``needs`` names optional packages it cannot run without.
+    ``build(**overrides)`` returns the function or module a timed call runs
+    (``with_cp=True``: with activation checkpointing, where ``supports_cp``);
+    ``ours`` marks mmlinattn's own contenders (solid lines in plots) against the
+    comparisons; ``needs`` names optional packages it cannot run without.
     """
 
     name: str
@@ -39,6 +40,7 @@ class Contender:
     description: str
     needs: tuple[str, ...] = field(default=())
     ours: bool = True
+    supports_cp: bool = True
 
 
 def mmdet_available() -> bool:
@@ -55,8 +57,10 @@ def mmdet_available() -> bool:
 ATTN_HEADS, ATTN_HEAD_DIM = 3, 32  # InLine-Swin-T stage 1
 
 
-def _attention(name: str) -> Callable[[], Callable]:
-    def build() -> Callable:
+def _attention(name: str) -> Builder:
+    def build(**overrides: Any) -> Callable:
+        if overrides:
+            raise ValueError(f'an attention operator takes no options, got {overrides}')
         from functools import partial
 
         from ..ops import attention
@@ -66,11 +70,13 @@ def _attention(name: str) -> Callable[[], Callable]:
 
 ATTENTION_CONTENDERS = {
     'inline': Contender('inline', 'attention', _attention('inline'),
-                        'InLine attention, O(N d^2)'),
+                        'InLine attention, O(N d^2)', supports_cp=False),
     'linear': Contender('linear', 'attention', _attention('linear'),
-                        'plain linear attention (ReLU kernel), O(N d^2)', ours=False),
+                        'plain linear attention (ReLU kernel), O(N d^2)', ours=False,
+                        supports_cp=False),
     'softmax': Contender('softmax', 'attention', _attention('softmax'),
-                         'softmax attention through SDPA, O(N^2 d)', ours=False),
+                         'softmax attention through SDPA, O(N^2 d)', ours=False,
+                         supports_cp=False),
 }
 
 
@@ -84,15 +90,15 @@ def attention_input(side: int, batch: int, device: str, dtype: torch.dtype = tor
 
 # -- backbone level --------------------------------------------------------------------------
 def _ours(cls: type, kwargs: dict) -> Builder:
-    def build() -> nn.Module:
-        return cls(**{'drop_path_rate': 0., **kwargs})
+    def build(**overrides: Any) -> nn.Module:
+        return cls(**{'drop_path_rate': 0., **kwargs, **overrides})
     return build
 
 
 def _mmdet(cls_name: str, **kwargs: Any) -> Builder:
-    def build() -> nn.Module:
+    def build(**overrides: Any) -> nn.Module:
         from mmdet.models import backbones
-        return getattr(backbones, cls_name)(**kwargs)
+        return getattr(backbones, cls_name)(**kwargs, **overrides)
     return build
 
 
@@ -107,17 +113,19 @@ MMDET_CONTENDERS = {c.name: c for c in [
     Contender('pvt-t (mmdet)', 'backbone',
               _mmdet('PyramidVisionTransformer', num_layers=[2, 2, 2, 2], drop_path_rate=0.),
               "MMDetection's PVT-T, softmax with spatial reduction", needs=('mmdet', ),
-              ours=False),
+              ours=False, supports_cp=False),
     Contender('pvt-s (mmdet)', 'backbone',
               _mmdet('PyramidVisionTransformer', num_layers=[3, 4, 6, 3], drop_path_rate=0.),
               "MMDetection's PVT-S, softmax with spatial reduction", needs=('mmdet', ),
-              ours=False),
+              ours=False, supports_cp=False),
     Contender('pvtv2-b1 (mmdet)', 'backbone',
               _mmdet('PyramidVisionTransformerV2', num_layers=[2, 2, 2, 2], drop_path_rate=0.,
-                     **_PVTV2), "MMDetection's PVTv2-b1", needs=('mmdet', ), ours=False),
+                     **_PVTV2), "MMDetection's PVTv2-b1", needs=('mmdet', ), ours=False,
+              supports_cp=False),
     Contender('pvtv2-b2 (mmdet)', 'backbone',
               _mmdet('PyramidVisionTransformerV2', num_layers=[3, 4, 6, 3], drop_path_rate=0.,
-                     **_PVTV2), "MMDetection's PVTv2-b2", needs=('mmdet', ), ours=False),
+                     **_PVTV2), "MMDetection's PVTv2-b2", needs=('mmdet', ), ours=False,
+              supports_cp=False),
 ]}
 
 
@@ -152,10 +160,11 @@ def model_contender(config: str) -> Contender:
     """A whole detector/segmenter from a config file; timed through ``model._forward``."""
     import os.path as osp
 
-    def build() -> Any:
+    def build(with_cp: bool = False) -> Any:
         from ..engine.build import build_from_config
 
-        model, scope = build_from_config(config)
+        model, scope = build_from_config(
+            config, {'model.backbone.with_cp': True} if with_cp else None)
         model.benchmark_scope = scope
         return model
 

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from .runner import FAILED, SweepConfig, environment
 
-__all__ = ['tables', 'ratios', 'plot', 'write_outputs']
+__all__ = ['tables', 'ratios', 'plot', 'max_size_table', 'write_outputs']
 
 
 def _cell(case: dict) -> str:
@@ -43,7 +43,9 @@ def tables(results: list[dict], meta: dict) -> str:
             lines.append(f'| {n} | ' + ' | '.join(fmt(by[(n, s)]) if (n, s) in by else ''
                                                   for s in sizes) + ' |')
 
-    table(f'Latency, ms: median (inter-quartile range), batch {meta["batch"]}', _cell)
+    what = ('Training step (forward, backward, optimizer step)' if meta.get('mode') == 'train'
+            else 'Latency')
+    table(f'{what}, ms: median (inter-quartile range), batch {meta["batch"]}', _cell)
     table('Cost growth: latency / latency at the previous size (pixels grow by the ratio '
           'in brackets)',
           lambda c: f"{c['growth']:.2f}x ({c['pixel_growth']:.0f}x)" if 'growth' in c else
@@ -91,6 +93,7 @@ def plot(results: list[dict], meta: dict, out_dir: str) -> list[str]:
     written = []
     unit = 'token-map side' if meta['level'] == 'attention' else 'input side (px)'
     names = list(dict.fromkeys(c['contender'] for c in results))
+    mode = meta.get('mode') == 'train'
     colors = plt.get_cmap('tab20' if len(names) > 10 else 'tab10')
     for key, label, fname in (('latency_ms', 'median latency (ms)', 'latency.png'),
                               ('peak_mem_mib', 'peak memory (MiB)', 'memory.png')):
@@ -115,23 +118,57 @@ def plot(results: list[dict], meta: dict, out_dir: str) -> list[str]:
         ax.set_yscale('log')
         ax.set_xlabel(unit)
         ax.set_ylabel(label)
-        title = f"{meta['level']} level, {meta['device']} {meta['dtype']}, batch {meta['batch']}"
+        title = (f"{meta['level']} level{', training step' if mode else ''}, {meta['device']} "
+                 f"{meta['dtype']}, batch {meta['batch']}")
         if meta['device'] == 'cpu' and not meta.get('steady_malloc', True):
             title += ", glibc's default allocator"
         ax.set_title(title)
         ax.grid(True, which='both', alpha=0.3)
         ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
-        path = osp.join(out_dir, f"{meta['level']}_{fname}")
+        path = osp.join(out_dir, f"{meta['level']}{'_train' if mode else ''}_{fname}")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
     return written
 
 
+def max_size_table(results: list[dict]) -> str:
+    """Markdown: per contender, the largest square side that fit, per mode."""
+    modes = list(dict.fromkeys(r['mode'] for r in results))
+    names = list(dict.fromkeys(r['contender'] for r in results))
+    by = {(r['contender'], r['mode']): r for r in results}
+    titles = {'infer': 'inference forward', 'train': 'training step'}
+
+    def cell(r: Optional[dict]) -> str:
+        if r is None:
+            return ''
+        if r['status'] != 'ok':
+            return r['status']
+        if r['max_size'] is None:
+            return f"< {r['first_failure']}"
+        text = f"{r['max_size']}" + (' (the search limit)' if r['capped'] else '')
+        return text + (f" (not {r['first_failure']})" if r.get('first_failure') else '')
+
+    limit = results[0]['mem_limit_gib'] if results else None
+    lines = [f'\n**Largest square input (px) within {limit:g} GiB of memory in use**\n',
+             '| contender | ' + ' | '.join(titles.get(m, m) for m in modes) + ' |',
+             '|---|' + '---|' * len(modes)]
+    for n in names:
+        lines.append(f'| {n} | ' + ' | '.join(cell(by.get((n, m))) for m in modes) + ' |')
+    notes = [f"- {r['contender']} ({r['mode']}): {r['status']}: {r.get('error')}"
+             for r in results if r['status'] != 'ok']
+    return '\n'.join(lines + notes)
+
+
 def write_outputs(runs: list[tuple[SweepConfig, list[dict]]], out_dir: str,
-                  make_plots: bool = True, comparisons: Optional[list] = None) -> dict:
-    """``results.json``, ``results.md`` and the plots in ``out_dir``; returns the JSON."""
+                  make_plots: bool = True, comparisons: Optional[list] = None,
+                  max_sizes: Optional[tuple[SweepConfig, list[dict]]] = None) -> dict:
+    """``results.json``, ``results.md`` and the plots in ``out_dir``; returns the JSON.
+
+    ``max_sizes``: the configuration and results of a max-size search, written as
+    their own table and JSON entry.
+    """
     os.makedirs(out_dir, exist_ok=True)
     doc: dict[str, Any] = dict(
         created=datetime.datetime.now().isoformat(timespec='seconds'),
@@ -144,8 +181,8 @@ def write_outputs(runs: list[tuple[SweepConfig, list[dict]]], out_dir: str,
         if make_plots and any(c.get('status') == 'ok' for c in results):
             entry['plots'] = [osp.basename(p) for p in plot(results, meta, out_dir)]
         doc['runs'].append(entry)
-        md.append(f"\n## {cfg.level} level ({cfg.device}, {cfg.dtype}"
-                  f"{', compiled' if cfg.compile else ''})\n")
+        md.append(f"\n## {cfg.level} level, {'training' if cfg.mode == 'train' else 'inference'} "
+                  f"({cfg.device}, {cfg.dtype}{', compiled' if cfg.compile else ''})\n")
         md.append(tables(results, meta))
         if comparisons:
             cmp = ratios(results, comparisons)
@@ -154,6 +191,11 @@ def write_outputs(runs: list[tuple[SweepConfig, list[dict]]], out_dir: str,
                 md.append(cmp)
         for p in entry['plots']:
             md.append(f'\n![{p}]({p})')
+    if max_sizes is not None:
+        cfg, found = max_sizes
+        doc['max_sizes'] = dict(config=asdict(cfg), results=found)
+        md.append(f'\n## Largest input, {cfg.level} level ({cfg.device}, {cfg.dtype})\n')
+        md.append(max_size_table(found))
     with open(osp.join(out_dir, 'results.json'), 'w') as f:
         json.dump(doc, f, indent=1)
     with open(osp.join(out_dir, 'results.md'), 'w') as f:

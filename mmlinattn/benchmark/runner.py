@@ -23,7 +23,8 @@ from .contenders import get_contender, unavailable_reason
 from .memory import machine_memory_bytes
 from .worker import RESULT_PREFIX
 
-__all__ = ['SweepConfig', 'run_sweep', 'environment', 'default_mem_limit_gib', 'FAILED']
+__all__ = ['SweepConfig', 'run_sweep', 'case_spec', 'run_case', 'environment',
+           'default_mem_limit_gib', 'FAILED', 'CP_OPTIONS']
 
 STARTUP_GRACE_S = 90.0  # imports and model construction, beyond the measuring budget
 
@@ -52,8 +53,13 @@ FAILED = ('oom', 'timeout', 'stopped')
 MACHINE_GUARD_FRACTION = 0.9
 
 
+CP_OPTIONS = {'off': (False, ), 'on': (True, ), 'both': (False, True)}
+
+
 @dataclass
 class SweepConfig:
+    """One sweep: every contender of ``level`` at every size, each case in its own worker."""
+
     level: str
     contenders: list[str]
     sizes: list[int]
@@ -71,6 +77,17 @@ class SweepConfig:
     startup_grace_s: float = STARTUP_GRACE_S
     #: Run workers with :data:`STEADY_MALLOC_ENV`.
     steady_malloc: bool = True
+    #: ``infer`` (a forward without autograd) or ``train`` (forward, backward, optimizer step).
+    mode: str = 'infer'
+    #: Activation checkpointing: ``off``, ``on``, or ``both`` (each contender twice,
+    #: the checkpointed one named ``<name> +cp``).
+    with_cp: str = 'off'
+
+    def __post_init__(self) -> None:
+        if self.mode not in ('infer', 'train'):
+            raise ValueError(f"mode must be 'infer' or 'train', got {self.mode!r}")
+        if self.with_cp not in CP_OPTIONS:
+            raise ValueError(f'with_cp must be one of {sorted(CP_OPTIONS)}, got {self.with_cp!r}')
 
 
 def environment() -> dict:
@@ -102,7 +119,7 @@ def _cpu_model() -> str:
     return platform.processor() or 'unknown'
 
 
-def _run_case(spec: dict, mem_limit_gib: float, timeout_s: float,
+def run_case(spec: dict, mem_limit_gib: float, timeout_s: float,
               steady_malloc: bool = True) -> dict:
     """Spawn the worker; watch its time; return its result or why it stopped.
 
@@ -155,41 +172,58 @@ def run_sweep(cfg: SweepConfig, progress: Any = None) -> list[dict]:
     results = []
     for name in cfg.contenders:
         contender = get_contender(cfg.level, name)
-        missing = unavailable_reason(contender) if cfg.level != 'model' else None
-        failed_at: Optional[dict] = None
-        previous: Optional[dict] = None
-        for size in cfg.sizes:
-            case = dict(level=cfg.level, contender=contender.name, size=size,
-                        description=contender.description, ours=contender.ours)
-            if missing:
-                case.update(status='unavailable', error=missing)
-            elif failed_at is not None:
-                case.update(status='skipped', error=f'{failed_at["status"]} at size '
-                            f'{failed_at["size"]}')
-            elif (predicted := _predicted_seconds(previous, size)) is not None and \
-                    predicted * (cfg.warmup + 1) > cfg.budget_s:
-                case.update(status='over budget', error=f'predicted {predicted:.0f} s a call '
-                            f'from the previous size; warm-up plus one timed call would '
-                            f'exceed the {cfg.budget_s:.0f} s budget', limit_s=cfg.budget_s)
-                failed_at = case
-            else:
-                spec = dict(level=cfg.level, contender=name, size=size, batch=cfg.batch,
-                            device=cfg.device, dtype=cfg.dtype, compile=cfg.compile,
-                            threads=cfg.threads, warmup=cfg.warmup, repeats=cfg.repeats,
-                            budget_s=cfg.budget_s, flops=cfg.flops)
-                case.update(_run_case(spec, cfg.mem_limit_gib,
-                                      cfg.budget_s + cfg.startup_grace_s, cfg.steady_malloc))
-                if case['status'] in FAILED:
-                    failed_at = case
-                elif case['status'] == 'ok':
-                    if previous is not None:  # cost growth from the contender's previous size
-                        case['growth'] = case['latency_ms'] / previous['latency_ms']
-                        case['pixel_growth'] = (size / previous['size'])**2
-                    previous = case
-            results.append(case)
-            if progress is not None:
-                progress(case)
+        for with_cp in CP_OPTIONS[cfg.with_cp]:
+            results += _sweep_one(cfg, contender, with_cp, progress)
     return results
+
+
+def _sweep_one(cfg: SweepConfig, contender: Any, with_cp: bool, progress: Any) -> list[dict]:
+    """The sizes of one contender (with or without activation checkpointing)."""
+    missing = unavailable_reason(contender) if cfg.level != 'model' else None
+    if with_cp and not missing and not contender.supports_cp:
+        missing = f'{contender.name} has no activation checkpointing (with_cp)'
+    label = f'{contender.name} +cp' if with_cp else contender.name
+    failed_at: Optional[dict] = None
+    previous: Optional[dict] = None
+    results = []
+    for size in cfg.sizes:
+        case = dict(level=cfg.level, contender=label, size=size, mode=cfg.mode,
+                    with_cp=with_cp, description=contender.description, ours=contender.ours)
+        if missing:
+            case.update(status='unavailable', error=missing)
+        elif failed_at is not None:
+            case.update(status='skipped', error=f'{failed_at["status"]} at size '
+                        f'{failed_at["size"]}')
+        elif (predicted := _predicted_seconds(previous, size)) is not None and \
+                predicted * (cfg.warmup + 1) > cfg.budget_s:
+            case.update(status='over budget', error=f'predicted {predicted:.0f} s a call '
+                        f'from the previous size; warm-up plus one timed call would '
+                        f'exceed the {cfg.budget_s:.0f} s budget', limit_s=cfg.budget_s)
+            failed_at = case
+        else:
+            case.update(run_case(case_spec(cfg, contender.name, size, with_cp),
+                                  cfg.mem_limit_gib, cfg.budget_s + cfg.startup_grace_s,
+                                  cfg.steady_malloc))
+            if case['status'] in FAILED:
+                failed_at = case
+            elif case['status'] == 'ok':
+                if previous is not None:  # cost growth from the contender's previous size
+                    case['growth'] = case['latency_ms'] / previous['latency_ms']
+                    case['pixel_growth'] = (size / previous['size'])**2
+                previous = case
+        results.append(case)
+        if progress is not None:
+            progress(case)
+    return results
+
+
+def case_spec(cfg: SweepConfig, name: str, size: int, with_cp: bool = False,
+              probe: bool = False) -> dict:
+    """The worker's spec for ``name`` at ``size`` under ``cfg``."""
+    return dict(level=cfg.level, contender=name, size=size, batch=cfg.batch, device=cfg.device,
+                dtype=cfg.dtype, compile=cfg.compile, threads=cfg.threads, warmup=cfg.warmup,
+                repeats=cfg.repeats, budget_s=cfg.budget_s, flops=cfg.flops, mode=cfg.mode,
+                with_cp=with_cp, probe=probe)
 
 
 def _predicted_seconds(previous: Optional[dict], size: int) -> Optional[float]:

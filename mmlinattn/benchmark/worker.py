@@ -33,19 +33,34 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def _prepare(spec: dict) -> tuple[Callable[[], Any], Callable[[], Any], Any]:
-    """``(run, count_flops_fn, module)`` for the case: ``run()`` does one timed call."""
+    """``(run, count_flops_fn, module)`` for the case: ``run()`` does one timed call (an
+    inference forward, or with ``mode='train'`` a whole training step)."""
+    from .contenders import get_contender
+
+    contender = get_contender(spec['level'], spec['contender'])
+    overrides = {'with_cp': True} if spec.get('with_cp') else {}
+    if spec.get('with_cp') and not contender.supports_cp:
+        raise ValueError(f'{contender.name} has no activation checkpointing (with_cp)')
+    target = contender.build(**overrides)
+    if spec.get('mode', 'infer') == 'train':
+        return _prepare_train(spec, target)
+    return _prepare_infer(spec, target)
+
+
+def _autocast(device: str, dtype: torch.dtype) -> Any:
+    """Autocast to ``dtype`` (off for float32)."""
+    return torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def _prepare_infer(spec: dict, target: Any) -> tuple[Callable[[], Any], Callable[[], Any], Any]:
     from ..engine.build import synthetic_batch
-    from .contenders import attention_input, get_contender, image_input
+    from .contenders import attention_input, image_input
 
     device, dtype = spec['device'], DTYPES[spec['dtype']]
-    contender = get_contender(spec['level'], spec['contender'])
-    target = contender.build()
-    autocast_dtype = None if dtype == torch.float32 else dtype
     if spec['level'] == 'attention':
         # Operators take the activations in the requested dtype directly.
         args = attention_input(spec['size'], spec['batch'], device, dtype)
-        fn = target
-        module = None
+        fn, module, dtype = target, None, torch.float32
     else:
         # Not chained: some mm backbones' train() returns None (mmdet's Swin).
         module = target.to(device)
@@ -62,16 +77,81 @@ def _prepare(spec: dict) -> tuple[Callable[[], Any], Callable[[], Any], Any]:
         fn = torch.compile(fn)
 
     def run() -> Any:
-        with torch.no_grad():
-            if autocast_dtype is not None and spec['level'] != 'attention':
-                with torch.autocast(device_type=device, dtype=autocast_dtype):
-                    return fn(*args)
+        with torch.no_grad(), _autocast(device, dtype):
             return fn(*args)
 
     def flops() -> int:
         return _count_flops(target if module is None else module, run, args, spec['level'])
 
     return run, flops, module
+
+
+def _prepare_train(spec: dict, target: Any) -> tuple[Callable[[], Any], Callable[[], Any], Any]:
+    """One training step: forward (autocast to the dtype), backward, optimizer step.
+
+    Backbone level: AdamW on a loss that reads every output map; model level: the
+    model's own ``train_step`` through its data preprocessor, on a synthetic batch
+    with ground truth at the requested size.
+    """
+    from .contenders import attention_input, image_input
+
+    device, dtype = spec['device'], DTYPES[spec['dtype']]
+    if spec.get('compile'):
+        raise ValueError('--compile is for inference; a training step is timed eagerly')
+    if spec['level'] == 'attention':
+        q, k, v = (t.requires_grad_() for t in attention_input(spec['size'], spec['batch'],
+                                                                device, dtype))
+
+        def run() -> Any:
+            target(q, k, v).float().mean().backward()
+            for t in (q, k, v):
+                t.grad = None
+        return run, _no_flops, None
+    module = target.to(device)
+    module.train()
+    if spec['level'] == 'model':
+        return _model_train_step(spec, module), _no_flops, module
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    (image, ) = image_input(spec['size'], spec['batch'], device)
+
+    def step() -> Any:
+        with _autocast(device, dtype):
+            outs = module(image)
+        loss = sum(o.float().mean() for o in outs)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step, _no_flops, module
+
+
+def _model_train_step(spec: dict, model: Any) -> Callable[[], Any]:
+    from mmengine.optim import AmpOptimWrapper, OptimWrapper
+
+    from ..engine import CPUAutocastOptimWrapper
+    from ..engine.build import synthetic_train_batch
+
+    device, dtype = spec['device'], spec['dtype']
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    if dtype == 'fp32':
+        wrapper = OptimWrapper(optimizer)
+    elif device == 'cpu':
+        wrapper = CPUAutocastOptimWrapper(optimizer, dtype=str(DTYPES[dtype]).split('.')[-1])
+    else:
+        wrapper = AmpOptimWrapper(optimizer=optimizer, dtype=DTYPES[dtype])
+    data = synthetic_train_batch(model, model.benchmark_scope, spec['size'], spec['size'],
+                                 spec['batch'])
+
+    def step() -> Any:
+        return model.train_step(data, wrapper)
+
+    return step
+
+
+def _no_flops() -> int:
+    raise ValueError('FLOPs are counted for inference only')
 
 
 def _to_meta(obj: Any) -> Any:
@@ -107,7 +187,8 @@ def _sync(device: str) -> None:
 
 def measure(spec: dict) -> dict:
     """Time one case. Keys of ``spec``: level, contender, size, batch, device, dtype,
-    compile, threads, warmup, repeats, budget_s, flops, mem_limit_gib.
+    compile, threads, warmup, repeats, budget_s, flops, mem_limit_gib, and optionally
+    mode (``infer``/``train``), with_cp, probe (one call: does it fit?).
 
     Host memory in use is watched throughout (:class:`~.memory.MemoryWatch`): past
     ``mem_limit_gib`` the worker prints an ``oom`` result and exits at once.
@@ -142,22 +223,25 @@ def _measure(spec: dict) -> dict:
         # Warm-up; the last warm-up call's time decides how many repeats fit. With
         # --compile the first call compiles (a minute on a small CPU), so one more runs.
         warm_times = []
-        for _ in range(max(1, spec['warmup']) + (1 if spec.get('compile') else 0)):
+        for _ in range(1 if spec.get('probe') else
+                       max(1, spec['warmup']) + (1 if spec.get('compile') else 0)):
             t0 = time.perf_counter()
             run()
             _sync(device)
             warm_times.append(time.perf_counter() - t0)
         left = spec['budget_s'] - (time.perf_counter() - started)
         per_call = warm_times[-1]
-        repeats = max(1, min(spec['repeats'], int(left / max(per_call, 1e-6))))
+        # A probe only asks whether one call fits: its warm-up call is the measurement.
+        repeats = 0 if spec.get('probe') else max(
+            1, min(spec['repeats'], int(left / max(per_call, 1e-6))))
         result['repeats_planned'] = spec['repeats']
-        times = []
+        times = [] if repeats else warm_times[-1:]
         for _ in range(repeats):
             t0 = time.perf_counter()
             run()
             _sync(device)
             times.append(time.perf_counter() - t0)
-        if repeats < spec['repeats']:
+        if 0 < repeats < spec['repeats']:
             result['note'] = (f'{repeats} of {spec["repeats"]} repeats fitted the '
                               f'{spec["budget_s"]:.0f} s budget')
         q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
@@ -171,9 +255,11 @@ def _measure(spec: dict) -> dict:
             result['mem_source'] = 'cuda allocator peak'
         # Meta-tensor counting is free; a real-run fallback must fit the budget.
         fits = spec['budget_s'] - (time.perf_counter() - started) > 1.5 * per_call
-        if spec.get('flops', True) and not fits and spec['level'] == 'model':
+        count = spec.get('flops', True) and spec.get('mode', 'infer') == 'infer' and \
+            not spec.get('probe')
+        if count and not fits and spec['level'] == 'model':
             result['flops_error'] = 'skipped: another call would exceed the time budget'
-        elif spec.get('flops', True):
+        elif count:
             try:
                 result['gflops'] = flops_fn() / 1e9
             except Exception as exc:  # noqa: BLE001 - FLOPs are informative, not essential

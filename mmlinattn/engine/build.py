@@ -12,7 +12,7 @@ from typing import Any, Optional, Union
 import torch
 from mmengine.config import Config
 
-__all__ = ['clear_pretrained', 'build_from_config', 'synthetic_batch']
+__all__ = ['clear_pretrained', 'build_from_config', 'synthetic_batch', 'synthetic_train_batch']
 
 
 def clear_pretrained(cfg: Config) -> bool:
@@ -64,3 +64,43 @@ def synthetic_batch(model: Any, scope: str, h: int, w: int, batch: int = 1,
     data = model.data_preprocessor(
         dict(inputs=images, data_samples=[Sample(metainfo=meta) for _ in range(batch)]), False)
     return data['inputs'], data['data_samples']
+
+
+def _num_classes(model: Any) -> int:
+    for path in ('roi_head.bbox_head', 'bbox_head', 'decode_head'):
+        head = model
+        for part in path.split('.'):
+            head = getattr(head, part, None)
+        if head is not None and hasattr(head, 'num_classes'):
+            return int(head.num_classes)
+    return 1
+
+
+def synthetic_train_batch(model: Any, scope: str, h: int, w: int, batch: int = 1,
+                          seed: int = 0) -> dict:
+    """A packed batch for ``model.train_step``: ``batch`` random ``h x w`` images with
+    ground truth (mmdet: 5 boxes each, with masks when the model has a mask head;
+    mmseg: a random label map). A segmenter's preprocessor pads to ``(h, w)``."""
+    torch.manual_seed(seed)
+    num_classes = _num_classes(model)
+    if scope == 'mmdet':
+        from mmdet.testing import demo_mm_inputs
+
+        roi_head = getattr(model, 'roi_head', None)
+        with_mask = roi_head is not None and getattr(roi_head, 'with_mask', False)
+        return demo_mm_inputs(batch_size=batch, image_shapes=[(3, h, w)] * batch,
+                              num_items=[5] * batch, num_classes=num_classes,
+                              with_mask=with_mask)
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+
+    if getattr(model.data_preprocessor, 'size', None) is not None:
+        model.data_preprocessor.size = (h, w)  # the crop it pads training batches to
+    samples = []
+    for _ in range(batch):
+        sample = SegDataSample()
+        sample.gt_sem_seg = PixelData(data=torch.randint(0, num_classes, (1, h, w)))
+        sample.set_metainfo(dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w)))
+        samples.append(sample)
+    return dict(inputs=[torch.randint(0, 256, (3, h, w), dtype=torch.uint8)
+                        for _ in range(batch)], data_samples=samples)

@@ -117,6 +117,93 @@ def _masked_stats(k: Tensor, v: Tensor, mask: Optional[Tensor]) -> tuple[Tensor,
     return k_sum * inv_n, v_sum * inv_n, kv * inv_n
 
 
+def _token_weights(mask: Optional[Tensor], n: int, dtype: torch.dtype) -> Union[float, Tensor]:
+    """Each token's weight in the means: ``1/N``, or ``mask / count`` as ``(B, 1, N, 1)``."""
+    if mask is None:
+        return 1.0 / n
+    count = mask.sum(dim=1).to(dtype).clamp_min(1.0)[:, None, None, None]
+    return mask[:, None, :, None].to(dtype) / count
+
+
+def _inline_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
+                    scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(out, kbar, vbar, cov)`` in the accumulation dtype, autocast off; q, k after phi."""
+    kbar, vbar, kv = _masked_stats(k, v, mask)
+    # Covariance form: vbar + s q (K^T V / N - kbar^T vbar).
+    cov = (kv - kbar.transpose(-2, -1) @ vbar) * scale
+    n, step = q.shape[2], _chunk_size(q, q.shape[-1] + v.shape[-1])
+    if n <= step:
+        out = torch.matmul(_acc(q).to(cov.dtype), cov).add_(vbar)
+    else:
+        out = q.new_empty(*q.shape[:3], v.shape[-1], dtype=cov.dtype)
+        for start in range(0, n, step):
+            out[:, :, start:start + step] = torch.matmul(
+                _acc(q[:, :, start:start + step]).to(cov.dtype), cov).add_(vbar)
+    return out, kbar, vbar, cov
+
+
+class _InLineFunction(torch.autograd.Function):
+    """InLine attention whose backward keeps only q, k, v (as given) and ``d x d`` statistics.
+
+    Autograd through the forward would also keep masked copies of k and v, float32
+    copies of half-precision q, k, v and per-chunk intermediates. Here backward
+    recomputes what it needs chunk by chunk from the saved inputs. With ``O = q cov +
+    vbar``, ``cov = s (K^T V / N - kbar^T vbar)`` and ``w_j`` the weight of token j in
+    the means (``1/N``; 0 on padding, the valid count otherwise):
+
+        dq = dO cov^T          dcov = q^T dO          dkv = s dcov
+        dkbar = -s vbar dcov^T                        dvbar = sum_i dO_i - s kbar dcov
+        dk_j = w_j (v_j dkv^T + dkbar)                dv_j = w_j (k_j dkv + dvbar)
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
+                scale: float) -> Tensor:
+        with _autocast_off(q):
+            out, kbar, vbar, cov = _inline_forward(q, k, v, mask, scale)
+        ctx.save_for_backward(q, k, v, mask, kbar, vbar, cov)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: Tensor) -> tuple[Optional[Tensor], ...]:
+        q, k, v, mask, kbar, vbar, cov = ctx.saved_tensors
+        scale, acc = ctx.scale, cov.dtype
+        n = q.shape[2]
+        step = _chunk_size(q, q.shape[-1] + 2 * v.shape[-1])
+        dq = torch.empty_like(q) if ctx.needs_input_grad[0] else None
+        with _autocast_off(q):
+            # Pass 1: dq, and the gradients of the d x d statistics.
+            dcov = dout_sum = None
+            for start in range(0, n, step):
+                sl = slice(start, start + step)
+                do = dout[:, :, sl].to(acc)
+                if dq is not None:
+                    dq[:, :, sl] = (do @ cov.transpose(-2, -1)).to(q.dtype)
+                parts = (_acc(q[:, :, sl]).to(acc).transpose(-2, -1) @ do,
+                         do.sum(dim=2, keepdim=True))
+                dcov = parts[0] if dcov is None else dcov + parts[0]
+                dout_sum = parts[1] if dout_sum is None else dout_sum + parts[1]
+            dkv = dcov * scale  # d(K^T V / N)
+            douter = -dkv  # d(kbar^T vbar)
+            dkbar = vbar @ douter.transpose(-2, -1)  # (B, h, 1, d)
+            dvbar = dout_sum + kbar @ douter  # (B, h, 1, dv): from O and from kbar^T vbar
+            # Pass 2: dk, dv; each token's share of the means is its weight w_j.
+            weights = _token_weights(mask, n, acc)
+            dk = torch.empty_like(k) if ctx.needs_input_grad[1] else None
+            dv = torch.empty_like(v) if ctx.needs_input_grad[2] else None
+            for start in range(0, n, step):
+                sl = slice(start, start + step)
+                w = weights if isinstance(weights, float) else weights[:, :, sl]
+                if dk is not None:
+                    vc = _acc(v[:, :, sl]).to(acc)
+                    dk[:, :, sl] = ((vc @ dkv.transpose(-2, -1) + dkbar) * w).to(k.dtype)
+                if dv is not None:
+                    kc = _acc(k[:, :, sl]).to(acc)
+                    dv[:, :, sl] = ((kc @ dkv + dvbar) * w).to(v.dtype)
+        return dq, dk, dv, None, None
+
+
 def inline_attention(q: Tensor,
                      k: Tensor,
                      v: Tensor,
@@ -138,7 +225,8 @@ def inline_attention(q: Tensor,
     Returns:
         ``(B, heads, N, dv)`` in the dtype of ``v``. The reductions and the
         final product run in float32 (float64 for float64 inputs) whatever the
-        input dtype or autocast.
+        input dtype or autocast. When gradients are needed, backward keeps only
+        q, k, v (after phi) and the ``d x d`` statistics (:class:`_InLineFunction`).
     """
     _check_qkv(q, k, v, mask)
     phi = get_kernel(kernel)
@@ -146,18 +234,11 @@ def inline_attention(q: Tensor,
         q, k = phi(q), phi(k)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     out_dtype = v.dtype
-    with _autocast_off(q):
-        kbar, vbar, kv = _masked_stats(k, v, mask)
-        # Covariance form: vbar + s q (K^T V / N - kbar^T vbar).
-        cov = (kv - kbar.transpose(-2, -1) @ vbar) * scale
-        n, step = q.shape[2], _chunk_size(q, q.shape[-1] + v.shape[-1])
-        if n <= step:
-            out = torch.matmul(_acc(q).to(cov.dtype), cov).add_(vbar)
-        else:
-            out = q.new_empty(*q.shape[:3], v.shape[-1], dtype=cov.dtype)
-            for start in range(0, n, step):
-                out[:, :, start:start + step] = torch.matmul(
-                    _acc(q[:, :, start:start + step]).to(cov.dtype), cov).add_(vbar)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        out = _InLineFunction.apply(q, k, v, mask, scale)
+    else:
+        with _autocast_off(q):
+            out = _inline_forward(q, k, v, mask, scale)[0]
     return out.to(out_dtype)
 
 

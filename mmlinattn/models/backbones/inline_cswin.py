@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Mapping, Optional, Sequence, Union
 
 import torch
-from timm.layers import DropPath, Mlp
+from timm.layers import DropPath
 from torch import Tensor, nn
 
 from ...ops import ATTENTIONS, resolve_kernel
@@ -25,6 +25,7 @@ from ..family import BackboneFamily, BenchmarkVariant, ReleasedModel, register_f
 from ..layers import (
     ClassifierHead,
     LocalResidual,
+    Mlp,
     RegionGrid,
     attend_heads,
     parse_attn_types,

@@ -5,6 +5,7 @@ from .block import TransformerBlock, run_block
 from .embed import PatchEmbed, PatchMerging
 from .head import ClassifierHead
 from .local_residual import LocalResidual, masked_mean
+from .mlp import Mlp, gelu_mlp
 from .regions import RegionGrid, attend_heads, merge_heads, split_heads
 from .weight_init import init_transformer_weights
 
@@ -12,5 +13,5 @@ __all__ = [
     'InLineAttention', 'WindowSoftmaxAttention', 'merge_heads', 'split_heads',
     'parse_attn_types', 'TransformerBlock', 'run_block', 'PatchEmbed', 'PatchMerging',
     'LocalResidual', 'masked_mean', 'RegionGrid', 'attend_heads', 'ClassifierHead',
-    'init_transformer_weights'
+    'init_transformer_weights', 'Mlp', 'gelu_mlp'
 ]

@@ -1,11 +1,13 @@
 """The pre-norm transformer block shared by every backbone."""
 from __future__ import annotations
 
-from typing import Any, Type
+from typing import Any
 
 import torch.utils.checkpoint
-from timm.layers import DropPath, Mlp
+from timm.layers import DropPath
 from torch import Tensor, nn
+
+from .mlp import Mlp
 
 __all__ = ['TransformerBlock', 'run_block']
 
@@ -28,7 +30,8 @@ class TransformerBlock(nn.Module):
     """``x + attn(norm1(x))`` then ``x + mlp(norm2(x))`` on ``(B, H, W, C)`` maps.
 
     The attention module is built by the caller (InLine, window softmax, ...)
-    and must map ``(B, H, W, C)`` to the same shape. Parameters ``norm1``,
+    and must map ``(B, H, W, C)`` to the same shape. The MLP is ``fc1 -> GELU ->
+    fc2`` (:class:`~.mlp.Mlp`, which keeps one hidden tensor for backward). Parameters ``norm1``,
     ``attn``, ``norm2``, ``mlp.fc1``, ``mlp.fc2`` as in the released models.
     """
 
@@ -38,14 +41,13 @@ class TransformerBlock(nn.Module):
                  mlp_ratio: float = 4.,
                  drop: float = 0.,
                  drop_path: float = 0.,
-                 norm_eps: float = 1e-5,
-                 act_layer: Type[nn.Module] = nn.GELU) -> None:
+                 norm_eps: float = 1e-5) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = attn
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x)))
