@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from mmengine.registry import DefaultScope
 from torch import nn
 
 from mmlinattn.benchmark import backbone_contenders
@@ -122,7 +123,8 @@ def test_a_family_from_its_spec_alone_is_in_every_registry(toy_family, tmp_path,
     # mmlinattn's registry, under its name and its older one; mmdet's and mmseg's.
     assert MODELS.get('ToyBackbone') is ToyBackbone and MODELS.get('OldToyName') is ToyBackbone
     for scope, registry in _openmmlab_registries().items():
-        model = registry.build(dict(type='OldToyName', out_indices=(1, )))
+        with DefaultScope.overwrite_default_scope(scope):
+            model = registry.build(dict(type='OldToyName', out_indices=(1, )))
         assert [o.shape for o in model(torch.randn(1, 3, 32, 24))] == [(1, 8, 8, 6)], scope
     # timm: the released model, with its pretrained_cfg from the spec.
     classifier = timm.create_model('inline_toy_mini', num_classes=5)

@@ -162,7 +162,7 @@ class InLinePVT(InLineBackbone):
                 x = run_block(block, x, self.with_cp)
             outs.append(x)
             if i < self.num_stages - 1:
-                x = self.to_nchw(x)
+                x = x.permute(0, 3, 1, 2)  # NCHW view in channels-last memory: no copy
         return outs
 
 

@@ -34,6 +34,9 @@ class PatchEmbed(nn.Module):
         h, w = x.shape[-2:]
         if h % p or w % p:
             x = F.pad(x, (0, (p - w % p) % p, 0, (p - h % p) % p))
+        # Channels-last in, channels-last out: the (B, H, W, C) view of the result is
+        # contiguous, so neither the convolution nor the norm copies a layout.
+        x = x.contiguous(memory_format=torch.channels_last)
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
 
