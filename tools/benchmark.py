@@ -45,6 +45,7 @@ DEFAULT_SIZES = {'attention': [64, 128, 256, 512], 'backbone': [512, 1024, 2048]
 COMPARISONS = [('inline-swin-t', 'swin-t (mmdet)'), ('inline-swin-t', 'swin-t-global-softmax'),
                ('inline-swin-t-w56', 'swin-t (mmdet)'), ('inline-pvt-s', 'pvt-s (mmdet)'),
                ('inline-pvt-t', 'pvt-t (mmdet)'), ('inline-pvt-s', 'pvtv2-b2 (mmdet)'),
+               ('inline-pvt-s', 'inline-pvt-s (authors)'),
                ('inline-pvt-t', 'pvtv2-b1 (mmdet)'), ('inline-cswin-t', 'cswin-t-global-softmax'),
                ('inline-deit-s', 'deit-s-global-softmax'), ('inline', 'softmax'),
                ('inline', 'linear')]

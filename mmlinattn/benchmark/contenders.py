@@ -41,6 +41,8 @@ class Contender:
     needs: tuple[str, ...] = field(default=())
     ours: bool = True
     supports_cp: bool = True
+    #: ``build`` takes ``img_size`` (models whose position embeddings are built for a size).
+    sized: bool = False
 
 
 def mmdet_available() -> bool:
@@ -129,8 +131,58 @@ MMDET_CONTENDERS = {c.name: c for c in [
 ]}
 
 
+#: A checkout of https://github.com/LeapLabTHU/InLine, for the authors' own models.
+REFERENCE_ENV = 'MMLINATTN_INLINE_REFERENCE'
+
+
+class _FeaturesOnly(nn.Module):
+    """A classification model's ``forward_features`` as its forward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.model.forward_features(x)
+
+
+def _reference(module_file: str, entry: str, **options: Any) -> Builder:
+    """The authors' ``entry`` of ``models/<module_file>``, with their released build's
+    ``options`` (what their ``models/build.py`` passes from the default config)."""
+
+    def build(img_size: int = 224, **overrides: Any) -> nn.Module:
+        import importlib.util
+        import os
+        import os.path as osp
+
+        root = os.environ.get(REFERENCE_ENV)
+        path = osp.join(root or '', 'models', module_file)
+        if not root or not osp.isfile(path):
+            raise FileNotFoundError(
+                f"the authors' models are read from a checkout of "
+                f'https://github.com/LeapLabTHU/InLine: set {REFERENCE_ENV} to it (no '
+                f'{path or module_file} here)')
+        if overrides:
+            raise ValueError(f"the authors' models take no options here, got {overrides}")
+        spec = importlib.util.spec_from_file_location(f'inline_reference_{entry}', path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return _FeaturesOnly(getattr(module, entry)(img_size=img_size, **options))
+    return build
+
+
+REFERENCE_CONTENDERS = {c.name: c for c in [
+    # Released build: every stage InLine, no spatial reduction ('1111').
+    Contender('inline-pvt-s (authors)', 'backbone',
+              _reference('inline_pvt.py', 'inline_pvt_small', attn_type='IIII',
+                         la_sr_ratios='1111'),
+              "the authors' InLine-PVT-S, built at the input size (set "
+              f'{REFERENCE_ENV})', ours=False, supports_cp=False, sized=True),
+]}
+
+
 def backbone_contenders() -> dict[str, Contender]:
-    """Every backbone contender: each registered family's variants, then mmdet's."""
+    """Every backbone contender: each registered family's variants, mmdet's, the authors'."""
     from ..models import FAMILIES
 
     ours = {}
@@ -142,7 +194,7 @@ def backbone_contenders() -> dict[str, Contender]:
             ours[variant.name] = Contender(variant.name, 'backbone',
                                            _ours(spec.backbone, kwargs), variant.description,
                                            ours=not ablation)
-    return {**ours, **MMDET_CONTENDERS}
+    return {**ours, **MMDET_CONTENDERS, **REFERENCE_CONTENDERS}
 
 
 #: The no-argument sweep: the comparisons the documented targets are about.

@@ -39,6 +39,8 @@ def _prepare(spec: dict) -> tuple[Callable[[], Any], Callable[[], Any], Any]:
 
     contender = get_contender(spec['level'], spec['contender'])
     overrides = {'with_cp': True} if spec.get('with_cp') else {}
+    if contender.sized:
+        overrides['img_size'] = spec['size']
     if spec.get('with_cp') and not contender.supports_cp:
         raise ValueError(f'{contender.name} has no activation checkpointing (with_cp)')
     target = contender.build(**overrides)
@@ -197,6 +199,10 @@ def measure(spec: dict) -> dict:
     with MemoryWatch(limit * 2**30 if limit else None, MEMORY_SAMPLE_S,
                      result_prefix=RESULT_PREFIX) as watch:
         result = _measure(spec)
+    if result.get('status') == 'ok' and spec['device'] == 'cpu' and spec['dtype'] == 'bf16':
+        from ..utils.cpu import EMULATED_BF16_NOTE, cpu_has_native_bf16
+        if not cpu_has_native_bf16():
+            result['note'] = '; '.join(filter(None, (result.get('note'), EMULATED_BF16_NOTE)))
     if result.get('status') == 'ok' and spec['device'] != 'cuda':
         result['peak_mem_mib'] = watch.peak / 2**20
         result['peak_mem_above_start_mib'] = (watch.peak - watch.start) / 2**20

@@ -1,14 +1,17 @@
 """Mixed precision on the CPU, where mmengine's AmpOptimWrapper refuses to run."""
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from typing import Iterator
 
 import torch
+from mmengine.logging import print_log
 from mmengine.optim import OptimWrapper
 from torch import nn
 
 from ..registry import OPTIM_WRAPPERS
+from ..utils.cpu import EMULATED_BF16_NOTE, cpu_has_native_bf16
 
 __all__ = ['CPUAutocastOptimWrapper']
 
@@ -27,6 +30,9 @@ class CPUAutocastOptimWrapper(OptimWrapper):
         if dtype not in ('bfloat16', 'float16'):
             raise ValueError(f"dtype must be 'bfloat16' or 'float16', got {dtype!r}")
         self.cast_dtype = getattr(torch, dtype)
+        if dtype == 'bfloat16' and not cpu_has_native_bf16():
+            print_log(f'CPUAutocastOptimWrapper: {EMULATED_BF16_NOTE}', logger='current',
+                      level=logging.WARNING)
 
     @contextmanager
     def optim_context(self, model: nn.Module) -> Iterator[None]:

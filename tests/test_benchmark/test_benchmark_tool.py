@@ -96,3 +96,32 @@ def test_compiled_operator_is_timed_after_its_compile():
     assert result['status'] == 'ok', result
     assert len(result['warmup_ms']) == 2 and result['repeats'] == 3
     assert result['warmup_ms'][0] > result['warmup_ms'][1]  # the compile
+
+
+def test_authors_models_come_from_a_checkout_named_by_the_environment(tmp_path, monkeypatch):
+    import pytest
+    import torch
+
+    from mmlinattn.benchmark.contenders import REFERENCE_ENV, backbone_contenders
+
+    contender = backbone_contenders()['inline-pvt-s (authors)']
+    monkeypatch.delenv(REFERENCE_ENV, raising=False)
+    with pytest.raises(FileNotFoundError, match=REFERENCE_ENV):
+        contender.build(img_size=64)
+    # A stand-in checkout: the builder imports models/inline_pvt.py and calls the entry point
+    # with the released build's options, at the input size.
+    (tmp_path / 'models').mkdir()
+    (tmp_path / 'models' / 'inline_pvt.py').write_text(
+        'import torch\n'
+        'class Model(torch.nn.Module):\n'
+        '    def __init__(self, **kw):\n'
+        '        super().__init__()\n'
+        '        self.kw = kw\n'
+        '    def forward_features(self, x):\n'
+        '        return x.mean()\n'
+        'def inline_pvt_small(**kw):\n'
+        '    return Model(**kw)\n')
+    monkeypatch.setenv(REFERENCE_ENV, str(tmp_path))
+    module = contender.build(img_size=96)
+    assert module.model.kw == dict(img_size=96, attn_type='IIII', la_sr_ratios='1111')
+    assert module(torch.ones(1, 3, 4, 4)) == 1
