@@ -93,7 +93,7 @@ def find_max_sizes(cfg: SweepConfig, modes: tuple[str, ...] = ('infer', 'train')
                     mode_cfg = SweepConfig(**{**vars(cfg), 'mode': mode})
                     try:
                         entry.update(status='ok', **search_max_size(
-                            _probe(mode_cfg, contender.name, with_cp, progress, label), start,
+                            _probe(mode_cfg, name, with_cp, progress, label), start,
                             limit))
                     except RuntimeError as exc:  # a probe that failed for another reason
                         entry.update(status='error', error=str(exc)[:500])

@@ -173,12 +173,14 @@ def run_sweep(cfg: SweepConfig, progress: Any = None) -> list[dict]:
     for name in cfg.contenders:
         contender = get_contender(cfg.level, name)
         for with_cp in CP_OPTIONS[cfg.with_cp]:
-            results += _sweep_one(cfg, contender, with_cp, progress)
+            results += _sweep_one(cfg, name, contender, with_cp, progress)
     return results
 
 
-def _sweep_one(cfg: SweepConfig, contender: Any, with_cp: bool, progress: Any) -> list[dict]:
-    """The sizes of one contender (with or without activation checkpointing)."""
+def _sweep_one(cfg: SweepConfig, name: str, contender: Any, with_cp: bool,
+               progress: Any) -> list[dict]:
+    """The sizes of one contender (with or without activation checkpointing); ``name`` is
+    what the worker looks it up by (a config path at the model level)."""
     missing = unavailable_reason(contender) if cfg.level != 'model' else None
     if with_cp and not missing and not contender.supports_cp:
         missing = f'{contender.name} has no activation checkpointing (with_cp)'
@@ -201,7 +203,7 @@ def _sweep_one(cfg: SweepConfig, contender: Any, with_cp: bool, progress: Any) -
                         f'exceed the {cfg.budget_s:.0f} s budget', limit_s=cfg.budget_s)
             failed_at = case
         else:
-            case.update(run_case(case_spec(cfg, contender.name, size, with_cp),
+            case.update(run_case(case_spec(cfg, name, size, with_cp),
                                   cfg.mem_limit_gib, cfg.budget_s + cfg.startup_grace_s,
                                   cfg.steady_malloc))
             if case['status'] in FAILED:
