@@ -88,6 +88,13 @@ def _chunk_size(t: Tensor, width: int) -> int:
     return max(1024, CHUNK_BYTES // (4 * t.shape[0] * t.shape[1] * width))
 
 
+def _inverse_count(mask: Optional[Tensor], n: int, dtype: torch.dtype) -> Union[float, Tensor]:
+    """``1/N`` over the valid tokens: a float, or ``(B, 1, 1, 1)`` per sample with a mask."""
+    if mask is None:
+        return 1.0 / n
+    return 1.0 / mask.sum(dim=1).to(dtype).clamp_min(1.0)[:, None, None, None]
+
+
 def _masked_stats(k: Tensor, v: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """Means of k and v and the mean outer product K^T V / N, in float32 (or float64).
 
@@ -110,19 +117,14 @@ def _masked_stats(k: Tensor, v: Tensor, mask: Optional[Tensor]) -> tuple[Tensor,
             k_sum, v_sum, kv = parts
         else:
             k_sum, v_sum, kv = k_sum + parts[0], v_sum + parts[1], kv + parts[2]
-    if mask is None:
-        inv_n = 1.0 / n
-    else:
-        inv_n = 1.0 / mask.sum(dim=1).to(kv.dtype).clamp_min(1.0)[:, None, None, None]
+    inv_n = _inverse_count(mask, n, kv.dtype)
     return k_sum * inv_n, v_sum * inv_n, kv * inv_n
 
 
 def _token_weights(mask: Optional[Tensor], n: int, dtype: torch.dtype) -> Union[float, Tensor]:
     """Each token's weight in the means: ``1/N``, or ``mask / count`` as ``(B, 1, N, 1)``."""
-    if mask is None:
-        return 1.0 / n
-    count = mask.sum(dim=1).to(dtype).clamp_min(1.0)[:, None, None, None]
-    return mask[:, None, :, None].to(dtype) / count
+    inv_n = _inverse_count(mask, n, dtype)
+    return inv_n if mask is None else mask[:, None, :, None].to(dtype) * inv_n
 
 
 def _inline_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
