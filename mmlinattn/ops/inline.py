@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    'KERNELS', 'get_kernel', 'inline_attention', 'inline_attention_weights',
-    'linear_attention', 'softmax_attention'
+    'KERNELS', 'InLineSums', 'get_kernel', 'inline_attention', 'inline_attention_weights',
+    'inline_readout', 'linear_attention', 'softmax_attention'
 ]
 
 
@@ -95,30 +95,77 @@ def _inverse_count(mask: Optional[Tensor], n: int, dtype: torch.dtype) -> Union[
     return 1.0 / mask.sum(dim=1).to(dtype).clamp_min(1.0)[:, None, None, None]
 
 
-def _masked_stats(k: Tensor, v: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """Means of k and v and the mean outer product K^T V / N, in float32 (or float64).
+class InLineSums:
+    """Running sums over chunks of tokens for InLine's global statistics.
 
-    Returns ``kbar (B, h, 1, d)``, ``vbar (B, h, 1, dv)``, ``kv (B, h, d, dv)``.
-    Reductions over up to 10^6 tokens of fp16/bf16 activations overflow or lose
-    all precision in half precision, so they always accumulate in float32.
+    :meth:`add` takes chunks ``k (B, h, n, d)``, ``v (B, h, n, dv)`` (k after phi)
+    with an optional ``mask (B, n)``; :meth:`means` returns ``kbar (B, h, 1, d)``,
+    ``vbar (B, h, 1, dv)`` and ``kv = K^T V / N (B, h, d, dv)`` over every token
+    added. The sums are float32 (float64 for float64 inputs): reductions over up to
+    10^6 tokens of fp16/bf16 activations overflow or lose all precision in half
+    precision. Chunked whole-image inference (:mod:`mmlinattn.models.layers.chunked`)
+    feeds it one band of a feature map at a time.
     """
-    n = k.shape[2]
-    step = _chunk_size(k, k.shape[-1] + v.shape[-1])
-    k_sum = v_sum = kv = None
-    for start in range(0, n, step):
-        kc = _acc(k[:, :, start:start + step])
-        vc = _acc(v[:, :, start:start + step])
+
+    def __init__(self) -> None:
+        self.k_sum: Optional[Tensor] = None
+        self.v_sum: Optional[Tensor] = None
+        self.kv_sum: Optional[Tensor] = None
+        self.count: Union[float, Tensor] = 0.0
+
+    def add(self, k: Tensor, v: Tensor, mask: Optional[Tensor] = None) -> None:
+        kc, vc = _acc(k), _acc(v)
         if mask is not None:
-            mc = mask[:, None, start:start + step, None].to(kc.dtype)
+            mc = mask[:, None, :, None].to(kc.dtype)
             kc, vc = kc * mc, vc * mc
+            count = mask.sum(dim=1).to(kc.dtype)[:, None, None, None]
+        else:
+            count = float(k.shape[2])
         parts = (kc.sum(dim=2, keepdim=True), vc.sum(dim=2, keepdim=True),
                  kc.transpose(-2, -1) @ vc)
-        if kv is None:
-            k_sum, v_sum, kv = parts
+        if self.kv_sum is None:
+            self.k_sum, self.v_sum, self.kv_sum = parts
         else:
-            k_sum, v_sum, kv = k_sum + parts[0], v_sum + parts[1], kv + parts[2]
-    inv_n = _inverse_count(mask, n, kv.dtype)
-    return k_sum * inv_n, v_sum * inv_n, kv * inv_n
+            self.k_sum = self.k_sum + parts[0]
+            self.v_sum = self.v_sum + parts[1]
+            self.kv_sum = self.kv_sum + parts[2]
+        self.count = self.count + count
+
+    def means(self) -> tuple[Tensor, Tensor, Tensor]:
+        if self.kv_sum is None:
+            raise ValueError('InLineSums.means() before any tokens were added')
+        count = self.count
+        inv_n = (1.0 / max(count, 1.0) if isinstance(count, float)
+                 else 1.0 / count.clamp_min(1.0))
+        return self.k_sum * inv_n, self.v_sum * inv_n, self.kv_sum * inv_n
+
+    def readout(self, scale: float) -> tuple[Tensor, Tensor]:
+        """``(cov, vbar)`` with ``cov = s (K^T V / N - kbar^T vbar)``: ``O = q cov + vbar``."""
+        kbar, vbar, kv = self.means()
+        return _covariance(kbar, vbar, kv, scale), vbar
+
+
+def _covariance(kbar: Tensor, vbar: Tensor, kv: Tensor, scale: float) -> Tensor:
+    """``s (K^T V / N - kbar^T vbar)``: the one ``d x dv`` matrix per head of InLine."""
+    return (kv - kbar.transpose(-2, -1) @ vbar) * scale
+
+
+def inline_readout(q: Tensor, cov: Tensor, vbar: Tensor) -> Tensor:
+    """InLine's output ``q cov + vbar`` for queries ``(B, h, n, d)`` (after phi), in
+    ``cov``'s dtype with autocast off; see :meth:`InLineSums.readout`."""
+    with _autocast_off(q):
+        return torch.matmul(_acc(q).to(cov.dtype), cov).add_(vbar)
+
+
+def _masked_stats(k: Tensor, v: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Means of k and v and the mean outer product K^T V / N (:class:`InLineSums`), with
+    the tokens read in cache-sized chunks. Returns ``kbar``, ``vbar``, ``kv``."""
+    sums = InLineSums()
+    step = _chunk_size(k, k.shape[-1] + v.shape[-1])
+    for start in range(0, k.shape[2], step):
+        sums.add(k[:, :, start:start + step], v[:, :, start:start + step],
+                 None if mask is None else mask[:, start:start + step])
+    return sums.means()
 
 
 def _token_weights(mask: Optional[Tensor], n: int, dtype: torch.dtype) -> Union[float, Tensor]:
@@ -132,7 +179,7 @@ def _inline_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
     """``(out, kbar, vbar, cov)`` in the accumulation dtype, autocast off; q, k after phi."""
     kbar, vbar, kv = _masked_stats(k, v, mask)
     # Covariance form: vbar + s q (K^T V / N - kbar^T vbar).
-    cov = (kv - kbar.transpose(-2, -1) @ vbar) * scale
+    cov = _covariance(kbar, vbar, kv, scale)
     n, step = q.shape[2], _chunk_size(q, q.shape[-1] + v.shape[-1])
     if n <= step:
         out = torch.matmul(_acc(q).to(cov.dtype), cov).add_(vbar)

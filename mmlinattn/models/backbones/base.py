@@ -9,10 +9,12 @@ stages, then calls :meth:`_finish_init`. It implements :meth:`_stem_modules`,
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from typing import Callable, ClassVar, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Optional, Sequence, Union
 
+import torch
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
 from torch import Tensor, nn
@@ -25,9 +27,27 @@ from ...checkpoint import (
     load_state_dict_checked,
     safe_load,
 )
+from ..layers import (
+    DEFAULT_CHUNK_TOKENS,
+    band_rows,
+    chunked_block,
+    chunked_embed,
+    fill_rows,
+    run_block,
+)
 from ..layers.weight_init import init_transformer_weights
 
-__all__ = ['InLineBackbone', 'init_transformer_weights', 'resolve_arch']
+__all__ = ['InLineBackbone', 'chunked_inference', 'init_transformer_weights', 'resolve_arch']
+
+
+def _check_chunk_tokens(chunk_tokens: Optional[int]) -> Optional[int]:
+    if chunk_tokens is True:
+        return DEFAULT_CHUNK_TOKENS
+    if chunk_tokens is not None and (isinstance(chunk_tokens, bool)
+                                     or not isinstance(chunk_tokens, int) or chunk_tokens < 1):
+        raise ValueError(f'chunk_tokens must be None (off), True ({DEFAULT_CHUNK_TOKENS}) or a '
+                         f'positive number of tokens per band; got {chunk_tokens!r}')
+    return chunk_tokens
 
 StateDictConverter = Callable[[Mapping[str, Tensor]], dict]
 
@@ -67,6 +87,12 @@ class InLineBackbone(BaseModule):
         out_norm: a LayerNorm ``norm{i}`` on each returned stage.
         frozen_stages: -1 none; 0 the stem; k also stages 0..k-1 (eval mode, no grads).
         with_cp: activation checkpointing per block.
+        chunk_tokens: token-chunked inference (:mod:`mmlinattn.models.layers.chunked`):
+            None (default) off; a number of tokens per band (``True``: 65536). Each
+            block, embedding and output norm then runs over its map in bands of rows,
+            exactly (up to float summation order), with peak memory a small multiple
+            of one map. Used only without autograd and in eval mode; see also
+            :func:`chunked_inference`.
         pretrained: deprecated alias of ``init_cfg=dict(type='Pretrained', checkpoint=...)``.
         init_cfg: mmengine init config; ``Pretrained`` loads released or converted
             checkpoints safely (:meth:`load_pretrained`).
@@ -87,7 +113,8 @@ class InLineBackbone(BaseModule):
                  frozen_stages: int = -1,
                  with_cp: bool = False,
                  pretrained: Optional[str] = None,
-                 init_cfg: Optional[Union[dict, list]] = None) -> None:
+                 init_cfg: Optional[Union[dict, list]] = None,
+                 chunk_tokens: Optional[int] = None) -> None:
         if pretrained is not None:
             if init_cfg is not None:
                 raise ValueError('pass either pretrained or init_cfg, not both')
@@ -109,6 +136,7 @@ class InLineBackbone(BaseModule):
                              f'{frozen_stages}')
         self.frozen_stages = frozen_stages
         self.with_cp = with_cp
+        self.chunk_tokens = _check_chunk_tokens(chunk_tokens)
 
     # -- contract -------------------------------------------------------------------------
     def _stem_modules(self) -> list[nn.Module]:
@@ -201,6 +229,24 @@ class InLineBackbone(BaseModule):
             warnings.warn(f'{name}: {len(unexpected)} checkpoint keys were not used: '
                           f'{unexpected[:8]}', stacklevel=2)
 
+    # -- running blocks (ordinary, checkpointed or token-chunked) -------------------------
+    @property
+    def chunking(self) -> bool:
+        """Whether this forward runs token-chunked: ``chunk_tokens`` set, eval mode, no
+        autograd (training needs every activation anyway; ``with_cp`` is its remedy)."""
+        return (self.chunk_tokens is not None and not self.training
+                and not torch.is_grad_enabled())
+
+    def run_block(self, block: nn.Module, x: Tensor, **kwargs: Any) -> Tensor:
+        """One block on ``x``: chunked, checkpointed (``with_cp``) or plain."""
+        if self.chunking:
+            return chunked_block(block, x, self.chunk_tokens, **kwargs)
+        return run_block(block, x, self.with_cp, **kwargs)
+
+    def embed(self, module: nn.Module, x: Tensor) -> Tensor:
+        """A patch embedding or merge on ``x``, in bands of output rows when chunking."""
+        return chunked_embed(module, x, self.chunk_tokens) if self.chunking else module(x)
+
     # -- output ---------------------------------------------------------------------------
     @staticmethod
     def to_nchw(x: Tensor) -> Tensor:
@@ -223,8 +269,34 @@ class InLineBackbone(BaseModule):
         stages = self.forward_stages(x)
         outs = []
         for i in self.out_indices:
+            norm = getattr(self, f'norm{i}') if self.out_norm else nn.Identity()
             out = stages[i]
-            if self.out_norm:
-                out = getattr(self, f'norm{i}')(out)
-            outs.append(self.to_nchw(out))
+            if self.chunking:  # norm and NCHW copy band by band, into the output only
+                rows = band_rows(self.chunk_tokens, out.shape[2])
+                outs.append(fill_rows(out.shape[1], rows, lambda r0, r1, out=out, norm=norm:
+                                      norm(out[:, r0:r1]).permute(0, 3, 1, 2), dim=2))
+            else:
+                outs.append(self.to_nchw(norm(out)))
         return tuple(outs)
+
+
+@contextlib.contextmanager
+def chunked_inference(model: nn.Module,
+                      chunk_tokens: Optional[int] = DEFAULT_CHUNK_TOKENS) -> Iterator[nn.Module]:
+    """Within the block, every :class:`InLineBackbone` in ``model`` runs token-chunked
+    with ``chunk_tokens`` tokens per band (None: ordinary); restored afterwards.
+
+    ``with chunked_inference(segmentor), torch.no_grad(): segmentor.predict(...)``.
+    """
+    chunk_tokens = _check_chunk_tokens(chunk_tokens)
+    backbones = [m for m in model.modules() if isinstance(m, InLineBackbone)]
+    if not backbones:
+        raise ValueError(f'{type(model).__name__} contains no InLine backbone to chunk')
+    saved = [m.chunk_tokens for m in backbones]
+    try:
+        for m in backbones:
+            m.chunk_tokens = chunk_tokens
+        yield model
+    finally:
+        for m, value in zip(backbones, saved):
+            m.chunk_tokens = value

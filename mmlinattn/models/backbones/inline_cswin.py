@@ -23,13 +23,17 @@ from ...ops import ATTENTIONS, resolve_kernel
 from ...ops.inline import KernelArg
 from ..family import BackboneFamily, BenchmarkVariant, ReleasedModel, register_family
 from ..layers import (
+    BandPlan,
     ClassifierHead,
+    InLineBlockParts,
     LocalResidual,
     Mlp,
     RegionGrid,
     attend_heads,
+    conv2d_rows,
+    conv_out_rows,
+    linear_slice,
     parse_attn_types,
-    run_block,
 )
 from .base import InLineBackbone
 
@@ -146,10 +150,35 @@ class CSwinBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
         self.norm2 = nn.LayerNorm(dim)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def chunk_plan(self, x: Tensor) -> Optional[Union[InLineBlockParts, BandPlan]]:
+        """Chunked inference (:mod:`mmlinattn.models.layers.chunked`): two passes for a
+        global InLine block; bands of whole windows (with the mean of the whole map
+        for the taps) when windowed; None (run whole) for the softmax stripes."""
+        branch = self.attns[0]
+        if len(self.attns) != 1 or branch.kind != 'inline' or branch.attention != 'inline':
+            return None
+        region = branch.region(*x.shape[1:3])
+        if region is not None:
+            return BandPlan(region[0], dict(x_mean=x.mean(dim=(1, 2))))
+        c = x.shape[-1]
+
+        def kv(t: Tensor) -> tuple[Tensor, Tensor]:
+            return linear_slice(self.qkv, t, c, 3 * c).unflatten(-1, (2, c)).unbind(-2)
+
+        return InLineBlockParts(
+            norm1=self.norm1, q=lambda t: linear_slice(self.qkv, t, 0, c), kv=kv,
+            v=lambda t: linear_slice(self.qkv, t, 2 * c, 3 * c),
+            proj=lambda a: self.proj_drop(self.proj(a)), norm2=self.norm2, mlp=self.mlp,
+            drop_path=self.drop_path, num_heads=branch.num_heads, kernel=branch.kernel,
+            residual=branch.residual, lepe=branch.get_v, taps_from_input=True)
+
+    def forward(self, x: Tensor, x_mean: Optional[Tensor] = None) -> Tensor:
+        """``x (B, H, W, C)``; ``x_mean (B, C)`` overrides the mean of ``x`` the InLine
+        taps are predicted from (chunked inference passes the whole map's)."""
         b, h, w, c = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, h, w, 3, c).unbind(3)
-        x_mean = x.mean(dim=(1, 2))  # the block input, before norm1, as released
+        if x_mean is None:
+            x_mean = x.mean(dim=(1, 2))  # the block input, before norm1, as released
         if len(self.attns) == 1:
             out = self.attns[0](q, k, v, x_mean)
         else:
@@ -169,6 +198,21 @@ class _ToChannelsLast(nn.Module):
         return x.permute(0, 2, 3, 1)
 
 
+class ConvStem(nn.Sequential):
+    """CSwin's stem: 7x7 stride-4 convolution, channels last, LayerNorm (``0``, ``2``
+    as released). ``(B, C_in, H, W) -> (B, H/4, W/4, C)``."""
+
+    def __init__(self, in_channels: int, dim: int) -> None:
+        super().__init__(nn.Conv2d(in_channels, dim, 7, 4, 2), _ToChannelsLast(), nn.LayerNorm(dim))
+
+    def out_rows(self, x: Tensor) -> int:
+        return conv_out_rows(self[0], x.shape[2])
+
+    def forward_rows(self, x: Tensor, r0: int, r1: int) -> Tensor:
+        """Output rows ``[r0, r1)``, from the input rows they read."""
+        return self[2](conv2d_rows(self[0], x, r0, r1).permute(0, 2, 3, 1))
+
+
 class ConvMerge(nn.Module):
     """CSwin's stage merge: 3x3 stride-2 convolution then LayerNorm, channels last."""
 
@@ -179,6 +223,14 @@ class ConvMerge(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+
+    def out_rows(self, x: Tensor) -> int:
+        return conv_out_rows(self.conv, x.shape[1])
+
+    def forward_rows(self, x: Tensor, r0: int, r1: int) -> Tensor:
+        """Output rows ``[r0, r1)`` of ``forward(x)``, from the input rows they read."""
+        return self.norm(conv2d_rows(self.conv, x.permute(0, 3, 1, 2), r0, r1)
+                         .permute(0, 2, 3, 1))
 
 
 def convert_cswin_checkpoint(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -236,6 +288,7 @@ class InLineCSwin(InLineBackbone):
                  out_norm: bool = True,
                  frozen_stages: int = -1,
                  with_cp: bool = False,
+                 chunk_tokens: Optional[int] = None,
                  pretrained: Optional[str] = None,
                  init_cfg: Optional[Union[dict, list]] = None) -> None:
         setting = self.resolve_arch(arch, embed_dims=embed_dims, depths=depths,
@@ -243,13 +296,12 @@ class InLineCSwin(InLineBackbone):
         depths = tuple(setting['depths'])
         heads = tuple(setting['num_heads'])
         super().__init__(len(depths), out_indices, out_norm, frozen_stages, with_cp, pretrained,
-                         init_cfg)
+                         init_cfg, chunk_tokens)
         letters = parse_attn_types(setting['attn_types'], depths)
         dims = [setting['embed_dims'] * 2**i for i in range(self.num_stages)]
         self.num_features = dims
         self.in_channels = in_channels
-        self.stage1_conv_embed = nn.Sequential(
-            nn.Conv2d(in_channels, dims[0], 7, 4, 2), _ToChannelsLast(), nn.LayerNorm(dims[0]))
+        self.stage1_conv_embed = ConvStem(in_channels, dims[0])
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         for i in range(self.num_stages):
             start = sum(depths[:i])
@@ -280,13 +332,13 @@ class InLineCSwin(InLineBackbone):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f'expected an NCHW input with {self.in_channels} channels, got '
                              f'shape {tuple(x.shape)}')
-        x = self.stage1_conv_embed(x)
+        x = self.embed(self.stage1_conv_embed, x)
         outs = []
         for i in range(self.num_stages):
             if i > 0:
-                x = getattr(self, f'merge{i}')(x)
+                x = self.embed(getattr(self, f'merge{i}'), x)
             for block in getattr(self, f'stage{i + 1}'):
-                x = run_block(block, x, self.with_cp)
+                x = self.run_block(block, x)
             outs.append(x)
         return outs
 

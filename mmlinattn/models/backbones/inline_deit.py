@@ -13,6 +13,7 @@ pooling) to strides 4, 8, 16, 32, all ``embed_dims`` channels.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
@@ -22,7 +23,14 @@ from torch import Tensor, nn
 
 from ...ops.inline import KernelArg
 from ..family import BackboneFamily, BenchmarkVariant, ReleasedModel, register_family
-from ..layers import ClassifierHead, InLineAttention, PatchEmbed, TransformerBlock, run_block
+from ..layers import (
+    ClassifierHead,
+    InLineAttention,
+    PatchEmbed,
+    TransformerBlock,
+    band_rows,
+    fill_rows,
+)
 from .base import InLineBackbone
 
 __all__ = ['InLineDeiT', 'InLineDeiTClassifier', 'DeiTBlock', 'SimpleFeaturePyramid',
@@ -54,8 +62,25 @@ class SimpleFeaturePyramid(nn.Module):
         self.fpn2 = nn.Identity()
         self.fpn3 = nn.MaxPool2d(2, ceil_mode=True)
 
+    #: Output rows per input row of each level (fpn3 halves).
+    scales = (4, 2, 1, 0.5)
+
     def forward(self, maps: Sequence[Tensor]) -> list[Tensor]:
         return [getattr(self, f'fpn{i}')(m) for i, m in enumerate(maps)]
+
+    def forward_chunked(self, maps: Sequence[Tensor], chunk_tokens: int) -> list[Tensor]:
+        """:meth:`forward` in bands of output rows: every level maps disjoint input rows
+        to disjoint output rows (stride-2 kernels of 2, pointwise norm and GELU)."""
+        outs = []
+        for i, m in enumerate(maps):
+            level, scale = getattr(self, f'fpn{i}'), self.scales[i]
+            height = math.ceil(m.shape[2] * scale)
+            step = int(max(1, scale))
+            rows = band_rows(chunk_tokens, math.ceil(m.shape[3] * scale), step)
+            outs.append(fill_rows(height, rows, lambda r0, r1, m=m, level=level, scale=scale:
+                                  level(m[:, :, int(r0 / scale):math.ceil(r1 / scale)]),
+                                  dim=2))
+        return outs
 
 
 def convert_deit_checkpoint(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -120,6 +145,7 @@ class InLineDeiT(InLineBackbone):
                  out_norm: bool = True,
                  frozen_stages: int = -1,
                  with_cp: bool = False,
+                 chunk_tokens: Optional[int] = None,
                  pretrained: Optional[str] = None,
                  init_cfg: Optional[Union[dict, list]] = None) -> None:
         if inline_window is not None:
@@ -130,7 +156,7 @@ class InLineDeiT(InLineBackbone):
         setting = self.resolve_arch(arch)
         depth, dim = setting['depth'], setting['embed_dims']
         super().__init__(depth, out_indices, out_norm, frozen_stages, with_cp, pretrained,
-                         init_cfg)
+                         init_cfg, chunk_tokens)
         if pyramid and len(self.out_indices) != 4:
             raise ValueError(f'pyramid=True needs four out_indices (strides 4-32), got '
                              f'{self.out_indices}')
@@ -183,13 +209,13 @@ class InLineDeiT(InLineBackbone):
 
     def forward_tokens(self, x: Tensor) -> tuple[Tensor, tuple[int, int], list[Tensor]]:
         """Tokens after the last block, the patch grid, and the tapped patch maps."""
-        x = self.patch_embed(x)  # (B, h, w, C)
+        x = self.embed(self.patch_embed, x)  # (B, h, w, C)
         b, h, w, c = x.shape
         x = torch.cat([self.cls_token.expand(b, -1, -1), x.reshape(b, h * w, c)], dim=1)
         x = self.pos_drop(x + self.position_embedding(h, w))
         taps = []
         for i, block in enumerate(self.blocks):
-            x = run_block(block, x, self.with_cp, hw=(h, w))
+            x = self.run_block(block, x, hw=(h, w))
             if i in self.out_indices:
                 taps.append(x[:, 1:].reshape(b, h, w, c))
         return x, (h, w), taps
@@ -201,7 +227,8 @@ class InLineDeiT(InLineBackbone):
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         outs = list(super().forward(x))
         if self.pyramid is not None:
-            outs = self.pyramid(outs)
+            outs = (self.pyramid.forward_chunked(outs, self.chunk_tokens) if self.chunking
+                    else self.pyramid(outs))
         return tuple(outs)
 
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ...ops.inline import KernelArg
 from ..family import BackboneFamily, BenchmarkVariant, ReleasedModel, register_family
-from ..layers import ClassifierHead, InLineAttention, PatchEmbed, TransformerBlock, run_block
+from ..layers import ClassifierHead, InLineAttention, PatchEmbed, TransformerBlock
 from .base import InLineBackbone
 
 __all__ = ['InLinePVT', 'InLinePVTClassifier', 'convert_pvt_checkpoint', 'PVT_ARCHS',
@@ -99,6 +99,7 @@ class InLinePVT(InLineBackbone):
                  out_norm: bool = True,
                  frozen_stages: int = -1,
                  with_cp: bool = False,
+                 chunk_tokens: Optional[int] = None,
                  pretrained: Optional[str] = None,
                  init_cfg: Optional[Union[dict, list]] = None) -> None:
         setting = self.resolve_arch(arch, embed_dims=embed_dims, depths=depths,
@@ -108,7 +109,7 @@ class InLinePVT(InLineBackbone):
         heads = tuple(setting['num_heads'])
         ratios = tuple(setting['mlp_ratios'])
         super().__init__(len(depths), out_indices, out_norm, frozen_stages, with_cp, pretrained,
-                         init_cfg)
+                         init_cfg, chunk_tokens)
         self.num_features = list(dims)
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         self.pos_grids = []
@@ -154,12 +155,14 @@ class InLinePVT(InLineBackbone):
         """Channels-last outputs ``(B, H_i, W_i, C_i)`` of every stage."""
         outs = []
         for i in range(self.num_stages):
-            x = getattr(self, f'patch_embed{i + 1}')(x)
+            x = self.embed(getattr(self, f'patch_embed{i + 1}'), x)
             pos = resize_pos_embed(getattr(self, f'pos_embed{i + 1}'), self.pos_grids[i],
                                    x.shape[1:3])
-            x = getattr(self, f'pos_drop{i + 1}')(x + pos)
+            # Chunked: add in place, not one more map (x is the embedding's own output).
+            x = getattr(self, f'pos_drop{i + 1}')(x.add_(pos) if self.chunking else x + pos)
+            del pos
             for block in getattr(self, f'block{i + 1}'):
-                x = run_block(block, x, self.with_cp)
+                x = self.run_block(block, x)
             outs.append(x)
             if i < self.num_stages - 1:
                 x = x.permute(0, 3, 1, 2)  # NCHW view in channels-last memory: no copy

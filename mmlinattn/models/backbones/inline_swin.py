@@ -23,7 +23,6 @@ from ..layers import (
     TransformerBlock,
     WindowSoftmaxAttention,
     parse_attn_types,
-    run_block,
 )
 from .base import InLineBackbone
 
@@ -42,7 +41,9 @@ SWIN_ARCHS: dict[str, dict] = {
 class InLineSwinStage(nn.Module):
     """One stage: ``blocks`` then an optional ``downsample`` (PatchMerging).
 
-    ``forward(x: (B, H, W, C)) -> (stage output (B, H, W, C), next input)``.
+    A container (parameter names ``layers.{i}.blocks``, ``layers.{i}.downsample``
+    as released): :class:`InLineSwin` runs the blocks and the merge, so that each
+    can run checkpointed or token-chunked.
     """
 
     def __init__(self,
@@ -59,8 +60,7 @@ class InLineSwinStage(nn.Module):
                  qkv_bias: bool,
                  drop_rate: float,
                  attn_drop_rate: float,
-                 downsample: bool,
-                 with_cp: bool = False) -> None:
+                 downsample: bool) -> None:
         super().__init__()
         blocks = []
         for j, letter in enumerate(attn_letters):
@@ -78,12 +78,6 @@ class InLineSwinStage(nn.Module):
                                            drop_path=drop_path[j], norm_eps=1e-5))
         self.blocks = nn.ModuleList(blocks)
         self.downsample = PatchMerging(dim) if downsample else None
-        self.with_cp = with_cp
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        for block in self.blocks:
-            x = run_block(block, x, self.with_cp)
-        return x, (self.downsample(x) if self.downsample is not None else x)
 
 
 def convert_swin_checkpoint(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -161,6 +155,7 @@ class InLineSwin(InLineBackbone):
                  out_norm: bool = True,
                  frozen_stages: int = -1,
                  with_cp: bool = False,
+                 chunk_tokens: Optional[int] = None,
                  pretrained: Optional[str] = None,
                  init_cfg: Optional[Union[dict, list]] = None) -> None:
         setting = self.resolve_arch(arch, embed_dims=embed_dims, depths=depths,
@@ -168,7 +163,7 @@ class InLineSwin(InLineBackbone):
         depths = tuple(setting['depths'])
         num_heads = tuple(setting['num_heads'])
         super().__init__(len(depths), out_indices, out_norm, frozen_stages, with_cp, pretrained,
-                         init_cfg)
+                         init_cfg, chunk_tokens)
         letters = parse_attn_types(setting['attn_types'], depths)
         dims = [setting['embed_dims'] * 2**i for i in range(self.num_stages)]
         self.embed_dims = setting['embed_dims']
@@ -184,7 +179,7 @@ class InLineSwin(InLineBackbone):
                 InLineSwinStage(dims[i], num_heads[i], letters[i], dpr[start:start + depths[i]],
                                 inline_window, softmax_window, inline_operator, kernel,
                                 attn_impl, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate,
-                                downsample=i < self.num_stages - 1, with_cp=with_cp))
+                                downsample=i < self.num_stages - 1))
         self._add_out_norms(dims, eps=1e-5)
         self._finish_init()
 
@@ -197,11 +192,14 @@ class InLineSwin(InLineBackbone):
 
     def forward_stages(self, x: Tensor) -> list[Tensor]:
         """Channels-last stage outputs ``(B, H_i, W_i, C_i)`` (before merging), all stages."""
-        x = self.pos_drop(self.patch_embed(x))
+        x = self.pos_drop(self.embed(self.patch_embed, x))
         outs = []
         for layer in self.layers:
-            out, x = layer(x)
-            outs.append(out)
+            for block in layer.blocks:
+                x = self.run_block(block, x)
+            outs.append(x)
+            if layer.downsample is not None:
+                x = self.embed(layer.downsample, x)
         return outs
 
 

@@ -2,6 +2,18 @@
 from .attention import InLineAttention, WindowSoftmaxAttention
 from .attn_types import parse_attn_types
 from .block import TransformerBlock, run_block
+from .chunked import (
+    DEFAULT_CHUNK_TOKENS,
+    BandPlan,
+    InLineBlockParts,
+    band_rows,
+    chunked_block,
+    chunked_embed,
+    conv2d_rows,
+    conv_out_rows,
+    fill_rows,
+    linear_slice,
+)
 from .embed import PatchEmbed, PatchMerging
 from .head import ClassifierHead
 from .local_residual import LocalResidual, masked_mean
@@ -13,5 +25,7 @@ __all__ = [
     'InLineAttention', 'WindowSoftmaxAttention', 'merge_heads', 'split_heads',
     'parse_attn_types', 'TransformerBlock', 'run_block', 'PatchEmbed', 'PatchMerging',
     'LocalResidual', 'masked_mean', 'RegionGrid', 'attend_heads', 'ClassifierHead',
-    'init_transformer_weights', 'Mlp', 'gelu_mlp'
+    'init_transformer_weights', 'Mlp', 'gelu_mlp', 'DEFAULT_CHUNK_TOKENS', 'BandPlan',
+    'InLineBlockParts', 'band_rows', 'chunked_block', 'chunked_embed', 'conv2d_rows',
+    'conv_out_rows', 'fill_rows', 'linear_slice'
 ]

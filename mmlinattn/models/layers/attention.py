@@ -10,7 +10,7 @@ relative position bias, for the softmax stages of InLine-Swin.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ from ...ops import (
     window_partition,
 )
 from ...ops.inline import KernelArg
+from .chunked import BandPlan, InLineBlockParts, linear_slice
 from .local_residual import LocalResidual, masked_mean
 from .regions import RegionGrid, attend_heads, merge_heads, split_heads
 
@@ -108,6 +109,39 @@ class InLineAttention(nn.Module):
             q = self.q(tokens)
             k, v = self.kv(tokens).view(b, n, 2, c).unbind(2)
         return q, k, v
+
+    def _project_part(self, tokens: Tensor, part: int, count: int = 1) -> Tensor:
+        """``count`` of q, k, v from ``part`` on (0, 1, 2), computed without the others."""
+        c = self.dim
+        if self.qkv_layout == 'qkv':
+            return linear_slice(self.qkv, tokens, part * c, (part + count) * c)
+        if part == 0:
+            return self.q(tokens)
+        return linear_slice(self.kv, tokens, (part - 1) * c, (part - 1 + count) * c)
+
+    def chunk_parts(self) -> Optional[InLineBlockParts]:
+        """The token-wise pieces for chunked inference (:mod:`.chunked`), for global
+        InLine attention; the caller adds the block's norms and MLP."""
+        if self.operator != 'inline':
+            return None
+
+        def kv(t: Tensor) -> tuple[Tensor, Tensor]:
+            return self._project_part(t, 1, 2).unflatten(-1, (2, self.dim)).unbind(-2)
+
+        return InLineBlockParts(
+            norm1=nn.Identity(), q=lambda t: self._project_part(t, 0), kv=kv,
+            v=lambda t: self._project_part(t, 2),
+            proj=lambda a: self.proj_drop(self.proj(a)), norm2=nn.Identity(),
+            mlp=nn.Identity(), drop_path=nn.Identity(), num_heads=self.num_heads,
+            kernel=self.kernel, residual=self.residual)
+
+    def chunk_plan(self, h: int, w: int) -> Optional[Union[InLineBlockParts, BandPlan]]:
+        """How a block around this attention runs chunked on an ``h x w`` map: two passes
+        when global InLine, bands of whole windows when windowed, else None."""
+        region = self.region(h, w)
+        if region is not None:
+            return BandPlan(region[0])
+        return self.chunk_parts()
 
     def attend_tokens(self, tokens: Tensor, hw: tuple[int, int], valid: Optional[Tensor] = None,
                       num_prefix: int = 0) -> Tensor:

@@ -1,12 +1,14 @@
 """The pre-norm transformer block shared by every backbone."""
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Optional, Union
 
 import torch.utils.checkpoint
 from timm.layers import DropPath
 from torch import Tensor, nn
 
+from .chunked import BandPlan, InLineBlockParts
 from .mlp import Mlp
 
 __all__ = ['TransformerBlock', 'run_block']
@@ -48,6 +50,18 @@ class TransformerBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+
+    def chunk_plan(self, x: Tensor) -> Optional[Union[InLineBlockParts, BandPlan]]:
+        """How to run this block token-chunked on ``x`` (:mod:`.chunked`): the
+        attention's plan, completed with the block's norms and MLP; None runs whole."""
+        if not hasattr(self.attn, 'chunk_plan'):
+            return None
+        h, w = x.shape[1:3] if x.dim() == 4 else (None, None)
+        plan = self.attn.chunk_plan(h, w) if h is not None else self.attn.chunk_parts()
+        if isinstance(plan, InLineBlockParts):
+            plan = dataclasses.replace(plan, norm1=self.norm1, norm2=self.norm2, mlp=self.mlp,
+                                       drop_path=self.drop_path)
+        return plan
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x)))

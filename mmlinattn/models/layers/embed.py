@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...ops import pad_to_multiple
+from .chunked import conv2d_rows
 
 __all__ = ['PatchEmbed', 'PatchMerging']
 
@@ -39,6 +40,18 @@ class PatchEmbed(nn.Module):
         x = x.contiguous(memory_format=torch.channels_last)
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
+    def out_rows(self, x: Tensor) -> int:
+        """Output rows for an NCHW input ``x``: ``ceil(H / p)``."""
+        return -(-x.shape[2] // self.patch_size)
+
+    def forward_rows(self, x: Tensor, r0: int, r1: int) -> Tensor:
+        """Output rows ``[r0, r1)`` of ``forward(x)`` from input rows ``[r0 p, r1 p)``
+        (chunked inference); ``(B, r1 - r0, ceil(W / p), C)``."""
+        p = self.patch_size
+        out = conv2d_rows(self.proj, x, r0, r1, pad_right=(p - x.shape[3] % p) % p,
+                          channels_last=True)
+        return self.norm(out.permute(0, 2, 3, 1))
+
 
 class PatchMerging(nn.Module):
     """Swin's 2x2 merge: ``(B, H, W, C)`` -> ``(B, ceil(H/2), ceil(W/2), 2C)``.
@@ -57,3 +70,12 @@ class PatchMerging(nn.Module):
         x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]],
                       dim=-1)
         return self.reduction(self.norm(x))
+
+    def out_rows(self, x: Tensor) -> int:
+        """Output rows for a ``(B, H, W, C)`` input: ``ceil(H / 2)``."""
+        return -(-x.shape[1] // 2)
+
+    def forward_rows(self, x: Tensor, r0: int, r1: int) -> Tensor:
+        """Output rows ``[r0, r1)`` of ``forward(x)``: the merge of input rows
+        ``[2 r0, 2 r1)`` (chunked inference)."""
+        return self.forward(x[:, 2 * r0:2 * r1])

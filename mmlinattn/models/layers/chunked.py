@@ -1,0 +1,248 @@
+"""Token-chunked inference: a backbone over a map larger than its activations would allow.
+
+A block's token-wise parts (norms, projections, InLine's readout, the MLP) need
+one token at a time; only two things look further. InLine's global statistics
+are sums over every token, and the local 3x3 terms (the residual, CSwin's LePE)
+and overlapping convolutions read neighbouring rows. So a map is processed in
+bands of rows:
+
+* a block with global InLine attention (:class:`InLineBlockParts`) runs in two
+  passes over the bands: the first accumulates ``sum phi(k)``, ``sum v``,
+  ``sum phi(k)^T v`` and the mean token (:class:`~mmlinattn.ops.InLineSums`), the
+  second produces each band's output from its rows plus one halo row above and
+  below (for the 3x3 terms);
+* a block whose attention stays inside windows runs band by band
+  (:class:`BandPlan`), the bands cut along window rows;
+* embeddings and merges compute their output rows from the input rows their
+  kernel reads (:func:`conv2d_rows`).
+
+Peak memory is then the block's input and output maps plus one band's
+temporaries, instead of the qkv and MLP expansions (3x and 4-8x a map) of the
+whole map. Results equal the ordinary forward up to the order of float sums.
+Inference only: with autograd on, the ordinary forward runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ...ops import dynamic_depthwise_conv3x3, get_kernel
+from ...ops.inline import InLineSums, KernelArg, inline_readout
+from .regions import merge_heads, split_heads
+
+__all__ = ['InLineBlockParts', 'BandPlan', 'row_bands', 'band_rows', 'fill_rows',
+           'conv2d_rows', 'conv_out_rows', 'linear_slice', 'chunked_block', 'chunked_embed',
+           'DEFAULT_CHUNK_TOKENS']
+
+#: Tokens per band when chunking is switched on without a size (``chunk_tokens=True``
+#: in the tools): 2^16 tokens, a few hundred MiB of temporaries at 64-128 channels.
+DEFAULT_CHUNK_TOKENS = 65536
+
+
+@dataclass
+class InLineBlockParts:
+    """The token-wise pieces of a pre-norm block with global InLine attention.
+
+    The block computes, for tokens ``x (B, N, C)`` of an ``h x w`` map (plus
+    optional leading prefix tokens that attend but have no position)::
+
+        t = norm1(x);  q, k, v = projections of t
+        a = InLine(phi(q), phi(k), v) + local(v)      # local: 3x3 terms on the map
+        x = x + drop_path(proj(a));  x = x + drop_path(mlp(norm2(x)))
+
+    ``q``, ``kv`` and ``v`` map normed tokens ``(B, n, C)`` to ``(B, n, C)``
+    tensors; ``taps_from_input`` says whether the residual's taps come from the
+    mean of ``x`` (CSwin) or of ``t`` (Swin, PVT, DeiT); ``lepe`` is CSwin's
+    depthwise 3x3 on v (None elsewhere).
+    """
+
+    norm1: nn.Module
+    q: Callable[[Tensor], Tensor]
+    kv: Callable[[Tensor], tuple[Tensor, Tensor]]
+    v: Callable[[Tensor], Tensor]
+    proj: Callable[[Tensor], Tensor]
+    norm2: nn.Module
+    mlp: nn.Module
+    drop_path: nn.Module
+    num_heads: int
+    kernel: KernelArg
+    residual: Optional[nn.Module] = None
+    lepe: Optional[nn.Module] = None
+    taps_from_input: bool = False
+
+
+@dataclass
+class BandPlan:
+    """A block whose output rows depend only on the input rows of the same window row:
+    it runs on bands whose heights are multiples of ``multiple`` (its window side),
+    with ``kwargs`` (e.g. statistics of the whole map) passed to each call."""
+
+    multiple: int
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+ChunkPlan = Union[InLineBlockParts, BandPlan, None]
+
+
+def band_rows(chunk_tokens: int, width: int, multiple: int = 1) -> int:
+    """Rows per band for about ``chunk_tokens`` tokens of a ``width``-wide map: at least
+    one, a multiple of ``multiple``."""
+    rows = max(1, chunk_tokens // max(1, width))
+    return max(multiple, rows // multiple * multiple)
+
+
+def row_bands(height: int, rows: int) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` of consecutive bands of ``rows`` rows covering ``height``."""
+    for start in range(0, height, rows):
+        yield start, min(height, start + rows)
+
+
+def fill_rows(height: int, rows: int, fn: Callable[[int, int], Tensor], dim: int = 1) -> Tensor:
+    """Concatenate ``fn(r0, r1)`` over the bands of ``height`` along ``dim`` into one
+    tensor allocated once (no list of parts, no second copy)."""
+    out = None
+    for r0, r1 in row_bands(height, rows):
+        part = fn(r0, r1)
+        if part.shape[dim] != r1 - r0:
+            raise RuntimeError(f'band rows {r0}:{r1} produced {part.shape[dim]} rows')
+        if out is None:
+            shape = list(part.shape)
+            shape[dim] = height
+            out = part.new_empty(shape)
+        out.narrow(dim, r0, r1 - r0).copy_(part)
+    return out
+
+
+def conv_out_rows(conv: nn.Conv2d, height: int, pad_bottom: int = 0) -> int:
+    """Output rows of ``conv`` on ``height`` input rows (plus ``pad_bottom`` zero rows)."""
+    k, s, p, d = conv.kernel_size[0], conv.stride[0], conv.padding[0], conv.dilation[0]
+    return (height + pad_bottom + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def conv2d_rows(conv: nn.Conv2d, x: Tensor, r0: int, r1: int, pad_right: int = 0,
+                channels_last: bool = False) -> Tensor:
+    """Output rows ``[r0, r1)`` of ``conv(x)`` for NCHW ``x``, reading only the input
+    rows they need; ``conv``'s zero padding (and ``pad_right`` extra zero columns, with
+    zero rows below the map as far as needed) is applied as the whole-map conv would."""
+    if conv.padding_mode != 'zeros' or isinstance(conv.padding, str):
+        raise ValueError(f'conv2d_rows needs numeric zero padding; got {conv}')
+    k, s, p, d = conv.kernel_size[0], conv.stride[0], conv.padding[0], conv.dilation[0]
+    height = x.shape[2]
+    lo, hi = r0 * s - p, (r1 - 1) * s - p + d * (k - 1) + 1
+    band = x[:, :, max(0, lo):min(height, hi)]
+    pw = conv.padding[1]
+    band = F.pad(band, (pw, pw + pad_right, max(0, -lo), max(0, hi - height)))
+    if channels_last:
+        band = band.contiguous(memory_format=torch.channels_last)
+    return F.conv2d(band, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
+
+
+def chunked_embed(module: nn.Module, x: Tensor, chunk_tokens: int) -> Tensor:
+    """``module(x)`` in bands of output rows, for modules with ``out_rows(h)`` and
+    ``forward_rows(x, r0, r1)`` (patch embeddings, merges); any other runs whole.
+
+    ``x`` is the module's usual input; the result its usual channels-last output.
+    """
+    if not hasattr(module, 'forward_rows'):
+        return module(x)
+    height = module.out_rows(x)
+    width = module.forward_rows(x, 0, 1).shape[2]
+    return fill_rows(height, band_rows(chunk_tokens, width),
+                     lambda r0, r1: module.forward_rows(x, r0, r1))
+
+
+def linear_slice(layer: nn.Linear, x: Tensor, start: int, stop: int) -> Tensor:
+    """Output features ``[start, stop)`` of ``layer(x)`` alone (a slice of a fused qkv
+    projection: chunked passes compute only what they use)."""
+    bias = None if layer.bias is None else layer.bias[start:stop]
+    return F.linear(x, layer.weight[start:stop], bias)
+
+
+def _heads(t: Tensor, num_heads: int) -> Tensor:
+    return split_heads(t, num_heads)
+
+
+def _global_inline(parts: InLineBlockParts, x: Tensor, hw: tuple[int, int], num_prefix: int,
+                   rows: int) -> Tensor:
+    """The block on tokens ``x (B, P + h*w, C)`` in two passes over bands of ``rows`` rows."""
+    b, n, c = x.shape
+    h, w = hw
+    heads = parts.num_heads
+    phi = get_kernel(parts.kernel) or (lambda t: t)
+    scale = (c // heads) ** -0.5
+    prefix, grid = x[:, :num_prefix], x[:, num_prefix:]
+
+    def band(r0: int, r1: int) -> Tensor:
+        return grid[:, r0 * w:r1 * w]
+
+    # Pass 1: InLine's sums and the mean token, band by band.
+    sums = InLineSums()
+    mean_sum = x.new_zeros(b, c, dtype=torch.float64 if x.dtype == torch.float64
+                           else torch.float32)
+    chunks = ([prefix] if num_prefix else []) + [band(r0, r1) for r0, r1 in row_bands(h, rows)]
+    for chunk in chunks:
+        t = parts.norm1(chunk)
+        k, v = parts.kv(t)
+        sums.add(phi(_heads(k, heads)), _heads(v, heads))
+        mean_sum += (chunk if parts.taps_from_input else t).sum(dim=1, dtype=mean_sum.dtype)
+    cov, vbar = sums.readout(scale)
+    mean_token = (mean_sum / n).to(x.dtype)
+    taps = None if parts.residual is None else parts.residual.taps(mean_token)
+
+    def finish(xc: Tensor, t: Tensor, local: Optional[Tensor]) -> Tensor:
+        attn = merge_heads(inline_readout(phi(_heads(parts.q(t), heads)), cov, vbar))
+        attn = attn.to(x.dtype)
+        if local is not None:
+            attn = attn + local
+        xc = xc + parts.drop_path(parts.proj(attn))
+        return xc + parts.drop_path(parts.mlp(parts.norm2(xc)))
+
+    # Pass 2: outputs; the 3x3 terms read one halo row above and below each band.
+    out = torch.empty_like(x)
+    if num_prefix:
+        out[:, :num_prefix] = finish(prefix, parts.norm1(prefix), None)
+    for r0, r1 in row_bands(h, rows):
+        lo, hi = max(0, r0 - 1), min(h, r1 + 1)
+        t = parts.norm1(band(lo, hi))
+        inner = slice((r0 - lo) * w, (r1 - lo) * w)
+        local = None
+        if parts.residual is not None or parts.lepe is not None:
+            vmap = parts.v(t).view(b, hi - lo, w, c)
+            keep = slice(r0 - lo, r1 - lo)
+            if parts.residual is not None:
+                local = dynamic_depthwise_conv3x3(vmap, taps)[:, keep]
+            if parts.lepe is not None:
+                lepe = parts.lepe(vmap.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)[:, keep]
+                local = lepe if local is None else local + lepe
+            local = local.reshape(b, (r1 - r0) * w, c)
+        out[:, num_prefix + r0 * w:num_prefix + r1 * w] = finish(band(r0, r1), t[:, inner],
+                                                                 local)
+    return out
+
+
+def chunked_block(block: nn.Module, x: Tensor, chunk_tokens: int,
+                  hw: Optional[tuple[int, int]] = None) -> Tensor:
+    """``block(x)`` (``block(x, hw=hw)`` for token inputs) evaluated in bands of about
+    ``chunk_tokens`` tokens, as the block's ``chunk_plan(x)`` says.
+
+    ``x`` is a channels-last map ``(B, H, W, C)``, or tokens ``(B, P + h*w, C)``
+    with ``hw`` (DeiT's class token first). Blocks without a plan (softmax stages
+    with shifted windows or stripes) run whole.
+    """
+    plan = block.chunk_plan(x) if hasattr(block, 'chunk_plan') else None
+    if isinstance(plan, InLineBlockParts):
+        if x.dim() == 4:
+            b, h, w, c = x.shape
+            out = _global_inline(plan, x.reshape(b, h * w, c), (h, w), 0,
+                                 band_rows(chunk_tokens, w))
+            return out.view(b, h, w, c)
+        h, w = hw
+        return _global_inline(plan, x, hw, x.shape[1] - h * w, band_rows(chunk_tokens, w))
+    if isinstance(plan, BandPlan) and x.dim() == 4:
+        rows = band_rows(chunk_tokens, x.shape[2], plan.multiple)
+        return fill_rows(x.shape[1], rows, lambda r0, r1: block(x[:, r0:r1], **plan.kwargs))
+    return block(x) if hw is None else block(x, hw=hw)
