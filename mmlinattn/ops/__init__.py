@@ -11,9 +11,11 @@ from .implementations import (
 )
 from .inline import (
     KERNELS,
+    InLineSums,
     get_kernel,
     inline_attention,
     inline_attention_weights,
+    inline_readout,
     linear_attention,
     softmax_attention,
 )
@@ -23,7 +25,7 @@ from .windows import pad_to_multiple, valid_mask, window_merge, window_partition
 __all__ = [
     'ATTENTION_IMPLS', 'ATTENTIONS', 'AttentionImpl', 'attention', 'get_attention_impl',
     'register_attention_impl', 'resolve_kernel', 'ATTENTION_FUNCTIONS', 'KERNELS', 'get_kernel',
-    'inline_attention',
+    'inline_attention', 'InLineSums', 'inline_readout',
     'inline_attention_weights', 'linear_attention', 'softmax_attention',
     'dynamic_depthwise_conv3x3', 'pad_to_multiple', 'valid_mask', 'window_merge',
     'window_partition'

@@ -189,5 +189,7 @@ register_family(BackboneFamily(
                          (('arch', 'tiny'), )),
         BenchmarkVariant('inline-pvt-s', 'InLine-PVT-S, global InLine, no spatial reduction',
                          (('arch', 'small'), )),
+        BenchmarkVariant('inline-pvt-s-chunked', 'InLine-PVT-S, token-chunked inference '
+                         '(2^16 tokens a band)', (('arch', 'small'), ('chunk_tokens', 65536))),
     ),
 ))

@@ -222,6 +222,8 @@ register_family(BackboneFamily(
     benchmark=(
         BenchmarkVariant('inline-swin-t', 'InLine-Swin-T, global InLine stages 1-3',
                          (('arch', 'tiny'), )),
+        BenchmarkVariant('inline-swin-t-chunked', 'InLine-Swin-T, token-chunked inference '
+                         '(2^16 tokens a band)', (('arch', 'tiny'), ('chunk_tokens', 65536))),
         BenchmarkVariant('inline-swin-t-w56', 'InLine-Swin-T, InLine in 56x56 windows',
                          (('arch', 'tiny'), ('inline_window', 56))),
         BenchmarkVariant('swin-t-global-softmax', 'the same layout, global softmax attention '

@@ -1,0 +1,331 @@
+"""Whole-image dense prediction on images far larger than memory would allow.
+
+The backbone runs token-chunked (:func:`~mmlinattn.models.backbones.base.chunked_inference`):
+exact global InLine attention over the whole image. Necks and heads made of
+convolutions and resizing (FPN, Semantic FPN's head, UperNet's FPN part) are
+local: an output pixel reads only features within its receptive field. They run
+tile by tile (:func:`run_by_tiles`) on crops of the feature pyramid with a
+``halo`` around each tile, and each tile keeps only its own centre, which then
+equals the whole-image computation when the halo covers the receptive field.
+Global parts (UperNet's pyramid pooling) run once on their whole (stride-32)
+map and are cropped per tile.
+
+Exactness needs every level of every crop to line up: the image is zero-padded
+(after normalisation, as mmseg's ``size_divisor`` pads) to a multiple of
+:data:`SIZE_DIVISOR` and tiles and halos are multiples of it, so that crops of
+the stride-4 ... stride-64 maps start and end on whole pixels of each.
+
+Units: image pixels in the public functions; feature pixels of the finest map
+(stride 4) inside.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..models.backbones.base import chunked_inference
+from ..models.layers import DEFAULT_CHUNK_TOKENS
+
+__all__ = ['SIZE_DIVISOR', 'Tile', 'feature_tiles', 'run_by_tiles', 'prepare_image',
+           'segment_large', 'segment_whole', 'segment_slide', 'detect_large',
+           'regionwise_neck', 'memory_in_use']
+
+#: Images are padded to a multiple of this (the coarsest stride of any map: FPN's P6).
+SIZE_DIVISOR = 64
+
+Progress = Optional[Callable[[int, int], None]]
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A tile ``[y0, y1) x [x0, x1)`` and its crop with the halo ``[cy0, cy1) x [cx0, cx1)``,
+    in pixels of the finest feature map."""
+
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+    cy0: int
+    cy1: int
+    cx0: int
+    cx1: int
+
+    def crop(self, t: Tensor, scale: float) -> Tensor:
+        """The crop of an NCHW map whose pixels are ``scale`` finest pixels each."""
+        return t[:, :, int(self.cy0 / scale):math.ceil(self.cy1 / scale),
+                 int(self.cx0 / scale):math.ceil(self.cx1 / scale)]
+
+    def centre(self, t: Tensor, margin: int = 0) -> Tensor:
+        """The tile's own part (plus ``margin`` pixels where the crop has them) of a map
+        computed on the crop at the finest scale ``(B, C, cy1 - cy0, cx1 - cx0)``."""
+        scale = (self.cy1 - self.cy0) / t.shape[2]
+        top, left = (self.y0 - self.cy0) / scale, (self.x0 - self.cx0) / scale
+        bottom, right = (self.y1 - self.cy0) / scale, (self.x1 - self.cx0) / scale
+        return t[:, :, max(0, int(top) - margin):min(t.shape[2], int(bottom) + margin),
+                 max(0, int(left) - margin):min(t.shape[3], int(right) + margin)]
+
+
+def feature_tiles(height: int, width: int, tile: int, halo: int) -> list[Tile]:
+    """Tiles of ``tile`` pixels (the last ones smaller) covering a ``height x width`` map,
+    each with ``halo`` pixels of context on every side (clipped at the map)."""
+    tiles = []
+    for y0 in range(0, height, tile):
+        for x0 in range(0, width, tile):
+            y1, x1 = min(height, y0 + tile), min(width, x0 + tile)
+            tiles.append(Tile(y0, y1, x0, x1, max(0, y0 - halo), min(height, y1 + halo),
+                              max(0, x0 - halo), min(width, x1 + halo)))
+    return tiles
+
+
+def run_by_tiles(fn: Callable[[list[Tensor], Tile], Sequence[Tensor]], feats: Sequence[Tensor],
+                 tile: int, halo: int, progress: Progress = None
+                 ) -> Iterator[tuple[Tile, Sequence[Tensor]]]:
+    """``fn`` on the crops of ``feats`` (NCHW, finest first) around each tile; yields the
+    tile and ``fn``'s outputs (NCHW maps at any scale, on the crop)."""
+    finest = feats[0]
+    scales = [finest.shape[2] / f.shape[2] for f in feats]
+    tiles = feature_tiles(finest.shape[2], finest.shape[3], tile, halo)
+    for i, t in enumerate(tiles):
+        yield t, fn([t.crop(f, s) for f, s in zip(feats, scales)], t)
+        if progress is not None:
+            progress(i + 1, len(tiles))
+
+
+def memory_in_use() -> int:
+    """Bytes in use now: the CUDA allocator's, or the CPU heap's."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.memory_allocated()
+    from ..benchmark.memory import heap_in_use_bytes
+    return heap_in_use_bytes()
+
+
+def prepare_image(model: Any, image: Tensor, scope: str) -> tuple[Tensor, list, tuple[int, int]]:
+    """``image (3, H, W) uint8`` (as loaded, BGR) -> normalised ``(1, 3, Hp, Wp)`` input
+    zero-padded to :data:`SIZE_DIVISOR`, its data samples, and ``(H, W)``. mmseg samples
+    say the padded shape (logits are computed for it, then cropped); mmdet samples the
+    image's own (boxes are clipped to it)."""
+    h, w = image.shape[1:]
+    hp, wp = (-(-s // SIZE_DIVISOR) * SIZE_DIVISOR for s in (h, w))
+    # mmseg resizes logits to img_shape and we crop; mmdet clips boxes to img_shape.
+    shown = (hp, wp) if scope == 'mmseg' else (h, w)
+    meta = dict(img_shape=shown, ori_shape=shown, pad_shape=(hp, wp),
+                scale_factor=(1., 1.), batch_input_shape=(hp, wp))
+    if scope == 'mmdet':
+        from mmdet.structures import DetDataSample as Sample
+    else:
+        from mmseg.structures import SegDataSample as Sample
+    data = model.data_preprocessor(dict(inputs=[image], data_samples=[Sample(metainfo=meta)]),
+                                   False)
+    x = data['inputs']
+    if x.shape[2:] != (hp, wp):
+        x = F.pad(x, (0, wp - x.shape[3], 0, hp - x.shape[2]))
+    for sample in data['data_samples']:
+        sample.set_metainfo(meta)
+    return x, data['data_samples'], (h, w)
+
+
+@contextlib.contextmanager
+def _psp_from(head: Any, psp_out: Optional[Tensor], current: list[Tile],
+              finest_height: int) -> Iterator[None]:
+    """UperNet's pyramid pooling, computed once on the whole map: each tile's crop of it."""
+    if psp_out is None:
+        yield
+        return
+    scale = finest_height / psp_out.shape[2]
+    head.psp_forward = lambda inputs: current[0].crop(psp_out, scale)
+    try:
+        yield
+    finally:
+        del head.psp_forward  # the class's method again
+
+
+def _backbone(model: Any, x: Tensor, chunk_tokens: Optional[int]) -> tuple[Tensor, ...]:
+    if chunk_tokens is None:
+        return model.backbone(x)
+    with chunked_inference(model, chunk_tokens):
+        return model.backbone(x)
+
+
+def segment_large(model: Any, image: Tensor, chunk_tokens: Optional[int] = DEFAULT_CHUNK_TOKENS,
+                  tile: int = 2048, halo: int = 256, progress: Progress = None,
+                  keep_logits: bool = False) -> tuple[Tensor, dict]:
+    """Semantic segmentation of one whole image: ``(H, W)`` int64 labels and timings.
+
+    ``model`` an mmseg ``EncoderDecoder`` in eval mode; ``image (3, H, W) uint8``.
+    The backbone runs chunked; the neck and decode head per ``tile x tile`` image
+    pixels with ``halo`` pixels of context (both multiples of :data:`SIZE_DIVISOR`);
+    the logits are upsampled (as mmseg: bilinear to the padded image) and arg-maxed
+    band by band, so no full-resolution logit map exists (``keep_logits=True``, for
+    small images and tests, also returns them as ``info['logits'] (classes, H, W)``).
+    """
+    _check_tiling(tile, halo)
+    info: dict = {}
+    with torch.no_grad():
+        start = time.perf_counter()
+        x, samples, (h, w) = prepare_image(model, image, 'mmseg')
+        feats = _backbone(model, x, chunk_tokens)
+        stride = x.shape[2] // feats[0].shape[2]
+        del x
+        info['backbone_s'] = time.perf_counter() - start
+        head = model.decode_head
+        psp_out = None
+        if hasattr(head, 'psp_forward'):  # UperNet: pyramid pooling is global
+            if model.with_neck:
+                raise NotImplementedError('a neck before a UperNet head is not supported')
+            psp_out = head.psp_forward(head._transform_inputs(list(feats)))
+        labels = torch.empty(h, w, dtype=torch.int64)
+        logits_out = torch.empty(head.out_channels, h, w) if keep_logits else None
+        current: list[Tile] = []
+
+        def decode(crops: list[Tensor], t: Tile) -> list[Tensor]:
+            current[:] = [t]
+            inputs = model.neck(crops) if model.with_neck else crops
+            with _psp_from(head, psp_out, current, feats[0].shape[2]):
+                return [head.forward(list(inputs))]
+
+        start = time.perf_counter()
+        for t, (logits, ) in run_by_tiles(decode, feats, tile // stride, halo // stride,
+                                          progress):
+            _write_labels(labels, t, logits, stride, head.align_corners, logits_out)
+        info['head_s'] = time.perf_counter() - start
+        if keep_logits:
+            info['logits'] = logits_out
+    return labels, info
+
+
+def _write_labels(labels: Tensor, t: Tile, logits: Tensor, stride: int, align: bool,
+                  logits_out: Optional[Tensor] = None) -> None:
+    """Arg-max of the ``stride``-times upsampled logits of the tile, band by band."""
+    h, w = labels.shape
+    scale = (t.cy1 - t.cy0) / logits.shape[2]
+    if scale != 1:
+        raise ValueError(f'the decode head returned logits at 1/{scale} of its finest input')
+    for r0 in range(t.y0, t.y1, 32):
+        r1 = min(t.y1, r0 + 32)
+        top, bottom = max(t.cy0, r0 - 1), min(t.cy1, r1 + 1)  # one row for the interpolation
+        left, right = max(t.cx0, t.x0 - 1), min(t.cx1, t.x1 + 1)
+        band = logits[:, :, top - t.cy0:bottom - t.cy0, left - t.cx0:right - t.cx0]
+        up = F.interpolate(band, size=(band.shape[2] * stride, band.shape[3] * stride),
+                           mode='bilinear', align_corners=align)
+        y0, x0 = (r0 - top) * stride, (t.x0 - left) * stride
+        up = up[0, :, y0:y0 + (r1 - r0) * stride, x0:x0 + (t.x1 - t.x0) * stride]
+        ys, xs = r0 * stride, t.x0 * stride
+        ye, xe = min(h, r1 * stride), min(w, t.x1 * stride)
+        if ye > ys and xe > xs:
+            labels[ys:ye, xs:xe] = up[:, :ye - ys, :xe - xs].argmax(dim=0)
+            if logits_out is not None:
+                logits_out[:, ys:ye, xs:xe] = up[:, :ye - ys, :xe - xs]
+
+
+def _check_tiling(tile: int, halo: int) -> None:
+    for name, value in (('tile', tile), ('halo', halo)):
+        if value < (SIZE_DIVISOR if name == 'tile' else 0) or value % SIZE_DIVISOR:
+            raise ValueError(f'{name}={value} must be a positive multiple of {SIZE_DIVISOR} image '
+                             'pixels, so that tiles line up with every feature level')
+
+
+def segment_whole(model: Any, image: Tensor) -> tuple[Tensor, Tensor]:
+    """mmseg's own whole-image inference of the padded image (the reference):
+    ``(labels (H, W), logits (classes, H, W))``."""
+    with torch.no_grad():
+        x, samples, (h, w) = prepare_image(model, image, 'mmseg')
+        logits = model.encode_decode(x, [s.metainfo for s in samples])[0, :, :h, :w]
+    return logits.argmax(dim=0), logits
+
+
+def segment_slide(model: Any, image: Tensor, crop: int = 512, stride: int = 341) -> Tensor:
+    """mmseg's ``slide`` inference (tiles of ``crop`` px, ``stride`` apart, averaged
+    logits) of the same image: the tiling a softmax backbone needs. ``(H, W)`` labels."""
+    saved = model.test_cfg
+    model.test_cfg = type(saved)(dict(saved, mode='slide', crop_size=(crop, crop),
+                                      stride=(stride, stride)))
+    try:
+        with torch.no_grad():
+            h, w = image.shape[1:]
+            data = model.data_preprocessor(dict(inputs=[image]), False)
+            meta = dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w))
+            logits = model.inference(data['inputs'], [meta])[0]
+    finally:
+        model.test_cfg = saved
+    return logits.argmax(dim=0)
+
+
+def regionwise_neck(neck: Any, feats: Sequence[Tensor], tile: int, halo: int,
+                    progress: Progress = None) -> list[Tensor]:
+    """``neck(feats)`` computed tile by tile into whole output maps (finest-pixel
+    ``tile``/``halo``), so only one tile's intermediates exist at a time."""
+    outs: Optional[list[Tensor]] = None
+    finest = feats[0].shape[2:]
+    for t, parts in run_by_tiles(lambda crops, t: neck(crops), feats, tile, halo, progress):
+        if outs is None:
+            outs = []
+            for p in parts:
+                scale = (t.cy1 - t.cy0) / p.shape[2]
+                outs.append(p.new_empty(p.shape[0], p.shape[1], math.ceil(finest[0] / scale),
+                                        math.ceil(finest[1] / scale)))
+        for out, p in zip(outs, parts):
+            scale = (t.cy1 - t.cy0) / p.shape[2]
+            out[:, :, int(t.y0 / scale):math.ceil(t.y1 / scale),
+                int(t.x0 / scale):math.ceil(t.x1 / scale)] = t.centre(p)
+    return outs
+
+
+def detect_large(model: Any, image: Tensor, chunk_tokens: Optional[int] = DEFAULT_CHUNK_TOKENS,
+                 tile: int = 2048, halo: int = 256, masks: bool = True,
+                 progress: Progress = None) -> tuple[Any, dict]:
+    """Detection on one whole image: the chunked backbone, the neck tile by tile into
+    whole maps, then mmdet's own heads (RPN/RoI or dense) on them.
+
+    The heads run on the whole pyramid: proposals and RoI features are not local,
+    so memory grows with the neck's maps (256 channels at stride 4). ``masks=False``
+    skips a mask head (mmdet pastes every mask at full image size).
+    Returns mmdet's ``DetDataSample`` (boxes in image pixels) and timings.
+    """
+    _check_tiling(tile, halo)
+    info: dict = {}
+    with torch.no_grad():
+        start = time.perf_counter()
+        x, samples, (h, w) = prepare_image(model, image, 'mmdet')
+        feats = _backbone(model, x, chunk_tokens)
+        info['backbone_s'] = time.perf_counter() - start
+        start = time.perf_counter()
+        stride = x.shape[2] // feats[0].shape[2]
+        feats = (regionwise_neck(model.neck, feats, tile // stride, halo // stride, progress)
+                 if model.with_neck else feats)
+        info['neck_s'] = time.perf_counter() - start
+        start = time.perf_counter()
+        with _features_given(model, feats), _without_masks(model, not masks):
+            result = model.predict(x, samples, rescale=True)[0]
+        info['heads_s'] = time.perf_counter() - start
+    return result, info
+
+
+@contextlib.contextmanager
+def _features_given(model: Any, feats: Sequence[Tensor]) -> Iterator[None]:
+    """mmdet's ``predict`` with ``extract_feat`` returning precomputed features."""
+    model.extract_feat = lambda inputs: tuple(feats)
+    try:
+        yield
+    finally:
+        del model.extract_feat
+
+
+@contextlib.contextmanager
+def _without_masks(model: Any, drop: bool) -> Iterator[None]:
+    roi_head = getattr(model, 'roi_head', None)
+    mask_head = getattr(roi_head, 'mask_head', None)
+    if not drop or mask_head is None:
+        yield
+        return
+    roi_head.mask_head = None
+    try:
+        yield
+    finally:
+        roi_head.mask_head = mask_head
