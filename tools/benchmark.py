@@ -71,8 +71,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help='activation checkpointing in training steps; both: every contender '
                    'twice, the checkpointed one as "<name> +cp"')
     p.add_argument('--find-max-size', action='store_true',
-                   help='instead of timing sizes: the largest square side (a multiple of 32) '
-                   'that fits --mem-limit, per contender and mode, by bisection')
+                   help='instead of timing sizes: the largest square side (a multiple of '
+                   '--max-size-step) that fits --mem-limit, per contender and mode, by bisection')
+    p.add_argument('--max-size-step', type=int, default=32,
+                   help='the search resolution in px, a multiple of 32 (default 32; coarser '
+                   'steps need fewer of the slow large probes)')
     p.add_argument('--max-size-range', type=int, nargs=2, default=(512, 8192),
                    metavar=('START', 'LIMIT'), help='the search starts at START px and stops '
                    'at LIMIT px (default 512 8192)')
@@ -155,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         modes = (args.mode, ) if args.mode else ('infer', 'train')
         bar, update = _progress_printer(None)
         with bar:
-            found = find_max_sizes(sweeps[0], modes, *args.max_size_range, progress=update)
+            found = find_max_sizes(sweeps[0], modes, *args.max_size_range, progress=update,
+                                   multiple=args.max_size_step)
         write_outputs([], out_dir, max_sizes=(sweeps[0], found))
     else:
         total = sum(len(s.contenders) * len(s.sizes) * (2 if s.with_cp == 'both' else 1)

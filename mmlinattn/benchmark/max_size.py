@@ -73,9 +73,13 @@ def search_max_size(probe: Probe, start: int, limit: int, multiple: int = MULTIP
 
 
 def find_max_sizes(cfg: SweepConfig, modes: tuple[str, ...] = ('infer', 'train'),
-                   start: int = 512, limit: int = 8192, progress: Any = None) -> list[dict]:
-    """For every contender of ``cfg`` and mode: the largest side that fits
-    ``cfg.mem_limit_gib`` (``cfg.sizes`` is ignored; ``cfg.with_cp`` applies to training)."""
+                   start: int = 512, limit: int = 8192, progress: Any = None,
+                   multiple: int = MULTIPLE) -> list[dict]:
+    """For every contender of ``cfg`` and mode: the largest side, a multiple of ``multiple``
+    (itself a multiple of :data:`MULTIPLE`), that fits ``cfg.mem_limit_gib`` (``cfg.sizes``
+    is ignored; ``cfg.with_cp`` applies to training)."""
+    if multiple < MULTIPLE or multiple % MULTIPLE:
+        raise ValueError(f'the search step must be a multiple of {MULTIPLE}, got {multiple}')
     results = []
     for name in cfg.contenders:
         contender = get_contender(cfg.level, name)
@@ -94,7 +98,7 @@ def find_max_sizes(cfg: SweepConfig, modes: tuple[str, ...] = ('infer', 'train')
                     try:
                         entry.update(status='ok', **search_max_size(
                             _probe(mode_cfg, name, with_cp, progress, label), start,
-                            limit))
+                            limit, multiple), step=multiple)
                     except RuntimeError as exc:  # a probe that failed for another reason
                         entry.update(status='error', error=str(exc)[:500])
                 results.append(entry)

@@ -146,17 +146,23 @@ def _psp_from(head: Any, psp_out: Optional[Tensor], current: list[Tile],
         del head.psp_forward  # the class's method again
 
 
-def _backbone(model: Any, x: Tensor, chunk_tokens: Optional[int]) -> tuple[Tensor, ...]:
-    if chunk_tokens is None:
-        return model.backbone(x)
-    with chunked_inference(model, chunk_tokens):
-        return model.backbone(x)
+def _features(model: Any, image: Tensor, scope: str, chunk_tokens: Optional[int],
+              info: dict) -> tuple[Tensor, list, tuple[int, int], tuple[Tensor, ...], int]:
+    """The prepared input, its samples, the image size, the backbone's maps (chunked
+    when ``chunk_tokens``) and their finest stride; ``info['backbone_s']``: the time."""
+    start = time.perf_counter()
+    x, samples, size = prepare_image(model, image, scope)
+    with (chunked_inference(model, chunk_tokens) if chunk_tokens is not None
+          else contextlib.nullcontext()):
+        feats = model.backbone(x)
+    info['backbone_s'] = time.perf_counter() - start
+    return x, samples, size, feats, x.shape[2] // feats[0].shape[2]
 
 
 def segment_large(model: Any, image: Tensor, chunk_tokens: Optional[int] = DEFAULT_CHUNK_TOKENS,
                   tile: int = 2048, halo: int = 256, progress: Progress = None,
                   keep_logits: bool = False) -> tuple[Tensor, dict]:
-    """Semantic segmentation of one whole image: ``(H, W)`` int64 labels and timings.
+    """Semantic segmentation of one whole image: ``(H, W)`` int32 labels and timings.
 
     ``model`` an mmseg ``EncoderDecoder`` in eval mode; ``image (3, H, W) uint8``.
     The backbone runs chunked; the neck and decode head per ``tile x tile`` image
@@ -168,19 +174,16 @@ def segment_large(model: Any, image: Tensor, chunk_tokens: Optional[int] = DEFAU
     _check_tiling(tile, halo)
     info: dict = {}
     with torch.no_grad():
-        start = time.perf_counter()
-        x, samples, (h, w) = prepare_image(model, image, 'mmseg')
-        feats = _backbone(model, x, chunk_tokens)
-        stride = x.shape[2] // feats[0].shape[2]
+        x, _, (h, w), feats, stride = _features(model, image, 'mmseg', chunk_tokens, info)
         del x
-        info['backbone_s'] = time.perf_counter() - start
+        start = time.perf_counter()
         head = model.decode_head
         psp_out = None
         if hasattr(head, 'psp_forward'):  # UperNet: pyramid pooling is global
             if model.with_neck:
                 raise NotImplementedError('a neck before a UperNet head is not supported')
             psp_out = head.psp_forward(head._transform_inputs(list(feats)))
-        labels = torch.empty(h, w, dtype=torch.int64)
+        labels = torch.empty(h, w, dtype=torch.int32)
         logits_out = torch.empty(head.out_channels, h, w) if keep_logits else None
         current: list[Tile] = []
 
@@ -190,7 +193,6 @@ def segment_large(model: Any, image: Tensor, chunk_tokens: Optional[int] = DEFAU
             with _psp_from(head, psp_out, current, feats[0].shape[2]):
                 return [head.forward(list(inputs))]
 
-        start = time.perf_counter()
         for t, (logits, ) in run_by_tiles(decode, feats, tile // stride, halo // stride,
                                           progress):
             _write_labels(labels, t, logits, stride, head.align_corners, logits_out)
@@ -291,12 +293,8 @@ def detect_large(model: Any, image: Tensor, chunk_tokens: Optional[int] = DEFAUL
     _check_tiling(tile, halo)
     info: dict = {}
     with torch.no_grad():
+        x, samples, _, feats, stride = _features(model, image, 'mmdet', chunk_tokens, info)
         start = time.perf_counter()
-        x, samples, (h, w) = prepare_image(model, image, 'mmdet')
-        feats = _backbone(model, x, chunk_tokens)
-        info['backbone_s'] = time.perf_counter() - start
-        start = time.perf_counter()
-        stride = x.shape[2] // feats[0].shape[2]
         feats = (regionwise_neck(model.neck, feats, tile // stride, halo // stride, progress)
                  if model.with_neck else feats)
         info['neck_s'] = time.perf_counter() - start

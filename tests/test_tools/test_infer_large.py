@@ -29,7 +29,8 @@ from mmlinattn.engine.large_image import (  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 SEG_CFG = REPO / 'configs/tiny/fpn_inline-pvt-t_300i_tiny-ade20k.py'
 DET_CFG = REPO / 'configs/tiny/mask-rcnn_inline-pvt-t_fpn_300i_tiny-coco.py'
-UPER_CFG = REPO / 'configs/segmentation/inline_swin/upernet_inline-swin-t_8xb2-160k_ade20k-512x512.py'
+UPER_CFG = (REPO / 'configs/segmentation/inline_swin'
+            / 'upernet_inline-swin-t_8xb2-160k_ade20k-512x512.py')
 
 
 def _model(config: Path, options: dict | None = None):
@@ -58,7 +59,7 @@ def test_semantic_fpn_tiles_equal_whole_image(fpn_segmenter) -> None:
     labels, info = segment_large(fpn_segmenter, image, chunk_tokens=50, tile=64, halo=128,
                                  keep_logits=True)
     torch.testing.assert_close(info['logits'], logits_ref, rtol=1e-4, atol=1e-4)
-    assert torch.equal(labels, labels_ref)
+    assert torch.equal(labels.long(), labels_ref)
     # Too little context: the head's receptive field reaches past the tile's crop.
     _, short = segment_large(fpn_segmenter, image, chunk_tokens=50, tile=64, halo=0,
                              keep_logits=True)
