@@ -62,14 +62,12 @@ class Tile:
         return t[:, :, int(self.cy0 / scale):math.ceil(self.cy1 / scale),
                  int(self.cx0 / scale):math.ceil(self.cx1 / scale)]
 
-    def centre(self, t: Tensor, margin: int = 0) -> Tensor:
-        """The tile's own part (plus ``margin`` pixels where the crop has them) of a map
-        computed on the crop at the finest scale ``(B, C, cy1 - cy0, cx1 - cx0)``."""
+    def centre(self, t: Tensor) -> Tensor:
+        """The tile's own part of a map computed on the crop, at any scale (the crop's
+        ``cy1 - cy0`` finest rows are ``t.shape[2]`` rows of ``t``)."""
         scale = (self.cy1 - self.cy0) / t.shape[2]
-        top, left = (self.y0 - self.cy0) / scale, (self.x0 - self.cx0) / scale
-        bottom, right = (self.y1 - self.cy0) / scale, (self.x1 - self.cx0) / scale
-        return t[:, :, max(0, int(top) - margin):min(t.shape[2], int(bottom) + margin),
-                 max(0, int(left) - margin):min(t.shape[3], int(right) + margin)]
+        return t[:, :, int((self.y0 - self.cy0) / scale):math.ceil((self.y1 - self.cy0) / scale),
+                 int((self.x0 - self.cx0) / scale):math.ceil((self.x1 - self.cx0) / scale)]
 
 
 def feature_tiles(height: int, width: int, tile: int, halo: int) -> list[Tile]:
