@@ -19,6 +19,7 @@ from .backbones import (
     InLineSwin,
     InLineSwinClassifier,
     InLineViT,
+    chunked_inference,
     convert_cswin_checkpoint,
     convert_deit_checkpoint,
     convert_pvt_checkpoint,
@@ -52,5 +53,5 @@ __all__ = [
     'InLinePVTClassifier', 'InLineCSwinClassifier', 'InLineDeiTClassifier', 'load_released',
     'BACKBONES', 'REGISTERED_SCOPES', 'FAMILIES', 'BackboneFamily', 'BenchmarkVariant',
     'ReleasedModel', 'detect_family', 'find_family', 'register_family', 'InLineViT',
-    'InLineViTClassifier', 'VIT_ARCHS', 'convert_vit_checkpoint'
+    'InLineViTClassifier', 'VIT_ARCHS', 'convert_vit_checkpoint', 'chunked_inference'
 ]

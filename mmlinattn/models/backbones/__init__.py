@@ -1,5 +1,5 @@
 """InLine backbones with the OpenMMLab backbone contract; each module registers its family."""
-from .base import InLineBackbone
+from .base import InLineBackbone, chunked_inference
 from .inline_cswin import CSWIN_ARCHS, InLineCSwin, InLineCSwinClassifier, convert_cswin_checkpoint
 from .inline_deit import (
     DEIT_ARCHS,
@@ -14,7 +14,8 @@ from .inline_pvt import PVT_ARCHS, InLinePVT, InLinePVTClassifier, convert_pvt_c
 from .inline_swin import SWIN_ARCHS, InLineSwin, InLineSwinClassifier, convert_swin_checkpoint
 
 __all__ = [
-    'InLineBackbone', 'InLineSwin', 'InLinePVT', 'InLineCSwin', 'InLineDeiT', 'SWIN_ARCHS',
+    'InLineBackbone', 'chunked_inference', 'InLineSwin', 'InLinePVT', 'InLineCSwin',
+    'InLineDeiT', 'SWIN_ARCHS',
     'PVT_ARCHS', 'CSWIN_ARCHS', 'DEIT_ARCHS', 'convert_swin_checkpoint', 'convert_pvt_checkpoint',
     'convert_cswin_checkpoint', 'convert_deit_checkpoint', 'InLineSwinClassifier',
     'InLinePVTClassifier', 'InLineCSwinClassifier', 'InLineDeiTClassifier', 'InLineViT',
