@@ -83,10 +83,10 @@ def test_chunking_only_for_inference() -> None:
 
 
 def test_chunk_tokens_from_config_and_context_restores() -> None:
-    model = MODELS.build(dict(type='InLinePVT', arch='tiny', depths=(1, 1, 1, 1),
+    model = MODELS.build(dict(type='mmlinattn.InLinePVT', arch='tiny', depths=(1, 1, 1, 1),
                               chunk_tokens=4096))
     assert model.chunk_tokens == 4096
-    assert MODELS.build(dict(type='InLinePVT', depths=(1, 1, 1, 1),
+    assert MODELS.build(dict(type='mmlinattn.InLinePVT', depths=(1, 1, 1, 1),
                              chunk_tokens=True)).chunk_tokens == 65536
     with chunked_inference(model, None):
         assert model.chunk_tokens is None
