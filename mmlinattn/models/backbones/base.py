@@ -270,7 +270,7 @@ class InLineBackbone(BaseModule):
         outs = []
         for i in self.out_indices:
             norm = getattr(self, f'norm{i}') if self.out_norm else nn.Identity()
-            out = stages[i]
+            out, stages[i] = stages[i], None  # held once: freed as soon as it is converted
             if self.chunking:  # norm and NCHW copy band by band, into the output only
                 rows = band_rows(self.chunk_tokens, out.shape[2])
                 outs.append(fill_rows(out.shape[1], rows, lambda r0, r1, out=out, norm=norm:
