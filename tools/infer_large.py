@@ -183,6 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
             li.segment_large(model, image, chunk, args.tile, args.halo,
                              progress_bar('neck and head'))))
         report['ours'].update(backbone_s=info['backbone_s'], head_s=info['head_s'])
+        print(f'  backbone {info["backbone_s"]:.1f} s, neck and head by tiles '
+              f'{info["head_s"]:.1f} s')
         if args.out:
             write_mask(labels, args.out)
         for mode in args.compare:
@@ -205,7 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
             li.detect_large(model, image, chunk, args.tile, args.halo, not args.no_masks,
                             progress_bar('neck'))))
         report['ours'].update(info)
-        print(f'  {len(result.pred_instances)} detections')
+        print(f'  backbone {info["backbone_s"]:.1f} s, neck by tiles {info["neck_s"]:.1f} s, '
+              f'heads {info["heads_s"]:.1f} s; {len(result.pred_instances)} detections')
         if args.out:
             write_detections(result, list(model.dataset_meta.get('classes', ()))
                              if getattr(model, 'dataset_meta', None) else [], args.out)
