@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from mmlinattn.benchmark import SweepConfig, run_sweep, search_max_size, write_outputs
+from mmlinattn.benchmark.max_size import find_max_sizes
 from mmlinattn.benchmark.worker import measure
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,6 +51,16 @@ def test_bisection_finds_the_largest_multiple_of_32(limit_mib, start):
 def test_bisection_stops_at_its_limit():
     found = search_max_size(_fake_probe(10**9), 512, 4010)  # 4010: not a multiple of 32
     assert found['max_size'] == 4000 and found['capped'] and found['first_failure'] is None
+
+
+def test_coarser_search_steps():
+    found = search_max_size(_fake_probe(100_000), 1024, 8192, multiple=1024)
+    assert found['max_size'] % 1024 == 0
+    assert found['first_failure'] == found['max_size'] + 1024
+    assert found['max_size'] == 2048 <= _largest_fitting(100_000) < found['first_failure']
+    with pytest.raises(ValueError, match='multiple of 32'):
+        find_max_sizes(SweepConfig(level='backbone', contenders=('inline-pvt-t', ), sizes=()),
+                       multiple=100)
 
 
 def test_a_training_step_is_forward_backward_and_optimizer_step():
