@@ -35,7 +35,7 @@ from ..models.layers import DEFAULT_CHUNK_TOKENS
 
 __all__ = ['SIZE_DIVISOR', 'Tile', 'feature_tiles', 'run_by_tiles', 'prepare_image',
            'segment_large', 'segment_whole', 'segment_slide', 'detect_large',
-           'regionwise_neck', 'memory_in_use']
+           'regionwise_neck']
 
 #: Images are padded to a multiple of this (the coarsest stride of any map: FPN's P6).
 SIZE_DIVISOR = 64
@@ -59,15 +59,26 @@ class Tile:
 
     def crop(self, t: Tensor, scale: float) -> Tensor:
         """The crop of an NCHW map whose pixels are ``scale`` finest pixels each."""
-        return t[:, :, int(self.cy0 / scale):math.ceil(self.cy1 / scale),
-                 int(self.cx0 / scale):math.ceil(self.cx1 / scale)]
+        return _box(t, self.cy0, self.cy1, self.cx0, self.cx1, scale)
+
+    def own(self, t: Tensor, scale: float) -> Tensor:
+        """The tile's own part (no halo) of a whole NCHW map at ``scale``."""
+        return _box(t, self.y0, self.y1, self.x0, self.x1, scale)
+
+    def crop_scale(self, t: Tensor) -> float:
+        """Finest pixels per pixel of a map ``t`` computed on the crop."""
+        return (self.cy1 - self.cy0) / t.shape[2]
 
     def centre(self, t: Tensor) -> Tensor:
-        """The tile's own part of a map computed on the crop, at any scale (the crop's
-        ``cy1 - cy0`` finest rows are ``t.shape[2]`` rows of ``t``)."""
-        scale = (self.cy1 - self.cy0) / t.shape[2]
-        return t[:, :, int((self.y0 - self.cy0) / scale):math.ceil((self.y1 - self.cy0) / scale),
-                 int((self.x0 - self.cx0) / scale):math.ceil((self.x1 - self.cx0) / scale)]
+        """The tile's own part of a map computed on the crop, at any scale."""
+        return _box(t, self.y0 - self.cy0, self.y1 - self.cy0, self.x0 - self.cx0,
+                    self.x1 - self.cx0, self.crop_scale(t))
+
+
+def _box(t: Tensor, y0: int, y1: int, x0: int, x1: int, scale: float) -> Tensor:
+    """Rows ``[y0, y1)`` and columns ``[x0, x1)``, in finest pixels, of an NCHW map whose
+    pixels are ``scale`` finest pixels each."""
+    return t[:, :, int(y0 / scale):math.ceil(y1 / scale), int(x0 / scale):math.ceil(x1 / scale)]
 
 
 def feature_tiles(height: int, width: int, tile: int, halo: int) -> list[Tile]:
@@ -94,14 +105,6 @@ def run_by_tiles(fn: Callable[[list[Tensor], Tile], Sequence[Tensor]], feats: Se
         yield t, fn([t.crop(f, s) for f, s in zip(feats, scales)], t)
         if progress is not None:
             progress(i + 1, len(tiles))
-
-
-def memory_in_use() -> int:
-    """Bytes in use now: the CUDA allocator's, or the CPU heap's."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return torch.cuda.memory_allocated()
-    from ..benchmark.memory import heap_in_use_bytes
-    return heap_in_use_bytes()
 
 
 def prepare_image(model: Any, image: Tensor, scope: str) -> tuple[Tensor, list, tuple[int, int]]:
@@ -204,7 +207,7 @@ def _write_labels(labels: Tensor, t: Tile, logits: Tensor, stride: int, align: b
                   logits_out: Optional[Tensor] = None) -> None:
     """Arg-max of the ``stride``-times upsampled logits of the tile, band by band."""
     h, w = labels.shape
-    scale = (t.cy1 - t.cy0) / logits.shape[2]
+    scale = t.crop_scale(logits)
     if scale != 1:
         raise ValueError(f'the decode head returned logits at 1/{scale} of its finest input')
     for r0 in range(t.y0, t.y1, 32):
@@ -264,16 +267,12 @@ def regionwise_neck(neck: Any, feats: Sequence[Tensor], tile: int, halo: int,
     outs: Optional[list[Tensor]] = None
     finest = feats[0].shape[2:]
     for t, parts in run_by_tiles(lambda crops, t: neck(crops), feats, tile, halo, progress):
+        scales = [t.crop_scale(p) for p in parts]
         if outs is None:
-            outs = []
-            for p in parts:
-                scale = (t.cy1 - t.cy0) / p.shape[2]
-                outs.append(p.new_empty(p.shape[0], p.shape[1], math.ceil(finest[0] / scale),
-                                        math.ceil(finest[1] / scale)))
-        for out, p in zip(outs, parts):
-            scale = (t.cy1 - t.cy0) / p.shape[2]
-            out[:, :, int(t.y0 / scale):math.ceil(t.y1 / scale),
-                int(t.x0 / scale):math.ceil(t.x1 / scale)] = t.centre(p)
+            outs = [p.new_empty(p.shape[0], p.shape[1], math.ceil(finest[0] / scale),
+                                math.ceil(finest[1] / scale)) for p, scale in zip(parts, scales)]
+        for out, p, scale in zip(outs, parts, scales):
+            t.own(out, scale).copy_(t.centre(p))
     return outs
 
 

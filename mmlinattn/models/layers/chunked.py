@@ -162,10 +162,6 @@ def linear_slice(layer: nn.Linear, x: Tensor, start: int, stop: int) -> Tensor:
     return F.linear(x, layer.weight[start:stop], bias)
 
 
-def _heads(t: Tensor, num_heads: int) -> Tensor:
-    return split_heads(t, num_heads)
-
-
 def _global_inline(parts: InLineBlockParts, x: Tensor, hw: tuple[int, int], num_prefix: int,
                    rows: int) -> Tensor:
     """The block on tokens ``x (B, P + h*w, C)`` in two passes over bands of ``rows`` rows."""
@@ -187,14 +183,14 @@ def _global_inline(parts: InLineBlockParts, x: Tensor, hw: tuple[int, int], num_
     for chunk in chunks:
         t = parts.norm1(chunk)
         k, v = parts.kv(t)
-        sums.add(phi(_heads(k, heads)), _heads(v, heads))
+        sums.add(phi(split_heads(k, heads)), split_heads(v, heads))
         mean_sum += (chunk if parts.taps_from_input else t).sum(dim=1, dtype=mean_sum.dtype)
     cov, vbar = sums.readout(scale)
     mean_token = (mean_sum / n).to(x.dtype)
     taps = None if parts.residual is None else parts.residual.taps(mean_token)
 
     def finish(xc: Tensor, t: Tensor, local: Optional[Tensor]) -> Tensor:
-        attn = merge_heads(inline_readout(phi(_heads(parts.q(t), heads)), cov, vbar))
+        attn = merge_heads(inline_readout(phi(split_heads(parts.q(t), heads)), cov, vbar))
         attn = attn.to(x.dtype)
         if local is not None:
             attn = attn + local
