@@ -78,24 +78,10 @@ def load_image(args: argparse.Namespace) -> torch.Tensor:
 
 
 def load_model(config: str, checkpoint: str, device: str) -> tuple[Any, str]:
-    from mmlinattn.checkpoint import (
-        check_checkpoint_fits,
-        extract_state_dict,
-        load_runner_checkpoint,
-        load_state_dict_checked,
-    )
-    from mmlinattn.engine.build import build_from_config
+    from mmlinattn.engine.build import build_from_config, load_weights
 
     model, scope = build_from_config(config)
-    if checkpoint.lower() == 'none':
-        print('checkpoint none: random weights; the prediction is meaningless (measurements)')
-    else:
-        if not osp.isfile(checkpoint):
-            raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
-        state = extract_state_dict(load_runner_checkpoint(checkpoint, 'cpu'), source=checkpoint)
-        check_checkpoint_fits(model, state, source=checkpoint)
-        missing, unexpected = load_state_dict_checked(model, state, source=checkpoint)
-        print(f'loaded {checkpoint}: {len(missing)} missing, {len(unexpected)} unexpected keys')
+    print(load_weights(model, checkpoint))
     return model.to(device).eval(), scope
 
 

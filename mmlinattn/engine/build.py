@@ -7,12 +7,14 @@ sample type.
 from __future__ import annotations
 
 import importlib
+import os.path as osp
 from typing import Any, Optional, Union
 
 import torch
 from mmengine.config import Config
 
-__all__ = ['clear_pretrained', 'build_from_config', 'synthetic_batch', 'synthetic_train_batch']
+__all__ = ['clear_pretrained', 'build_from_config', 'load_weights', 'synthetic_batch',
+           'synthetic_train_batch']
 
 
 def clear_pretrained(cfg: Config) -> bool:
@@ -46,6 +48,27 @@ def build_from_config(config: Union[str, Config], cfg_options: Optional[dict] = 
     with DefaultScope.overwrite_default_scope(scope):
         model = registry.build(cfg.model)
     return model, scope
+
+
+def load_weights(model: Any, checkpoint: Optional[str]) -> str:
+    """Load a runner or state-dict ``checkpoint`` into ``model`` through the safe reader
+    (no code in the file runs) after checking it fits; ``None``/``'none'``: keep the
+    random weights. Returns a line saying what was loaded."""
+    from ..checkpoint import (
+        check_checkpoint_fits,
+        extract_state_dict,
+        load_runner_checkpoint,
+        load_state_dict_checked,
+    )
+
+    if checkpoint is None or checkpoint.lower() == 'none':
+        return 'checkpoint none: random weights; predictions are meaningless (measurements)'
+    if not osp.isfile(checkpoint):
+        raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
+    state = extract_state_dict(load_runner_checkpoint(checkpoint, 'cpu'), source=checkpoint)
+    check_checkpoint_fits(model, state, source=checkpoint)
+    missing, unexpected = load_state_dict_checked(model, state, source=checkpoint)
+    return f'loaded {checkpoint}: {len(missing)} missing, {len(unexpected)} unexpected keys'
 
 
 def synthetic_batch(model: Any, scope: str, h: int, w: int, batch: int = 1,

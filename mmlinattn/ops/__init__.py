@@ -20,7 +20,8 @@ from .inline import (
     softmax_attention,
 )
 from .local import dynamic_depthwise_conv3x3
-from .windows import pad_to_multiple, valid_mask, window_merge, window_partition
+from .tracing import exporting
+from .windows import ceil_to, pad_to, pad_to_multiple, valid_mask, window_merge, window_partition
 
 __all__ = [
     'ATTENTION_IMPLS', 'ATTENTIONS', 'AttentionImpl', 'attention', 'get_attention_impl',
@@ -28,5 +29,5 @@ __all__ = [
     'inline_attention', 'InLineSums', 'inline_readout',
     'inline_attention_weights', 'linear_attention', 'softmax_attention',
     'dynamic_depthwise_conv3x3', 'pad_to_multiple', 'valid_mask', 'window_merge',
-    'window_partition'
+    'window_partition', 'exporting', 'ceil_to', 'pad_to'
 ]

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .tracing import exporting
+
 __all__ = [
     'KERNELS', 'InLineSums', 'get_kernel', 'inline_attention', 'inline_attention_weights',
     'inline_readout', 'linear_attention', 'softmax_attention'
@@ -111,7 +113,7 @@ class InLineSums:
         self.k_sum: Optional[Tensor] = None
         self.v_sum: Optional[Tensor] = None
         self.kv_sum: Optional[Tensor] = None
-        self.count: Union[float, Tensor] = 0.0
+        self.count: Union[int, Tensor] = 0
 
     def add(self, k: Tensor, v: Tensor, mask: Optional[Tensor] = None) -> None:
         kc, vc = _acc(k), _acc(v)
@@ -120,7 +122,7 @@ class InLineSums:
             kc, vc = kc * mc, vc * mc
             count = mask.sum(dim=1).to(kc.dtype)[:, None, None, None]
         else:
-            count = float(k.shape[2])
+            count = k.shape[2]  # an int (symbolic under export: no float() specialising it)
         parts = (kc.sum(dim=2, keepdim=True), vc.sum(dim=2, keepdim=True),
                  kc.transpose(-2, -1) @ vc)
         if self.kv_sum is None:
@@ -135,8 +137,8 @@ class InLineSums:
         if self.kv_sum is None:
             raise ValueError('InLineSums.means() before any tokens were added')
         count = self.count
-        inv_n = (1.0 / max(count, 1.0) if isinstance(count, float)
-                 else 1.0 / count.clamp_min(1.0))
+        inv_n = (1.0 / count.clamp_min(1.0) if isinstance(count, Tensor)
+                 else 1.0 / torch.sym_max(count, 1))
         return self.k_sum * inv_n, self.v_sum * inv_n, self.kv_sum * inv_n
 
     def readout(self, scale: float) -> tuple[Tensor, Tensor]:
@@ -162,6 +164,9 @@ def _masked_stats(k: Tensor, v: Tensor, mask: Optional[Tensor]) -> tuple[Tensor,
     the tokens read in cache-sized chunks. Returns ``kbar``, ``vbar``, ``kv``."""
     sums = InLineSums()
     step = _chunk_size(k, k.shape[-1] + v.shape[-1])
+    if exporting():  # one pass: a chunk loop's trip count would be fixed at the export size
+        sums.add(k, v, mask)
+        return sums.means()
     for start in range(0, k.shape[2], step):
         sums.add(k[:, :, start:start + step], v[:, :, start:start + step],
                  None if mask is None else mask[:, start:start + step])
@@ -181,7 +186,7 @@ def _inline_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
     # Covariance form: vbar + s q (K^T V / N - kbar^T vbar).
     cov = _covariance(kbar, vbar, kv, scale)
     n, step = q.shape[2], _chunk_size(q, q.shape[-1] + v.shape[-1])
-    if n <= step:
+    if exporting() or n <= step:
         out = torch.matmul(_acc(q).to(cov.dtype), cov).add_(vbar)
     else:
         out = q.new_empty(*q.shape[:3], v.shape[-1], dtype=cov.dtype)

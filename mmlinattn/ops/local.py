@@ -6,6 +6,8 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import Tensor
 
+from .tracing import exporting
+
 __all__ = ['dynamic_depthwise_conv3x3']
 
 
@@ -27,6 +29,14 @@ def dynamic_depthwise_conv3x3(x: Tensor, taps: Tensor, valid: Optional[Tensor] =
         raise ValueError(f'taps must be (B, C, 3, 3) = ({b}, {c}, 3, 3); got {tuple(taps.shape)}')
     if valid is not None:
         x = x * valid[..., None].to(x.dtype)
+    if exporting():
+        # ONNX's Conv takes its group count as a constant attribute, but here it is
+        # B * C with B the number of windows, which varies with the size. Nine shifted
+        # multiply-adds are the same convolution with nothing fixed.
+        xp = F.pad(x, (0, 0, 1, 1, 1, 1))
+        taps = taps.to(x.dtype)
+        return sum(xp[:, i:i + h, j:j + w] * taps[:, None, None, :, i, j]
+                   for i in range(3) for j in range(3))
     # One grouped convolution over all samples: the batch folds into channels. Kept
     # channels-last, (1, h, w, b*c) in memory, which for b == 1 is x itself: no copy.
     x = x.permute(1, 2, 0, 3).reshape(1, h, w, b * c).permute(0, 3, 1, 2)

@@ -10,18 +10,38 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ['pad_to_multiple', 'window_partition', 'window_merge', 'valid_mask']
+from .tracing import exporting
+
+__all__ = ['ceil_to', 'pad_to', 'pad_to_multiple', 'window_partition', 'window_merge', 'valid_mask']
+
+
+def ceil_to(n: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` that is ``>= n``.
+
+    Written as ``multiple * floor((n + multiple - 1) / multiple)``: for a symbolic ``n``
+    (an export with dynamic sizes) that form is divisible by ``multiple`` by
+    construction, whereas ``n + (m - n % m) % m`` is not provably so and every later
+    reshape by the window would be refused as a guard on the size.
+    """
+    return (n + multiple - 1) // multiple * multiple
+
+
+def pad_to(x: Tensor, h: int, w: int) -> Tensor:
+    """Zero-pad ``(B, H, W, C)`` at the bottom/right to ``(B, h, w, C)`` (``h >= H``, ``w >= W``).
+
+    Eagerly a map already of that size is returned as is; under an export the pad is
+    always in the graph (of zero width at sizes that need none).
+    """
+    pad_h, pad_w = h - x.shape[1], w - x.shape[2]
+    if not exporting() and pad_h == 0 and pad_w == 0:
+        return x
+    return F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
 
 
 def pad_to_multiple(x: Tensor, multiple_h: int, multiple_w: Optional[int] = None) -> Tensor:
     """Zero-pad ``(B, H, W, C)`` at the bottom/right up to multiples of the given sizes."""
     multiple_w = multiple_h if multiple_w is None else multiple_w
-    h, w = x.shape[1:3]
-    pad_h = (multiple_h - h % multiple_h) % multiple_h
-    pad_w = (multiple_w - w % multiple_w) % multiple_w
-    if pad_h == 0 and pad_w == 0:
-        return x
-    return F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    return pad_to(x, ceil_to(x.shape[1], multiple_h), ceil_to(x.shape[2], multiple_w))
 
 
 def valid_mask(batch: int, h: int, w: int, padded_h: int, padded_w: int,

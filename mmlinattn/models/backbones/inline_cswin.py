@@ -34,6 +34,7 @@ from ..layers import (
     conv_out_rows,
     linear_slice,
     parse_attn_types,
+    window_region,
 )
 from .base import InLineBackbone
 
@@ -93,13 +94,13 @@ class CSwinBranch(nn.Module):
     def extra_repr(self) -> str:
         return f'kind={self.kind}, stripe={self.stripe}, window={self.window}'
 
-    def region(self, h: int, w: int) -> Optional[tuple[int, int]]:
-        """The attended region for an ``h x w`` map (None: the whole map)."""
+    def region(self, h: int, w: int) -> Optional[tuple[Optional[int], Optional[int]]]:
+        """The attended region for an ``h x w`` map (None: the whole map; a stripe spans
+        the map along the axis given as None)."""
         if self.stripe is not None:
             orientation, size = self.stripe
-            return (h, size) if orientation == 0 else (size, w)
-        ws = self.window
-        return None if ws is None or (h <= ws and w <= ws) else (ws, ws)
+            return (None, size) if orientation == 0 else (size, None)
+        return window_region(self.window, h, w)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, x_mean: Tensor) -> Tensor:
         b, h, w, c = q.shape

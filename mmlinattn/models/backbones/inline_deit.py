@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm2d, trunc_normal_
 from torch import Tensor, nn
 
+from ...ops import exporting
 from ...ops.inline import KernelArg
 from ..family import BackboneFamily, BenchmarkVariant, ReleasedModel, register_family
 from ..layers import (
@@ -201,7 +202,7 @@ class InLineDeiT(InLineBackbone):
     def position_embedding(self, h: int, w: int) -> Tensor:
         """``(1, 1 + h*w, C)``: the class token's, then the patch grid's resized bicubically."""
         cls_pos, grid_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
-        if (h, w) != (self.grid, self.grid):
+        if (h, w) != (self.grid, self.grid) or exporting():  # same size: resizing is exact
             grid_pos = grid_pos.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
             grid_pos = F.interpolate(grid_pos, size=(h, w), mode='bicubic', align_corners=False)
             grid_pos = grid_pos.flatten(2).transpose(1, 2)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
+from ...ops import exporting
 from ...ops.inline import KernelArg
 from ..family import BackboneFamily, BenchmarkVariant, ReleasedModel, register_family
 from ..layers import ClassifierHead, InLineAttention, PatchEmbed, TransformerBlock
@@ -36,7 +37,7 @@ def resize_pos_embed(pos_embed: Tensor, grid: tuple[int, int], size: tuple[int, 
     """``(1, gh*gw, C)`` embedding on a ``grid`` -> ``(1, h, w, C)`` by bilinear resizing."""
     c = pos_embed.shape[-1]
     pe = pos_embed.reshape(1, grid[0], grid[1], c)
-    if tuple(size) == tuple(grid):
+    if tuple(size) == tuple(grid) and not exporting():  # resizing to the same size is exact
         return pe
     pe = F.interpolate(pe.permute(0, 3, 1, 2), size=size, mode='bilinear', align_corners=False)
     return pe.permute(0, 2, 3, 1)

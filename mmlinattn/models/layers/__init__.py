@@ -18,7 +18,7 @@ from .embed import PatchEmbed, PatchMerging
 from .head import ClassifierHead
 from .local_residual import LocalResidual, masked_mean
 from .mlp import Mlp, gelu_mlp
-from .regions import RegionGrid, attend_heads, merge_heads, split_heads
+from .regions import RegionGrid, attend_heads, merge_heads, split_heads, window_region
 from .weight_init import init_transformer_weights
 
 __all__ = [
@@ -27,5 +27,5 @@ __all__ = [
     'LocalResidual', 'masked_mean', 'RegionGrid', 'attend_heads', 'ClassifierHead',
     'init_transformer_weights', 'Mlp', 'gelu_mlp', 'DEFAULT_CHUNK_TOKENS', 'BandPlan',
     'InLineBlockParts', 'band_rows', 'chunked_block', 'chunked_embed', 'conv2d_rows',
-    'conv_out_rows', 'fill_rows', 'linear_slice'
+    'conv_out_rows', 'fill_rows', 'linear_slice', 'window_region'
 ]

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ...ops import (
     ATTENTIONS,
+    exporting,
     pad_to_multiple,
     resolve_kernel,
     valid_mask,
@@ -28,7 +29,7 @@ from ...ops import (
 from ...ops.inline import KernelArg
 from .chunked import BandPlan, InLineBlockParts, linear_slice
 from .local_residual import LocalResidual, masked_mean
-from .regions import RegionGrid, attend_heads, merge_heads, split_heads
+from .regions import RegionGrid, attend_heads, merge_heads, split_heads, window_region
 
 __all__ = ['InLineAttention', 'WindowSoftmaxAttention', 'split_heads', 'merge_heads']
 
@@ -179,8 +180,7 @@ class InLineAttention(nn.Module):
 
     def region(self, h: int, w: int) -> Optional[tuple[int, int]]:
         """The attended region for an ``h x w`` map: None (the whole map) or the window."""
-        ws = self.window_size
-        return None if ws is None or (h <= ws and w <= ws) else (ws, ws)
+        return window_region(self.window_size, h, w)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[-1] != self.dim:
@@ -209,7 +209,7 @@ def shifted_window_mask(hp: int, wp: int, h: int, w: int, window_size: int, shif
     -100 between tokens of different cyclic-shift regions (Swin's value) and
     towards keys in the bottom/right padding; 0 elsewhere.
     """
-    if shift == 0 and (hp, wp) == (h, w):
+    if shift == 0 and (hp, wp) == (h, w) and not exporting():
         return None
     region = torch.zeros(1, hp, wp, 1, device=device)
     if shift > 0:
@@ -276,9 +276,21 @@ class WindowSoftmaxAttention(nn.Module):
         if x.dim() != 4 or x.shape[-1] != self.dim:
             raise ValueError(f'{type(self).__name__} expects (B, H, W, {self.dim}); '
                              f'got {tuple(x.shape)}')
+        h, w = x.shape[1:3]
+        ws = self.window_size
+        if self.shift_size and exporting():
+            # Whether the windows shift depends on the map size; an export with dynamic
+            # sizes computes both and selects per input, so no size is baked in.
+            one = x.new_ones(())
+            fits = (one * h <= ws) & (one * w <= ws)  # tensors: no guard on the size
+            return torch.where(fits, self.attend(x, 0), self.attend(x, self.shift_size))
+        return self.attend(x, self.shift_size if (h > ws or w > ws) else 0)
+
+    def attend(self, x: Tensor, shift: int) -> Tensor:
+        """Window attention of ``x (B, H, W, C)`` with the windows cyclically shifted by
+        ``shift`` (0: unshifted) -> ``(B, H, W, C)``."""
         b, h, w, c = x.shape
         ws = self.window_size
-        shift = self.shift_size if (h > ws or w > ws) else 0
         xp = pad_to_multiple(x, ws)
         hp, wp = xp.shape[1:3]
         if shift:
@@ -287,19 +299,20 @@ class WindowSoftmaxAttention(nn.Module):
         n = ws * ws
         nw = windows.shape[0] // b
         qkv = self.qkv(windows.reshape(-1, n, c))
-        qkv = qkv.view(b, nw, n, 3, self.num_heads, c // self.num_heads)
-        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each (B, nW, heads, N, d)
+        heads = self.num_heads
+        # Windows and heads share one axis, so attention sees 4-D (B, nW*heads, N, d)
+        # operands (what the ONNX exporter supports) and the bias broadcasts over B.
+        qkv = qkv.view(b, nw, n, 3, heads, c // heads).permute(3, 0, 1, 4, 2, 5)
+        q, k, v = qkv.reshape(3, b, nw * heads, n, c // heads).unbind(0)
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        bias = bias.view(n, n, self.num_heads).permute(2, 0, 1)  # heads, N, N
+        bias = bias.view(n, n, heads).permute(2, 0, 1)  # heads, N, N
         mask = shifted_window_mask(hp, wp, h, w, ws, shift, x.device)
-        if mask is not None:
-            bias = bias[None] + mask[:, None]  # nW, heads, N, N
+        bias = bias[None] + mask[:, None] if mask is not None else bias.expand(nw, -1, -1, -1)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias.to(q.dtype),
+            q, k, v, attn_mask=bias.reshape(nw * heads, n, n).to(q.dtype),
             dropout_p=self.attn_drop if self.training else 0.)
-        out = out.permute(0, 1, 3, 2, 4).reshape(b * nw, ws, ws, c)
+        out = out.view(b, nw, heads, n, -1).permute(0, 1, 3, 2, 4).reshape(b * nw, ws, ws, c)
         out = window_merge(out, hp, wp)
         if shift:
             out = torch.roll(out, shifts=(shift, shift), dims=(1, 2))
-        out = out[:, :h, :w]
-        return self.proj_drop(self.proj(out))
+        return self.proj_drop(self.proj(out[:, :h, :w]))

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...ops import pad_to_multiple
+from ...ops import ceil_to, exporting, pad_to_multiple
 from .chunked import conv2d_rows
 
 __all__ = ['PatchEmbed', 'PatchMerging']
@@ -33,8 +33,8 @@ class PatchEmbed(nn.Module):
                              f'{tuple(x.shape)} (check in_channels / the data pipeline)')
         p = self.patch_size
         h, w = x.shape[-2:]
-        if h % p or w % p:
-            x = F.pad(x, (0, (p - w % p) % p, 0, (p - h % p) % p))
+        if exporting() or h % p or w % p:  # the export graph pads at every size
+            x = F.pad(x, (0, ceil_to(w, p) - w, 0, ceil_to(h, p) - h))
         # Channels-last in, channels-last out: the (B, H, W, C) view of the result is
         # contiguous, so neither the convolution nor the norm copies a layout.
         x = x.contiguous(memory_format=torch.channels_last)
@@ -48,7 +48,7 @@ class PatchEmbed(nn.Module):
         """Output rows ``[r0, r1)`` of ``forward(x)`` from input rows ``[r0 p, r1 p)``
         (chunked inference); ``(B, r1 - r0, ceil(W / p), C)``."""
         p = self.patch_size
-        out = conv2d_rows(self.proj, x, r0, r1, pad_right=(p - x.shape[3] % p) % p,
+        out = conv2d_rows(self.proj, x, r0, r1, pad_right=ceil_to(x.shape[3], p) - x.shape[3],
                           channels_last=True)
         return self.norm(out.permute(0, 2, 3, 1))
 

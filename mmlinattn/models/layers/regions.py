@@ -13,10 +13,18 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ...ops import attention, pad_to_multiple, valid_mask, window_merge, window_partition
+from ...ops import (
+    attention,
+    ceil_to,
+    exporting,
+    pad_to,
+    valid_mask,
+    window_merge,
+    window_partition,
+)
 from ...ops.inline import KernelArg
 
-__all__ = ['RegionGrid', 'attend_heads', 'split_heads', 'merge_heads']
+__all__ = ['RegionGrid', 'attend_heads', 'split_heads', 'merge_heads', 'window_region']
 
 
 def split_heads(x: Tensor, num_heads: int) -> Tensor:
@@ -31,8 +39,16 @@ def merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(b, n, h * d)
 
 
-def _ceil_to(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
+def window_region(window: Optional[int], h: int, w: int) -> Optional[tuple[int, int]]:
+    """The region an ``h x w`` map is attended in: None (the whole map) without a
+    window or, eagerly, when the map fits in one; else ``(window, window)``.
+
+    Under an export the window is kept for small maps too: one padded, masked window
+    gives the same result as the whole map, and the graph stays valid at every size.
+    """
+    if window is None or (not exporting() and h <= window and w <= window):
+        return None
+    return (window, window)
 
 
 class RegionGrid:
@@ -40,7 +56,8 @@ class RegionGrid:
 
     Args:
         batch, h, w: the map's batch and size.
-        region: ``(wh, ww)``, or None for the whole map as one region.
+        region: ``(wh, ww)``, or None for the whole map as one region; an entry None
+            spans the map along that axis (CSwin's full-height or full-width stripes).
         device: where the validity mask lives.
 
     Attributes:
@@ -49,16 +66,22 @@ class RegionGrid:
         mask: the same as ``(B * nR, wh * ww)`` token masks, or None.
     """
 
-    def __init__(self, batch: int, h: int, w: int, region: Optional[tuple[int, int]],
+    def __init__(self, batch: int, h: int, w: int,
+                 region: Optional[tuple[Optional[int], Optional[int]]],
                  device: torch.device) -> None:
         self.size = (h, w)
-        self.region = (h, w) if region is None else tuple(region)
-        wh, ww = self.region
-        self.padded = (_ceil_to(h, wh), _ceil_to(w, ww))
+        self.whole = region is None
+        wh, ww = (None, None) if region is None else region
+        # A spanning axis is never padded: its padded size is the map's own, not a
+        # ceil_to(h, h) that an export could not prove equal to h.
+        self.region = (h if wh is None else wh, w if ww is None else ww)
+        self.padded = (h if wh is None else ceil_to(h, wh), w if ww is None else ceil_to(w, ww))
         self.valid: Optional[Tensor] = None
-        if self.padded != self.size:
+        # Under an export the mask is kept even where the export size needs none: the
+        # graph must also serve the sizes that do (an all-True mask changes nothing).
+        if not self.whole and (exporting() or self.padded != self.size):
             full = valid_mask(batch, h, w, *self.padded, device=device)
-            self.valid = window_partition(full[..., None], wh, ww)[..., 0]
+            self.valid = window_partition(full[..., None], *self.region)[..., 0]
 
     @property
     def mask(self) -> Optional[Tensor]:
@@ -69,18 +92,24 @@ class RegionGrid:
         """Regions per map (``nR``)."""
         return (self.padded[0] // self.region[0]) * (self.padded[1] // self.region[1])
 
+    def _one_region(self) -> bool:
+        # Eager shortcut; an export always partitions (one region is a plain reshape).
+        return not exporting() and self.region == self.padded
+
     def split(self, x: Tensor) -> Tensor:
         """``(B, H, W, C)`` -> ``(B * nR, wh, ww, C)``, zero-padded to whole regions."""
-        x = pad_to_multiple(x, *self.region)
-        if self.region == self.padded:
+        if self.whole:
             return x
-        return window_partition(x, *self.region)
+        x = pad_to(x, *self.padded)
+        return x if self._one_region() else window_partition(x, *self.region)
 
     def merge(self, regions: Tensor) -> Tensor:
         """Inverse of :meth:`split`: ``(B * nR, wh, ww, C)`` -> ``(B, H, W, C)``."""
+        if self.whole:
+            return regions
         h, w = self.size
-        x = regions if self.region == self.padded else window_merge(regions, *self.padded)
-        return x if self.padded == self.size else x[:, :h, :w]
+        x = regions if self._one_region() else window_merge(regions, *self.padded)
+        return x if not exporting() and self.padded == self.size else x[:, :h, :w]
 
 
 def attend_heads(name: str, q: Tensor, k: Tensor, v: Tensor, num_heads: int,
