@@ -49,6 +49,8 @@ setup(
         ],
         'dev': ['pytest>=7', 'pytest-timeout>=2', 'ruff>=0.6'],
         'benchmark': ['matplotlib', 'rich', 'psutil'],
+        # ONNX export (torch.onnx's dynamo exporter needs onnxscript) and ONNX Runtime.
+        'deploy': ['onnx>=1.17', 'onnxruntime>=1.20', 'onnxscript>=0.5'],
     },
     zip_safe=False,
 )

@@ -6,7 +6,8 @@
 # Creates .venv/ at the repository root and installs, pinned, the stack the
 # project runs on (torch 2.14.1, torchvision 0.29.1, mmengine 0.10.7, mmcv 2.1.0
 # with its compiled ops, mmdet 3.3.0, mmsegmentation 1.2.2, timm) and mmlinattn
-# itself in editable mode with its dev extras. Every step first checks whether
+# itself in editable mode with its dev extras and the ONNX export/runtime stack
+# (onnx, onnxruntime, onnxscript: the deploy extra). Every step first checks whether
 # its result is already there, so a second run on a ready machine changes
 # nothing, and a run interrupted half-way is repaired by running it again.
 #
@@ -126,21 +127,21 @@ else
   pip_install "mmdet==$MMDET_VERSION" "mmsegmentation==$MMSEG_VERSION" ftfy regex
 fi
 
-step "6/7 mmlinattn (editable) with dev extras"
-if venv_check 'import mmlinattn, pytest, pytest_timeout, ruff' \
+step "6/7 mmlinattn (editable) with its dev, mm and deploy extras"
+if venv_check 'import mmlinattn, pytest, pytest_timeout, ruff, onnx, onnxruntime, onnxscript' \
    && [ "$(cd / && "$PY" -c 'import mmlinattn, os; print(os.path.dirname(os.path.dirname(os.path.abspath(mmlinattn.__file__))))' 2>/dev/null)" = "$ROOT" ]; then
   echo "  already installed from $ROOT"
 else
   # No build isolation: the venv's setuptools builds the editable install, so
   # nothing is fetched and the pins above are not re-resolved.
-  pip_install --no-build-isolation -e "$ROOT[dev,mm]"
+  pip_install --no-build-isolation -e "$ROOT[dev,mm,deploy]"
 fi
 
 step "7/7 verify"
 "$PY" - <<'PYCHECK' || fail "the environment does not import (see the traceback above)"
 import importlib
 for name in ('torch', 'torchvision', 'timm', 'mmengine', 'mmcv.ops', 'mmdet.models',
-             'mmseg.models', 'mmlinattn'):
+             'mmseg.models', 'onnx', 'onnxruntime', 'onnxscript', 'mmlinattn'):
     importlib.import_module(name)
     print(f'  import {name}: ok')
 import torch, mmcv, mmdet, mmseg, mmengine, mmlinattn

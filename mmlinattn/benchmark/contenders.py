@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 __all__ = ['Contender', 'ATTENTION_CONTENDERS', 'MMDET_CONTENDERS',
-           'DEFAULT_BACKBONES', 'backbone_contenders', 'get_contender', 'mmdet_available',
-           'model_contender']
+           'DEFAULT_BACKBONES', 'OnnxRuntimeBackbone', 'backbone_contenders', 'get_contender',
+           'mmdet_available', 'model_contender']
 
 Builder = Callable[..., Any]
 
@@ -43,6 +43,8 @@ class Contender:
     supports_cp: bool = True
     #: ``build`` takes ``img_size`` (models whose position embeddings are built for a size).
     sized: bool = False
+    #: Seconds ``build`` may take beyond the usual start-up grace (an ONNX export).
+    build_s: float = 0.0
 
 
 def mmdet_available() -> bool:
@@ -194,7 +196,58 @@ def backbone_contenders() -> dict[str, Contender]:
             ours[variant.name] = Contender(variant.name, 'backbone',
                                            _ours(spec.backbone, kwargs), variant.description,
                                            ours=not ablation)
+            if variant.name in ONNXRUNTIME_VARIANTS:
+                name = f'{variant.name} (onnxruntime)'
+                ours[name] = Contender(
+                    name, 'backbone', _onnxruntime(_ours(spec.backbone, kwargs)),
+                    f'{variant.description}; exported to ONNX at the measured size, run by '
+                    'ONNX Runtime on the CPU', needs=('onnxruntime', ), supports_cp=False,
+                    sized=True, build_s=EXPORT_GRACE_S)
     return {**ours, **MMDET_CONTENDERS, **REFERENCE_CONTENDERS}
+
+
+class OnnxRuntimeBackbone(nn.Module):
+    """A backbone exported to ONNX at one input size and run by ONNX Runtime (CPU).
+
+    Built per measured size (an export takes seconds to a minute, outside the timed
+    calls), with as many ONNX Runtime threads as torch uses in the worker. ``forward``
+    takes and returns CPU tensors like the eager backbone; :attr:`flops_reference` is
+    the eager backbone, whose operator FLOPs the exported graph computes.
+    """
+
+    def __init__(self, backbone: nn.Module, img_size: int) -> None:
+        super().__init__()
+        import tempfile
+
+        from ..engine.deploy import BackboneGraph, export_onnx, ort_session
+
+        graph = BackboneGraph(backbone.eval())
+        self.flops_reference = graph
+        with tempfile.TemporaryDirectory() as tmp:
+            path = f'{tmp}/backbone.onnx'
+            export_onnx(graph, torch.randn(1, 3, img_size, img_size), path)
+            self.session = ort_session(path, threads=torch.get_num_threads())
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if x.device.type != 'cpu':
+            raise ValueError('the onnxruntime contender runs on the CPU only')
+        outs = self.session.run(None, {self.input_name: x.contiguous().numpy()})
+        return tuple(torch.from_numpy(o) for o in outs)
+
+
+def _onnxruntime(builder: Builder) -> Builder:
+    def build(img_size: int = 224, **overrides: Any) -> nn.Module:
+        if overrides.get('with_cp'):
+            raise ValueError('an ONNX Runtime session has no activation checkpointing')
+        return OnnxRuntimeBackbone(builder(), img_size)
+    return build
+
+
+#: Our backbones exported to ONNX and run in ONNX Runtime, next to their eager runs.
+ONNXRUNTIME_VARIANTS = ('inline-pvt-t', 'inline-pvt-s', 'inline-swin-t')
+#: Time allowed for the export before the timed calls (InLine-Swin-T: about 3 min here).
+EXPORT_GRACE_S = 600.0
 
 
 #: The no-argument sweep: the comparisons the documented targets are about.
@@ -240,4 +293,6 @@ def get_contender(level: str, name: str) -> Contender:
 def unavailable_reason(contender: Contender) -> Optional[str]:
     if 'mmdet' in contender.needs and not mmdet_available():
         return 'mmdet (with a compiled mmcv) is not installed'
+    if 'onnxruntime' in contender.needs and importlib.util.find_spec('onnxruntime') is None:
+        return 'onnxruntime is not installed (pip install -e .[deploy])'
     return None

@@ -204,7 +204,8 @@ def _sweep_one(cfg: SweepConfig, name: str, contender: Any, with_cp: bool,
             failed_at = case
         else:
             case.update(run_case(case_spec(cfg, name, size, with_cp),
-                                  cfg.mem_limit_gib, cfg.budget_s + cfg.startup_grace_s,
+                                  cfg.mem_limit_gib,
+                                  cfg.budget_s + cfg.startup_grace_s + contender.build_s,
                                   cfg.steady_malloc))
             if case['status'] in FAILED:
                 failed_at = case

@@ -171,6 +171,8 @@ def _count_flops(target: Any, run: Callable[[], Any], args: tuple, level: str) -
 
     from ..utils.flops import count_flops
 
+    # An exported graph (ONNX Runtime) computes its eager reference's operators.
+    target = getattr(target, 'flops_reference', target)
     if level != 'model':
         try:
             meta = copy.deepcopy(target).to('meta') if isinstance(target, torch.nn.Module) \

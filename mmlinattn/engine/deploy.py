@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -36,10 +37,11 @@ __all__ = ['DEFAULT_DYNAMIC_RANGE', 'ExportError', 'VerificationError', 'Backbon
            'SegmentorGraph', 'DetectorGraph', 'SizeCheck', 'export_onnx', 'verify_onnx',
            'graph_for', 'ort_session']
 
-#: Height/width range (px) a dynamic export serves unless told otherwise. Below about
-#: 115 px CSwin's stride-16 stripes become a single one, a case torch.export treats as
-#: a different graph (size-1 dimensions), so the default starts at 128.
-DEFAULT_DYNAMIC_RANGE = (128, 4096)
+#: Height/width range (px) a dynamic export serves unless told otherwise. torch.export
+#: treats a dimension of size 1 as a different graph: below 225 px Swin's stride-32 map
+#: fits in one window, below 115 px CSwin's stride-16 stripes become one; the default
+#: starts above both.
+DEFAULT_DYNAMIC_RANGE = (256, 4096)
 
 
 class ExportError(RuntimeError):
@@ -170,11 +172,35 @@ def _mmseg_upsample_forward(self: nn.Module, x: Tensor) -> Tensor:
     return resize(x, size, None, self.mode, self.align_corners)
 
 
+def _bins(n_out: int, n_in: int, like: Tensor) -> Tensor:
+    """``(n_out, n_in)``: row i averages inputs ``[floor(i n/o), ceil((i+1) n/o))``, the
+    bins of adaptive average pooling, built from the (possibly symbolic) input size."""
+    i = torch.arange(n_out, device=like.device)
+    r = torch.arange(n_in, device=like.device)
+    start = (i * n_in) // n_out
+    end = ((i + 1) * n_in + n_out - 1) // n_out
+    inside = ((r[None] >= start[:, None]) & (r[None] < end[:, None])).to(like.dtype)
+    return inside / inside.sum(dim=1, keepdim=True)
+
+
+def _adaptive_avg_pool2d_forward(self: nn.Module, x: Tensor) -> Tensor:
+    """``nn.AdaptiveAvgPool2d`` as two bin-averaging matrix products. The ONNX
+    conversion of adaptive pooling derives a fixed kernel and stride from the export
+    size (UperNet's pyramid pooling then averages the wrong bins at any other size);
+    the matrices are built from the input's size in the graph."""
+    size = self.output_size if isinstance(self.output_size, (tuple, list)) else (
+        self.output_size, self.output_size)
+    h, w = x.shape[-2:]
+    out_h, out_w = (h if size[0] is None else size[0]), (w if size[1] is None else size[1])
+    return _bins(out_h, h, x) @ x @ _bins(out_w, w, x).transpose(0, 1)
+
+
 @contextlib.contextmanager
 def _export_rewrites() -> Iterator[None]:
     """Replace, for the duration of an export, OpenMMLab code that is correct eagerly but
     turns sizes into Python numbers (and so into constants of the graph)."""
-    patches = []
+    patches = [(nn.AdaptiveAvgPool2d, 'forward', nn.AdaptiveAvgPool2d.forward,
+                _adaptive_avg_pool2d_forward)]
     try:
         from mmseg.models.utils.wrappers import Upsample
     except ImportError:  # mmseg is optional
@@ -223,9 +249,13 @@ def _describe(stage: str, exc: BaseException) -> str:
     message = '\n'.join(lines[:12]) + ('\n...' if len(lines) > 12 else '')
     hint = ''
     if 'Constraints violated' in text or 'specializ' in text.lower():
+        lows = [int(n) for n in re.findall(r'guard (\d+) <= ', text)]
         hint = ('\nThe graph cannot serve every size in the requested range: some code '
-                'takes a size-dependent branch there. Narrow --dynamic-range to the range '
-                'torch suggests above, or export at a fixed size.')
+                'takes a size-dependent branch there. '
+                + (f'Sizes from {max(lows)} px up are served: pass --dynamic-range '
+                   f'{max(lows)} MAX.' if lows else
+                   'Narrow --dynamic-range as torch suggests above, or export at a fixed '
+                   'size.'))
     return (f'{stage} failed: {type(inner).__name__}\n  at {_where(inner)}\n'
             f'{message}{hint}')
 

@@ -125,3 +125,15 @@ def test_authors_models_come_from_a_checkout_named_by_the_environment(tmp_path, 
     module = contender.build(img_size=96)
     assert module.model.kw == dict(img_size=96, attn_type='IIII', la_sr_ratios='1111')
     assert module(torch.ones(1, 3, 4, 4)) == 1
+
+
+def test_onnxruntime_contender_times_the_exported_backbone():
+    """The exported graph runs in ONNX Runtime in the same isolated worker, with the eager
+    backbone's FLOPs (it computes the same operators)."""
+    cfg = SweepConfig(level='backbone', contenders=['inline-pvt-t', 'inline-pvt-t (onnxruntime)'],
+                      sizes=[64], repeats=2, budget_s=30)
+    eager, exported = run_sweep(cfg)
+    assert eager['status'] == 'ok' and exported['status'] == 'ok', exported
+    assert exported['latency_ms'] > 0 and exported['peak_mem_mib'] > 0
+    assert exported['gflops'] == eager['gflops']
+    assert 'ONNX Runtime' in exported['description']

@@ -41,10 +41,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--dynamic', action='store_true',
                    help='height and width are dynamic axes of the ONNX input')
     p.add_argument('--dynamic-range', type=int, nargs=2, metavar=('MIN', 'MAX'),
-                   help='sizes (px) the dynamic graph serves; default 128 4096')
+                   help='sizes (px) the dynamic graph serves; default 256 4096')
     p.add_argument('--verify-shape', type=int, nargs=2, metavar=('H', 'W'),
                    help='second size checked in ONNX Runtime when --dynamic '
-                   '(default: the export size * 3/4 + 17 px, so padding differs)')
+                   '(default: each side * 3/4 + 17 px, or * 5/4 + 17 px below the range, '
+                   'so padding and window counts differ)')
     p.add_argument('--part', choices=['model', 'backbone'], default='model',
                    help='the whole segmenter/detector, or only its backbone')
     p.add_argument('--atol', type=float, default=1e-4)
@@ -66,7 +67,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def second_size(shape: tuple[int, int], lo: int, hi: int) -> tuple[int, int]:
     """A size unlike ``shape`` (other padding and window counts), within ``[lo, hi]``."""
-    return tuple(min(hi, max(lo, s * 3 // 4 + 17)) for s in shape)
+    def other(s: int) -> int:
+        for candidate in (s * 3 // 4 + 17, s * 5 // 4 + 17, s - 1, s + 1):
+            if lo <= candidate <= hi and candidate != s:
+                return candidate
+        return s
+
+    return tuple(other(s) for s in shape)
 
 
 def add_metadata(path: str, meta: dict[str, str]) -> None:

@@ -278,12 +278,8 @@ class WindowSoftmaxAttention(nn.Module):
                              f'got {tuple(x.shape)}')
         h, w = x.shape[1:3]
         ws = self.window_size
-        if self.shift_size and exporting():
-            # Whether the windows shift depends on the map size; an export with dynamic
-            # sizes computes both and selects per input, so no size is baked in.
-            one = x.new_ones(())
-            fits = (one * h <= ws) & (one * w <= ws)  # tensors: no guard on the size
-            return torch.where(fits, self.attend(x, 0), self.attend(x, self.shift_size))
+        # A map within one window is attended unshifted. Under a dynamic export this
+        # test is a guard: a size range on both sides of it fails the export (loudly).
         return self.attend(x, self.shift_size if (h > ws or w > ws) else 0)
 
     def attend(self, x: Tensor, shift: int) -> Tensor:
