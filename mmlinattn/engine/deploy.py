@@ -237,27 +237,58 @@ def _where(exc: BaseException) -> str:
               if any(part in f.filename for part in _OUR_CODE)
               and f'{os.sep}engine{os.sep}deploy.py' not in f.filename]
     if not frames:
-        return 'inside torch (no frame of the model code)'
+        return ''
     f = frames[-1]
     return f'{f.filename}:{f.lineno} in {f.name}: {(f.line or "").strip()}'
 
 
-def _describe(stage: str, exc: BaseException) -> str:
+def _node_origin(program: Any, exc: BaseException) -> str:
+    """The module and source line of the graph node the ONNX conversion failed on.
+
+    The converter names the node (``translating node %conv2d_1``); the exported
+    program's node metadata records which module called which line to create it.
+    """
+    chain, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        chain.append(str(exc))
+        exc = exc.__cause__ or exc.__context__
+    match = next((m for m in (re.search(r'translating node %(\w+)', t) for t in chain) if m),
+                 None)
+    if match is None:
+        return ''
+    node = next((n for n in program.graph.nodes if n.name == match.group(1)), None)
+    if node is None:
+        return ''
+    stack = node.meta.get('nn_module_stack') or {}
+    module = next(reversed(stack.values()), ('', None)) if stack else ('', None)
+    path, cls = module[0], module[1]
+    cls_name = getattr(cls, '__name__', str(cls or '')).split('.')[-1]
+    lines = [ln.strip() for ln in (node.meta.get('stack_trace') or '').splitlines()
+             if ln.strip()]
+    source = ' | '.join(lines[-2:]) if lines else ''
+    return (f'node {node.name} ({node.target}) in module {path or "<top>"} ({cls_name})'
+            + (f': {source}' if source else ''))
+
+
+def _describe(stage: str, exc: BaseException, origin: str = '') -> str:
     inner = _innermost(exc)
     text = str(inner).strip()
     lines = text.splitlines()
     message = '\n'.join(lines[:12]) + ('\n...' if len(lines) > 12 else '')
+    where = origin or _where(inner) or 'inside torch (no frame of the model code)'
     hint = ''
     if 'Constraints violated' in text or 'specializ' in text.lower():
-        lows = [int(n) for n in re.findall(r'guard (\d+) <= ', text)]
+        size = r"L\['\w+'\]\.size\(\)\[\d\]"
+        lows = [int(n) for n in re.findall(rf'(\d+) <= {size}', text)]
+        highs = [int(n) for n in re.findall(rf'{size} <= (\d+)', text)]
+        served = (f'The sizes it serves: pass --dynamic-range {max(lows)} {min(highs)}.'
+                  if lows and highs and max(lows) <= min(highs) else
+                  'Narrow --dynamic-range as torch suggests above, or export at a fixed size.')
         hint = ('\nThe graph cannot serve every size in the requested range: some code '
-                'takes a size-dependent branch there. '
-                + (f'Sizes from {max(lows)} px up are served: pass --dynamic-range '
-                   f'{max(lows)} MAX.' if lows else
-                   'Narrow --dynamic-range as torch suggests above, or export at a fixed '
-                   'size.'))
-    return (f'{stage} failed: {type(inner).__name__}\n  at {_where(inner)}\n'
-            f'{message}{hint}')
+                'takes a size-dependent branch there (TORCH_LOGS=+dynamic prints the line '
+                f'of each guard). {served}')
+    return f'{stage} failed: {type(inner).__name__}\n  at {where}\n{message}{hint}'
 
 
 def export_onnx(module: nn.Module,
@@ -313,7 +344,8 @@ def export_onnx(module: nn.Module,
                                              input_names=['input'], output_names=names,
                                              opset_version=opset, verbose=False)
         except Exception as exc:
-            raise ExportError(_describe('conversion to ONNX', exc)) from exc
+            raise ExportError(_describe('conversion to ONNX', exc,
+                                        _node_origin(program, exc))) from exc
     onnx_program.save(path)
     return dict(seconds=time.perf_counter() - start, outputs=names)
 

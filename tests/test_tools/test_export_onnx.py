@@ -78,7 +78,7 @@ class _SizeBranch(nn.Module):
 
 
 def test_size_dependent_branch_fails_loudly(tmp_path: Path) -> None:
-    with pytest.raises(ExportError, match=r'torch.export failed[\s\S]*--dynamic-range'):
+    with pytest.raises(ExportError, match=r'torch.export failed[\s\S]*--dynamic-range 256 300'):
         export_onnx(_SizeBranch(), torch.randn(1, 3, 256, 256), str(tmp_path / 'x.onnx'),
                     dynamic=True)
 
@@ -178,3 +178,19 @@ def test_adaptive_pooling_rewrite_equals_torch(size: tuple[int, int], output_siz
     pool = nn.AdaptiveAvgPool2d(output_size)
     x = torch.randn(2, 4, *size)
     torch.testing.assert_close(_adaptive_avg_pool2d_forward(pool, x), pool(x))
+
+
+class _GroupsFromHeight(nn.Module):
+    """A convolution whose group count is the height: ONNX's ``group`` is a constant."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.permute(0, 2, 1, 3)  # (B, H, C, W): H channels
+        weight = torch.ones(y.shape[1], 1, 3, 3)
+        return torch.nn.functional.conv2d(y, weight, padding=1, groups=y.shape[1])
+
+
+def test_unconvertible_layer_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match=r'conversion to ONNX failed[\s\S]*'
+                       r'node conv2d\S* \(aten.conv2d[\s\S]*_GroupsFromHeight'):
+        export_onnx(_GroupsFromHeight(), torch.randn(1, 3, 256, 256), str(tmp_path / 'g.onnx'),
+                    dynamic=True)
