@@ -199,7 +199,7 @@ def backbone_contenders() -> dict[str, Contender]:
             if variant.name in ONNXRUNTIME_VARIANTS:
                 name = f'{variant.name} (onnxruntime)'
                 ours[name] = Contender(
-                    name, 'backbone', _onnxruntime(_ours(spec.backbone, kwargs)),
+                    name, 'backbone', _onnxruntime(variant.name),
                     f'{variant.description}; exported to ONNX at the measured size, run by '
                     'ONNX Runtime on the CPU', needs=('onnxruntime', ), supports_cp=False,
                     sized=True, build_s=EXPORT_GRACE_S)
@@ -207,27 +207,42 @@ def backbone_contenders() -> dict[str, Contender]:
 
 
 class OnnxRuntimeBackbone(nn.Module):
-    """A backbone exported to ONNX at one input size and run by ONNX Runtime (CPU).
+    """A benchmark backbone exported to ONNX at one input size, run by ONNX Runtime (CPU).
 
-    Built per measured size (an export takes seconds to a minute, outside the timed
-    calls), with as many ONNX Runtime threads as torch uses in the worker. ``forward``
-    takes and returns CPU tensors like the eager backbone; :attr:`flops_reference` is
-    the eager backbone, whose operator FLOPs the exported graph computes.
+    The export runs in a child process (:func:`export_backbone`, seconds to minutes), so
+    neither its time nor its memory counts in the worker's measurement; the session
+    gets as many threads as torch uses in the worker. ``forward`` takes and returns CPU
+    tensors like the eager backbone. :attr:`flops_reference` is the eager backbone on
+    the meta device, whose operator FLOPs the exported graph computes.
     """
 
-    def __init__(self, backbone: nn.Module, img_size: int) -> None:
+    def __init__(self, variant: str, img_size: int) -> None:
         super().__init__()
+        import subprocess
+        import sys
         import tempfile
 
-        from ..engine.deploy import BackboneGraph, export_onnx, ort_session
+        from ..engine.deploy import ort_session
 
-        graph = BackboneGraph(backbone.eval())
-        self.flops_reference = graph
+        self.variant = variant
         with tempfile.TemporaryDirectory() as tmp:
             path = f'{tmp}/backbone.onnx'
-            export_onnx(graph, torch.randn(1, 3, img_size, img_size), path)
+            code = ('from mmlinattn.benchmark.contenders import export_backbone; '
+                    f'export_backbone({variant!r}, {img_size}, {path!r})')
+            proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+            if proc.returncode:
+                raise RuntimeError(f'exporting {variant} at {img_size} px failed: '
+                                   f'{proc.stderr.strip()[-1500:]}')
             self.session = ort_session(path, threads=torch.get_num_threads())
         self.input_name = self.session.get_inputs()[0].name
+
+    @property
+    def flops_reference(self) -> nn.Module:
+        """Built when FLOPs are counted (after the timed calls), as eager contenders copy
+        themselves to the meta device then."""
+        from ..engine.deploy import BackboneGraph
+
+        return BackboneGraph(backbone_contenders()[self.variant].build()).to('meta')
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if x.device.type != 'cpu':
@@ -236,11 +251,21 @@ class OnnxRuntimeBackbone(nn.Module):
         return tuple(torch.from_numpy(o) for o in outs)
 
 
-def _onnxruntime(builder: Builder) -> Builder:
+def export_backbone(variant: str, img_size: int, path: str) -> None:
+    """Export benchmark backbone ``variant`` (random weights, seed 0) at ``img_size`` px
+    (static) to the ONNX file ``path``."""
+    from ..engine.deploy import BackboneGraph, export_onnx
+
+    torch.manual_seed(0)
+    backbone = backbone_contenders()[variant].build()
+    export_onnx(BackboneGraph(backbone.eval()), torch.randn(1, 3, img_size, img_size), path)
+
+
+def _onnxruntime(variant: str) -> Builder:
     def build(img_size: int = 224, **overrides: Any) -> nn.Module:
         if overrides.get('with_cp'):
             raise ValueError('an ONNX Runtime session has no activation checkpointing')
-        return OnnxRuntimeBackbone(builder(), img_size)
+        return OnnxRuntimeBackbone(variant, img_size)
     return build
 
 

@@ -163,10 +163,10 @@ def _masked_stats(k: Tensor, v: Tensor, mask: Optional[Tensor]) -> tuple[Tensor,
     """Means of k and v and the mean outer product K^T V / N (:class:`InLineSums`), with
     the tokens read in cache-sized chunks. Returns ``kbar``, ``vbar``, ``kv``."""
     sums = InLineSums()
-    step = _chunk_size(k, k.shape[-1] + v.shape[-1])
     if exporting():  # one pass: a chunk loop's trip count would be fixed at the export size
         sums.add(k, v, mask)
         return sums.means()
+    step = _chunk_size(k, k.shape[-1] + v.shape[-1])
     for start in range(0, k.shape[2], step):
         sums.add(k[:, :, start:start + step], v[:, :, start:start + step],
                  None if mask is None else mask[:, start:start + step])
