@@ -111,6 +111,8 @@ class DetectorGraph(nn.Module):
                               'bbox_head: no dense head to export')
         self.detector = detector
         self.head = head
+        #: Neck levels, known after the first forward (``export_onnx`` runs one eagerly
+        #: before naming the outputs).
         self.num_levels = 0
 
     def output_names(self, n: int) -> list[str]:
