@@ -31,7 +31,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..models.backbones.base import InLineBackbone
+from ..models.backbones.base import InLineBackbone, chunked_inference
 
 __all__ = ['DEFAULT_DYNAMIC_RANGE', 'ExportError', 'VerificationError', 'BackboneGraph',
            'SegmentorGraph', 'DetectorGraph', 'SizeCheck', 'export_onnx', 'verify_onnx',
@@ -144,18 +144,11 @@ def graph_for(model: nn.Module, part: str = 'model') -> nn.Module:
     return BackboneGraph(backbone).eval()
 
 
-@contextlib.contextmanager
-def _unchunked(module: nn.Module) -> Iterator[None]:
+def _unchunked(module: nn.Module) -> contextlib.AbstractContextManager:
     """Token-chunked inference off (its band loops depend on the size) while exporting."""
-    backbones = [m for m in module.modules() if isinstance(m, InLineBackbone)]
-    saved = [b.chunk_tokens for b in backbones]
-    for b in backbones:
-        b.chunk_tokens = None
-    try:
-        yield
-    finally:
-        for b, c in zip(backbones, saved):
-            b.chunk_tokens = c
+    if any(isinstance(m, InLineBackbone) for m in module.modules()):
+        return chunked_inference(module, None)
+    return contextlib.nullcontext()
 
 
 def _mmseg_upsample_forward(self: nn.Module, x: Tensor) -> Tensor:
@@ -218,15 +211,14 @@ def _export_rewrites() -> Iterator[None]:
             setattr(owner, name, old)
 
 
-def _innermost(exc: BaseException) -> BaseException:
-    seen = set()
-    while id(exc) not in seen:
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from, outermost first."""
+    chain, seen = [], set()
+    while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        nxt = exc.__cause__ or exc.__context__
-        if nxt is None:
-            break
-        exc = nxt
-    return exc
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return chain
 
 
 _OUR_CODE = (f'{os.sep}mmlinattn{os.sep}', f'{os.sep}mmdet{os.sep}', f'{os.sep}mmseg{os.sep}',
@@ -250,21 +242,15 @@ def _node_origin(program: Any, exc: BaseException) -> str:
     The converter names the node (``translating node %conv2d_1``); the exported
     program's node metadata records which module called which line to create it.
     """
-    chain, seen = [], set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        chain.append(str(exc))
-        exc = exc.__cause__ or exc.__context__
-    match = next((m for m in (re.search(r'translating node %(\w+)', t) for t in chain) if m),
-                 None)
+    match = next((m for m in (re.search(r'translating node %(\w+)', str(e))
+                               for e in _chain(exc)) if m), None)
     if match is None:
         return ''
     node = next((n for n in program.graph.nodes if n.name == match.group(1)), None)
     if node is None:
         return ''
     stack = node.meta.get('nn_module_stack') or {}
-    module = next(reversed(stack.values()), ('', None)) if stack else ('', None)
-    path, cls = module[0], module[1]
+    path, cls = next(reversed(stack.values()), ('', None))
     cls_name = getattr(cls, '__name__', str(cls or '')).split('.')[-1]
     lines = [ln.strip() for ln in (node.meta.get('stack_trace') or '').splitlines()
              if ln.strip()]
@@ -274,7 +260,7 @@ def _node_origin(program: Any, exc: BaseException) -> str:
 
 
 def _describe(stage: str, exc: BaseException, origin: str = '') -> str:
-    inner = _innermost(exc)
+    inner = _chain(exc)[-1]
     text = str(inner).strip()
     lines = text.splitlines()
     message = '\n'.join(lines[:12]) + ('\n...' if len(lines) > 12 else '')
