@@ -22,7 +22,7 @@ from torch import Tensor
 from .inline import KernelArg, inline_attention, linear_attention, softmax_attention
 
 __all__ = ['AttentionImpl', 'ATTENTION_IMPLS', 'register_attention_impl', 'get_attention_impl',
-           'attention', 'resolve_kernel', 'ATTENTIONS', 'ATTENTION_FUNCTIONS']
+           'attention', 'resolve_kernel', 'SUMMED_ATTENTIONS', 'ATTENTIONS', 'ATTENTION_FUNCTIONS']
 
 
 def _any_input(q: Tensor) -> bool:
@@ -104,11 +104,26 @@ def resolve_kernel(name: str, kernel: KernelArg = 'default') -> KernelArg:
 
 def attention(name: str, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None,
               kernel: KernelArg = 'default', scale: Optional[float] = None,
-              impl: str = 'auto') -> Tensor:
+              impl: str = 'auto', reduce: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     """Attention ``name`` (``inline``, ``linear``, ``softmax``) of ``q, k, v``
-    ``(B, heads, N, d)`` -> ``(B, heads, N, d)`` by implementation ``impl``."""
+    ``(B, heads, N, d)`` -> ``(B, heads, N, d)`` by implementation ``impl``.
+
+    ``reduce``: the tokens are spread over processes and this sums a tensor over them
+    (spatial parallelism); only attentions whose global state is a sum take it.
+    """
     entry = get_attention_impl(name, impl, q)
-    return entry.fn(q, k, v, mask=mask, kernel=resolve_kernel(name, kernel), scale=scale)
+    extra = {}
+    if reduce is not None:
+        if name not in SUMMED_ATTENTIONS:
+            raise ValueError(f'{name} attention cannot be split over processes by summing '
+                             f'statistics; only {sorted(SUMMED_ATTENTIONS)} can')
+        extra['reduce'] = reduce
+    return entry.fn(q, k, v, mask=mask, kernel=resolve_kernel(name, kernel), scale=scale,
+                    **extra)
+
+
+#: Attentions whose global state is a sum over tokens (what spatial parallelism reduces).
+SUMMED_ATTENTIONS = frozenset({'inline', 'linear'})
 
 
 for _entry in (AttentionImpl('inline', 'torch', inline_attention, 'identity'),

@@ -44,6 +44,22 @@ KERNELS: dict[str, Optional[Callable[[Tensor], Tensor]]] = {
 
 KernelArg = Union[str, Callable[[Tensor], Tensor], None]
 
+#: Sums a tensor over the processes that hold the other tokens of the same map
+#: (spatial parallelism, :mod:`mmlinattn.parallel`), differentiably; None: one process.
+Reduce = Optional[Callable[[Tensor], Tensor]]
+
+
+def _pack(parts: list[Tensor]) -> Tensor:
+    return torch.cat([p.reshape(-1) for p in parts])
+
+
+def _unpack(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
+    out, start = [], 0
+    for t in like:
+        out.append(flat[start:start + t.numel()].view(t.shape))
+        start += t.numel()
+    return out
+
 
 def get_kernel(kernel: KernelArg) -> Optional[Callable[[Tensor], Tensor]]:
     """Resolve a kernel name (``identity``, ``relu``, ``leakyrelu``, ``exp``) or callable."""
@@ -133,6 +149,19 @@ class InLineSums:
             self.kv_sum = self.kv_sum + parts[2]
         self.count = self.count + count
 
+    def reduce(self, reduce: Reduce) -> InLineSums:
+        """Sum the statistics (and the token count) over the processes of ``reduce``
+        in one call; a no-op for None."""
+        if reduce is None:
+            return self
+        if self.kv_sum is None:
+            raise ValueError('InLineSums.reduce() before any tokens were added')
+        count = self.count if isinstance(self.count, Tensor) else \
+            self.kv_sum.new_full((1, ), float(self.count))
+        parts = [self.k_sum, self.v_sum, self.kv_sum, count]
+        self.k_sum, self.v_sum, self.kv_sum, self.count = _unpack(reduce(_pack(parts)), parts)
+        return self
+
     def means(self) -> tuple[Tensor, Tensor, Tensor]:
         if self.kv_sum is None:
             raise ValueError('InLineSums.means() before any tokens were added')
@@ -159,30 +188,48 @@ def inline_readout(q: Tensor, cov: Tensor, vbar: Tensor) -> Tensor:
         return torch.matmul(_acc(q).to(cov.dtype), cov).add_(vbar)
 
 
-def _masked_stats(k: Tensor, v: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """Means of k and v and the mean outer product K^T V / N (:class:`InLineSums`), with
-    the tokens read in cache-sized chunks. Returns ``kbar``, ``vbar``, ``kv``."""
+def _masked_sums(k: Tensor, v: Tensor, mask: Optional[Tensor], reduce: Reduce = None
+                 ) -> InLineSums:
+    """The sums of k, v and K^T V over the valid tokens (:class:`InLineSums`), with the
+    tokens read in cache-sized chunks, summed over ``reduce``'s processes."""
     sums = InLineSums()
     if exporting():  # one pass: a chunk loop's trip count would be fixed at the export size
         sums.add(k, v, mask)
-        return sums.means()
+        return sums.reduce(reduce)
     step = _chunk_size(k, k.shape[-1] + v.shape[-1])
     for start in range(0, k.shape[2], step):
         sums.add(k[:, :, start:start + step], v[:, :, start:start + step],
                  None if mask is None else mask[:, start:start + step])
-    return sums.means()
+    return sums.reduce(reduce)
 
 
-def _token_weights(mask: Optional[Tensor], n: int, dtype: torch.dtype) -> Union[float, Tensor]:
-    """Each token's weight in the means: ``1/N``, or ``mask / count`` as ``(B, 1, N, 1)``."""
-    inv_n = _inverse_count(mask, n, dtype)
+def _masked_stats(k: Tensor, v: Tensor, mask: Optional[Tensor], reduce: Reduce = None
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """Means of k and v and the mean outer product K^T V / N: ``kbar``, ``vbar``, ``kv``."""
+    return _masked_sums(k, v, mask, reduce).means()
+
+
+def _token_weights(mask: Optional[Tensor], n: int, dtype: torch.dtype,
+                   count: Union[int, Tensor, None] = None) -> Union[float, Tensor]:
+    """Each token's weight in the means: ``1/N``, or ``mask / count`` as ``(B, 1, N, 1)``.
+    ``count``: the number of tokens over every process (default: the local ones)."""
+    if count is None:
+        inv_n = _inverse_count(mask, n, dtype)
+    elif isinstance(count, Tensor):
+        inv_n = 1.0 / count.to(dtype).clamp_min(1.0)
+        inv_n = inv_n if mask is not None or inv_n.numel() != 1 else float(inv_n)
+    else:
+        inv_n = 1.0 / max(count, 1)
     return inv_n if mask is None else mask[:, None, :, None].to(dtype) * inv_n
 
 
 def _inline_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
-                    scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(out, kbar, vbar, cov)`` in the accumulation dtype, autocast off; q, k after phi."""
-    kbar, vbar, kv = _masked_stats(k, v, mask)
+                    scale: float, reduce: Reduce = None
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Union[int, Tensor]]:
+    """``(out, kbar, vbar, cov, count)`` in the accumulation dtype, autocast off; q, k
+    after phi; ``count`` the tokens of the means (over every process of ``reduce``)."""
+    sums = _masked_sums(k, v, mask, reduce)
+    kbar, vbar, kv = sums.means()
     # Covariance form: vbar + s q (K^T V / N - kbar^T vbar).
     cov = _covariance(kbar, vbar, kv, scale)
     n, step = q.shape[2], _chunk_size(q, q.shape[-1] + v.shape[-1])
@@ -193,7 +240,7 @@ def _inline_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
         for start in range(0, n, step):
             out[:, :, start:start + step] = torch.matmul(
                 _acc(q[:, :, start:start + step]).to(cov.dtype), cov).add_(vbar)
-    return out, kbar, vbar, cov
+    return out, kbar, vbar, cov, sums.count
 
 
 class _InLineFunction(torch.autograd.Function):
@@ -208,15 +255,20 @@ class _InLineFunction(torch.autograd.Function):
         dq = dO cov^T          dcov = q^T dO          dkv = s dcov
         dkbar = -s vbar dcov^T                        dvbar = sum_i dO_i - s kbar dcov
         dk_j = w_j (v_j dkv^T + dkbar)                dv_j = w_j (k_j dkv + dvbar)
+
+    With ``reduce`` (tokens spread over processes), the statistics are summed over the
+    processes in forward, and ``dcov`` and ``sum_i dO_i`` in backward: the gradient of
+    the sum of every process's loss, which is what the wrapper trains on.
     """
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
-                scale: float) -> Tensor:
+                scale: float, reduce: Reduce = None) -> Tensor:
         with _autocast_off(q):
-            out, kbar, vbar, cov = _inline_forward(q, k, v, mask, scale)
+            out, kbar, vbar, cov, count = _inline_forward(q, k, v, mask, scale, reduce)
         ctx.save_for_backward(q, k, v, mask, kbar, vbar, cov)
-        ctx.scale = scale
+        ctx.scale, ctx.reduce = scale, reduce
+        ctx.count = count if reduce is not None else None
         return out
 
     @staticmethod
@@ -238,12 +290,14 @@ class _InLineFunction(torch.autograd.Function):
                          do.sum(dim=2, keepdim=True))
                 dcov = parts[0] if dcov is None else dcov + parts[0]
                 dout_sum = parts[1] if dout_sum is None else dout_sum + parts[1]
+            if ctx.reduce is not None:
+                dcov, dout_sum = _unpack(ctx.reduce(_pack([dcov, dout_sum])), [dcov, dout_sum])
             dkv = dcov * scale  # d(K^T V / N)
             douter = -dkv  # d(kbar^T vbar)
             dkbar = vbar @ douter.transpose(-2, -1)  # (B, h, 1, d)
             dvbar = dout_sum + kbar @ douter  # (B, h, 1, dv): from O and from kbar^T vbar
             # Pass 2: dk, dv; each token's share of the means is its weight w_j.
-            weights = _token_weights(mask, n, acc)
+            weights = _token_weights(mask, n, acc, ctx.count)
             dk = torch.empty_like(k) if ctx.needs_input_grad[1] else None
             dv = torch.empty_like(v) if ctx.needs_input_grad[2] else None
             for start in range(0, n, step):
@@ -255,7 +309,7 @@ class _InLineFunction(torch.autograd.Function):
                 if dv is not None:
                     kc = _acc(k[:, :, sl]).to(acc)
                     dv[:, :, sl] = ((kc @ dkv + dvbar) * w).to(v.dtype)
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None
 
 
 def inline_attention(q: Tensor,
@@ -263,7 +317,8 @@ def inline_attention(q: Tensor,
                      v: Tensor,
                      mask: Optional[Tensor] = None,
                      kernel: KernelArg = 'identity',
-                     scale: Optional[float] = None) -> Tensor:
+                     scale: Optional[float] = None,
+                     reduce: Reduce = None) -> Tensor:
     """InLine (injective linear) attention in O(N d^2).
 
     Args:
@@ -275,6 +330,9 @@ def inline_attention(q: Tensor,
         kernel: ``phi`` applied to q and k: ``identity`` (default), ``relu``,
             ``leakyrelu``, ``exp`` or a callable.
         scale: ``s``; defaults to ``d ** -0.5``.
+        reduce: for tokens spread over processes (spatial parallelism), a
+            differentiable sum over them (:func:`mmlinattn.parallel.all_reduce_sum`):
+            the statistics and N cover every process's tokens, ``q`` only this one's.
 
     Returns:
         ``(B, heads, N, dv)`` in the dtype of ``v``. The reductions and the
@@ -289,10 +347,10 @@ def inline_attention(q: Tensor,
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     out_dtype = v.dtype
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        out = _InLineFunction.apply(q, k, v, mask, scale)
+        out = _InLineFunction.apply(q, k, v, mask, scale, reduce)
     else:
         with _autocast_off(q):
-            out = _inline_forward(q, k, v, mask, scale)[0]
+            out = _inline_forward(q, k, v, mask, scale, reduce)[0]
     return out.to(out_dtype)
 
 
@@ -326,7 +384,8 @@ def linear_attention(q: Tensor,
                      mask: Optional[Tensor] = None,
                      kernel: KernelArg = 'relu',
                      scale: Optional[float] = None,
-                     eps: float = 1e-6) -> Tensor:
+                     eps: float = 1e-6,
+                     reduce: Reduce = None) -> Tensor:
     """Plain (division-normalised) linear attention, the non-injective baseline.
 
     ``O_i = phi(q_i) sum_j phi(k_j)^T v_j / (phi(q_i) . sum_j phi(k_j) + eps)``.
@@ -341,7 +400,7 @@ def linear_attention(q: Tensor,
         q, k = phi(q), phi(k)
     out_dtype = v.dtype
     with _autocast_off(q):
-        kbar, _, kv = _masked_stats(k, v, mask)
+        kbar, _, kv = _masked_stats(k, v, mask, reduce)
         qf = _acc(q).to(kv.dtype)
         num = qf @ kv
         den = qf @ kbar.transpose(-2, -1)

@@ -27,6 +27,7 @@ from ...checkpoint import (
     load_state_dict_checked,
     safe_load,
 )
+from ...parallel import SpatialGroup, current_group, own_rows, row_spans, strided_rows
 from ..layers import (
     DEFAULT_CHUNK_TOKENS,
     band_rows,
@@ -234,8 +235,9 @@ class InLineBackbone(BaseModule):
     def chunking(self) -> bool:
         """Whether this forward runs token-chunked: ``chunk_tokens`` set, eval mode, no
         autograd (training needs every activation anyway; ``with_cp`` is its remedy)."""
+        # Spatially sharded, each rank runs its rows whole (chunking them is not done).
         return (self.chunk_tokens is not None and not self.training
-                and not torch.is_grad_enabled())
+                and not torch.is_grad_enabled() and current_group() is None)
 
     def run_block(self, block: nn.Module, x: Tensor, **kwargs: Any) -> Tensor:
         """One block on ``x``: chunked, checkpointed (``with_cp``) or plain."""
@@ -244,8 +246,24 @@ class InLineBackbone(BaseModule):
         return run_block(block, x, self.with_cp, **kwargs)
 
     def embed(self, module: nn.Module, x: Tensor) -> Tensor:
-        """A patch embedding or merge on ``x``, in bands of output rows when chunking."""
+        """A patch embedding or merge on ``x``, in bands of output rows when chunking;
+        this rank's output rows from its input rows and a few of its neighbours' when
+        spatially sharded."""
+        group = current_group()
+        if group is not None:
+            return sharded_embed(module, x, group)
         return chunked_embed(module, x, self.chunk_tokens) if self.chunking else module(x)
+
+    @staticmethod
+    def rows_of_whole(whole: Callable[[int], Tensor], rows: int, dim: int = 1) -> Tensor:
+        """``whole(H)`` (a tensor over all ``H`` rows of a map, e.g. a resized position
+        table) for a map of which this process holds ``rows`` rows: all of it, or
+        this rank's rows when spatially sharded."""
+        group = current_group()
+        if group is None:
+            return whole(rows)
+        spans = row_spans(rows, group)
+        return own_rows(whole(spans.total), dim, spans)
 
     # -- output ---------------------------------------------------------------------------
     @staticmethod
@@ -278,6 +296,20 @@ class InLineBackbone(BaseModule):
             else:
                 outs.append(self.to_nchw(norm(out)))
         return tuple(outs)
+
+
+def sharded_embed(module: nn.Module, x: Tensor, group: SpatialGroup) -> Tensor:
+    """``module(x)`` on this rank's band of rows: modules that declare ``row_geometry``
+    (input row axis, kernel, stride, padding), ``rows_out(H)`` and ``forward_rows``."""
+    if not hasattr(module, 'row_geometry'):
+        raise ValueError(f'{type(module).__name__} cannot be spatially sharded: it does not '
+                         'declare which input rows each output row reads (row_geometry)')
+    dim, kernel, stride, padding = module.row_geometry
+
+    def rows(band: Tensor, r0: int, r1: int, offset: int, height: int) -> Tensor:
+        return module.forward_rows(band, r0, r1, offset=offset, height=height)
+
+    return strided_rows(rows, x, dim, kernel, stride, padding, module.rows_out, group)
 
 
 @contextlib.contextmanager

@@ -19,8 +19,9 @@ import torch
 from timm.layers import DropPath
 from torch import Tensor, nn
 
-from ...ops import ATTENTIONS, resolve_kernel
+from ...ops import ATTENTIONS, SUMMED_ATTENTIONS, resolve_kernel
 from ...ops.inline import KernelArg
+from ...parallel import SpatialGroup, all_reduce_sum, conv2d, current_group, gathered, mean_tokens
 from ..family import BackboneFamily, BenchmarkVariant, ReleasedModel, register_family
 from ..layers import (
     BandPlan,
@@ -102,7 +103,27 @@ class CSwinBranch(nn.Module):
             return (None, size) if orientation == 0 else (size, None)
         return window_region(self.window, h, w)
 
+    def forward_sharded(self, q: Tensor, k: Tensor, v: Tensor, x_mean: Tensor,
+                        group: SpatialGroup) -> Tensor:
+        """A global summed branch on this rank's rows: statistics reduced over the group,
+        LePE and the local residual with one halo row from each neighbour."""
+        b, h, w, c = q.shape
+        lepe = conv2d(self.get_v, v.permute(0, 3, 1, 2), group).permute(0, 2, 3, 1)
+        out = attend_heads(self.attention, q.reshape(b, h * w, c), k.reshape(b, h * w, c),
+                           v.reshape(b, h * w, c), self.num_heads, None, self.kernel, self.impl,
+                           lambda t: all_reduce_sum(t, group)).view(b, h, w, c)
+        if self.residual is not None:
+            out = out + self.residual(v, x_mean)
+        return out + lepe
+
     def forward(self, q: Tensor, k: Tensor, v: Tensor, x_mean: Tensor) -> Tensor:
+        group = current_group()
+        if group is not None:
+            if self.stripe is None and self.window is None and \
+                    self.attention in SUMMED_ATTENTIONS:
+                return self.forward_sharded(q, k, v, x_mean, group)
+            # Stripes, windows and softmax: on the gathered map (see docs/spatial_parallel.md).
+            return gathered(lambda q, k, v: self.forward(q, k, v, x_mean), q, k, v)
         b, h, w, c = q.shape
         grid = RegionGrid(b, h, w, self.region(h, w), q.device)
         q, k, v = (grid.split(t) for t in (q, k, v))  # (B*nR, wh, ww, c)
@@ -178,16 +199,23 @@ class CSwinBlock(nn.Module):
         taps are predicted from (chunked inference passes the whole map's)."""
         b, h, w, c = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, h, w, 3, c).unbind(3)
-        if x_mean is None:
-            x_mean = x.mean(dim=(1, 2))  # the block input, before norm1, as released
+        group = current_group()
+        if x_mean is None:  # the block input, before norm1, as released
+            x_mean = x.mean(dim=(1, 2)) if group is None else \
+                mean_tokens(x.reshape(b, h * w, c), group)
         if len(self.attns) == 1:
             out = self.attns[0](q, k, v, x_mean)
         else:
             half = c // 2
-            out = torch.cat([
-                branch(q[..., sl], k[..., sl], v[..., sl], x_mean[..., sl])
-                for branch, sl in zip(self.attns, (slice(0, half), slice(half, c)))
-            ], dim=-1)
+
+            def branches(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+                return torch.cat([
+                    branch(q[..., sl], k[..., sl], v[..., sl], x_mean[..., sl])
+                    for branch, sl in zip(self.attns, (slice(0, half), slice(half, c)))
+                ], dim=-1)
+
+            # Stripes span the map: spatially sharded, they attend the gathered map.
+            out = gathered(branches, q, k, v)
         x = x + self.drop_path(self.proj_drop(self.proj(out)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -209,9 +237,18 @@ class ConvStem(nn.Sequential):
     def out_rows(self, x: Tensor) -> int:
         return conv_out_rows(self[0], x.shape[2])
 
-    def forward_rows(self, x: Tensor, r0: int, r1: int) -> Tensor:
-        """Output rows ``[r0, r1)``, from the input rows they read."""
-        return self[2](conv2d_rows(self[0], x, r0, r1).permute(0, 2, 3, 1))
+    def rows_out(self, height: int) -> int:
+        return conv_out_rows(self[0], height)
+
+    #: ``(row axis of the input, kernel, stride, padding)`` along the rows.
+    row_geometry = (2, 7, 4, 2)
+
+    def forward_rows(self, x: Tensor, r0: int, r1: int, offset: int = 0,
+                     height: Optional[int] = None) -> Tensor:
+        """Output rows ``[r0, r1)``, from the input rows they read (``x``: the input's
+        rows from ``offset`` of ``height``)."""
+        return self[2](conv2d_rows(self[0], x, r0, r1, offset=offset, height=height)
+                       .permute(0, 2, 3, 1))
 
 
 class ConvMerge(nn.Module):
@@ -228,10 +265,17 @@ class ConvMerge(nn.Module):
     def out_rows(self, x: Tensor) -> int:
         return conv_out_rows(self.conv, x.shape[1])
 
-    def forward_rows(self, x: Tensor, r0: int, r1: int) -> Tensor:
+    def rows_out(self, height: int) -> int:
+        return conv_out_rows(self.conv, height)
+
+    #: ``(row axis of the input, kernel, stride, padding)`` along the rows.
+    row_geometry = (1, 3, 2, 1)
+
+    def forward_rows(self, x: Tensor, r0: int, r1: int, offset: int = 0,
+                     height: Optional[int] = None) -> Tensor:
         """Output rows ``[r0, r1)`` of ``forward(x)``, from the input rows they read."""
-        return self.norm(conv2d_rows(self.conv, x.permute(0, 3, 1, 2), r0, r1)
-                         .permute(0, 2, 3, 1))
+        return self.norm(conv2d_rows(self.conv, x.permute(0, 3, 1, 2), r0, r1, offset=offset,
+                                     height=height).permute(0, 2, 3, 1))
 
 
 def convert_cswin_checkpoint(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -213,7 +213,10 @@ class InLineDeiT(InLineBackbone):
         x = self.embed(self.patch_embed, x)  # (B, h, w, C)
         b, h, w, c = x.shape
         x = torch.cat([self.cls_token.expand(b, -1, -1), x.reshape(b, h * w, c)], dim=1)
-        x = self.pos_drop(x + self.position_embedding(h, w))
+        # Spatially sharded, this rank's rows of the grid's table (after the class token's).
+        pos = self.rows_of_whole(lambda rows: self.position_embedding(rows, w)[:, 1:]
+                                 .reshape(1, rows, w, c), h).reshape(1, h * w, c)
+        x = self.pos_drop(x + torch.cat([self.pos_embed[:, :1], pos], dim=1))
         taps = []
         for i, block in enumerate(self.blocks):
             x = self.run_block(block, x, hw=(h, w))

@@ -157,8 +157,9 @@ class InLinePVT(InLineBackbone):
         outs = []
         for i in range(self.num_stages):
             x = self.embed(getattr(self, f'patch_embed{i + 1}'), x)
-            pos = resize_pos_embed(getattr(self, f'pos_embed{i + 1}'), self.pos_grids[i],
-                                   x.shape[1:3])
+            pos = self.rows_of_whole(
+                lambda h, i=i, w=x.shape[2]: resize_pos_embed(
+                    getattr(self, f'pos_embed{i + 1}'), self.pos_grids[i], (h, w)), x.shape[1])
             # Chunked: add in place, not one more map (x is the embedding's own output).
             x = getattr(self, f'pos_drop{i + 1}')(x.add_(pos) if self.chunking else x + pos)
             del pos

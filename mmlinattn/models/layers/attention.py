@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ...ops import (
     ATTENTIONS,
+    SUMMED_ATTENTIONS,
     exporting,
     pad_to_multiple,
     resolve_kernel,
@@ -27,6 +28,7 @@ from ...ops import (
     window_partition,
 )
 from ...ops.inline import KernelArg
+from ...parallel import SpatialGroup, all_reduce_sum, current_group, gathered, mean_tokens
 from .chunked import BandPlan, InLineBlockParts, linear_slice
 from .local_residual import LocalResidual, masked_mean
 from .regions import RegionGrid, attend_heads, merge_heads, split_heads, window_region
@@ -145,13 +147,16 @@ class InLineAttention(nn.Module):
         return self.chunk_parts()
 
     def attend_tokens(self, tokens: Tensor, hw: tuple[int, int], valid: Optional[Tensor] = None,
-                      num_prefix: int = 0) -> Tensor:
+                      num_prefix: int = 0, group: Optional[SpatialGroup] = None) -> Tensor:
         """Attention over ``tokens (B', P + h*w, C)`` as one region, before ``proj``.
 
         The first ``num_prefix`` tokens (a class token) take part in the attention
         (they count in N and in the means) but not in the local 3x3 term, which
         runs on the ``h x w`` map of the rest. ``valid (B', h, w)`` marks real map
-        tokens (None: all). Returns ``(B', P + h*w, C)``.
+        tokens (None: all). With ``group`` the map is this rank's rows of the whole
+        map (spatial parallelism): the statistics and means are summed over the
+        group, and prefix tokens (identical on every rank) count on the first rank
+        only. Returns ``(B', P + h*w, C)``.
         """
         b, n, c = tokens.shape
         h, w = hw
@@ -160,10 +165,23 @@ class InLineAttention(nn.Module):
             mask = valid.reshape(b, h * w)
             if num_prefix:
                 mask = torch.cat([mask.new_ones(b, num_prefix), mask], dim=1)
+        reduce = None
+        if group is not None:
+            if valid is not None:
+                raise ValueError('a padded (masked) region cannot be spatially sharded')
+            if num_prefix:  # a mask on every rank: the reduced counts have one shape
+                mask = torch.ones(b, n, dtype=torch.bool, device=tokens.device)
+                mask[:, :num_prefix] = group.first
+
+            def reduce(t: Tensor) -> Tensor:
+                return all_reduce_sum(t, group)
         q, k, v = self.project(tokens)
-        out = attend_heads(self.operator, q, k, v, self.num_heads, mask, self.kernel, self.impl)
+        out = attend_heads(self.operator, q, k, v, self.num_heads, mask, self.kernel, self.impl,
+                           reduce)
         if self.residual is not None:
-            local = self.residual(v[:, num_prefix:].view(b, h, w, c), masked_mean(tokens, mask),
+            mean = masked_mean(tokens, mask) if group is None else \
+                mean_tokens(tokens, group, mask)
+            local = self.residual(v[:, num_prefix:].view(b, h, w, c), mean,
                                   valid).reshape(b, h * w, c)
             out = out + local if not num_prefix else torch.cat(
                 [out[:, :num_prefix], out[:, num_prefix:] + local], dim=1)
@@ -176,7 +194,13 @@ class InLineAttention(nn.Module):
                 tokens.shape[1] != num_prefix + hw[0] * hw[1]:
             raise ValueError(f'expected ({tokens.shape[0]}, {num_prefix} + {hw[0]}*{hw[1]}, '
                              f'{self.dim}) tokens, got {tuple(tokens.shape)}')
-        return self.proj_drop(self.proj(self.attend_tokens(tokens, hw, None, num_prefix)))
+        group = current_group()
+        if group is not None and self.operator not in SUMMED_ATTENTIONS:
+            raise ValueError(f'global {self.operator} attention over class and patch tokens '
+                             'cannot be spatially sharded (only summed attentions: '
+                             f'{sorted(SUMMED_ATTENTIONS)})')
+        return self.proj_drop(self.proj(self.attend_tokens(tokens, hw, None, num_prefix,
+                                                           group)))
 
     def region(self, h: int, w: int) -> Optional[tuple[int, int]]:
         """The attended region for an ``h x w`` map: None (the whole map) or the window."""
@@ -187,6 +211,14 @@ class InLineAttention(nn.Module):
             raise ValueError(f'{type(self).__name__} expects (B, H, W, {self.dim}); '
                              f'got {tuple(x.shape)}')
         b, h, w, c = x.shape
+        group = current_group()
+        if group is not None:
+            # A band of the map: global summed attention reduces its statistics over
+            # the group; windows and softmax run on the gathered map.
+            if self.window_size is None and self.operator in SUMMED_ATTENTIONS:
+                out = self.attend_tokens(x.reshape(b, h * w, c), (h, w), group=group)
+                return self.proj_drop(self.proj(out.view(b, h, w, c)))
+            return gathered(self.forward, x)
         grid = RegionGrid(b, h, w, self.region(h, w), x.device)
         regions = grid.split(x)
         rb, rh, rw = regions.shape[:3]
@@ -276,6 +308,10 @@ class WindowSoftmaxAttention(nn.Module):
         if x.dim() != 4 or x.shape[-1] != self.dim:
             raise ValueError(f'{type(self).__name__} expects (B, H, W, {self.dim}); '
                              f'got {tuple(x.shape)}')
+        if current_group() is not None:
+            # Spatially sharded: the (small) map of a softmax stage is gathered; each
+            # rank attends the whole map and keeps its rows.
+            return gathered(self.forward, x)
         h, w = x.shape[1:3]
         ws = self.window_size
         # A map within one window is attended unshifted. Under a dynamic export this

@@ -8,6 +8,7 @@ import torch.utils.checkpoint
 from timm.layers import DropPath
 from torch import Tensor, nn
 
+from ...parallel import current_group, spatial_parallel
 from .chunked import BandPlan, InLineBlockParts
 from .mlp import Mlp
 
@@ -24,6 +25,13 @@ def run_block(block: nn.Module, x: Tensor, with_cp: bool = False, **kwargs: Any)
     """
     if with_cp and torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in block.parameters())):
+        group = current_group()
+        if group is not None:
+            # The recomputation in backward must run sharded too, wherever backward runs.
+            def sharded(*args: Any, **kw: Any) -> Tensor:
+                with spatial_parallel(group):
+                    return block(*args, **kw)
+            return torch.utils.checkpoint.checkpoint(sharded, x, use_reentrant=False, **kwargs)
         return torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False, **kwargs)
     return block(x, **kwargs)
 

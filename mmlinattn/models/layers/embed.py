@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from typing import Optional
+
 from torch import Tensor, nn
 
 from ...ops import ceil_to, exporting, pad_to_multiple
@@ -42,14 +44,25 @@ class PatchEmbed(nn.Module):
 
     def out_rows(self, x: Tensor) -> int:
         """Output rows for an NCHW input ``x``: ``ceil(H / p)``."""
-        return -(-x.shape[2] // self.patch_size)
+        return self.rows_out(x.shape[2])
 
-    def forward_rows(self, x: Tensor, r0: int, r1: int) -> Tensor:
+    def rows_out(self, height: int) -> int:
+        """Output rows for ``height`` input rows: ``ceil(H / p)``."""
+        return -(-height // self.patch_size)
+
+    @property
+    def row_geometry(self) -> tuple[int, int, int, int]:
+        """``(row axis of the input, kernel, stride, padding)`` along the rows."""
+        return 2, self.patch_size, self.patch_size, 0
+
+    def forward_rows(self, x: Tensor, r0: int, r1: int, offset: int = 0,
+                     height: Optional[int] = None) -> Tensor:
         """Output rows ``[r0, r1)`` of ``forward(x)`` from input rows ``[r0 p, r1 p)``
-        (chunked inference); ``(B, r1 - r0, ceil(W / p), C)``."""
+        (chunked inference, spatial bands: ``x`` holds the rows from ``offset`` of a
+        ``height``-row input); ``(B, r1 - r0, ceil(W / p), C)``."""
         p = self.patch_size
         out = conv2d_rows(self.proj, x, r0, r1, pad_right=ceil_to(x.shape[3], p) - x.shape[3],
-                          channels_last=True)
+                          channels_last=True, offset=offset, height=height)
         return self.norm(out.permute(0, 2, 3, 1))
 
 
@@ -73,9 +86,16 @@ class PatchMerging(nn.Module):
 
     def out_rows(self, x: Tensor) -> int:
         """Output rows for a ``(B, H, W, C)`` input: ``ceil(H / 2)``."""
-        return -(-x.shape[1] // 2)
+        return self.rows_out(x.shape[1])
 
-    def forward_rows(self, x: Tensor, r0: int, r1: int) -> Tensor:
+    def rows_out(self, height: int) -> int:
+        return -(-height // 2)
+
+    #: ``(row axis of the input, kernel, stride, padding)`` along the rows.
+    row_geometry = (1, 2, 2, 0)
+
+    def forward_rows(self, x: Tensor, r0: int, r1: int, offset: int = 0,
+                     height: Optional[int] = None) -> Tensor:
         """Output rows ``[r0, r1)`` of ``forward(x)``: the merge of input rows
-        ``[2 r0, 2 r1)`` (chunked inference)."""
-        return self.forward(x[:, 2 * r0:2 * r1])
+        ``[2 r0, 2 r1)`` (``x`` holds the input's rows from ``offset`` on)."""
+        return self.forward(x[:, 2 * r0 - offset:2 * r1 - offset])

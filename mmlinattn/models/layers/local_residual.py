@@ -6,6 +6,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from ...ops import dynamic_depthwise_conv3x3
+from ...parallel import current_group, halo_rows
 
 __all__ = ['LocalResidual', 'masked_mean']
 
@@ -51,6 +52,14 @@ class LocalResidual(nn.Sequential):
             valid: optional ``(B, H, W)`` bool; invalid positions act as zero padding.
 
         Returns:
-            ``(B, H, W, C)``.
+            ``(B, H, W, C)``. Spatially sharded (:mod:`mmlinattn.parallel`), ``v`` is
+            this rank's rows of the map and one row of each neighbour is fetched.
         """
-        return dynamic_depthwise_conv3x3(v, self.taps(mean_token), valid)
+        g = current_group()
+        if g is None:
+            return dynamic_depthwise_conv3x3(v, self.taps(mean_token), valid)
+        if valid is not None:
+            raise ValueError('a padded (masked) region cannot be spatially sharded; its '
+                             'attention runs on the gathered map')
+        band = halo_rows(v, 1, 1, 1, g)
+        return dynamic_depthwise_conv3x3(band, self.taps(mean_token))[:, 1:-1]

@@ -8,7 +8,7 @@ attention of :mod:`mmlinattn.ops` over the heads of the region tokens.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -114,12 +114,15 @@ class RegionGrid:
 
 def attend_heads(name: str, q: Tensor, k: Tensor, v: Tensor, num_heads: int,
                  mask: Optional[Tensor] = None, kernel: KernelArg = 'default',
-                 impl: str = 'auto') -> Tensor:
+                 impl: str = 'auto', reduce: Optional[Callable[[Tensor], Tensor]] = None
+                 ) -> Tensor:
     """Attention ``name`` over ``num_heads`` heads of ``(B', N, C)`` tokens -> ``(B', N, C)``.
 
     ``mask (B', N)``: True for real tokens (None: all); the attention function
-    and implementation come from :func:`mmlinattn.ops.attention`.
+    and implementation come from :func:`mmlinattn.ops.attention`; ``reduce`` sums
+    over the processes holding the map's other rows (spatial parallelism).
     """
     out = attention(name, split_heads(q, num_heads), split_heads(k, num_heads),
-                    split_heads(v, num_heads), mask=mask, kernel=kernel, impl=impl)
+                    split_heads(v, num_heads), mask=mask, kernel=kernel, impl=impl,
+                    reduce=reduce)
     return merge_heads(out)

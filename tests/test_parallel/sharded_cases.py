@@ -1,0 +1,112 @@
+"""What each rank runs in the spatial-parallelism tests (spawned: module-level functions).
+
+Every rank builds the same model (same seed), computes the single-process forward and
+backward itself on the whole input (the independent truth: the ordinary code path), then
+the sharded forward on its band of rows, and compares its rows of every output and,
+after summing over the ranks, every parameter gradient.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from mmlinattn.parallel import SpatialGroup, image_bands, spatial_parallel
+
+ATOL, RTOL = 2e-5, 1e-5
+DTYPE = torch.float64 if __import__('os').environ.get('SP_F64') else torch.float32
+
+
+def _close(name: str, got: torch.Tensor, want: torch.Tensor, rank: int,
+           failures: Optional[list] = None) -> None:
+    if got.shape != want.shape:
+        raise AssertionError(f'rank {rank}: {name}: shape {tuple(got.shape)} vs '
+                             f'{tuple(want.shape)}')
+    scale = want.abs().max().clamp_min(1e-6)
+    err = (got - want).abs().max()
+    if not err <= ATOL + RTOL * scale:
+        msg = (f'rank {rank}: {name}: max abs error {float(err):.3g} (max |value| '
+               f'{float(scale):.3g}, relative {float(err / scale):.2g})')
+        if failures is None:
+            raise AssertionError(msg)
+        failures.append(msg)
+
+
+def build_backbone(family: str, **kwargs: Any) -> torch.nn.Module:
+    from mmlinattn.models import InLineCSwin, InLineDeiT, InLinePVT, InLineSwin
+    torch.manual_seed(0)
+    if family == 'pvt':
+        return InLinePVT(embed_dims=(16, 32, 40, 48), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 2),
+                         mlp_ratios=(2, 2, 2, 2), drop_path_rate=0., **kwargs)
+    if family == 'swin':
+        return InLineSwin(arch=dict(embed_dims=16, depths=(1, 1, 1, 2), num_heads=(1, 2, 2, 2),
+                                    attn_types='IIIS'), softmax_window=3, drop_path_rate=0.,
+                          **kwargs)
+    if family == 'cswin':
+        return InLineCSwin(arch=dict(embed_dims=16, depths=(1, 1, 2, 1), num_heads=(2, 2, 2, 2),
+                                     attn_types='IISS'), split_size=2, drop_path_rate=0.,
+                           **kwargs)
+    if family == 'deit':
+        return InLineDeiT(arch=dict(embed_dims=32, depth=4, num_heads=2, pretrain_img_size=64),
+                          out_indices=(0, 1, 2, 3), drop_path_rate=0., **kwargs)
+    raise ValueError(family)
+
+
+def backbone_exact(rank: int, world: int, family: str, size: tuple[int, int],
+                   kwargs: Optional[dict] = None, unit: int = 32, broken: str = '') -> None:
+    """Outputs and every parameter gradient of a sharded backbone equal the whole one."""
+    model = build_backbone(family, **(kwargs or {})).to(DTYPE)
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, *size, dtype=DTYPE)
+    ref = model(x)
+    # A random linear read-out of every map: no cancellation that would leave only
+    # rounding noise in some gradients (as sum() after a LayerNorm does).
+    probes = [torch.randn_like(r) for r in ref]
+    sum((r * w).sum() for r, w in zip(ref, probes)).backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+
+    group = SpatialGroup.world()
+    bands = image_bands(size[0], world, unit)
+    a, b = bands[rank]
+    rows = [_rows_of(r.shape[2], size[0], bands, rank) for r in ref]
+    with spatial_parallel(group):
+        if broken:
+            _break(broken)
+        outs = model(x[:, :, a:b].clone().requires_grad_())
+        sum((o * w[:, :, r0:r1]).sum() for o, w, (r0, r1) in zip(outs, probes, rows)).backward()
+    for i, (o, r, (r0, r1)) in enumerate(zip(outs, ref, rows)):
+        _close(f'output {i} ({r.shape[2]} rows)', o, r[:, :, r0:r1].detach(), rank)
+    failures: list = []
+    for n, p in model.named_parameters():
+        if n not in ref_grads:
+            continue
+        g = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+        dist.all_reduce(g)
+        _close(f'grad {n}', g, ref_grads[n], rank, failures)
+    if failures:
+        raise AssertionError('\n'.join(failures))
+
+
+def _rows_of(out_rows: int, in_rows: int, bands: list, rank: int) -> tuple[int, int]:
+    """The output rows a rank owns at a map of ``out_rows`` rows (stride ``in/out``,
+    rounded up as :func:`mmlinattn.parallel.strided_spans`)."""
+    stride = 2 ** round(torch.log2(torch.tensor(in_rows / out_rows)).item())
+    starts = [min(out_rows, -(-a // stride)) for a, _ in bands] + [out_rows]
+    return starts[rank], starts[rank + 1]
+
+
+def _break(what: str) -> None:
+    """Break one piece on purpose: the tests must then fail."""
+    from mmlinattn import parallel
+    from mmlinattn.models.layers import local_residual
+    if what == 'halo':  # the local residual without its neighbours' rows
+        local_residual.halo_rows = lambda v, dim, top, bottom, g: torch.nn.functional.pad(
+            v, (0, 0, 0, 0, top, bottom))
+    elif what == 'reduce':  # InLine statistics of the local rows only
+        import mmlinattn.models.layers.attention as attention
+        attention.all_reduce_sum = lambda t, g: t
+    else:
+        raise ValueError(what)
+    del parallel
