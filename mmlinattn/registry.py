@@ -10,6 +10,8 @@ import importlib.util
 import logging
 from typing import Iterable, Optional, Sequence
 
+from mmengine.registry import DATA_SAMPLERS as MMENGINE_DATA_SAMPLERS
+from mmengine.registry import FUNCTIONS as MMENGINE_FUNCTIONS
 from mmengine.registry import HOOKS as MMENGINE_HOOKS
 from mmengine.registry import MODEL_WRAPPERS as MMENGINE_MODEL_WRAPPERS
 from mmengine.registry import MODELS as MMENGINE_MODELS
@@ -17,7 +19,8 @@ from mmengine.registry import OPTIM_WRAPPERS as MMENGINE_OPTIM_WRAPPERS
 from mmengine.registry import Registry
 
 __all__ = [
-    'MODELS', 'HOOKS', 'OPTIM_WRAPPERS', 'MODEL_WRAPPERS', 'register_into_openmmlab',
+    'MODELS', 'HOOKS', 'OPTIM_WRAPPERS', 'MODEL_WRAPPERS', 'DATA_SAMPLERS', 'FUNCTIONS',
+    'register_into_openmmlab',
     'OPENMMLAB_SCOPES'
 ]
 
@@ -34,9 +37,17 @@ HOOKS = Registry('hook', parent=MMENGINE_HOOKS, scope='mmlinattn', locations=['m
 OPTIM_WRAPPERS = Registry('optim_wrapper', parent=MMENGINE_OPTIM_WRAPPERS, scope='mmlinattn',
                           locations=['mmlinattn.engine'])
 
-#: Model wrappers (``mmlinattn.CPUDistributedDataParallel``).
+#: Model wrappers (``mmlinattn.CPUDistributedDataParallel``, ``mmlinattn.SpatialParallelWrapper``).
 MODEL_WRAPPERS = Registry('model_wrapper', parent=MMENGINE_MODEL_WRAPPERS, scope='mmlinattn',
                           locations=['mmlinattn.engine'])
+
+#: Data samplers (``mmlinattn.SpatialGroupSampler``).
+DATA_SAMPLERS = Registry('data sampler', parent=MMENGINE_DATA_SAMPLERS, scope='mmlinattn',
+                         locations=['mmlinattn.engine'])
+
+#: Functions built from configs (``mmlinattn.spatial_worker_init``).
+FUNCTIONS = Registry('function', parent=MMENGINE_FUNCTIONS, scope='mmlinattn',
+                     locations=['mmlinattn.engine'])
 
 #: Downstream packages whose MODELS registries also receive our modules.
 OPENMMLAB_SCOPES = ('mmdet', 'mmseg')

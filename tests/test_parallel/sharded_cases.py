@@ -110,3 +110,99 @@ def _break(what: str) -> None:
     else:
         raise ValueError(what)
     del parallel
+
+
+SEG_CONFIGS = {
+    'fpn': 'configs/segmentation/inline_pvt/fpn_inline-pvt-t_4xb4-40k_ade20k-512x512.py',
+    'upernet': 'configs/segmentation/inline_swin/upernet_inline-swin-t_8xb2-160k_ade20k-512x512.py',
+}
+SMALL_BACKBONES = {
+    'fpn': dict(embed_dims=(16, 32, 40, 48), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 2),
+                mlp_ratios=(2, 2, 2, 2), drop_path_rate=0.),
+    'upernet': dict(arch=dict(embed_dims=16, depths=(1, 1, 1, 2), num_heads=(1, 2, 2, 2),
+                              attn_types='IIIS'), softmax_window=3, drop_path_rate=0.),
+}
+
+
+def build_segmentor(kind: str) -> torch.nn.Module:
+    """A shipped segmenter config with a small backbone, neck and head widths."""
+    from mmengine.config import Config
+    from mmengine.model import revert_sync_batchnorm
+
+    from mmlinattn.engine.build import build_from_config
+    cfg = Config.fromfile(SEG_CONFIGS[kind])
+    cfg.model.backbone.update(SMALL_BACKBONES[kind])
+    dims = (16, 32, 40, 48) if kind == 'fpn' else (16, 32, 64, 128)
+    if kind == 'fpn':
+        cfg.model.neck.update(in_channels=list(dims), out_channels=16)
+        cfg.model.decode_head.update(in_channels=[16] * 4, channels=8, num_classes=5)
+    else:
+        cfg.model.decode_head.update(in_channels=list(dims), channels=8, num_classes=5)
+        cfg.model.auxiliary_head.update(in_channels=dims[2], channels=8, num_classes=5)
+    torch.manual_seed(0)
+    model, _ = build_from_config(cfg)
+    return revert_sync_batchnorm(model).to(DTYPE)
+
+
+def segmentor_exact(rank: int, world: int, kind: str, size: tuple[int, int],
+                    broken: str = '') -> None:
+    """Loss, logged values, every parameter gradient and the batch-norm running
+    statistics of a sharded training forward/backward equal the single-process ones."""
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+
+    from mmlinattn.engine.spatial import segmentor_logits, segmentor_loss
+
+    model = build_segmentor(kind)
+    model.train()
+    torch.manual_seed(1)
+    h, w = size
+    inputs = torch.randn(2, 3, h, w, dtype=DTYPE)
+    samples = []
+    for _ in range(2):
+        s = SegDataSample()
+        label = torch.randint(0, 5, (1, h, w))
+        label[:, :3] = 255  # some ignored pixels
+        s.gt_sem_seg = PixelData(data=label)
+        s.set_metainfo(dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w)))
+        samples.append(s)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(2)  # the heads' Dropout2d draws the same channels in both runs
+    ref_losses = model.loss(inputs, samples)
+    ref_total, ref_log = model.parse_losses(ref_losses)
+    ref_total.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    ref_buffers = {k: v.clone() for k, v in model.state_dict().items() if 'running' in k}
+    model.load_state_dict(state)
+    model.zero_grad()
+
+    group = SpatialGroup.world()
+    with spatial_parallel(group):
+        if broken:
+            _break(broken)
+    torch.manual_seed(2)
+    losses = segmentor_loss(model, inputs, samples, group)
+    total, log = model.parse_losses(losses)
+    total.backward()
+    for k in ref_log:
+        _close(f'logged {k} ({log[k]} vs {ref_log[k]})', torch.as_tensor(log[k]),
+               torch.as_tensor(ref_log[k]), rank)
+    failures: list = []
+    for n, p in model.named_parameters():
+        if n not in ref_grads:
+            continue
+        g = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+        dist.all_reduce(g)
+        _close(f'grad {n}', g, ref_grads[n], rank, failures)
+    for k, v in ref_buffers.items():
+        _close(f'buffer {k}', model.state_dict()[k], v, rank, failures)
+    if failures:
+        raise AssertionError('\n'.join(failures))
+    # Inference: this rank's rows of the decode head's logits.
+    model.eval()
+    with torch.no_grad():
+        ref = model.decode_head(model.extract_feat(inputs))
+        logits, bands = segmentor_logits(model, inputs, group)
+    a, b = bands[rank]
+    _close('eval logits', logits, ref[:, :, a // 4:-(-b // 4) if rank == world - 1 else b // 4],
+           rank)
