@@ -50,6 +50,9 @@ def load_config(path: str, args: argparse.Namespace) -> Config:
         cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(path))[0])
     if args.launcher != 'none':
         _use_cpu_distributed_if_no_gpu(cfg)  # needs cfg.launcher
+    if cfg.get('spatial_parallel'):  # one image over several ranks (engine/spatial.py)
+        from .spatial import configure_spatial_parallel
+        configure_spatial_parallel(cfg)
     if cfg.get('default_scope') not in ('mmdet', 'mmseg'):
         raise ValueError(f'{path}: default_scope is {cfg.get("default_scope")!r}; expected '
                          "'mmdet' or 'mmseg' (inherit an mmdet:: or mmseg:: base config)")

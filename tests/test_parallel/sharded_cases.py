@@ -206,3 +206,56 @@ def segmentor_exact(rank: int, world: int, kind: str, size: tuple[int, int],
     a, b = bands[rank]
     _close('eval logits', logits, ref[:, :, a // 4:-(-b // 4) if rank == world - 1 else b // 4],
            rank)
+
+
+def train_step_exact(rank: int, world: int, spatial: int, size: tuple[int, int]) -> None:
+    """One ``SpatialParallelWrapper.train_step`` (data x spatial ranks) gives the loss and
+    the updated weights of single-process steps: replica d trains on image d, and the
+    update uses the mean over replicas of each image's whole-image gradient."""
+    import copy
+
+    from mmengine.optim import OptimWrapper
+
+    from mmlinattn.engine.build import synthetic_train_batch
+    from mmlinattn.engine.spatial import SpatialParallelWrapper
+
+    model = build_segmentor('fpn').float()
+    model.train()
+    data_size = world // spatial
+    batches = [synthetic_train_batch(model, 'mmseg', *size, batch=1, seed=10 + d)
+               for d in range(data_size)]
+    lr = 0.1
+    # Single process: each image's gradient from the same weights, averaged, one SGD step.
+    ref = copy.deepcopy(model)
+    grads, ref_losses = None, []
+    for batch in batches:
+        ref.zero_grad()
+        torch.manual_seed(3)
+        data = ref.data_preprocessor(copy.deepcopy(batch), True)
+        total, log = ref.parse_losses(ref.loss(data['inputs'], data['data_samples']))
+        total.backward()
+        ref_losses.append(log['loss'])
+        step = [p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                for p in ref.parameters()]
+        grads = step if grads is None else [a + b for a, b in zip(grads, step)]
+    with torch.no_grad():
+        for p, g in zip(ref.parameters(), grads):
+            p -= lr * g / data_size
+
+    wrapper = SpatialParallelWrapper(model, spatial_size=spatial)
+    optim = OptimWrapper(torch.optim.SGD(model.parameters(), lr=lr))
+    torch.manual_seed(3)
+    log = wrapper.train_step(copy.deepcopy(batches[wrapper.mesh.data_rank]), optim)
+    _close('loss', torch.as_tensor(log['loss']),
+           torch.as_tensor(ref_losses[wrapper.mesh.data_rank]), rank)
+    failures: list = []
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        _close(f'updated {n}', p.detach(), q.detach(), rank, failures)
+    if failures:
+        raise AssertionError('\n'.join(failures))
+
+
+def run_cases(rank: int, world: int, cases: list) -> None:
+    """Several cases in one process group (spawning costs more than a tiny case)."""
+    for name, args in cases:
+        globals()[name](rank, world, *args)

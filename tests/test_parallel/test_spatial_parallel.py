@@ -1,0 +1,73 @@
+"""Spatial parallelism against the single-process computation, on real gloo groups.
+
+Every case runs the ordinary (whole-image) forward and backward in each process as the
+truth, then the sharded one on the process's band of rows, and compares outputs and
+every parameter gradient (summed over ranks). Heights are odd so that the last band
+is uneven and the last stride-32 row is partial.
+"""
+import pytest
+import torch
+from sharded_cases import run_cases
+from spawn import run_ranks
+
+from mmlinattn.parallel import RowSpans, image_bands, source_rows
+
+FAMILIES = ('pvt', 'swin', 'cswin', 'deit')
+
+
+def test_every_backbone_family_two_ranks():
+    run_ranks(2, run_cases, [('backbone_exact', (f, (97, 45))) for f in FAMILIES])
+
+
+def test_every_backbone_family_three_ranks():
+    run_ranks(3, run_cases, [('backbone_exact', (f, (161, 38))) for f in FAMILIES])
+
+
+def test_gradient_checkpointing_recomputes_sharded():
+    run_ranks(2, run_cases, [('backbone_exact', ('pvt', (97, 45), dict(with_cp=True)))])
+
+
+@pytest.mark.parametrize('what', ['halo', 'reduce'])
+def test_dropping_a_halo_or_a_reduction_is_caught(what):
+    with pytest.raises(AssertionError, match='max abs error'):
+        run_ranks(2, run_cases, [('backbone_exact', ('pvt', (97, 45), None, 32, what))])
+
+
+mm = pytest.importorskip  # the segmenter cases need mmseg
+
+
+def test_segmenters_train_and_predict_exactly():
+    mm('mmseg.models')
+    run_ranks(2, run_cases, [('segmentor_exact', ('fpn', (97, 45))),
+                             ('segmentor_exact', ('upernet', (97, 45)))])
+    run_ranks(3, run_cases, [('segmentor_exact', ('upernet', (161, 50)))])
+
+
+def test_wrapper_train_step_equals_single_process_data_by_spatial():
+    mm('mmseg.models')
+    run_ranks(2, run_cases, [('train_step_exact', (2, (97, 45)))])
+    run_ranks(4, run_cases, [('train_step_exact', (2, (97, 45)))])
+
+
+def test_bands_and_clear_errors():
+    assert image_bands(97, 2) == [(0, 64), (64, 97)]
+    assert image_bands(161, 3) == [(0, 64), (64, 128), (128, 161)]
+    with pytest.raises(ValueError, match='fewer than the 3 ranks'):
+        image_bands(64, 3)
+
+
+@pytest.mark.parametrize('mode,align,in_rows,out_rows', [
+    ('bilinear', False, 25, 97), ('bilinear', True, 13, 25), ('bilinear', False, 7, 3),
+    ('nearest', None, 13, 25), ('nearest', None, 13, 26), ('nearest', None, 9, 4)])
+def test_resize_rows_equal_interpolate(mode, align, in_rows, out_rows):
+    """Row-wise resizing from the source rows torch would read equals F.interpolate."""
+    from mmlinattn.parallel import resize
+    x = torch.randn(2, 3, in_rows, 11)
+    want = torch.nn.functional.interpolate(x, size=(out_rows, 17), mode=mode,
+                                           align_corners=align)
+    bounds = (0, out_rows // 3, out_rows)
+    for r in range(2):
+        got = resize(x, RowSpans(bounds, r), 17, mode, align)
+        torch.testing.assert_close(got, want[:, :, bounds[r]:bounds[r + 1]])
+    i0, i1, lam = source_rows(in_rows, out_rows, mode, align)
+    assert int(i1.max()) < in_rows and float(lam.max()) <= 1.0
