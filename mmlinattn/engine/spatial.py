@@ -295,7 +295,65 @@ def segmentor_loss(model: nn.Module, inputs: Tensor, data_samples: Sequence[Any]
     return losses
 
 
+def detector_features(model: nn.Module, inputs: Tensor, g: SpatialGroup,
+                      unit: int = BAND_UNIT) -> tuple[Tensor, ...]:
+    """An mmdet detector's backbone and FPN neck on this rank's band, then the neck's
+    maps gathered whole on every rank (for the heads, which are not sharded: proposals,
+    sampling and RoI pooling are not row-local)."""
+    _check_backbone(model)
+    bands = sp.image_bands(inputs.shape[2], g.size, unit)
+    a, b = bands[g.rank]
+    with sp.spatial_parallel(g):
+        feats = model.backbone(inputs[:, :, a:b])
+        if model.with_neck:
+            feats = sharded_neck(model.neck, feats, g)
+        return tuple(sp.gather_rows(f, 2, row_spans(f.shape[2], g), g) for f in feats)
+
+
+class _GivenFeatures:
+    """Within the block, ``model.extract_feat`` returns ``feats`` (computed sharded)."""
+
+    def __init__(self, model: nn.Module, feats: tuple) -> None:
+        self.model, self.feats = model, feats
+
+    def __enter__(self) -> None:
+        self.model.extract_feat = lambda inputs: self.feats
+
+    def __exit__(self, *exc: Any) -> None:
+        del self.model.extract_feat
+
+
+def detector_loss(model: nn.Module, inputs: Tensor, data_samples: Sequence[Any],
+                  g: SpatialGroup, unit: int = BAND_UNIT) -> dict:
+    """mmdet ``loss`` with a sharded backbone and neck: every rank runs the heads on the
+    gathered maps, so each rank's losses are scaled by ``1 / S`` (their sum over the
+    group is the image's loss; the gathering sums the maps' gradients). Logged values
+    are the unscaled losses."""
+    feats = detector_features(model, inputs, g, unit)
+    with _GivenFeatures(model, feats):
+        losses = model.loss(inputs, data_samples)
+
+    def share(v: Any) -> Any:
+        if isinstance(v, Tensor):
+            return v / g.size + (v - v / g.size).detach()
+        if isinstance(v, (list, tuple)):
+            return type(v)(share(x) for x in v)
+        return v
+
+    return {k: share(v) if 'loss' in k else v for k, v in losses.items()}
+
+
 # -- mmengine -------------------------------------------------------------------------------
+
+def _model_kind(model: nn.Module) -> str:
+    names = {c.__name__ for c in type(model).__mro__}
+    if 'EncoderDecoder' in names:
+        return 'segmentor'
+    if 'BaseDetector' in names and hasattr(model, 'backbone'):
+        return 'detector'
+    raise _unsupported(model, 'model: mmseg EncoderDecoder segmenters and mmdet detectors '
+                       'train spatially sharded')
+
 
 class SpatialMesh:
     """The ranks as a ``data x spatial`` grid: rank ``d * S + s`` holds band ``s`` of the
@@ -381,9 +439,7 @@ class SpatialParallelWrapper(nn.Module):
                                         'device_ids', 'output_device'})
         if unknown:
             raise ValueError(f'SpatialParallelWrapper: unknown options {unknown}')
-        if type(module).__name__ != 'EncoderDecoder':
-            raise _unsupported(module, 'model (mmseg EncoderDecoder segmenters train '
-                               'spatially sharded)')
+        self.kind = _model_kind(module)
         self.module = module
         self.mesh = SpatialMesh(spatial_size)
         self.unit = unit
@@ -427,7 +483,8 @@ class SpatialParallelWrapper(nn.Module):
     def loss(self, inputs: Tensor, data_samples: Sequence[Any]) -> dict:
         if self.check_inputs:
             self._check_same_image(inputs)
-        return segmentor_loss(self.module, inputs, data_samples, self.group, self.unit)
+        fn = segmentor_loss if self.kind == 'segmentor' else detector_loss
+        return fn(self.module, inputs, data_samples, self.group, self.unit)
 
     def train_step(self, data: Any, optim_wrapper: Any) -> dict:
         with optim_wrapper.optim_context(self):

@@ -25,7 +25,8 @@ from .tracing import exporting
 from .windows import ceil_to, pad_to, pad_to_multiple, valid_mask, window_merge, window_partition
 
 __all__ = [
-    'ATTENTION_IMPLS', 'ATTENTIONS', 'SUMMED_ATTENTIONS', 'AttentionImpl', 'attention', 'get_attention_impl',
+    'ATTENTION_IMPLS', 'ATTENTIONS', 'SUMMED_ATTENTIONS', 'AttentionImpl', 'attention',
+    'get_attention_impl',
     'register_attention_impl', 'resolve_kernel', 'ATTENTION_FUNCTIONS', 'KERNELS', 'get_kernel',
     'inline_attention', 'InLineSums', 'inline_readout',
     'inline_attention_weights', 'linear_attention', 'softmax_attention',

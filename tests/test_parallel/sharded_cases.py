@@ -259,3 +259,56 @@ def run_cases(rank: int, world: int, cases: list) -> None:
     """Several cases in one process group (spawning costs more than a tiny case)."""
     for name, args in cases:
         globals()[name](rank, world, *args)
+
+
+def detector_exact(rank: int, world: int, size: tuple[int, int]) -> None:
+    """Mask R-CNN with a sharded backbone and FPN (heads on the gathered maps): the same
+    losses and, summed over the ranks, the same gradients as one process."""
+    from mmengine.config import Config
+
+    from mmlinattn.engine.build import build_from_config, synthetic_train_batch
+    from mmlinattn.engine.spatial import detector_loss
+    cfg = Config.fromfile('configs/tiny/mask-rcnn_inline-pvt-t_fpn_300i_tiny-coco.py')
+    cfg.model.backbone.update(SMALL_BACKBONES['fpn'])
+    cfg.model.neck.update(in_channels=[16, 32, 40, 48])
+    torch.manual_seed(0)
+    model, _ = build_from_config(cfg)
+    model.train()
+    batch = synthetic_train_batch(model, 'mmdet', *size, batch=1, seed=4)
+    data = model.data_preprocessor(batch, True)
+    torch.manual_seed(5)
+    ref_total, ref_log = model.parse_losses(model.loss(data['inputs'], data['data_samples']))
+    ref_total.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    group = SpatialGroup.world()
+    torch.manual_seed(5)
+    total, log = model.parse_losses(detector_loss(model, data['inputs'], data['data_samples'],
+                                                  group))
+    total.backward()
+    for k in ref_log:
+        _close(f'logged {k}', torch.as_tensor(log[k]), torch.as_tensor(ref_log[k]), rank)
+    failures: list = []
+    for n, p in model.named_parameters():
+        if n in ref_grads:
+            g = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+            dist.all_reduce(g)
+            # float32 only (mmcv's NMS): the RoI head's ReLUs near zero turn float32
+            # rounding of the features into ~1e-3 relative differences of a few weights;
+            # a missing 1/S or gradient sum would be 50-100%.
+            err = (g - ref_grads[n]).abs().max() / ref_grads[n].abs().max().clamp_min(1e-6)
+            if err > 1e-2:
+                failures.append(f'rank {rank}: grad {n}: relative error {float(err):.3g}')
+    if failures:
+        raise AssertionError('\n'.join(failures))
+
+
+def mesh_refuses(rank: int, world: int, spatial: int) -> None:
+    """A spatial size that does not divide the world size is named."""
+    from mmlinattn.engine.spatial import SpatialMesh
+    try:
+        SpatialMesh(spatial)
+    except ValueError as e:
+        assert f'size {spatial} does not divide the world size {world}' in str(e), e
+    else:
+        raise AssertionError('SpatialMesh accepted a size that does not divide the world')

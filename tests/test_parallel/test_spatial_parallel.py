@@ -40,7 +40,13 @@ def test_segmenters_train_and_predict_exactly():
     mm('mmseg.models')
     run_ranks(2, run_cases, [('segmentor_exact', ('fpn', (97, 45))),
                              ('segmentor_exact', ('upernet', (97, 45)))])
-    run_ranks(3, run_cases, [('segmentor_exact', ('upernet', (161, 50)))])
+    run_ranks(3, run_cases, [('segmentor_exact', ('upernet', (161, 50))),
+                             ('mesh_refuses', (2, ))])
+
+
+def test_detector_backbone_and_neck_sharded_heads_on_gathered_maps():
+    mm('mmdet.models')
+    run_ranks(2, run_cases, [('detector_exact', ((97, 130), ))])
 
 
 def test_wrapper_train_step_equals_single_process_data_by_spatial():
@@ -54,6 +60,37 @@ def test_bands_and_clear_errors():
     assert image_bands(161, 3) == [(0, 64), (64, 128), (128, 161)]
     with pytest.raises(ValueError, match='fewer than the 3 ranks'):
         image_bands(64, 3)
+
+
+def test_config_switch_needs_a_launcher_and_known_keys():
+    mm('mmseg.models')
+    from mmengine.config import Config
+
+    from mmlinattn.engine.spatial import configure_spatial_parallel
+    cfg = Config(dict(spatial_parallel=dict(size=2), launcher='none'))
+    with pytest.raises(ValueError, match='needs a distributed launch'):
+        configure_spatial_parallel(cfg)
+    cfg = Config(dict(spatial_parallel=dict(size=2, ranks=3), launcher='pytorch'))
+    with pytest.raises(ValueError, match="unknown keys \\['ranks'\\]"):
+        configure_spatial_parallel(cfg)
+    cfg = Config(dict(spatial_parallel=dict(size=2), launcher='pytorch',
+                      train_dataloader=dict(sampler=dict(type='DefaultSampler', shuffle=False))))
+    assert configure_spatial_parallel(cfg) == 2
+    assert cfg.model_wrapper_cfg.type == 'mmlinattn.SpatialParallelWrapper'
+    assert cfg.train_dataloader.sampler == dict(type='mmlinattn.SpatialGroupSampler',
+                                                shuffle=False)
+
+
+def test_unsupported_head_is_named():
+    mm('mmseg.models')
+    from mmlinattn.engine.spatial import sharded_decode
+    from mmlinattn.parallel import SpatialGroup
+
+    class ASPPHead(torch.nn.Module):
+        pass
+
+    with pytest.raises(ValueError, match='ASPPHead \\(decode head\\) cannot be spatially'):
+        sharded_decode(ASPPHead(), [], SpatialGroup(None, 0, 1, (0, )))
 
 
 @pytest.mark.parametrize('mode,align,in_rows,out_rows', [

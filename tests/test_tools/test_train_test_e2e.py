@@ -144,6 +144,28 @@ def test_two_process_distributed_training_and_testing(tmp_path, data):
     assert re.search(r'coco/bbox_mAP=[0-9.]+', test.stdout + test.stderr)
 
 
+def test_spatially_parallel_training_two_ranks_one_image(tmp_path, data):
+    """``spatial_parallel.size=2``: two gloo processes share each image's rows, through
+    dist_train.sh; the wrapper, sampler and worker seeds are switched on by the config."""
+    cfg, work = _seg_config(tmp_path, data), tmp_path / 'work'
+    env = dict(os.environ, OMP_NUM_THREADS='1', PORT=str(_free_port()), PYTHON=sys.executable)
+    train = subprocess.run(
+        ['bash', str(TOOLS / 'dist_train.sh'), str(cfg), '2', '--work-dir', str(work),
+         '--cfg-options', 'spatial_parallel.size=2', 'train_dataloader.batch_size=1',
+         *_iters(2)], capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
+    assert train.returncode == 0, train.stderr[-5000:]
+    log = '\n'.join(p.read_text() for p in work.rglob('*.log'))
+    assert 'mmlinattn.SpatialParallelWrapper' in log and 'SpatialGroupSampler' in log
+    assert re.search(r'Iter\(train\) \[2/2\].*decode\.loss_ce: [0-9.]+', log)
+    assert re.search(r'mIoU: [0-9.]+', log)
+
+
+def test_spatial_parallel_without_launcher_is_refused(tmp_path, data):
+    proc = _run([TOOLS / 'train.py', _seg_config(tmp_path, data), '--work-dir', tmp_path,
+                 '--cfg-options', 'spatial_parallel.size=2'], check=False)
+    assert proc.returncode != 0 and 'needs a distributed launch' in proc.stderr
+
+
 def test_missing_data_root_is_named(tmp_path):
     proc = _run([TOOLS / 'train.py', DET_CFG, '--work-dir', tmp_path, '--cfg-options',
                  'train_dataloader.dataset.data_root=/nonexistent/coco/'], check=False)

@@ -1,10 +1,10 @@
 """Patch embedding and Swin's patch merging, for any input size."""
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from typing import Optional
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...ops import ceil_to, exporting, pad_to_multiple
