@@ -79,6 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--max-size-range', type=int, nargs=2, default=(512, 8192),
                    metavar=('START', 'LIMIT'), help='the search starts at START px and stops '
                    'at LIMIT px (default 512 8192)')
+    p.add_argument('--spatial-ranks', type=int, default=1, metavar='R',
+                   help='spatial parallelism: each image split by rows over R processes '
+                   '(gloo), each its own memory (--mem-limit is per rank); backbone and '
+                   'model levels; reports the bytes each rank sends against ring attention')
     p.add_argument('--batch', type=int, default=1)
     p.add_argument('--device', choices=['cpu', 'cuda'], default='cpu')
     p.add_argument('--dtype', choices=['fp32', 'bf16', 'fp16'], default='fp32')
@@ -149,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             threads=args.threads, warmup=args.warmup, repeats=args.repeats, budget_s=budget,
             mem_limit_gib=args.mem_limit, flops=not args.no_flops,
             steady_malloc=not args.system_malloc, mode=args.mode or 'infer',
-            with_cp=args.with_cp))
+            with_cp=args.with_cp, spatial_ranks=args.spatial_ranks))
     out_dir = args.out_dir or osp.join(
         'work_dirs', 'benchmark', datetime.datetime.now().strftime('%Y%m%d_%H%M%S'))
     if args.find_max_size:

@@ -86,6 +86,8 @@ def find_max_sizes(cfg: SweepConfig, modes: tuple[str, ...] = ('infer', 'train')
         for mode in modes:
             for with_cp in CP_OPTIONS[cfg.with_cp] if mode == 'train' else (False, ):
                 label = f'{contender.name} +cp' if with_cp else contender.name
+                if cfg.spatial_ranks > 1:
+                    label += f' [{cfg.spatial_ranks} ranks]'
                 entry = dict(contender=label, mode=mode, with_cp=with_cp,
                              mem_limit_gib=cfg.mem_limit_gib, ours=contender.ours)
                 missing = unavailable_reason(contender) if cfg.level != 'model' else None

@@ -27,6 +27,14 @@ def _mem(case: dict) -> str:
     return f"{case['peak_mem_mib']:.0f}" + (f' (+{above:.0f})' if above is not None else '')
 
 
+def _bytes(n: float) -> str:
+    for unit in ('B', 'KiB', 'MiB', 'GiB'):
+        if n < 1024 or unit == 'GiB':
+            return f'{n:.0f} {unit}' if unit == 'B' else f'{n:.1f} {unit}'
+        n /= 1024
+    return f'{n:.1f} GiB'
+
+
 def tables(results: list[dict], meta: dict) -> str:
     """Markdown tables: latency (median, IQR), growth, memory, FLOPs, per level."""
     lines = []
@@ -62,6 +70,21 @@ def tables(results: list[dict], meta: dict) -> str:
     if any('gflops' in c for c in results):  # not counted with --no-flops
         table('GFLOPs (operator-level count)', lambda c: f"{c['gflops']:.1f}" if 'gflops' in c
               else ('-' if c.get('status') == 'ok' else c.get('status', '')))
+    comm = [c for c in results if c.get('comm')]
+    if comm:
+        lines.append('\n**Communication of one call, per rank (spatial parallelism)**\n')
+        lines.append('| contender | size | all-reduced | halo rows | gathered maps | sent by '
+                     'each rank | ring attention would send | all-reduced / ring |')
+        lines.append('|---|---|---|---|---|---|---|---|')
+        for c in comm:
+            m = c['comm']
+            ratio = m.get('all_reduce_vs_ring')
+            lines.append(
+                f"| {c['contender']} | {c['size']} | {_bytes(m['all_reduce_bytes'])} | "
+                f"{_bytes(m['halo_bytes'])} | {_bytes(m['gather_bytes'])} | "
+                f"{', '.join(_bytes(b) for b in m['per_rank_sent_bytes'])} | "
+                f"{_bytes(m['ring_attention_bytes'])} ({m['global_layers']} global layers) | "
+                f"{'-' if ratio is None else f'{ratio:.2%}'} |")
     notes = [f"- {c['contender']} @ {c['size']}: {c['status']}: {c.get('error', c.get('note'))}"
              for c in results if c.get('status') != 'ok' or c.get('note')]
     if notes:

@@ -79,6 +79,8 @@ class SweepConfig:
     steady_malloc: bool = True
     #: ``infer`` (a forward without autograd) or ``train`` (forward, backward, optimizer step).
     mode: str = 'infer'
+    #: Processes sharing each image's rows (spatial parallelism); 1: one process.
+    spatial_ranks: int = 1
     #: Activation checkpointing: ``off``, ``on``, or ``both`` (each contender twice,
     #: the checkpointed one named ``<name> +cp``).
     with_cp: str = 'off'
@@ -185,6 +187,8 @@ def _sweep_one(cfg: SweepConfig, name: str, contender: Any, with_cp: bool,
     if with_cp and not missing and not contender.supports_cp:
         missing = f'{contender.name} has no activation checkpointing (with_cp)'
     label = f'{contender.name} +cp' if with_cp else contender.name
+    if cfg.spatial_ranks > 1:
+        label += f' [{cfg.spatial_ranks} ranks]'
     failed_at: Optional[dict] = None
     previous: Optional[dict] = None
     results = []
@@ -226,7 +230,7 @@ def case_spec(cfg: SweepConfig, name: str, size: int, with_cp: bool = False,
     return dict(level=cfg.level, contender=name, size=size, batch=cfg.batch, device=cfg.device,
                 dtype=cfg.dtype, compile=cfg.compile, threads=cfg.threads, warmup=cfg.warmup,
                 repeats=cfg.repeats, budget_s=cfg.budget_s, flops=cfg.flops, mode=cfg.mode,
-                with_cp=with_cp, probe=probe)
+                with_cp=with_cp, probe=probe, spatial_ranks=cfg.spatial_ranks)
 
 
 def _predicted_seconds(previous: Optional[dict], size: int) -> Optional[float]:

@@ -197,6 +197,9 @@ def measure(spec: dict) -> dict:
     Host memory in use is watched throughout (:class:`~.memory.MemoryWatch`): past
     ``mem_limit_gib`` the worker prints an ``oom`` result and exits at once.
     """
+    if int(spec.get('spatial_ranks') or 1) > 1:  # each rank in its own process
+        from .spatial import measure_spatial
+        return measure_spatial(spec)
     limit = spec.get('mem_limit_gib')
     with MemoryWatch(limit * 2**30 if limit else None, MEMORY_SAMPLE_S,
                      result_prefix=RESULT_PREFIX) as watch:

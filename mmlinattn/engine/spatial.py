@@ -459,7 +459,8 @@ class SpatialParallelWrapper(nn.Module):
         """The ranks of a spatial group must hold the same batch: compare a checksum."""
         g = self.group
         mine = torch.tensor([float(inputs.shape[2]), float(inputs.shape[3]),
-                             float(inputs.double().sum())], dtype=torch.float64)
+                             float(inputs.double().sum())], dtype=torch.float64,
+                            device=inputs.device)
         everyone = [torch.zeros_like(mine) for _ in range(g.size)]
         dist.all_gather(everyone, mine, group=g.group)
         if any(not torch.equal(e, everyone[0]) for e in everyone):

@@ -51,10 +51,18 @@ class RowSpans:
         return [b - a for a, b in zip(self.starts[:-1], self.starts[1:])]
 
 
+def collective_device(g: SpatialGroup) -> torch.device:
+    """Where small bookkeeping tensors go for ``g``'s backend (NCCL: the current GPU)."""
+    if dist.get_backend(g.group) == 'nccl':
+        return torch.device('cuda', torch.cuda.current_device())
+    return torch.device('cpu')
+
+
 def row_spans(rows: int, g: SpatialGroup) -> RowSpans:
     """Every rank's global rows, from each rank's local row count (one tiny all-gather)."""
-    mine = torch.tensor([rows], dtype=torch.int64)
-    counts = [torch.zeros(1, dtype=torch.int64) for _ in range(g.size)]
+    device = collective_device(g)
+    mine = torch.tensor([rows], dtype=torch.int64, device=device)
+    counts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(g.size)]
     dist.all_gather(counts, mine, group=g.group)
     g.stats.add('sizes', 8 * g.size)
     starts = [0]

@@ -36,6 +36,9 @@ class CommStats:
     sizes: int = 0
     calls: dict = field(default_factory=lambda: {'all_reduce': 0, 'halo': 0, 'gather': 0,
                                                  'sizes': 0})
+    #: ``(tokens of the whole map, channels)`` of each global attention layer run
+    #: sharded (what ring attention would have to move instead).
+    layers: list = field(default_factory=list)
 
     def add(self, kind: str, nbytes: int) -> None:
         setattr(self, kind, getattr(self, kind) + int(nbytes))
@@ -44,6 +47,7 @@ class CommStats:
     def reset(self) -> None:
         self.all_reduce = self.halo = self.gather = self.sizes = 0
         self.calls = {k: 0 for k in self.calls}
+        self.layers = []
 
     def as_dict(self) -> dict:
         return dict(all_reduce_bytes=self.all_reduce, halo_bytes=self.halo,

@@ -108,6 +108,7 @@ class CSwinBranch(nn.Module):
         """A global summed branch on this rank's rows: statistics reduced over the group,
         LePE and the local residual with one halo row from each neighbour."""
         b, h, w, c = q.shape
+        group.stats.layers.append((h * w * group.size, c))
         lepe = conv2d(self.get_v, v.permute(0, 3, 1, 2), group).permute(0, 2, 3, 1)
         out = attend_heads(self.attention, q.reshape(b, h * w, c), k.reshape(b, h * w, c),
                            v.reshape(b, h * w, c), self.num_heads, None, self.kernel, self.impl,

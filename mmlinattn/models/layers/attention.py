@@ -176,6 +176,8 @@ class InLineAttention(nn.Module):
             def reduce(t: Tensor) -> Tensor:
                 return all_reduce_sum(t, group)
         q, k, v = self.project(tokens)
+        if group is not None:
+            group.stats.layers.append((n * group.size, c))  # about: bands are near-equal
         out = attend_heads(self.operator, q, k, v, self.num_heads, mask, self.kernel, self.impl,
                            reduce)
         if self.residual is not None:
