@@ -312,3 +312,36 @@ def mesh_refuses(rank: int, world: int, spatial: int) -> None:
         assert f'size {spatial} does not divide the world size {world}' in str(e), e
     else:
         raise AssertionError('SpatialMesh accepted a size that does not divide the world')
+
+
+def backbone_chunked_exact(rank: int, world: int, family: str, size: tuple[int, int],
+                           chunk_tokens: int = 13) -> None:
+    """Inference with token-chunked bands on each rank's rows equals the whole model."""
+    from mmlinattn.models.layers import chunked
+    model = build_backbone(family).eval()
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, *size)
+    group = SpatialGroup.world()
+    bands = image_bands(size[0], world)
+    a, b = bands[rank]
+    calls = []
+    original = chunked._global_inline
+
+    def counting(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(args[4])  # rows per band
+        return original(*args, **kwargs)
+
+    with torch.no_grad():
+        ref = model(x)
+        model.chunk_tokens = chunk_tokens
+        chunked._global_inline = counting
+        try:
+            with spatial_parallel(group):
+                outs = model(x[:, :, a:b])
+        finally:
+            chunked._global_inline = original
+            model.chunk_tokens = None
+    assert calls, 'the chunked two-pass path did not run'
+    for i, (o, r) in enumerate(zip(outs, ref)):
+        r0, r1 = _rows_of(r.shape[2], size[0], bands, rank)
+        _close(f'{family} chunked output {i}', o, r[:, :, r0:r1], rank)

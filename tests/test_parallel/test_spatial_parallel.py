@@ -23,6 +23,10 @@ def test_every_backbone_family_three_ranks():
     run_ranks(3, run_cases, [('backbone_exact', (f, (161, 38))) for f in FAMILIES])
 
 
+def test_chunked_inference_on_each_ranks_rows():
+    run_ranks(3, run_cases, [('backbone_chunked_exact', (f, (161, 45))) for f in FAMILIES])
+
+
 def test_gradient_checkpointing_recomputes_sharded():
     run_ranks(2, run_cases, [('backbone_exact', ('pvt', (97, 45), dict(with_cp=True)))])
 

@@ -235,9 +235,8 @@ class InLineBackbone(BaseModule):
     def chunking(self) -> bool:
         """Whether this forward runs token-chunked: ``chunk_tokens`` set, eval mode, no
         autograd (training needs every activation anyway; ``with_cp`` is its remedy)."""
-        # Spatially sharded, each rank runs its rows whole (chunking them is not done).
         return (self.chunk_tokens is not None and not self.training
-                and not torch.is_grad_enabled() and current_group() is None)
+                and not torch.is_grad_enabled())
 
     def run_block(self, block: nn.Module, x: Tensor, **kwargs: Any) -> Tensor:
         """One block on ``x``: chunked, checkpointed (``with_cp``) or plain."""
@@ -250,7 +249,7 @@ class InLineBackbone(BaseModule):
         this rank's output rows from its input rows and a few of its neighbours' when
         spatially sharded."""
         group = current_group()
-        if group is not None:
+        if group is not None:  # this rank's output rows in one piece, chunked or not
             return sharded_embed(module, x, group)
         return chunked_embed(module, x, self.chunk_tokens) if self.chunking else module(x)
 

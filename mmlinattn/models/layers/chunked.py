@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...ops import dynamic_depthwise_conv3x3, get_kernel
+from ...parallel import all_reduce_sum, current_group, fetch_rows, gathered, row_spans
 from ...ops.inline import InLineSums, KernelArg, inline_readout
 from .regions import merge_heads, split_heads
 
@@ -173,29 +174,63 @@ def linear_slice(layer: nn.Linear, x: Tensor, start: int, stop: int) -> Tensor:
 
 def _global_inline(parts: InLineBlockParts, x: Tensor, hw: tuple[int, int], num_prefix: int,
                    rows: int) -> Tensor:
-    """The block on tokens ``x (B, P + h*w, C)`` in two passes over bands of ``rows`` rows."""
+    """The block on tokens ``x (B, P + h*w, C)`` in two passes over bands of ``rows`` rows.
+
+    Spatially sharded (:mod:`mmlinattn.parallel`), ``x`` holds this rank's rows: the
+    sums and the mean token are reduced over the group between the passes (prefix
+    tokens count on the first rank), and the 3x3 terms of the first and last bands
+    read one row of the neighbouring ranks.
+    """
     b, n, c = x.shape
     h, w = hw
     heads = parts.num_heads
     phi = get_kernel(parts.kernel) or (lambda t: t)
     scale = (c // heads) ** -0.5
+    group = current_group()
     prefix, grid = x[:, :num_prefix], x[:, num_prefix:]
+    # Sharded: row -1 and row h are the neighbouring ranks' last and first rows.
+    top = bottom = 0
+    above = below = None
+    if group is not None and (parts.residual is not None or parts.lepe is not None):
+        top, bottom = int(not group.first), int(not group.last)
+        spans = row_spans(h, group)
+        starts = [spans.span(r)[0] for r in range(group.size)]
+        ends = [spans.span(r)[1] for r in range(group.size)]
+        rows_map = grid.view(b, h, w, c)
+        above = fetch_rows(rows_map, 1, spans, [(a - (r > 0), a) for r, a in enumerate(starts)],
+                           group).view(b, -1, c)
+        below = fetch_rows(rows_map, 1, spans, [(z, z + (r < group.size - 1))
+                                                for r, z in enumerate(ends)],
+                           group).view(b, -1, c)
 
     def band(r0: int, r1: int) -> Tensor:
-        return grid[:, r0 * w:r1 * w]
+        part = grid[:, max(0, r0) * w:min(h, r1) * w]
+        if r0 < 0 or r1 > h:
+            part = torch.cat(([above] if r0 < 0 else []) + [part] + ([below] if r1 > h else []),
+                             dim=1)
+        return part
 
     # Pass 1: InLine's sums and the mean token, band by band.
     sums = InLineSums()
     mean_sum = x.new_zeros(b, c, dtype=torch.float64 if x.dtype == torch.float64
                            else torch.float32)
-    chunks = ([prefix] if num_prefix else []) + [band(r0, r1) for r0, r1 in row_bands(h, rows)]
+    counted_prefix = num_prefix and (group is None or group.first)
+    chunks = ([prefix] if counted_prefix else []) + [band(r0, r1)
+                                                     for r0, r1 in row_bands(h, rows)]
     for chunk in chunks:
         t = parts.norm1(chunk)
         k, v = parts.kv(t)
         sums.add(phi(split_heads(k, heads)), split_heads(v, heads))
         mean_sum += (chunk if parts.taps_from_input else t).sum(dim=1, dtype=mean_sum.dtype)
+    count: Union[int, Tensor] = n if group is None else h * w + (num_prefix if
+                                                                counted_prefix else 0)
+    if group is not None:
+        sums.reduce(lambda t: all_reduce_sum(t, group))
+        packed = all_reduce_sum(torch.cat([mean_sum, mean_sum.new_full((b, 1), float(count))],
+                                          dim=1), group)
+        mean_sum, count = packed[:, :-1], packed[:, -1:]
     cov, vbar = sums.readout(scale)
-    mean_token = (mean_sum / n).to(x.dtype)
+    mean_token = (mean_sum / count).to(x.dtype)
     taps = None if parts.residual is None else parts.residual.taps(mean_token)
 
     def finish(xc: Tensor, t: Tensor, local: Optional[Tensor]) -> Tensor:
@@ -211,7 +246,7 @@ def _global_inline(parts: InLineBlockParts, x: Tensor, hw: tuple[int, int], num_
     if num_prefix:
         out[:, :num_prefix] = finish(prefix, parts.norm1(prefix), None)
     for r0, r1 in row_bands(h, rows):
-        lo, hi = max(0, r0 - 1), min(h, r1 + 1)
+        lo, hi = max(-top, r0 - 1), min(h + bottom, r1 + 1)
         t = parts.norm1(band(lo, hi))
         inner = slice((r0 - lo) * w, (r1 - lo) * w)
         local = None
@@ -248,6 +283,8 @@ def chunked_block(block: nn.Module, x: Tensor, chunk_tokens: int,
         h, w = hw
         return _global_inline(plan, x, hw, x.shape[1] - h * w, band_rows(chunk_tokens, w))
     if isinstance(plan, BandPlan) and x.dim() == 4:
+        if current_group() is not None:  # windows on a band of rows: on the gathered map
+            return gathered(lambda m: chunked_block(block, m, chunk_tokens), x)
         rows = band_rows(chunk_tokens, x.shape[2], plan.multiple)
         return fill_rows(x.shape[1], rows, lambda r0, r1: block(x[:, r0:r1], **plan.kwargs))
     return block(x) if hw is None else block(x, hw=hw)
