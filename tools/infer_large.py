@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import os.path as osp
 import resource
 import sys
@@ -80,6 +81,7 @@ def load_image(args: argparse.Namespace) -> torch.Tensor:
 def load_model(config: str, checkpoint: str, device: str) -> tuple[Any, str]:
     from mmlinattn.engine.build import build_from_config, load_weights
 
+    torch.manual_seed(0)  # with checkpoint none: the same random weights on every run
     model, scope = build_from_config(config)
     print(load_weights(model, checkpoint))
     return model.to(device).eval(), scope
@@ -152,26 +154,65 @@ def write_detections(result: Any, classes: list, path: str) -> None:
     print(f'wrote {path} ({len(records)} detections)')
 
 
+def spatial_group(device: str) -> Any:
+    """Under torchrun (``WORLD_SIZE`` > 1): every process takes a band of the image's
+    rows (spatial parallelism); None for one process."""
+    if int(os.environ.get('WORLD_SIZE', '1')) <= 1:
+        return None
+    import torch.distributed as dist
+
+    from mmlinattn.parallel import SpatialGroup
+    if not dist.is_initialized():
+        dist.init_process_group('nccl' if device == 'cuda' else 'gloo')
+    if device == 'cuda':
+        torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', '0')))
+    return SpatialGroup.world()
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     from mmlinattn.engine import large_image as li
 
+    group = spatial_group(args.device)
+    try:
+        return _main(args, li, group)
+    finally:
+        if group is not None:
+            import torch.distributed as dist
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def _main(args: argparse.Namespace, li: Any, group: Any) -> dict:
     image = load_image(args)
     model, scope = load_model(args.config, args.checkpoint, args.device)
+    if group is not None:
+        if scope != 'mmseg':
+            raise ValueError('spatially parallel whole-image inference is for segmenters; run '
+                             'detectors in one process (their heads are not sharded)')
+        if args.compare:
+            raise ValueError('--compare runs in one process; launch without torchrun')
+        import torch.distributed as dist
+        for t in list(model.parameters()) + list(model.buffers()):  # rank 0's weights
+            dist.broadcast(t.data, group.global_rank(0), group=group.group)
     chunk = args.chunk_tokens or None
     h, w = image.shape[1:]
+    ranks = '' if group is None else f'; rank {group.rank} of {group.size} (rows split)'
     print(f'{osp.basename(args.config)}: {h} x {w} image; backbone '
           f'{"chunked, " + str(chunk) + " tokens a band" if chunk else "unchunked"}; '
-          f'tiles {args.tile} px, halo {args.halo} px')
+          f'tiles {args.tile} px, halo {args.halo} px{ranks}')
     report: dict = dict(image=[h, w], chunk_tokens=chunk, tile=args.tile, halo=args.halo)
     if scope == 'mmseg':
         (labels, info), report['ours'] = measured('whole-image (chunked)', args.device, lambda: (
             li.segment_large(model, image, chunk, args.tile, args.halo,
-                             progress_bar('neck and head'))))
+                             progress_bar('neck and head'), group=group)))
         report['ours'].update(backbone_s=info['backbone_s'], head_s=info['head_s'])
         print(f'  backbone {info["backbone_s"]:.1f} s, neck and head by tiles '
               f'{info["head_s"]:.1f} s')
-        if args.out:
+        if group is not None:
+            report['ours']['rank'] = group.rank
+            report['ours']['comm'] = group.stats.as_dict()
+        if args.out and (group is None or group.first):
             write_mask(labels, args.out)
         for mode in args.compare:
             if mode == 'whole':

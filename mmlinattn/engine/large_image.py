@@ -30,8 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import parallel as sp
 from ..models.backbones.base import chunked_inference
 from ..models.layers import DEFAULT_CHUNK_TOKENS
+from ..parallel import SpatialGroup
 
 __all__ = ['SIZE_DIVISOR', 'Tile', 'feature_tiles', 'run_by_tiles', 'prepare_image',
            'segment_large', 'segment_whole', 'segment_slide', 'detect_large',
@@ -81,28 +83,41 @@ def _box(t: Tensor, y0: int, y1: int, x0: int, x1: int, scale: float) -> Tensor:
     return t[:, :, int(y0 / scale):math.ceil(y1 / scale), int(x0 / scale):math.ceil(x1 / scale)]
 
 
-def feature_tiles(height: int, width: int, tile: int, halo: int) -> list[Tile]:
+def feature_tiles(height: int, width: int, tile: int, halo: int,
+                  rows: Optional[tuple[int, int]] = None) -> list[Tile]:
     """Tiles of ``tile`` pixels (the last ones smaller) covering a ``height x width`` map,
-    each with ``halo`` pixels of context on every side (clipped at the map)."""
+    each with ``halo`` pixels of context on every side (clipped at the map); with
+    ``rows=(r0, r1)`` only the tiles of those rows (a rank's band)."""
     tiles = []
-    for y0 in range(0, height, tile):
+    r0, r1 = rows if rows is not None else (0, height)
+    for y0 in range(r0, r1, tile):
         for x0 in range(0, width, tile):
-            y1, x1 = min(height, y0 + tile), min(width, x0 + tile)
+            y1, x1 = min(r1, y0 + tile), min(width, x0 + tile)
             tiles.append(Tile(y0, y1, x0, x1, max(0, y0 - halo), min(height, y1 + halo),
                               max(0, x0 - halo), min(width, x1 + halo)))
     return tiles
 
 
 def run_by_tiles(fn: Callable[[list[Tensor], Tile], Sequence[Tensor]], feats: Sequence[Tensor],
-                 tile: int, halo: int, progress: Progress = None
+                 tile: int, halo: int, progress: Progress = None,
+                 band: Optional[tuple[int, int, int, int]] = None
                  ) -> Iterator[tuple[Tile, Sequence[Tensor]]]:
     """``fn`` on the crops of ``feats`` (NCHW, finest first) around each tile; yields the
-    tile and ``fn``'s outputs (NCHW maps at any scale, on the crop)."""
+    tile and ``fn``'s outputs (NCHW maps at any scale, on the crop).
+
+    ``band=(r0, r1, offset, height)``: ``feats`` hold the finest rows from ``offset``
+    of maps ``height`` rows high (a rank's rows with their halo); only the tiles of
+    rows ``[r0, r1)`` run. Tiles are in the whole map's coordinates.
+    """
     finest = feats[0]
     scales = [finest.shape[2] / f.shape[2] for f in feats]
-    tiles = feature_tiles(finest.shape[2], finest.shape[3], tile, halo)
+    r0, r1, offset, height = band if band is not None else (0, finest.shape[2], 0,
+                                                            finest.shape[2])
+    tiles = feature_tiles(height, finest.shape[3], tile, halo, (r0, r1))
     for i, t in enumerate(tiles):
-        yield t, fn([t.crop(f, s) for f, s in zip(feats, scales)], t)
+        crops = [_box(f, t.cy0 - offset, t.cy1 - offset, t.cx0, t.cx1, s)
+                 for f, s in zip(feats, scales)]
+        yield t, fn(crops, t)
         if progress is not None:
             progress(i + 1, len(tiles))
 
@@ -162,7 +177,8 @@ def _features(model: Any, image: Tensor, scope: str, chunk_tokens: Optional[int]
 
 def segment_large(model: Any, image: Tensor, chunk_tokens: Optional[int] = DEFAULT_CHUNK_TOKENS,
                   tile: int = 2048, halo: int = 256, progress: Progress = None,
-                  keep_logits: bool = False) -> tuple[Tensor, dict]:
+                  keep_logits: bool = False, group: Optional[SpatialGroup] = None
+                  ) -> tuple[Tensor, dict]:
     """Semantic segmentation of one whole image: ``(H, W)`` int32 labels and timings.
 
     ``model`` an mmseg ``EncoderDecoder`` in eval mode; ``image (3, H, W) uint8``.
@@ -171,7 +187,16 @@ def segment_large(model: Any, image: Tensor, chunk_tokens: Optional[int] = DEFAU
     the logits are upsampled (as mmseg: bilinear to the padded image) and arg-maxed
     band by band, so no full-resolution logit map exists (``keep_logits=True``, for
     small images and tests, also returns them as ``info['logits'] (classes, H, W)``).
+
+    ``group``: the image's rows split over these processes (spatial parallelism, every
+    rank passes the whole image): each normalises and runs the chunked backbone on its
+    band, fetches ``halo`` pixels of feature rows from its neighbours, decodes its own
+    tiles, and the labels are gathered on the group's first rank (the others return
+    their own rows, ``info['rows']``).
     """
+    if group is not None:
+        return _segment_large_sharded(model, image, chunk_tokens, tile, halo, progress,
+                                      keep_logits, group)
     _check_tiling(tile, halo)
     info: dict = {}
     with torch.no_grad():
@@ -204,9 +229,12 @@ def segment_large(model: Any, image: Tensor, chunk_tokens: Optional[int] = DEFAU
 
 
 def _write_labels(labels: Tensor, t: Tile, logits: Tensor, stride: int, align: bool,
-                  logits_out: Optional[Tensor] = None) -> None:
-    """Arg-max of the ``stride``-times upsampled logits of the tile, band by band."""
-    h, w = labels.shape
+                  logits_out: Optional[Tensor] = None, row0: int = 0,
+                  height: Optional[int] = None) -> None:
+    """Arg-max of the ``stride``-times upsampled logits of the tile, band by band.
+    ``labels`` holds the image rows from ``row0`` of an image ``height`` rows high."""
+    w = labels.shape[1]
+    h = labels.shape[0] + row0 if height is None else height
     scale = t.crop_scale(logits)
     if scale != 1:
         raise ValueError(f'the decode head returned logits at 1/{scale} of its finest input')
@@ -222,9 +250,90 @@ def _write_labels(labels: Tensor, t: Tile, logits: Tensor, stride: int, align: b
         ys, xs = r0 * stride, t.x0 * stride
         ye, xe = min(h, r1 * stride), min(w, t.x1 * stride)
         if ye > ys and xe > xs:
-            labels[ys:ye, xs:xe] = up[:, :ye - ys, :xe - xs].argmax(dim=0)
+            labels[ys - row0:ye - row0, xs:xe] = up[:, :ye - ys, :xe - xs].argmax(dim=0)
             if logits_out is not None:
-                logits_out[:, ys:ye, xs:xe] = up[:, :ye - ys, :xe - xs]
+                logits_out[:, ys - row0:ye - row0, xs:xe] = up[:, :ye - ys, :xe - xs]
+
+
+def _segment_large_sharded(model: Any, image: Tensor, chunk_tokens: Optional[int], tile: int,
+                           halo: int, progress: Progress, keep_logits: bool,
+                           group: SpatialGroup) -> tuple[Tensor, dict]:
+    """:func:`segment_large` with the image's rows over ``group`` (see there)."""
+    _check_tiling(tile, halo)
+    info: dict = {}
+    h, w = image.shape[1:]
+    hp = -(-h // SIZE_DIVISOR) * SIZE_DIVISOR
+    bands = sp.image_bands(hp, group.size, SIZE_DIVISOR)
+    a, b = bands[group.rank]
+    with torch.no_grad():
+        start = time.perf_counter()
+        # The band is padded at the bottom (last rank) and right as the whole image is.
+        x, _, _ = prepare_image(model, image[:, a:min(b, h)], 'mmseg')
+        with chunked_inference(model, chunk_tokens) if chunk_tokens is not None else \
+                contextlib.nullcontext(), sp.spatial_parallel(group):
+            feats = model.backbone(x)
+        stride = x.shape[2] // feats[0].shape[2]  # of the finest map
+        del x
+        info['backbone_s'] = time.perf_counter() - start
+        start = time.perf_counter()
+        head = model.decode_head
+        psp_out = None
+        if hasattr(head, 'psp_forward'):  # UperNet: global pooling of the whole stride-32 map
+            if model.with_neck:
+                raise NotImplementedError('a neck before a UperNet head is not supported')
+            levels = head._transform_inputs(list(feats))
+            coarsest = levels[-1]  # the only map psp_forward reads: gathered whole
+            whole = sp.gather_rows(coarsest, 2, sp.row_spans(coarsest.shape[2], group), group)
+            psp_out = head.psp_forward(levels[:-1] + [whole])
+            del whole, levels, coarsest
+        # Each level with the rows of the halo from the neighbours (zero-free: clipped).
+        finest_total = hp // stride
+        lo = max(0, (a - halo) // stride)
+        ext = []
+        for f in feats:
+            scale = feats[0].shape[2] // f.shape[2]  # finest rows per row of this level
+            spans = sp.row_spans(f.shape[2], group)
+            needs = []
+            for ra, rb in bands:
+                rlo = max(0, (ra - halo) // stride)
+                rhi = min(finest_total, (rb + halo) // stride)
+                needs.append((rlo // scale, -(-rhi // scale)))
+            ext.append(sp.fetch_rows(f, 2, spans, needs, group))
+        del feats
+        rows_here = min(b, h) - a
+        labels = torch.empty(rows_here, w, dtype=torch.int32)
+        logits_out = torch.empty(head.out_channels, rows_here, w) if keep_logits else None
+        current: list[Tile] = []
+
+        def decode(crops: list[Tensor], t: Tile) -> list[Tensor]:
+            current[:] = [t]
+            inputs = model.neck(crops) if model.with_neck else crops
+            with _psp_from(head, psp_out, current, finest_total):
+                return [head.forward(list(inputs))]
+
+        for t, (logits, ) in run_by_tiles(decode, ext, tile // stride, halo // stride, progress,
+                                          band=(a // stride, b // stride, lo, finest_total)):
+            _write_labels(labels, t, logits, stride, head.align_corners, logits_out, a, h)
+        info['head_s'] = time.perf_counter() - start
+        info['rows'] = (a, a + rows_here)
+        if keep_logits:
+            info['logits'] = logits_out
+        whole = _gather_on_first(labels, bands, h, group)
+    return (whole if group.first else labels), info
+
+
+def _gather_on_first(labels: Tensor, bands: list, height: int, group: SpatialGroup) -> Tensor:
+    """Every rank's rows of ``(rows, W)`` labels, whole on the first rank (gloo gather)."""
+    import torch.distributed as dist
+    counts = [max(0, min(b, height) - a) for a, b in bands]
+    top = max(counts)
+    pad = labels.new_zeros(top, labels.shape[1])
+    pad[:labels.shape[0]] = labels
+    parts = [torch.empty_like(pad) for _ in counts] if group.first else None
+    dist.gather(pad, parts, dst=group.global_rank(0), group=group.group)
+    if not group.first:
+        return labels
+    return torch.cat([p[:c] for p, c in zip(parts, counts)], dim=0)
 
 
 def _check_tiling(tile: int, halo: int) -> None:

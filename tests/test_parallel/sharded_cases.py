@@ -345,3 +345,21 @@ def backbone_chunked_exact(rank: int, world: int, family: str, size: tuple[int, 
     for i, (o, r) in enumerate(zip(outs, ref)):
         r0, r1 = _rows_of(r.shape[2], size[0], bands, rank)
         _close(f'{family} chunked output {i}', o, r[:, :, r0:r1], rank)
+
+
+def segment_large_exact(rank: int, world: int, kind: str, size: tuple[int, int]) -> None:
+    """Whole-image inference (chunked backbone, neck and head by tiles) with the rows over
+    the ranks: each rank's logits equal the one-process run's rows; labels on rank 0."""
+    from mmlinattn.engine import large_image as li
+    model = build_segmentor(kind).float().eval()
+    image = torch.randint(0, 256, (3, *size), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(0))
+    ref, ref_info = li.segment_large(model, image, 13, 64, 64, keep_logits=True)
+    labels, info = li.segment_large(model, image, 13, 64, 64, keep_logits=True,
+                                    group=SpatialGroup.world())
+    a, b = info['rows']
+    _close('logits', info['logits'], ref_info['logits'][:, a:b], rank)
+    if rank == 0:
+        assert labels.shape == ref.shape
+        # Ties broken by rounding aside, the same labels.
+        assert (labels != ref).float().mean() < 1e-3

@@ -48,6 +48,12 @@ def test_segmenters_train_and_predict_exactly():
                              ('mesh_refuses', (2, ))])
 
 
+def test_whole_image_segmentation_over_ranks():
+    mm('mmseg.models')
+    run_ranks(2, run_cases, [('segment_large_exact', ('fpn', (250, 90)))])
+    run_ranks(3, run_cases, [('segment_large_exact', ('upernet', (330, 90)))])
+
+
 def test_detector_backbone_and_neck_sharded_heads_on_gathered_maps():
     mm('mmdet.models')
     run_ranks(2, run_cases, [('detector_exact', ((97, 130), ))])

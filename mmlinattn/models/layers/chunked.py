@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...ops import dynamic_depthwise_conv3x3, get_kernel
-from ...parallel import all_reduce_sum, current_group, fetch_rows, gathered, row_spans
 from ...ops.inline import InLineSums, KernelArg, inline_readout
+from ...parallel import all_reduce_sum, current_group, fetch_rows, gathered, row_spans
 from .regions import merge_heads, split_heads
 
 __all__ = ['InLineBlockParts', 'BandPlan', 'row_bands', 'band_rows', 'fill_rows',
