@@ -81,7 +81,6 @@ def load_image(args: argparse.Namespace) -> torch.Tensor:
 def load_model(config: str, checkpoint: str, device: str) -> tuple[Any, str]:
     from mmlinattn.engine.build import build_from_config, load_weights
 
-    torch.manual_seed(0)  # with checkpoint none: the same random weights on every run
     model, scope = build_from_config(config)
     print(load_weights(model, checkpoint))
     return model.to(device).eval(), scope

@@ -37,7 +37,7 @@ from ..parallel import SpatialGroup
 
 __all__ = ['SIZE_DIVISOR', 'Tile', 'feature_tiles', 'run_by_tiles', 'prepare_image',
            'segment_large', 'segment_whole', 'segment_slide', 'detect_large',
-           'regionwise_neck']
+           'regionwise_neck', 'features_given']
 
 #: Images are padded to a multiple of this (the coarsest stride of any map: FPN's P6).
 SIZE_DIVISOR = 64
@@ -211,13 +211,7 @@ def segment_large(model: Any, image: Tensor, chunk_tokens: Optional[int] = DEFAU
             psp_out = head.psp_forward(head._transform_inputs(list(feats)))
         labels = torch.empty(h, w, dtype=torch.int32)
         logits_out = torch.empty(head.out_channels, h, w) if keep_logits else None
-        current: list[Tile] = []
-
-        def decode(crops: list[Tensor], t: Tile) -> list[Tensor]:
-            current[:] = [t]
-            inputs = model.neck(crops) if model.with_neck else crops
-            with _psp_from(head, psp_out, current, feats[0].shape[2]):
-                return [head.forward(list(inputs))]
+        decode = _tile_decoder(model, psp_out, feats[0].shape[2])
 
         for t, (logits, ) in run_by_tiles(decode, feats, tile // stride, halo // stride,
                                           progress):
@@ -226,6 +220,21 @@ def segment_large(model: Any, image: Tensor, chunk_tokens: Optional[int] = DEFAU
         if keep_logits:
             info['logits'] = logits_out
     return labels, info
+
+
+def _tile_decoder(model: Any, psp_out: Optional[Tensor], finest_height: int
+                  ) -> Callable[[list[Tensor], Tile], list[Tensor]]:
+    """Neck and decode head on a tile's crops (UperNet's pooling cropped from the whole
+    map's ``psp_out``): the ``fn`` of :func:`run_by_tiles`."""
+    current: list[Tile] = []
+
+    def decode(crops: list[Tensor], t: Tile) -> list[Tensor]:
+        current[:] = [t]
+        inputs = model.neck(crops) if model.with_neck else crops
+        with _psp_from(model.decode_head, psp_out, current, finest_height):
+            return [model.decode_head.forward(list(inputs))]
+
+    return decode
 
 
 def _write_labels(labels: Tensor, t: Tile, logits: Tensor, stride: int, align: bool,
@@ -303,13 +312,7 @@ def _segment_large_sharded(model: Any, image: Tensor, chunk_tokens: Optional[int
         rows_here = min(b, h) - a
         labels = torch.empty(rows_here, w, dtype=torch.int32)
         logits_out = torch.empty(head.out_channels, rows_here, w) if keep_logits else None
-        current: list[Tile] = []
-
-        def decode(crops: list[Tensor], t: Tile) -> list[Tensor]:
-            current[:] = [t]
-            inputs = model.neck(crops) if model.with_neck else crops
-            with _psp_from(head, psp_out, current, finest_total):
-                return [head.forward(list(inputs))]
+        decode = _tile_decoder(model, psp_out, finest_total)
 
         for t, (logits, ) in run_by_tiles(decode, ext, tile // stride, halo // stride, progress,
                                           band=(a // stride, b // stride, lo, finest_total)):
@@ -405,14 +408,14 @@ def detect_large(model: Any, image: Tensor, chunk_tokens: Optional[int] = DEFAUL
                  if model.with_neck else feats)
         info['neck_s'] = time.perf_counter() - start
         start = time.perf_counter()
-        with _features_given(model, feats), _without_masks(model, not masks):
+        with features_given(model, feats), _without_masks(model, not masks):
             result = model.predict(x, samples, rescale=True)[0]
         info['heads_s'] = time.perf_counter() - start
     return result, info
 
 
 @contextlib.contextmanager
-def _features_given(model: Any, feats: Sequence[Tensor]) -> Iterator[None]:
+def features_given(model: Any, feats: Sequence[Tensor]) -> Iterator[None]:
     """mmdet's ``predict`` with ``extract_feat`` returning precomputed features."""
     model.extract_feat = lambda inputs: tuple(feats)
     try:

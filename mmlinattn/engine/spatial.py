@@ -30,10 +30,12 @@ from torch import Tensor, nn
 from .. import parallel as sp
 from ..parallel import RowSpans, SpatialGroup, row_spans
 from ..registry import DATA_SAMPLERS, FUNCTIONS, MODEL_WRAPPERS
+from .large_image import features_given
 
 __all__ = ['BAND_UNIT', 'SpatialParallelWrapper', 'SpatialGroupSampler', 'spatial_worker_init',
            'configure_spatial_parallel', 'sharded_neck', 'sharded_decode', 'sharded_seg_loss',
-           'segmentor_loss', 'segmentor_logits', 'SpatialMesh']
+           'segmentor_loss', 'segmentor_logits', 'SpatialMesh', 'band_features',
+           'detector_features', 'detector_loss']
 
 #: Bands are cut on multiples of the coarsest stride of the backbones (32 px), so
 #: every feature map's band starts on a whole row and patch embeddings stay local.
@@ -253,17 +255,25 @@ def _check_backbone(model: nn.Module) -> None:
         raise _unsupported(model.backbone, 'backbone (InLine backbones only)')
 
 
-def segmentor_logits(model: nn.Module, inputs: Tensor, g: SpatialGroup,
-                     unit: int = BAND_UNIT) -> tuple[Tensor, list[tuple[int, int]]]:
-    """Decode-head logits (stride 4) of this rank's band of ``inputs`` (the whole batch
-    after the data preprocessor; every rank of the group passes the same), and the bands."""
+def band_features(model: nn.Module, inputs: Tensor, g: SpatialGroup, unit: int = BAND_UNIT
+                  ) -> tuple[tuple[Tensor, ...], list[tuple[int, int]]]:
+    """The backbone's (and FPN neck's) maps of this rank's band of ``inputs`` (the whole
+    batch after the data preprocessor; every rank of the group passes the same), and the
+    image bands of every rank. Call within :func:`mmlinattn.parallel.spatial_parallel`."""
     _check_backbone(model)
     bands = sp.image_bands(inputs.shape[2], g.size, unit)
     a, b = bands[g.rank]
+    feats = model.backbone(inputs[:, :, a:b])
+    if model.with_neck:
+        feats = sharded_neck(model.neck, feats, g)
+    return tuple(feats), bands
+
+
+def segmentor_logits(model: nn.Module, inputs: Tensor, g: SpatialGroup,
+                     unit: int = BAND_UNIT) -> tuple[Tensor, list[tuple[int, int]]]:
+    """Decode-head logits (stride 4) of this rank's band of ``inputs``, and the bands."""
     with sp.spatial_parallel(g):
-        feats = model.backbone(inputs[:, :, a:b])
-        if model.with_neck:
-            feats = sharded_neck(model.neck, feats, g)
+        feats, bands = band_features(model, inputs, g, unit)
         return sharded_decode(model.decode_head, feats, g), bands
 
 
@@ -271,27 +281,19 @@ def segmentor_loss(model: nn.Module, inputs: Tensor, data_samples: Sequence[Any]
                    g: SpatialGroup, unit: int = BAND_UNIT) -> dict:
     """mmseg ``EncoderDecoder.loss`` on this rank's band: decode and auxiliary heads,
     losses whose sum over the group is the whole-image loss."""
-    from mmengine.utils import is_list_of  # noqa: F401  (mmengine is there with mmseg)
     from mmseg.utils import add_prefix
-    _check_backbone(model)
-    bands = sp.image_bands(inputs.shape[2], g.size, unit)
-    a, b = bands[g.rank]
     losses: dict = {}
     with sp.spatial_parallel(g):
-        feats = model.backbone(inputs[:, :, a:b])
-        if model.with_neck:
-            feats = sharded_neck(model.neck, feats, g)
-        logits = sharded_decode(model.decode_head, feats, g)
-        losses.update(add_prefix(sharded_seg_loss(model.decode_head, logits, data_samples,
-                                                  bands, g), 'decode'))
+        feats, bands = band_features(model, inputs, g, unit)
+        heads = [('decode', model.decode_head)]
         if model.with_auxiliary_head:
-            heads = model.auxiliary_head
-            named = ([(f'aux_{i}', h) for i, h in enumerate(heads)]
-                     if isinstance(heads, nn.ModuleList) else [('aux', heads)])
-            for prefix, head in named:
-                aux = sharded_decode(head, feats, g)
-                losses.update(add_prefix(sharded_seg_loss(head, aux, data_samples, bands, g),
-                                         prefix))
+            aux = model.auxiliary_head
+            heads += ([(f'aux_{i}', h) for i, h in enumerate(aux)]
+                      if isinstance(aux, nn.ModuleList) else [('aux', aux)])
+        for prefix, head in heads:
+            logits = sharded_decode(head, feats, g)
+            losses.update(add_prefix(sharded_seg_loss(head, logits, data_samples, bands, g),
+                                     prefix))
     return losses
 
 
@@ -300,27 +302,9 @@ def detector_features(model: nn.Module, inputs: Tensor, g: SpatialGroup,
     """An mmdet detector's backbone and FPN neck on this rank's band, then the neck's
     maps gathered whole on every rank (for the heads, which are not sharded: proposals,
     sampling and RoI pooling are not row-local)."""
-    _check_backbone(model)
-    bands = sp.image_bands(inputs.shape[2], g.size, unit)
-    a, b = bands[g.rank]
     with sp.spatial_parallel(g):
-        feats = model.backbone(inputs[:, :, a:b])
-        if model.with_neck:
-            feats = sharded_neck(model.neck, feats, g)
+        feats, _ = band_features(model, inputs, g, unit)
         return tuple(sp.gather_rows(f, 2, row_spans(f.shape[2], g), g) for f in feats)
-
-
-class _GivenFeatures:
-    """Within the block, ``model.extract_feat`` returns ``feats`` (computed sharded)."""
-
-    def __init__(self, model: nn.Module, feats: tuple) -> None:
-        self.model, self.feats = model, feats
-
-    def __enter__(self) -> None:
-        self.model.extract_feat = lambda inputs: self.feats
-
-    def __exit__(self, *exc: Any) -> None:
-        del self.model.extract_feat
 
 
 def detector_loss(model: nn.Module, inputs: Tensor, data_samples: Sequence[Any],
@@ -330,7 +314,7 @@ def detector_loss(model: nn.Module, inputs: Tensor, data_samples: Sequence[Any],
     group is the image's loss; the gathering sums the maps' gradients). Logged values
     are the unscaled losses."""
     feats = detector_features(model, inputs, g, unit)
-    with _GivenFeatures(model, feats):
+    with features_given(model, feats):
         losses = model.loss(inputs, data_samples)
 
     def share(v: Any) -> Any:

@@ -33,6 +33,16 @@ def _close(name: str, got: torch.Tensor, want: torch.Tensor, rank: int,
         failures.append(msg)
 
 
+def _summed_grads_close(model: torch.nn.Module, ref_grads: dict, rank: int,
+                        failures: list) -> None:
+    """Every parameter's gradient summed over the ranks against the one-process one."""
+    for n, p in model.named_parameters():
+        if n in ref_grads:
+            g = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+            dist.all_reduce(g)
+            _close(f'grad {n}', g, ref_grads[n], rank, failures)
+
+
 def build_backbone(family: str, **kwargs: Any) -> torch.nn.Module:
     from mmlinattn.models import InLineCSwin, InLineDeiT, InLinePVT, InLineSwin
     torch.manual_seed(0)
@@ -79,12 +89,7 @@ def backbone_exact(rank: int, world: int, family: str, size: tuple[int, int],
     for i, (o, r, (r0, r1)) in enumerate(zip(outs, ref, rows)):
         _close(f'output {i} ({r.shape[2]} rows)', o, r[:, :, r0:r1].detach(), rank)
     failures: list = []
-    for n, p in model.named_parameters():
-        if n not in ref_grads:
-            continue
-        g = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
-        dist.all_reduce(g)
-        _close(f'grad {n}', g, ref_grads[n], rank, failures)
+    _summed_grads_close(model, ref_grads, rank, failures)
     if failures:
         raise AssertionError('\n'.join(failures))
 
@@ -188,12 +193,7 @@ def segmentor_exact(rank: int, world: int, kind: str, size: tuple[int, int],
         _close(f'logged {k} ({log[k]} vs {ref_log[k]})', torch.as_tensor(log[k]),
                torch.as_tensor(ref_log[k]), rank)
     failures: list = []
-    for n, p in model.named_parameters():
-        if n not in ref_grads:
-            continue
-        g = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
-        dist.all_reduce(g)
-        _close(f'grad {n}', g, ref_grads[n], rank, failures)
+    _summed_grads_close(model, ref_grads, rank, failures)
     for k, v in ref_buffers.items():
         _close(f'buffer {k}', model.state_dict()[k], v, rank, failures)
     if failures:

@@ -128,7 +128,7 @@ def test_infer_large_tool_refuses_bad_input(tmp_path) -> None:
 
 def test_tool_under_torchrun_splits_rows_and_writes_the_same_mask(tmp_path):
     """tools/dist_infer_large.sh: two gloo processes, each a band of rows; the mask rank 0
-    writes equals the one-process tool's (same seeded random weights)."""
+    writes equals the one-process tool's (the same random weights, saved to a file)."""
     import os
     import socket
 
@@ -136,15 +136,17 @@ def test_tool_under_torchrun_splits_rows_and_writes_the_same_mask(tmp_path):
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
+    weights = tmp_path / 'random.pth'
+    torch.save(_model(SEG_CFG).state_dict(), weights)
     common = ['--synthetic', '300', '200', '--tile', '128', '--halo', '128']
     env = dict(os.environ, OMP_NUM_THREADS='1', PORT=str(port), PYTHON=sys.executable)
-    two = subprocess.run(['bash', str(REPO / 'tools/dist_infer_large.sh'), str(SEG_CFG), 'none',
-                          '', '2', *common, '--out', str(tmp_path / 'two.png')],
+    two = subprocess.run(['bash', str(REPO / 'tools/dist_infer_large.sh'), str(SEG_CFG),
+                          str(weights), '', '2', *common, '--out', str(tmp_path / 'two.png')],
                          capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
     assert 'rank 1 of 2 (rows split)' in two.stdout
     one = subprocess.run([sys.executable, str(REPO / 'tools/infer_large.py'), str(SEG_CFG),
-                          'none', *common, '--out', str(tmp_path / 'one.png')],
+                          str(weights), *common, '--out', str(tmp_path / 'one.png')],
                          capture_output=True, text=True, cwd=REPO, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     a = cv2.imread(str(tmp_path / 'one.png'), cv2.IMREAD_UNCHANGED)
