@@ -17,7 +17,7 @@ import socket
 import statistics
 import time
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -96,6 +96,16 @@ def _prepare_rank(spec: dict, group: Any) -> tuple[Callable[[], Any], Any]:
     raise ValueError(f'--spatial-ranks measures backbones and models, not {spec["level"]}')
 
 
+def _report(queue: Any, result: dict, code: Optional[int] = None) -> None:
+    """Put ``result`` and wait until it is written (then leave with ``code`` if given:
+    a rank past its limit must not wait for the others in a collective)."""
+    queue.put(result)
+    queue.close()
+    queue.join_thread()
+    if code is not None:
+        os._exit(code)
+
+
 def _rank_main(rank: int, world: int, port: int, spec: dict, queue: Any) -> None:
     import torch.distributed as dist
 
@@ -106,10 +116,9 @@ def _rank_main(rank: int, world: int, port: int, spec: dict, queue: Any) -> None
     limit = spec.get('mem_limit_gib')
 
     def exceeded(now: int) -> None:
-        queue.put(dict(rank=rank, status='oom', in_use_gib=now / 2**30,
-                       error=f'rank {rank}: memory in use {now / 2**30:.2f} GiB passed the '
-                       f'{limit:.3g} GiB per-rank limit'))
-        os._exit(0)
+        _report(queue, dict(rank=rank, status='oom', in_use_gib=now / 2**30,
+                            error=f'rank {rank}: memory in use {now / 2**30:.2f} GiB passed '
+                            f'the {limit:.3g} GiB per-rank limit'), 0)
 
     try:
         dist.init_process_group('gloo', rank=rank, world_size=world)
@@ -125,23 +134,22 @@ def _rank_main(rank: int, world: int, port: int, spec: dict, queue: Any) -> None
                 run()
                 dist.barrier()  # a call ends when the slowest rank is done
                 times.append(time.perf_counter() - t0)
-                if comm is None:
-                    comm = group.stats.as_dict()
+                if comm is None:  # the first call's: every call moves the same
+                    comm, layers = group.stats.as_dict(), list(group.stats.layers)
                 if i == 0 and not spec.get('probe'):
                     left = spec['budget_s'] - times[0] * (calls - 1)
                     if left < 0:  # the budget: at least one timed call after the warm-up
                         calls = max(2, int(spec['budget_s'] / max(times[0], 1e-6)))
                 if i + 1 >= calls:
                     break
-        queue.put(dict(rank=rank, status='ok', times=times, peak=watch.peak, start=watch.start,
-                       comm=comm, layers=group.stats.layers,
-                       params=sum(p.numel() for p in module.parameters())))
         dist.destroy_process_group()
+        _report(queue, dict(rank=rank, status='ok', times=times, peak=watch.peak,
+                            start=watch.start, comm=comm, layers=layers,
+                            params=sum(p.numel() for p in module.parameters())))
     except BaseException as exc:  # noqa: BLE001 - reported to the coordinator
-        queue.put(dict(rank=rank, status='oom' if 'out of memory' in str(exc).lower()
-                       else 'error', error=f'rank {rank}: {type(exc).__name__}: {exc}'[:500],
-                       trace=traceback.format_exc()[-2000:]))
-        os._exit(1)
+        _report(queue, dict(rank=rank, status='oom' if 'out of memory' in str(exc).lower()
+                            else 'error', error=f'rank {rank}: {type(exc).__name__}: {exc}'[:500],
+                            trace=traceback.format_exc()[-2000:]), 1)
 
 
 def measure_spatial(spec: dict) -> dict:

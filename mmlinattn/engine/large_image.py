@@ -321,22 +321,8 @@ def _segment_large_sharded(model: Any, image: Tensor, chunk_tokens: Optional[int
         info['rows'] = (a, a + rows_here)
         if keep_logits:
             info['logits'] = logits_out
-        whole = _gather_on_first(labels, bands, h, group)
+        whole = sp.gather_rows_to(labels, 0, 0, group)
     return (whole if group.first else labels), info
-
-
-def _gather_on_first(labels: Tensor, bands: list, height: int, group: SpatialGroup) -> Tensor:
-    """Every rank's rows of ``(rows, W)`` labels, whole on the first rank (gloo gather)."""
-    import torch.distributed as dist
-    counts = [max(0, min(b, height) - a) for a, b in bands]
-    top = max(counts)
-    pad = labels.new_zeros(top, labels.shape[1])
-    pad[:labels.shape[0]] = labels
-    parts = [torch.empty_like(pad) for _ in counts] if group.first else None
-    dist.gather(pad, parts, dst=group.global_rank(0), group=group.group)
-    if not group.first:
-        return labels
-    return torch.cat([p[:c] for p, c in zip(parts, counts)], dim=0)
 
 
 def _check_tiling(tile: int, halo: int) -> None:

@@ -484,10 +484,33 @@ class SpatialParallelWrapper(nn.Module):
         return log_vars
 
     def val_step(self, data: Any) -> list:
-        return self.module.val_step(data)
+        return self.test_step(data)
 
     def test_step(self, data: Any) -> list:
-        return self.module.test_step(data)
+        """Prediction with each image's rows over the group. The ranks of a group load
+        different images (the usual sampler); in turn, each rank's batch is broadcast to
+        the group, predicted sharded (``whole`` mode) and its stride-4 logits gathered on
+        that rank, which finishes mmseg's prediction. Every image is predicted once, so
+        the metrics see each once. Detectors predict their own images whole."""
+        if self.kind != 'segmentor':
+            return self.module.test_step(data)
+        mode = self.module.test_cfg.get('mode', 'whole') if self.module.test_cfg else 'whole'
+        if mode != 'whole':
+            raise ValueError(f"spatially parallel prediction runs test_cfg.mode='whole', not "
+                             f'{mode!r} (the point is the whole image)')
+        data = self.module.data_preprocessor(data, False)
+        g = self.group
+        outputs = None
+        for owner in range(g.size):
+            inputs = sp.broadcast_tensor(data['inputs'] if g.rank == owner else None, owner, g)
+            logits, _ = segmentor_logits(self.module, inputs, g, self.unit)
+            whole = sp.gather_rows_to(logits, 2, owner, g)
+            if g.rank == owner:
+                samples = data['data_samples']
+                seg = self.module.decode_head.predict_by_feat(
+                    whole, [s.metainfo for s in samples])
+                outputs = self.module.postprocess_result(seg, samples)
+        return outputs
 
 
 def configure_spatial_parallel(cfg: Any) -> Optional[int]:

@@ -4,7 +4,16 @@ InLine's global state is a few d x d sums per block, so a band of rows per rank 
 one small all-reduce per block, plus a row or two from each neighbour for kernels
 that cross band borders. See docs/spatial_parallel.md.
 """
-from .comm import RowSpans, all_reduce_sum, fetch_rows, gather_rows, own_rows, row_spans
+from .comm import (
+    RowSpans,
+    all_reduce_sum,
+    broadcast_tensor,
+    fetch_rows,
+    gather_rows,
+    gather_rows_to,
+    own_rows,
+    row_spans,
+)
 from .group import CommStats, SpatialGroup, current_group, spatial_parallel, suspended
 from .maps import (
     batch_norm,
@@ -23,6 +32,7 @@ from .maps import (
 
 __all__ = [
     'RowSpans', 'all_reduce_sum', 'fetch_rows', 'gather_rows', 'own_rows', 'row_spans',
+    'gather_rows_to', 'broadcast_tensor',
     'CommStats', 'SpatialGroup', 'current_group', 'spatial_parallel', 'suspended',
     'batch_norm', 'conv2d', 'global_sum', 'image_bands', 'mean_tokens', 'resize',
     'source_rows', 'split_rows', 'strided_rows', 'strided_spans', 'gathered', 'halo_rows',

@@ -21,7 +21,8 @@ from torch import Tensor
 
 from .group import SpatialGroup
 
-__all__ = ['RowSpans', 'row_spans', 'all_reduce_sum', 'fetch_rows', 'gather_rows', 'own_rows']
+__all__ = ['RowSpans', 'row_spans', 'all_reduce_sum', 'fetch_rows', 'gather_rows', 'own_rows',
+           'gather_rows_to', 'broadcast_tensor', 'collective_device']
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,37 @@ def gather_rows(x: Tensor, dim: int, spans: RowSpans, g: SpatialGroup) -> Tensor
     """The whole map on every rank from each rank's rows. Differentiable: the gradient
     of one's rows is the sum of every rank's gradient of them."""
     return _GatherRows.apply(x, dim, spans, g)
+
+
+def gather_rows_to(x: Tensor, dim: int, dst: int, g: SpatialGroup) -> Optional[Tensor]:
+    """Every rank's rows (axis ``dim``) concatenated on group rank ``dst`` only (None
+    elsewhere); not differentiable: for predictions."""
+    spans = row_spans(x.shape[dim], g)
+    counts = spans.counts()
+    xm = x.movedim(dim, 0)
+    pad = xm.new_zeros((max(counts), *xm.shape[1:]))
+    pad[:xm.shape[0]] = xm
+    parts = [torch.empty_like(pad) for _ in counts] if g.rank == dst else None
+    dist.gather(pad, parts, dst=g.global_rank(dst), group=g.group)
+    g.stats.add('gather', pad.numel() * pad.element_size())
+    if g.rank != dst:
+        return None
+    return torch.cat([p[:c] for p, c in zip(parts, counts)], dim=0).movedim(0, dim)
+
+
+def broadcast_tensor(x: Optional[Tensor], src: int, g: SpatialGroup,
+                     dtype: torch.dtype = torch.float32) -> Tensor:
+    """``x`` of group rank ``src`` on every rank (shape first, so others pass None)."""
+    device = collective_device(g)
+    shape = torch.zeros(8, dtype=torch.int64, device=device)
+    if g.rank == src:
+        shape[0] = x.dim()
+        shape[1:1 + x.dim()] = torch.tensor(x.shape)
+    dist.broadcast(shape, g.global_rank(src), group=g.group)
+    dims = [int(s) for s in shape[1:1 + int(shape[0])]]
+    out = x.contiguous() if g.rank == src else torch.empty(dims, dtype=dtype, device=device)
+    dist.broadcast(out, g.global_rank(src), group=g.group)
+    return out
 
 
 def own_rows(full: Tensor, dim: int, spans: RowSpans) -> Tensor:

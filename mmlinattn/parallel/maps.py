@@ -188,19 +188,63 @@ def mean_tokens(tokens: Tensor, g: SpatialGroup, mask: Optional[Tensor] = None) 
     return packed[:, :-1] / packed[:, -1:].clamp_min(1.0)
 
 
+class _SyncBatchNorm(torch.autograd.Function):
+    """Normalisation with moments over the group; keeps only ``x`` and per-channel
+    statistics for backward (as torch's SyncBatchNorm): ``dx = w invstd (dy - mean(dy)
+    - xhat mean(dy xhat))`` with both means over the group, the weight and bias
+    gradients this rank's share (the wrapper sums them)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                g: SpatialGroup) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        dims = [0] + list(range(2, x.dim()))
+        c = x.shape[1]
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        n_local = float(x.numel() // c)
+        packed = torch.cat([x.sum(dim=dims, dtype=acc), x.new_full((1, ), n_local, dtype=acc)])
+        packed = all_reduce_sum(packed, g)
+        count = packed[-1]
+        mean = packed[:c] / count
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        centred = x - mean.view(shape).to(x.dtype)
+        var = all_reduce_sum((centred * centred).sum(dim=dims, dtype=acc), g) / count
+        invstd = torch.rsqrt(var + eps)
+        out = centred.mul_(invstd.view(shape).to(x.dtype))
+        if weight is not None:
+            out = out * weight.view(shape) + bias.view(shape)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.g, ctx.count = g, count
+        ctx.mark_non_differentiable(mean, var, count)
+        return out, mean, var, count
+
+    @staticmethod
+    def backward(ctx, dy: Tensor, *_: Tensor) -> tuple[Optional[Tensor], ...]:
+        x, weight, mean, invstd = ctx.saved_tensors
+        g, count = ctx.g, ctx.count
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        c = x.shape[1]
+        xhat = (x - mean.view(shape).to(x.dtype)) * invstd.view(shape).to(x.dtype)
+        sum_dy = dy.sum(dim=dims, dtype=invstd.dtype)
+        sum_dy_xhat = (dy * xhat).sum(dim=dims, dtype=invstd.dtype)
+        total = all_reduce_sum(torch.cat([sum_dy, sum_dy_xhat]), g)
+        scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+        dx = (dy - (total[:c] / count).view(shape).to(dy.dtype)
+              - xhat * (total[c:] / count).view(shape).to(dy.dtype)) * scale.view(shape).to(
+                  dy.dtype)
+        dw = sum_dy_xhat.to(weight.dtype) if weight is not None else None
+        db = sum_dy.to(weight.dtype) if weight is not None else None
+        return dx, dw, db, None, None
+
+
 def batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: Tensor, g: SpatialGroup) -> Tensor:
     """``bn(x)`` with batch moments over the whole map of every rank (SyncBN semantics
     within the spatial group, on CPU too). Eval mode uses the running statistics."""
     use_batch = bn.training or not bn.track_running_stats
     if not use_batch:
         return bn(x)
-    dims = [0] + list(range(2, x.dim()))
-    n_local = x.numel() // x.shape[1]
-    count = global_sum(x.new_tensor([float(n_local)]), g)
-    mean = global_sum(x.sum(dim=dims), g) / count
-    shape = [1, -1] + [1] * (x.dim() - 2)
-    centred = x - mean.view(shape)
-    var = global_sum((centred * centred).sum(dim=dims), g) / count
+    out, mean, var, count = _SyncBatchNorm.apply(x, bn.weight if bn.affine else None,
+                                                 bn.bias if bn.affine else None, bn.eps, g)
     if bn.training and bn.track_running_stats:
         with torch.no_grad():
             bn.num_batches_tracked.add_(1)
@@ -210,9 +254,6 @@ def batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: Tensor, g: SpatialGroup) 
             bn.running_mean.mul_(1 - momentum).add_(mean.detach() * momentum)
             bn.running_var.mul_(1 - momentum).add_(
                 var.detach() * (n / max(n - 1, 1.0)) * momentum)
-    out = centred * torch.rsqrt(var + bn.eps).view(shape)
-    if bn.affine:
-        out = out * bn.weight.view(shape) + bn.bias.view(shape)
     return out
 
 

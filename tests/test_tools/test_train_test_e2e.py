@@ -160,6 +160,24 @@ def test_spatially_parallel_training_two_ranks_one_image(tmp_path, data):
     assert re.search(r'mIoU: [0-9.]+', log)
 
 
+def test_spatially_parallel_testing_gives_the_one_process_metrics(tmp_path, data):
+    """dist_test.sh with ``spatial_parallel.size=2``: each image's rows over the two ranks
+    (each rank's image in turn); the metrics equal one process testing the same weights."""
+    cfg, work = _seg_config(tmp_path, data), tmp_path / 'work'
+    _run([TOOLS / 'train.py', cfg, '--work-dir', work, '--cfg-options', *FAST, *_iters(2)])
+    one = _run([TOOLS / 'test.py', cfg, work / 'iter_2.pth', '--work-dir', tmp_path / 'one'])
+    env = dict(os.environ, OMP_NUM_THREADS='1', PORT=str(_free_port()), PYTHON=sys.executable)
+    two = subprocess.run(
+        ['bash', str(TOOLS / 'dist_test.sh'), str(cfg), str(work / 'iter_2.pth'), '2',
+         '--work-dir', str(tmp_path / 'two'), '--cfg-options', 'spatial_parallel.size=2'],
+        capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
+    assert two.returncode == 0, two.stderr[-5000:]
+    metrics = [dict(re.findall(r'(aAcc|mIoU|mAcc)=([0-9.]+)', p.stdout + p.stderr))
+               for p in (one, two)]
+    assert metrics[0] and metrics[0] == metrics[1], metrics
+    assert 'SpatialParallelWrapper' in two.stdout + two.stderr
+
+
 def test_spatial_parallel_without_launcher_is_refused(tmp_path, data):
     proc = _run([TOOLS / 'train.py', _seg_config(tmp_path, data), '--work-dir', tmp_path,
                  '--cfg-options', 'spatial_parallel.size=2'], check=False)
