@@ -39,8 +39,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _prepare_rank(spec: dict, group: Any) -> tuple[Callable[[], Any], Any]:
-    """One call of the case on this rank's band: inference forward or training step."""
+def _prepare_rank(spec: dict, group: Any) -> tuple[Callable[[], Any], Any, Any]:
+    """One call of the case on this rank's band (inference forward or training step),
+    the module, and the spatial group whose statistics count its communication."""
     from ..parallel import image_bands, spatial_parallel
     from .contenders import get_contender, image_input
     contender = get_contender(spec['level'], spec['contender'])
@@ -58,7 +59,7 @@ def _prepare_rank(spec: dict, group: Any) -> tuple[Callable[[], Any], Any]:
             def run() -> Any:
                 with torch.no_grad(), spatial_parallel(group):
                     return len(target(band))
-            return run, target
+            return run, target, group
         params = [p for p in target.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-4)
 
@@ -72,7 +73,7 @@ def _prepare_rank(spec: dict, group: Any) -> tuple[Callable[[], Any], Any]:
                     torch.distributed.all_reduce(p.grad)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        return step, target
+        return step, target, group
     if spec['level'] == 'model':
         from mmengine.optim import OptimWrapper
 
@@ -85,14 +86,14 @@ def _prepare_rank(spec: dict, group: Any) -> tuple[Callable[[], Any], Any]:
             optim = OptimWrapper(torch.optim.AdamW(
                 [p for p in model.parameters() if p.requires_grad], lr=1e-4))
             data = synthetic_train_batch(model, model.benchmark_scope, size, size, spec['batch'])
-            return (lambda: wrapper.train_step(data, optim)), model
+            return (lambda: wrapper.train_step(data, optim)), model, wrapper.group
         model.eval()
         inputs, _ = synthetic_batch(model, model.benchmark_scope, size, size, spec['batch'])
 
         def infer() -> Any:
             with torch.no_grad():
                 return segmentor_logits(model, inputs, group)[0].shape
-        return infer, model
+        return infer, model, group
     raise ValueError(f'--spatial-ranks measures backbones and models, not {spec["level"]}')
 
 
@@ -124,7 +125,7 @@ def _rank_main(rank: int, world: int, port: int, spec: dict, queue: Any) -> None
         dist.init_process_group('gloo', rank=rank, world_size=world)
         group = SpatialGroup.world()
         with MemoryWatch(limit * 2**30 if limit else None, 0.005, on_exceed=exceeded) as watch:
-            run, module = _prepare_rank(spec, group)
+            run, module, group = _prepare_rank(spec, group)
             calls = 1 if spec.get('probe') else max(1, spec.get('warmup', 1)) + spec['repeats']
             times, comm = [], None
             for i in range(calls):

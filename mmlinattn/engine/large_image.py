@@ -299,8 +299,11 @@ def _segment_large_sharded(model: Any, image: Tensor, chunk_tokens: Optional[int
         finest_total = hp // stride
         lo = max(0, (a - halo) // stride)
         ext = []
-        for f in feats:
-            scale = feats[0].shape[2] // f.shape[2]  # finest rows per row of this level
+        feats = list(feats)
+        finest_rows = feats[0].shape[2]
+        for i in range(len(feats)):
+            f, feats[i] = feats[i], None  # each level held once: its band, then band + halo
+            scale = finest_rows // f.shape[2]  # finest rows per row of this level
             spans = sp.row_spans(f.shape[2], group)
             needs = []
             for ra, rb in bands:
@@ -308,6 +311,7 @@ def _segment_large_sharded(model: Any, image: Tensor, chunk_tokens: Optional[int
                 rhi = min(finest_total, (rb + halo) // stride)
                 needs.append((rlo // scale, -(-rhi // scale)))
             ext.append(sp.fetch_rows(f, 2, spans, needs, group))
+            del f
         del feats
         rows_here = min(b, h) - a
         labels = torch.empty(rows_here, w, dtype=torch.int32)
@@ -317,6 +321,7 @@ def _segment_large_sharded(model: Any, image: Tensor, chunk_tokens: Optional[int
         for t, (logits, ) in run_by_tiles(decode, ext, tile // stride, halo // stride, progress,
                                           band=(a // stride, b // stride, lo, finest_total)):
             _write_labels(labels, t, logits, stride, head.align_corners, logits_out, a, h)
+        del ext, decode, psp_out
         info['head_s'] = time.perf_counter() - start
         info['rows'] = (a, a + rows_here)
         if keep_logits:
