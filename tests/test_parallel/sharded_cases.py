@@ -208,18 +208,25 @@ def segmentor_exact(rank: int, world: int, kind: str, size: tuple[int, int],
            rank)
 
 
-def train_step_exact(rank: int, world: int, spatial: int, size: tuple[int, int]) -> None:
+def train_step_exact(rank: int, world: int, spatial: int, size: tuple[int, int],
+                     config: str = '') -> None:
     """One ``SpatialParallelWrapper.train_step`` (data x spatial ranks) gives the loss and
     the updated weights of single-process steps: replica d trains on image d, and the
-    update uses the mean over replicas of each image's whole-image gradient."""
+    update uses the mean over replicas of each image's whole-image gradient. ``config``:
+    a shipped config as it is (default: Semantic FPN with a small backbone)."""
     import copy
 
+    from mmengine.model import revert_sync_batchnorm
     from mmengine.optim import OptimWrapper
 
-    from mmlinattn.engine.build import synthetic_train_batch
+    from mmlinattn.engine.build import build_from_config, synthetic_train_batch
     from mmlinattn.engine.spatial import SpatialParallelWrapper
 
-    model = build_segmentor('fpn').float()
+    if config:
+        torch.manual_seed(0)
+        model = revert_sync_batchnorm(build_from_config(config)[0])
+    else:
+        model = build_segmentor('fpn').float()
     model.train()
     data_size = world // spatial
     batches = [synthetic_train_batch(model, 'mmseg', *size, batch=1, seed=10 + d)

@@ -65,6 +65,13 @@ def test_wrapper_train_step_equals_single_process_data_by_spatial():
     run_ranks(4, run_cases, [('train_step_exact', (2, (97, 45)))])
 
 
+def test_shipped_tiny_config_trains_the_same_on_two_ranks():
+    """The tiny Semantic FPN config as shipped: one step on 2 ranks = one step on 1."""
+    mm('mmseg.models')
+    run_ranks(2, run_cases, [('train_step_exact', (
+        2, (97, 70), 'configs/tiny/fpn_inline-pvt-t_300i_tiny-ade20k.py'))])
+
+
 def test_bands_and_clear_errors():
     assert image_bands(97, 2) == [(0, 64), (64, 97)]
     assert image_bands(161, 3) == [(0, 64), (64, 128), (128, 161)]
