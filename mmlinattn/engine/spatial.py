@@ -204,10 +204,6 @@ def sharded_decode(head: nn.Module, feats: Sequence[Tensor], g: SpatialGroup) ->
     fn = _HEADS.get(type(head).__name__)
     if fn is None or getattr(head, 'input_transform', None) == 'resize_concat':
         raise _unsupported(head, 'decode head')
-    if type(head).__name__ == 'FCNHead' and any(
-            getattr(c.conv, 'dilation', (1, ))[0] != 1 for c in head.convs
-            if type(c).__name__ == 'ConvModule'):
-        pass  # dilated convs fetch d * (k - 1) / 2 rows: handled by sp.conv2d
     return fn(head, feats, g)
 
 
@@ -408,12 +404,16 @@ class SpatialParallelWrapper(nn.Module):
     """mmengine model wrapper: each image over ``spatial_size`` ranks, ``world /
     spatial_size`` images at a time.
 
-    ``train_step`` runs the segmenter's loss on this rank's band
-    (:func:`segmentor_loss`), back-propagates it, then sums every weight gradient over
-    all ranks and divides by the data-parallel size (one all-reduce of one flat buffer):
-    summed over the spatial group (each rank's loss is its share of the image's) and
-    averaged over the data group (as DDP does). Batch-norm moments in the neck and head
-    are taken over the spatial group (SyncBN within the image's ranks).
+    ``train_step`` runs the model's loss on this rank's band (:func:`segmentor_loss`
+    for mmseg segmenters, :func:`detector_loss` for mmdet detectors), back-propagates it,
+    then sums every weight gradient over all ranks and divides by the data-parallel size
+    (one all-reduce of one flat buffer): summed over the spatial group (each rank's loss
+    is its share of the image's) and averaged over the data group (as DDP does).
+    Batch-norm moments in the neck and head are taken over the spatial group (SyncBN
+    within the image's ranks). ``test_step``/``val_step``: see :meth:`test_step`.
+
+    The ranks form their groups with ``torch.distributed.new_group`` (what
+    ``init_device_mesh`` builds on), which serves gloo on the CPU and NCCL alike.
     """
 
     def __init__(self, module: nn.Module, spatial_size: int = 2, unit: int = BAND_UNIT,
