@@ -42,8 +42,12 @@ def run_ranks(world: int, fn: Callable[..., Any], *args: Any) -> None:
     for p in procs:
         p.start()
     for p in procs:
-        p.join(timeout=600)
-    failed = []
+        p.join(timeout=300)
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:  # a collective that one rank never reached: do not leave them waiting
+        p.kill()
+        p.join()
+    failed = [f'{len(hung)} rank(s) hung and were killed'] if hung else []
     while not errors.empty():
         failed.append(errors.get())
     codes = [p.exitcode for p in procs]
