@@ -12,6 +12,7 @@ that again in backward for their gradients).
 """
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import statistics
@@ -122,7 +123,10 @@ def _rank_main(rank: int, world: int, port: int, spec: dict, queue: Any) -> None
                             f'the {limit:.3g} GiB per-rank limit'), 0)
 
     try:
-        dist.init_process_group('gloo', rank=rank, world_size=world)
+        # A rank that died leaves the others in a collective: they give up after the
+        # longest a call may take, and the coordinator kills them at its deadline anyway.
+        dist.init_process_group('gloo', rank=rank, world_size=world, timeout=datetime.timedelta(
+            seconds=max(600.0, 4 * spec.get('budget_s', 60))))
         group = SpatialGroup.world()
         with MemoryWatch(limit * 2**30 if limit else None, 0.005, on_exceed=exceeded) as watch:
             run, module, group = _prepare_rank(spec, group)

@@ -1,8 +1,10 @@
 """Run a function on R CPU processes joined in a gloo group (tests of spatial parallelism)."""
 from __future__ import annotations
 
+import datetime
 import os
 import socket
+import time
 import traceback
 from typing import Any, Callable
 
@@ -21,7 +23,9 @@ def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple
            errors: Any) -> None:
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group('gloo', rank=rank, world_size=world)
+    # A collective that another rank never reaches fails in seconds, not CI's hour.
+    dist.init_process_group('gloo', rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     try:
         fn(rank, world, *args)
     except BaseException:  # report every rank's failure, not only the first
@@ -29,6 +33,12 @@ def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple
         raise
     finally:
         dist.destroy_process_group()
+
+
+#: Seconds a rank waits in one collective; every case here is a few seconds of work.
+COLLECTIVE_TIMEOUT_S = 120
+#: Seconds all ranks of one ``run_ranks`` call have before they are killed.
+DEADLINE_S = 300
 
 
 def run_ranks(world: int, fn: Callable[..., Any], *args: Any) -> None:
@@ -41,8 +51,9 @@ def run_ranks(world: int, fn: Callable[..., Any], *args: Any) -> None:
              for r in range(world)]
     for p in procs:
         p.start()
+    deadline = time.monotonic() + DEADLINE_S
     for p in procs:
-        p.join(timeout=300)
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
     hung = [p for p in procs if p.is_alive()]
     for p in hung:  # a collective that one rank never reached: do not leave them waiting
         p.kill()
