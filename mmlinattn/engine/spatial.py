@@ -460,9 +460,9 @@ class SpatialParallelWrapper(nn.Module):
         dist.all_reduce(flat)
         flat /= self.mesh.data_size
         start = 0
-        for p in params:
+        for p in params:  # the gradients become views of the one reduced buffer
             n = p.numel()
-            p.grad = flat[start:start + n].view_as(p).clone()
+            p.grad = flat[start:start + n].view_as(p)
             start += n
 
     def loss(self, inputs: Tensor, data_samples: Sequence[Any]) -> dict:
