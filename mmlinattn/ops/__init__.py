@@ -21,6 +21,7 @@ from .inline import (
     softmax_attention,
 )
 from .local import dynamic_depthwise_conv3x3
+from .rows import conv2d_rows, conv_out_rows
 from .tracing import exporting
 from .windows import ceil_to, pad_to, pad_to_multiple, valid_mask, window_merge, window_partition
 
@@ -30,6 +31,7 @@ __all__ = [
     'register_attention_impl', 'resolve_kernel', 'ATTENTION_FUNCTIONS', 'KERNELS', 'get_kernel',
     'inline_attention', 'InLineSums', 'inline_readout',
     'inline_attention_weights', 'linear_attention', 'softmax_attention',
-    'dynamic_depthwise_conv3x3', 'pad_to_multiple', 'valid_mask', 'window_merge',
+    'dynamic_depthwise_conv3x3', 'conv2d_rows', 'conv_out_rows', 'pad_to_multiple',
+    'valid_mask', 'window_merge',
     'window_partition', 'exporting', 'ceil_to', 'pad_to'
 ]

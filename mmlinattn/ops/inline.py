@@ -106,13 +106,6 @@ def _chunk_size(t: Tensor, width: int) -> int:
     return max(1024, CHUNK_BYTES // (4 * t.shape[0] * t.shape[1] * width))
 
 
-def _inverse_count(mask: Optional[Tensor], n: int, dtype: torch.dtype) -> Union[float, Tensor]:
-    """``1/N`` over the valid tokens: a float, or ``(B, 1, 1, 1)`` per sample with a mask."""
-    if mask is None:
-        return 1.0 / n
-    return 1.0 / mask.sum(dim=1).to(dtype).clamp_min(1.0)[:, None, None, None]
-
-
 class InLineSums:
     """Running sums over chunks of tokens for InLine's global statistics.
 
@@ -209,18 +202,15 @@ def _masked_stats(k: Tensor, v: Tensor, mask: Optional[Tensor], reduce: Reduce =
     return _masked_sums(k, v, mask, reduce).means()
 
 
-def _token_weights(mask: Optional[Tensor], n: int, dtype: torch.dtype,
-                   count: Union[int, Tensor, None] = None) -> Union[float, Tensor]:
-    """Each token's weight in the means: ``1/N``, or ``mask / count`` as ``(B, 1, N, 1)``.
-    ``count``: the number of tokens over every process (default: the local ones)."""
-    if count is None:
-        inv_n = _inverse_count(mask, n, dtype)
-    elif isinstance(count, Tensor):
-        inv_n = 1.0 / count.to(dtype).clamp_min(1.0)
-        inv_n = inv_n if mask is not None or inv_n.numel() != 1 else float(inv_n)
-    else:
-        inv_n = 1.0 / max(count, 1)
-    return inv_n if mask is None else mask[:, None, :, None].to(dtype) * inv_n
+def _token_weights(mask: Optional[Tensor], count: Union[int, Tensor],
+                   dtype: torch.dtype) -> Union[float, Tensor]:
+    """Each token's weight in the means: ``1/N`` (a float), or ``mask / count`` as
+    ``(B, 1, N, 1)``. ``count`` is :attr:`InLineSums.count`: an int, ``(B, 1, 1, 1)`` per
+    sample with a mask, or ``(1,)`` once reduced over processes without one."""
+    if not isinstance(count, Tensor):
+        return 1.0 / max(count, 1)
+    inv_n = 1.0 / count.to(dtype).clamp_min(1.0)
+    return float(inv_n) if mask is None else mask[:, None, :, None].to(dtype) * inv_n
 
 
 def _inline_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
@@ -267,8 +257,7 @@ class _InLineFunction(torch.autograd.Function):
         with _autocast_off(q):
             out, kbar, vbar, cov, count = _inline_forward(q, k, v, mask, scale, reduce)
         ctx.save_for_backward(q, k, v, mask, kbar, vbar, cov)
-        ctx.scale, ctx.reduce = scale, reduce
-        ctx.count = count if reduce is not None else None
+        ctx.scale, ctx.reduce, ctx.count = scale, reduce, count
         return out
 
     @staticmethod
@@ -297,7 +286,7 @@ class _InLineFunction(torch.autograd.Function):
             dkbar = vbar @ douter.transpose(-2, -1)  # (B, h, 1, d)
             dvbar = dout_sum + kbar @ douter  # (B, h, 1, dv): from O and from kbar^T vbar
             # Pass 2: dk, dv; each token's share of the means is its weight w_j.
-            weights = _token_weights(mask, n, acc, ctx.count)
+            weights = _token_weights(mask, ctx.count, acc)
             dk = torch.empty_like(k) if ctx.needs_input_grad[1] else None
             dv = torch.empty_like(v) if ctx.needs_input_grad[2] else None
             for start in range(0, n, step):

@@ -13,6 +13,7 @@ from .comm import (
     gather_rows_to,
     own_rows,
     row_spans,
+    summing_over,
 )
 from .group import CommStats, SpatialGroup, current_group, spatial_parallel, suspended
 from .maps import (
@@ -32,7 +33,7 @@ from .maps import (
 
 __all__ = [
     'RowSpans', 'all_reduce_sum', 'fetch_rows', 'gather_rows', 'own_rows', 'row_spans',
-    'gather_rows_to', 'broadcast_tensor',
+    'gather_rows_to', 'broadcast_tensor', 'summing_over',
     'CommStats', 'SpatialGroup', 'current_group', 'spatial_parallel', 'suspended',
     'batch_norm', 'conv2d', 'global_sum', 'image_bands', 'mean_tokens', 'resize',
     'source_rows', 'split_rows', 'strided_rows', 'strided_spans', 'gathered', 'halo_rows',

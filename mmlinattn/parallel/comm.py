@@ -12,8 +12,9 @@ rows every rank of the group holds.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -22,7 +23,7 @@ from torch import Tensor
 from .group import SpatialGroup
 
 __all__ = ['RowSpans', 'row_spans', 'all_reduce_sum', 'fetch_rows', 'gather_rows', 'own_rows',
-           'gather_rows_to', 'broadcast_tensor', 'collective_device']
+           'gather_rows_to', 'broadcast_tensor', 'collective_device', 'summing_over']
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,12 @@ class _AllReduceSum(torch.autograd.Function):
 def all_reduce_sum(t: Tensor, g: SpatialGroup) -> Tensor:
     """Sum of ``t`` over the group; differentiable (backward sums the gradients)."""
     return _AllReduceSum.apply(t, g)
+
+
+def summing_over(g: SpatialGroup) -> Callable[[Tensor], Tensor]:
+    """``t -> all_reduce_sum(t, g)``: the ``reduce`` argument of the summed attentions
+    and of :meth:`~mmlinattn.ops.InLineSums.reduce`."""
+    return functools.partial(all_reduce_sum, g=g)
 
 
 def _exchange(sends: Sequence[tuple[int, Tensor]], recvs: Sequence[tuple[int, Tensor]],

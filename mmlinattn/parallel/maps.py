@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops import conv2d_rows, conv_out_rows
 from .comm import RowSpans, all_reduce_sum, fetch_rows, gather_rows, own_rows, row_spans
 from .group import SpatialGroup, current_group, suspended
 
@@ -89,18 +90,12 @@ def conv2d(conv: nn.Conv2d, x: Tensor, g: SpatialGroup) -> Tensor:
     if conv.padding_mode != 'zeros' or isinstance(conv.padding, str):
         raise ValueError(f'spatial parallelism needs numeric zero padding; got {conv}')
     k, s, p, d = conv.kernel_size[0], conv.stride[0], conv.padding[0], conv.dilation[0]
-    span = d * (k - 1) + 1
 
     def rows(band: Tensor, r0: int, r1: int, offset: int, height: int) -> Tensor:
-        lo = r0 * s - p
-        top = max(0, -lo)  # zero rows above the map (rank 0)
-        need = (r1 - r0 - 1) * s + span  # input rows the output rows read
-        bottom = need - top - band.shape[2]
-        band = F.pad(band, (0, 0, top, max(0, bottom)))
-        return F.conv2d(band, conv.weight, conv.bias, conv.stride, (0, conv.padding[1]),
-                        conv.dilation, conv.groups)
+        return conv2d_rows(conv, band, r0, r1, offset=offset, height=height)
 
-    return strided_rows(rows, x, 2, span, s, p, lambda h: (h + 2 * p - span) // s + 1, g)
+    return strided_rows(rows, x, 2, d * (k - 1) + 1, s, p,
+                        lambda h: conv_out_rows(conv, h), g)
 
 
 def source_rows(in_rows: int, out_rows: int, mode: str, align_corners: Optional[bool],
@@ -109,14 +104,15 @@ def source_rows(in_rows: int, out_rows: int, mode: str, align_corners: Optional[
     and the weight of the second, ``(i0, i1, lambda1)``, computed as torch's CPU
     kernels compute them (float32 arithmetic)."""
     dst = torch.arange(out_rows, dtype=torch.float32)
+    # torch: 1 / scale_factor when one is given, else in / out, in float32
+    scale = (torch.tensor(1.0 / scale_factor, dtype=torch.float32) if scale_factor
+             else torch.tensor(in_rows, dtype=torch.float32) / out_rows)
     if mode == 'nearest':
         if out_rows == in_rows:
             idx = torch.arange(out_rows)
         elif out_rows == 2 * in_rows:
             idx = torch.arange(out_rows) // 2
         else:
-            scale = (torch.tensor(1.0 / scale_factor, dtype=torch.float32) if scale_factor
-                     else torch.tensor(in_rows, dtype=torch.float32) / out_rows)
             idx = torch.floor(dst * scale).long().clamp_max(in_rows - 1)
         return idx, idx, torch.zeros(out_rows)
     if mode != 'bilinear':
@@ -125,12 +121,9 @@ def source_rows(in_rows: int, out_rows: int, mode: str, align_corners: Optional[
         idx = torch.arange(out_rows)
         return idx, idx, torch.zeros(out_rows)
     if align_corners:
-        scale = torch.tensor((in_rows - 1) / (out_rows - 1) if out_rows > 1 else 0.,
-                             dtype=torch.float32)
-        src = dst * scale
+        src = dst * torch.tensor((in_rows - 1) / (out_rows - 1) if out_rows > 1 else 0.,
+                                 dtype=torch.float32)
     else:
-        scale = (torch.tensor(1.0 / scale_factor, dtype=torch.float32) if scale_factor
-                 else torch.tensor(in_rows, dtype=torch.float32) / out_rows)
         src = (scale * (dst + 0.5) - 0.5).clamp_min(0.)
     i0 = torch.floor(src).long().clamp_max(in_rows - 1)
     lam = (src - i0.float()).clamp(0., 1.)

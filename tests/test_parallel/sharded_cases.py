@@ -111,7 +111,7 @@ def _break(what: str) -> None:
             v, (0, 0, 0, 0, top, bottom))
     elif what == 'reduce':  # InLine statistics of the local rows only
         import mmlinattn.models.layers.attention as attention
-        attention.all_reduce_sum = lambda t, g: t
+        attention.summing_over = lambda g: (lambda t: t)
     else:
         raise ValueError(what)
     del parallel

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ...ops import ATTENTIONS, SUMMED_ATTENTIONS, resolve_kernel
 from ...ops.inline import KernelArg
-from ...parallel import SpatialGroup, all_reduce_sum, conv2d, current_group, gathered, mean_tokens
+from ...parallel import SpatialGroup, conv2d, current_group, gathered, mean_tokens, summing_over
 from ..family import BackboneFamily, BenchmarkVariant, ReleasedModel, register_family
 from ..layers import (
     BandPlan,
@@ -112,7 +112,7 @@ class CSwinBranch(nn.Module):
         lepe = conv2d(self.get_v, v.permute(0, 3, 1, 2), group).permute(0, 2, 3, 1)
         out = attend_heads(self.attention, q.reshape(b, h * w, c), k.reshape(b, h * w, c),
                            v.reshape(b, h * w, c), self.num_heads, None, self.kernel, self.impl,
-                           lambda t: all_reduce_sum(t, group)).view(b, h, w, c)
+                           summing_over(group)).view(b, h, w, c)
         if self.residual is not None:
             out = out + self.residual(v, x_mean)
         return out + lepe

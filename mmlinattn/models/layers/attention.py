@@ -28,7 +28,7 @@ from ...ops import (
     window_partition,
 )
 from ...ops.inline import KernelArg
-from ...parallel import SpatialGroup, all_reduce_sum, current_group, gathered, mean_tokens
+from ...parallel import SpatialGroup, current_group, gathered, mean_tokens, summing_over
 from .chunked import BandPlan, InLineBlockParts, linear_slice
 from .local_residual import LocalResidual, masked_mean
 from .regions import RegionGrid, attend_heads, merge_heads, split_heads, window_region
@@ -165,16 +165,13 @@ class InLineAttention(nn.Module):
             mask = valid.reshape(b, h * w)
             if num_prefix:
                 mask = torch.cat([mask.new_ones(b, num_prefix), mask], dim=1)
-        reduce = None
         if group is not None:
             if valid is not None:
                 raise ValueError('a padded (masked) region cannot be spatially sharded')
             if num_prefix:  # a mask on every rank: the reduced counts have one shape
                 mask = torch.ones(b, n, dtype=torch.bool, device=tokens.device)
                 mask[:, :num_prefix] = group.first
-
-            def reduce(t: Tensor) -> Tensor:
-                return all_reduce_sum(t, group)
+        reduce = None if group is None else summing_over(group)
         q, k, v = self.project(tokens)
         if group is not None:
             group.stats.layers.append((n * group.size, c))  # about: bands are near-equal

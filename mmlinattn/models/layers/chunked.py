@@ -30,9 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...ops import dynamic_depthwise_conv3x3, get_kernel
+from ...ops import conv2d_rows, conv_out_rows, dynamic_depthwise_conv3x3, get_kernel
 from ...ops.inline import InLineSums, KernelArg, inline_readout
-from ...parallel import all_reduce_sum, current_group, fetch_rows, gathered, row_spans
+from ...parallel import (
+    all_reduce_sum,
+    current_group,
+    fetch_rows,
+    gathered,
+    row_spans,
+    summing_over,
+)
 from .regions import merge_heads, split_heads
 
 __all__ = ['InLineBlockParts', 'BandPlan', 'row_bands', 'band_rows', 'fill_rows',
@@ -118,39 +125,6 @@ def fill_rows(height: int, rows: int, fn: Callable[[int, int], Tensor], dim: int
     return out
 
 
-def conv_out_rows(conv: nn.Conv2d, height: int, pad_bottom: int = 0) -> int:
-    """Output rows of ``conv`` on ``height`` input rows (plus ``pad_bottom`` zero rows)."""
-    k, s, p, d = conv.kernel_size[0], conv.stride[0], conv.padding[0], conv.dilation[0]
-    return (height + pad_bottom + 2 * p - d * (k - 1) - 1) // s + 1
-
-
-def conv2d_rows(conv: nn.Conv2d, x: Tensor, r0: int, r1: int, pad_right: int = 0,
-                channels_last: bool = False, offset: int = 0,
-                height: Optional[int] = None) -> Tensor:
-    """Output rows ``[r0, r1)`` of ``conv(x)`` for NCHW ``x``, reading only the input
-    rows they need; ``conv``'s zero padding (and ``pad_right`` extra zero columns, with
-    zero rows below the map as far as needed) is applied as the whole-map conv would.
-
-    ``x`` may be a band of a taller map: its rows are the map's rows from ``offset``
-    on, and the map has ``height`` rows (default: ``x`` ends the map).
-    """
-    if conv.padding_mode != 'zeros' or isinstance(conv.padding, str):
-        raise ValueError(f'conv2d_rows needs numeric zero padding; got {conv}')
-    k, s, p, d = conv.kernel_size[0], conv.stride[0], conv.padding[0], conv.dilation[0]
-    height = x.shape[2] + offset if height is None else height
-    lo, hi = r0 * s - p, (r1 - 1) * s - p + d * (k - 1) + 1
-    first, stop = max(0, lo), min(height, hi)
-    if first < offset or stop > offset + x.shape[2]:
-        raise ValueError(f'conv2d_rows: rows [{first}, {stop}) are needed; the band holds '
-                         f'[{offset}, {offset + x.shape[2]})')
-    band = x[:, :, first - offset:stop - offset]
-    pw = conv.padding[1]
-    band = F.pad(band, (pw, pw + pad_right, max(0, -lo), max(0, hi - height)))
-    if channels_last:
-        band = band.contiguous(memory_format=torch.channels_last)
-    return F.conv2d(band, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
-
-
 def chunked_embed(module: nn.Module, x: Tensor, chunk_tokens: int) -> Tensor:
     """``module(x)`` in bands of output rows, for modules with ``out_rows(h)`` and
     ``forward_rows(x, r0, r1)`` (patch embeddings, merges); any other runs whole.
@@ -194,8 +168,7 @@ def _global_inline(parts: InLineBlockParts, x: Tensor, hw: tuple[int, int], num_
     if group is not None and (parts.residual is not None or parts.lepe is not None):
         top, bottom = int(not group.first), int(not group.last)
         spans = row_spans(h, group)
-        starts = [spans.span(r)[0] for r in range(group.size)]
-        ends = [spans.span(r)[1] for r in range(group.size)]
+        starts, ends = spans.starts[:-1], spans.starts[1:]
         rows_map = grid.view(b, h, w, c)
         above = fetch_rows(rows_map, 1, spans, [(a - (r > 0), a) for r, a in enumerate(starts)],
                            group).view(b, -1, c)
@@ -225,7 +198,7 @@ def _global_inline(parts: InLineBlockParts, x: Tensor, hw: tuple[int, int], num_
     count: Union[int, Tensor] = n if group is None else h * w + (num_prefix if
                                                                 counted_prefix else 0)
     if group is not None:
-        sums.reduce(lambda t: all_reduce_sum(t, group))
+        sums.reduce(summing_over(group))
         packed = all_reduce_sum(torch.cat([mean_sum, mean_sum.new_full((b, 1), float(count))],
                                           dim=1), group)
         mean_sum, count = packed[:, :-1], packed[:, -1:]
