@@ -51,6 +51,9 @@ setup(
         'benchmark': ['matplotlib', 'rich', 'psutil'],
         # ONNX export (torch.onnx's dynamo exporter needs onnxscript) and ONNX Runtime.
         'deploy': ['onnx>=1.17', 'onnxruntime>=1.20', 'onnxscript>=0.5'],
+        # Gigapixel files: tiled/OME/Geo TIFF in and out (tifffile), whole slides (OpenSlide's
+        # library ships in the openslide-bin wheel).
+        'large-images': ['tifffile>=2024.1', 'openslide-python>=1.4', 'openslide-bin>=4.0'],
     },
     zip_safe=False,
 )

@@ -1,21 +1,32 @@
 #!/usr/bin/env python
 """Predict one very large image whole: exact global InLine attention, bounded memory.
 
-    python tools/infer_large.py CONFIG CHECKPOINT IMAGE --out mask.png      # segmenter
-    python tools/infer_large.py CONFIG CHECKPOINT IMAGE --out dets.json     # detector
+    python tools/infer_large.py CONFIG CKPT slide.svs --out pred.ome.tif --level 1
+    python tools/infer_large.py CONFIG CKPT scene.tif --out pred.ome.tif --spill /scratch/run
+    python tools/infer_large.py CONFIG CKPT image.png --out mask.png           # small files
+    python tools/infer_large.py CONFIG CKPT image.png --out dets.json          # detector
     python tools/infer_large.py CONFIG none --synthetic 8192 8192 --compare slide
 
-The backbone runs token-chunked (``--chunk-tokens``), the neck and a local decode
-head tile by tile with a halo (``--tile``, ``--halo``), so the prediction equals the
-whole-image computation of the same model (mmlinattn.engine.large_image). A
-segmenter writes a PNG of class indices (uint8, or uint16 past 256 classes); a
-detector a COCO-style JSON list (``bbox`` as x, y, w, h in image pixels,
-``score``, ``category_id``, ``category``, RLE ``segmentation`` with a mask head).
-Prints the time and the peak memory of every phase. ``--compare whole`` also runs
-mmseg's ordinary whole-image inference, ``--compare slide`` its sliding-window
-inference (the tiling a softmax backbone needs), each with its time, memory and
-how much its labels differ from ours. CHECKPOINT ``none`` keeps random weights
-(timings and memory only).
+The image is read by regions (mmlinattn.rasters): tiled/striped TIFF, BigTIFF,
+OME-TIFF and GeoTIFF through tifffile, whole-slide formats (SVS, NDPI, MRXS, ...)
+through OpenSlide, small images through cv2; ``--level``/``--mpp`` pick a pyramid
+level. Only the bands the backbone's stem reads are decoded. The backbone runs
+token-chunked (``--chunk-tokens``), the neck and a local decode head tile by tile
+with a halo (``--tile``, ``--halo``), so the prediction equals the whole-image
+computation of the same model (mmlinattn.engine.large_image). ``--spill DIR`` keeps
+every whole map in memory-mapped files there (then memory is a few bands at any
+size) and makes the run resumable (``--resume``).
+
+A segmenter writes ``--out`` as a tiled pyramidal OME-TIFF (``.tif``/``.tiff``; the
+input's GeoTIFF georeferencing kept, classes and palette in its metadata) or a PNG
+of class indices; ``--overlay`` adds an RGB pyramid of the prediction blended on
+the image, ``--viewer DIR`` a deep-zoom page (OpenSeadragon, no server needed).
+``--skip-background`` predicts only the tissue of a whole slide. A detector writes
+COCO-style JSON (``.json``) or GeoJSON polygons (``.geojson``, map coordinates for
+a GeoTIFF). Prints the time and the peak memory of every phase. ``--compare whole``
+also runs mmseg's ordinary whole-image inference, ``--compare slide`` its
+sliding-window inference, each with how much its labels differ from ours.
+CHECKPOINT ``none`` keeps random weights (timings and memory only).
 """
 from __future__ import annotations
 
@@ -38,10 +49,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('config', help='an mmseg or mmdet config with an InLine backbone')
     p.add_argument('checkpoint', help="trained weights (a runner checkpoint or a state dict, "
                    "read safely), or 'none' for random weights (measurements only)")
-    p.add_argument('image', nargs='?', help='the image file (any size cv2 reads)')
+    p.add_argument('image', nargs='?', help='the image file (TIFF/OME-TIFF/GeoTIFF/BigTIFF, a '
+                   'whole slide, or any image cv2 reads)')
     p.add_argument('--synthetic', type=int, nargs=2, metavar=('H', 'W'),
                    help='a random H x W image instead of IMAGE (measurements)')
-    p.add_argument('--out', help='output: a .png mask (segmenter) or a .json file (detector)')
+    p.add_argument('--out', help='output: .tif/.tiff (pyramidal OME-TIFF) or .png labels '
+                   '(segmenter); .json (COCO-style) or .geojson (detector)')
+    p.add_argument('--level', type=int, help='pyramid level to read (0 = full resolution)')
+    p.add_argument('--mpp', type=float, help='read the level closest to this many microns '
+                   'per pixel (the file must state its resolution)')
+    p.add_argument('--reader', choices=['auto', 'tiff', 'openslide', 'cv2'], default='auto',
+                   help='how to read IMAGE (auto: by its format)')
+    p.add_argument('--max-pixels', type=int, default=None,
+                   help='refuse files claiming more pixels than this (default 2^36)')
+    p.add_argument('--spill', metavar='DIR', help='keep whole maps in memory-mapped files in '
+                   'DIR (memory stays a few bands at any size); makes the run resumable')
+    p.add_argument('--resume', action='store_true',
+                   help='continue the interrupted run kept in --spill DIR')
+    p.add_argument('--skip-background', nargs='?', const='otsu', metavar='MASK',
+                   help="predict only block rows/columns with tissue: 'otsu' (default, on a "
+                   'low-resolution level) or a mask image (non-zero = tissue)')
+    p.add_argument('--nodata', type=int, default=255,
+                   help='label of pixels not predicted (skipped background)')
+    p.add_argument('--overlay', metavar='PATH', help='also write the prediction blended on '
+                   'the image as an RGB pyramidal OME-TIFF')
+    p.add_argument('--alpha', type=float, default=0.5, help='overlay opacity')
+    p.add_argument('--viewer', metavar='DIR', help='also write a deep-zoom viewer page (image '
+                   'and prediction layers, legend) into DIR')
+    p.add_argument('--in-memory', action='store_true',
+                   help='decode the whole image into memory first (the reference path)')
     p.add_argument('--chunk-tokens', type=int, default=65536,
                    help='tokens per band of the chunked backbone; 0 runs it unchunked')
     p.add_argument('--tile', type=int, default=2048,
@@ -60,22 +96,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if (args.image is None) == (args.synthetic is None):
         p.error('give either IMAGE or --synthetic H W')
+    if args.resume and not args.spill:
+        p.error('--resume needs --spill DIR (the interrupted run is kept there)')
     return args
 
 
-def load_image(args: argparse.Namespace) -> torch.Tensor:
-    """``(3, H, W) uint8``, BGR as mmseg/mmdet's LoadImageFromFile gives it."""
+def open_reader(args: argparse.Namespace) -> Any:
+    """A region reader of IMAGE at the chosen level, or of the synthetic image."""
+    from mmlinattn.rasters import DEFAULT_MAX_PIXELS, ArrayReader, open_image
     if args.synthetic:
         h, w = args.synthetic
-        return torch.randint(0, 256, (3, h, w), dtype=torch.uint8,
-                             generator=torch.Generator().manual_seed(0))
-    import mmcv
-    if not osp.isfile(args.image):
-        raise FileNotFoundError(f'image not found: {args.image}')
-    img = mmcv.imread(args.image, flag='color')
-    if img is None:
-        raise ValueError(f'cannot read {args.image} as an image')
-    return torch.from_numpy(img).permute(2, 0, 1).contiguous()
+        img = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8,
+                            generator=torch.Generator().manual_seed(0)).numpy()
+        return ArrayReader(img, '<synthetic>')
+    return open_image(args.image, args.level, args.mpp,
+                      max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, reader=args.reader)
+
+
+def whole_image(reader: Any) -> torch.Tensor:
+    """The whole image decoded, ``(3, H, W) uint8`` BGR (as LoadImageFromFile gives it)."""
+    out = torch.empty(3, reader.height, reader.width, dtype=torch.uint8)
+    for y in range(0, reader.height, 1024):
+        y1 = min(reader.height, y + 1024)
+        out[:, y:y1] = torch.from_numpy(reader.read(y, y1)).permute(2, 0, 1)
+    return out
 
 
 def load_model(config: str, checkpoint: str, device: str) -> tuple[Any, str]:
@@ -102,36 +146,57 @@ def measured(label: str, device: str, fn: Callable[[], Any]) -> tuple[Any, dict]
             start = time.perf_counter()
             out = fn()
         peak, measure = watch.peak, in_use_measure()
+        anon = watch.peak_anon
     seconds = time.perf_counter() - start
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f'{label}: {seconds:.1f} s, peak {peak / 2**30:.2f} GiB ({measure}); '
-          f'process peak RSS so far {rss:.2f} GiB')
-    return out, dict(seconds=seconds, peak_gib=peak / 2**30, peak_rss_gib=rss)
+    extra = '' if device == 'cuda' else f', peak private resident (RssAnon) {anon / 2**30:.2f} GiB'
+    print(f'{label}: {seconds:.1f} s, peak {peak / 2**30:.2f} GiB ({measure}){extra}; '
+          f'process peak RSS (with mapped file pages) so far {rss:.2f} GiB')
+    stats = dict(seconds=seconds, peak_gib=peak / 2**30, peak_rss_gib=rss)
+    if device != 'cuda':
+        stats['peak_anon_gib'] = anon / 2**30
+    return out, stats
 
 
-def progress_bar(label: str) -> Callable[[int, int], None]:
-    from mmengine.utils import ProgressBar
-    bar: list = []
+def progress_bar(label: str, unit: str) -> Callable[[int, int], None]:
+    """``update(done, total)``: one line redrawn with the count, the rate and the time left."""
+    start: list = []
 
     def update(done: int, total: int) -> None:
-        if not bar:
-            print(f'{label}: {total} tiles')
-            bar.append(ProgressBar(total))
-        bar[0].update()
-        if done == total:
-            print()
+        now = time.perf_counter()
+        if not start:
+            start.extend([now, done - 1 if done else 0])
+        elapsed = now - start[0]
+        rate = (done - start[1]) / elapsed if elapsed > 0 else 0.0
+        left = (total - done) / rate if rate > 0 else float('nan')
+        end = '\n' if done >= total else ''
+        print(f'\r{label}: {done}/{total} {unit}, {elapsed:.0f} s, '
+              f'{f"{left:.0f} s left" if left == left else "..."}   ', end=end, flush=True)
     return update
 
 
 def write_mask(labels: torch.Tensor, path: str) -> None:
-    import mmcv
+    """A PNG of class indices (uint8, or uint16 past 256 classes), written whole."""
+    import cv2
+
+    from mmlinattn.rasters import atomic_output
     dtype = 'uint8' if int(labels.max()) < 256 else 'uint16'
-    if not mmcv.imwrite(labels.numpy().astype(dtype), path):
-        raise OSError(f'could not write {path}')
+    ok, data = cv2.imencode(osp.splitext(path)[1] or '.png', labels.numpy().astype(dtype))
+    if not ok:
+        raise OSError(f'could not encode {path}')
+    with atomic_output(path) as tmp, open(tmp, 'wb') as f:
+        f.write(data.tobytes())
     print(f'wrote {path} ({labels.shape[0]} x {labels.shape[1]} class indices, {dtype})')
 
 
-def write_detections(result: Any, classes: list, path: str) -> None:
+def is_pyramid_path(path: str) -> bool:
+    return path.lower().endswith(('.tif', '.tiff'))
+
+
+def detection_records(result: Any, classes: list, polygons: bool) -> list[dict]:
+    """COCO-style records (``bbox`` x, y, w, h in image pixels); with masks an RLE
+    ``segmentation``, or (``polygons``) the outline of the mask's largest part."""
+    import numpy as np
     inst = result.pred_instances
     boxes, scores, labels = inst.bboxes.cpu(), inst.scores.cpu(), inst.labels.cpu()
     masks = inst.masks.cpu().numpy() if 'masks' in inst else None
@@ -142,14 +207,34 @@ def write_detections(result: Any, classes: list, path: str) -> None:
                    category_id=int(labels[i]))
         if classes:
             rec['category'] = classes[int(labels[i])]
-        if masks is not None:
-            import numpy as np
+        if masks is not None and polygons:
+            import cv2
+            contours, _ = cv2.findContours(masks[i].astype(np.uint8), cv2.RETR_EXTERNAL,
+                                           cv2.CHAIN_APPROX_SIMPLE)
+            if contours:
+                largest = max(contours, key=cv2.contourArea)
+                if len(largest) >= 3:
+                    rec['polygon'] = largest[:, 0, :].astype(float).tolist()
+        elif masks is not None:
             from pycocotools import mask as mask_util
             rle = mask_util.encode(np.asfortranarray(masks[i].astype('uint8')))
             rec['segmentation'] = dict(size=rle['size'], counts=rle['counts'].decode())
         records.append(rec)
-    with open(path, 'w') as f:
-        json.dump(records, f)
+    return records
+
+
+def write_detections(result: Any, classes: list, path: str, reader: Any = None) -> None:
+    """``.geojson``: polygons in map coordinates (GeoTIFF) or level-0 image pixels;
+    otherwise a COCO-style JSON list."""
+    from mmlinattn.rasters import atomic_output, write_geojson
+    geo = path.lower().endswith('.geojson')
+    records = detection_records(result, classes, polygons=geo)
+    if geo:
+        scale = reader.downsample if reader is not None and reader.geo is None else 1.0
+        write_geojson(path, records, getattr(reader, 'geo', None), scale=scale)
+    else:
+        with atomic_output(path) as tmp, open(tmp, 'w') as f:
+            json.dump(records, f)
     print(f'wrote {path} ({len(records)} detections)')
 
 
@@ -183,7 +268,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _main(args: argparse.Namespace, li: Any, group: Any) -> dict:
-    image = load_image(args)
+    reader = open_reader(args)
+    print(reader.describe())
     model, scope = load_model(args.config, args.checkpoint, args.device)
     if group is not None:
         if scope != 'mmseg':
@@ -195,24 +281,68 @@ def _main(args: argparse.Namespace, li: Any, group: Any) -> dict:
         for t in list(model.parameters()) + list(model.buffers()):  # rank 0's weights
             dist.broadcast(t.data, group.global_rank(0), group=group.group)
     chunk = args.chunk_tokens or None
-    h, w = image.shape[1:]
+    h, w = reader.height, reader.width
     ranks = '' if group is None else f'; rank {group.rank} of {group.size} (rows split)'
     print(f'{osp.basename(args.config)}: {h} x {w} image; backbone '
           f'{"chunked, " + str(chunk) + " tokens a band" if chunk else "unchunked"}; '
-          f'tiles {args.tile} px, halo {args.halo} px{ranks}')
+          f'tiles {args.tile} px, halo {args.halo} px{ranks}'
+          f'{"; maps spilled to " + args.spill if args.spill else ""}')
     report: dict = dict(image=[h, w], chunk_tokens=chunk, tile=args.tile, halo=args.halo)
+    first = group is None or group.first
     if scope == 'mmseg':
-        (labels, info), report['ours'] = measured('whole-image (chunked)', args.device, lambda: (
-            li.segment_large(model, image, chunk, args.tile, args.halo,
-                             progress_bar('neck and head'), group=group)))
+        by_regions = not args.in_memory and chunk is not None
+        if not by_regions and (args.spill or args.skip_background or args.resume):
+            raise ValueError('--spill, --resume and --skip-background read the image by regions: '
+                             'they need the chunked backbone and no --in-memory')
+        image = None if by_regions else whole_image(reader)
+        tiles = progress_bar('neck and head', 'tiles')
+        if by_regions:
+            from mmlinattn.engine.large_files import FileOutputs, segment_file
+            pyramid = args.out if args.out and is_pyramid_path(args.out) else None
+            outputs = FileOutputs(pyramid, args.overlay, args.viewer, args.alpha)
+            settings = dict(config=osp.abspath(args.config), checkpoint=args.checkpoint)
+            (labels, info), report['ours'] = measured('whole-image (chunked, by regions)',
+                                                      args.device, lambda: segment_file(
+                model, reader, outputs, chunk_tokens=chunk, tile=args.tile, halo=args.halo,
+                spill=args.spill, resume=args.resume, background=args.skip_background,
+                nodata=args.nodata, progress=tiles,
+                blocks_progress=progress_bar('backbone', 'blocks'), group=group,
+                settings=settings))
+            for key in ('tissue', 'spill', 'resumed', 'write_s', 'viewer_page'):
+                if key in info:
+                    report['ours'][key] = info[key]
+            report['ours']['decoded_pixels'] = info['decoded_pixels']
+            print(f'  decoded {info["decoded_pixels"] / 1e6:.1f} Mpx of a {h * w / 1e6:.1f} Mpx '
+                  f'image; {info.get("spill", "nothing spilled")}')
+            for path in (pyramid, args.overlay, info.get('viewer_page')):
+                if path and first:
+                    print(f'wrote {path}')
+        else:
+            if args.overlay or args.viewer:
+                raise ValueError('--overlay and --viewer need the by-regions path (no '
+                                 '--in-memory, a chunked backbone)')
+            (labels, info), report['ours'] = measured(
+                'whole-image (chunked, in memory)' if chunk else 'whole-image (unchunked)',
+                args.device, lambda: li.segment_large(model, image, chunk, args.tile,
+                                                      args.halo, tiles, group=group))
         report['ours'].update(backbone_s=info['backbone_s'], head_s=info['head_s'])
         print(f'  backbone {info["backbone_s"]:.1f} s, neck and head by tiles '
               f'{info["head_s"]:.1f} s')
         if group is not None:
             report['ours']['rank'] = group.rank
             report['ours']['comm'] = group.stats.as_dict()
-        if args.out and (group is None or group.first):
-            write_mask(labels, args.out)
+        if args.out and first and not (by_regions and is_pyramid_path(args.out)):
+            if is_pyramid_path(args.out):
+                from mmlinattn.rasters import write_label_pyramid
+                classes = list((model.dataset_meta or {}).get('classes', ())) or [
+                    str(i) for i in range(model.decode_head.out_channels)]
+                write_label_pyramid(args.out, labels.numpy(), classes, geo=reader.geo,
+                                    mpp=reader.mpp)
+                print(f'wrote {args.out}')
+            else:
+                write_mask(labels, args.out)
+        if args.compare and image is None:
+            image = whole_image(reader)
         for mode in args.compare:
             if mode == 'whole':
                 (other, _), stats = measured("mmseg 'whole' (unchunked)", args.device,
@@ -229,15 +359,20 @@ def _main(args: argparse.Namespace, li: Any, group: Any) -> dict:
     else:
         if args.compare:
             raise ValueError('--compare is for segmenters (mmseg configs)')
+        if args.spill or args.skip_background or args.overlay or args.viewer or args.resume:
+            raise ValueError('--spill, --resume, --skip-background, --overlay and --viewer are '
+                             'for segmenters; a detector reads the whole image (its heads run on '
+                             'the whole pyramid)')
+        image = whole_image(reader)
         (result, info), report['ours'] = measured('whole-image detection', args.device, lambda: (
             li.detect_large(model, image, chunk, args.tile, args.halo, not args.no_masks,
-                            progress_bar('neck'))))
+                            progress_bar('neck', 'tiles'))))
         report['ours'].update(info)
         print(f'  backbone {info["backbone_s"]:.1f} s, neck by tiles {info["neck_s"]:.1f} s, '
               f'heads {info["heads_s"]:.1f} s; {len(result.pred_instances)} detections')
         if args.out:
             write_detections(result, list(model.dataset_meta.get('classes', ()))
-                             if getattr(model, 'dataset_meta', None) else [], args.out)
+                             if getattr(model, 'dataset_meta', None) else [], args.out, reader)
     return report
 
 

@@ -6,8 +6,10 @@
 # Creates .venv/ at the repository root and installs, pinned, the stack the
 # project runs on (torch 2.14.1, torchvision 0.29.1, mmengine 0.10.7, mmcv 2.1.0
 # with its compiled ops, mmdet 3.3.0, mmsegmentation 1.2.2, timm) and mmlinattn
-# itself in editable mode with its dev extras and the ONNX export/runtime stack
-# (onnx, onnxruntime, onnxscript: the deploy extra). Every step first checks whether
+# itself in editable mode with its dev extras, the ONNX export/runtime stack
+# (onnx, onnxruntime, onnxscript: the deploy extra) and the gigapixel file stack
+# (tifffile, OpenSlide: the large-images extra), plus OpenSeadragon (the deep-zoom
+# viewer's script, from its npm package, into .venv/share/openseadragon). Every step first checks whether
 # its result is already there, so a second run on a ready machine changes
 # nothing, and a run interrupted half-way is repaired by running it again.
 #
@@ -127,21 +129,41 @@ else
   pip_install "mmdet==$MMDET_VERSION" "mmsegmentation==$MMSEG_VERSION" ftfy regex
 fi
 
-step "6/7 mmlinattn (editable) with its dev, mm and deploy extras"
-if venv_check 'import mmlinattn, pytest, pytest_timeout, ruff, onnx, onnxruntime, onnxscript' \
+step "6/7 mmlinattn (editable) with its dev, mm, deploy and large-images extras"
+if venv_check 'import mmlinattn, pytest, pytest_timeout, ruff, onnx, onnxruntime, onnxscript, tifffile, openslide' \
    && [ "$(cd / && "$PY" -c 'import mmlinattn, os; print(os.path.dirname(os.path.dirname(os.path.abspath(mmlinattn.__file__))))' 2>/dev/null)" = "$ROOT" ]; then
   echo "  already installed from $ROOT"
 else
   # No build isolation: the venv's setuptools builds the editable install, so
   # nothing is fetched and the pins above are not re-resolved.
-  pip_install --no-build-isolation -e "$ROOT[dev,mm,deploy]"
+  pip_install --no-build-isolation -e "$ROOT[dev,mm,deploy,large-images]"
+fi
+
+OSD_VERSION=6.1.1
+OSD_DIR="$VENV/share/openseadragon"
+if [ -f "$OSD_DIR/openseadragon.js" ] && [ "$(cat "$OSD_DIR/VERSION" 2>/dev/null)" = "$OSD_VERSION" ]; then
+  echo "  OpenSeadragon $OSD_VERSION: already in $OSD_DIR"
+elif command -v npm >/dev/null; then
+  # The viewer page (tools/infer_large.py --viewer) serves OpenSeadragon from its own
+  # files; npm pack fetches the released package without installing anything.
+  OSD_TMP="$(mktemp -d)"
+  (cd "$OSD_TMP" && npm pack --silent "openseadragon@$OSD_VERSION" >/dev/null && tar xzf openseadragon-*.tgz)
+  rm -rf "$OSD_DIR" && mkdir -p "$OSD_DIR"
+  cp -r "$OSD_TMP/package/build/openseadragon/." "$OSD_DIR/"
+  cp "$OSD_TMP/package/LICENSE.txt" "$OSD_DIR/"
+  echo "$OSD_VERSION" > "$OSD_DIR/VERSION"
+  rm -rf "$OSD_TMP"
+  echo "  OpenSeadragon $OSD_VERSION installed in $OSD_DIR"
+else
+  echo "  npm not found: the --viewer page needs OpenSeadragon; install Node.js and rerun"
 fi
 
 step "7/7 verify"
 "$PY" - <<'PYCHECK' || fail "the environment does not import (see the traceback above)"
 import importlib
 for name in ('torch', 'torchvision', 'timm', 'mmengine', 'mmcv.ops', 'mmdet.models',
-             'mmseg.models', 'onnx', 'onnxruntime', 'onnxscript', 'mmlinattn'):
+             'mmseg.models', 'onnx', 'onnxruntime', 'onnxscript', 'tifffile', 'openslide',
+             'mmlinattn'):
     importlib.import_module(name)
     print(f'  import {name}: ok')
 import torch, mmcv, mmdet, mmseg, mmengine, mmlinattn

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import parallel as sp
-from ..models.backbones.base import chunked_inference
+from ..models.backbones.base import RowSource, chunked_inference
 from ..models.layers import DEFAULT_CHUNK_TOKENS
 from ..parallel import SpatialGroup
 
@@ -43,6 +43,9 @@ __all__ = ['SIZE_DIVISOR', 'Tile', 'feature_tiles', 'run_by_tiles', 'prepare_ima
 SIZE_DIVISOR = 64
 
 Progress = Optional[Callable[[int, int], None]]
+#: An image: ``(3, H, W) uint8`` BGR in memory, or a region reader
+#: (:class:`~mmlinattn.rasters.RegionReader`) decoded band by band.
+ImageInput = Any
 
 
 @dataclass(frozen=True)
@@ -162,12 +165,20 @@ def _psp_from(head: Any, psp_out: Optional[Tensor], current: list[Tile],
         del head.psp_forward  # the class's method again
 
 
-def _features(model: Any, image: Tensor, scope: str, chunk_tokens: Optional[int],
-              info: dict) -> tuple[Tensor, list, tuple[int, int], tuple[Tensor, ...], int]:
-    """The prepared input, its samples, the image size, the backbone's maps (chunked
-    when ``chunk_tokens``) and their finest stride; ``info['backbone_s']``: the time."""
+def _features(model: Any, image: ImageInput, scope: str, chunk_tokens: Optional[int],
+              info: dict) -> tuple[Any, list, tuple[int, int], tuple[Tensor, ...], int]:
+    """The prepared input (a tensor, or a :class:`RowSource` for a reader), its samples,
+    the image size, the backbone's maps (chunked when ``chunk_tokens``) and their
+    finest stride; ``info['backbone_s']``: the time."""
     start = time.perf_counter()
-    x, samples, size = prepare_image(model, image, scope)
+    if isinstance(image, Tensor):
+        x, samples, size = prepare_image(model, image, scope)
+    else:
+        if chunk_tokens is None:
+            raise ValueError('an image read from a file by regions needs the chunked backbone '
+                             '(chunk_tokens)')
+        x, size = row_source(model, image)
+        samples = []
     with (chunked_inference(model, chunk_tokens) if chunk_tokens is not None
           else contextlib.nullcontext()):
         feats = model.backbone(x)
@@ -175,51 +186,160 @@ def _features(model: Any, image: Tensor, scope: str, chunk_tokens: Optional[int]
     return x, samples, size, feats, x.shape[2] // feats[0].shape[2]
 
 
-def segment_large(model: Any, image: Tensor, chunk_tokens: Optional[int] = DEFAULT_CHUNK_TOKENS,
-                  tile: int = 2048, halo: int = 256, progress: Progress = None,
-                  keep_logits: bool = False, group: Optional[SpatialGroup] = None
-                  ) -> tuple[Tensor, dict]:
-    """Semantic segmentation of one whole image: ``(H, W)`` int32 labels and timings.
+def _padded(size: int) -> int:
+    return -(-size // SIZE_DIVISOR) * SIZE_DIVISOR
 
-    ``model`` an mmseg ``EncoderDecoder`` in eval mode; ``image (3, H, W) uint8``.
+
+def normalised_rows(model: Any, reader: Any, r0: int, r1: int, width: int) -> Tensor:
+    """Rows ``[r0, r1)`` of the padded, normalised input ``(1, 3, r1 - r0, width)``
+    computed from the image rows a reader decodes: the data preprocessor's per-pixel
+    normalisation of those rows alone, zeros below the image and right of it (as
+    :func:`prepare_image` pads the whole image)."""
+    stop = min(r1, reader.height)
+    out = torch.zeros(1, 3, r1 - r0, width)
+    if stop > r0:
+        band = torch.from_numpy(reader.read(r0, stop)).permute(2, 0, 1)
+        x = model.data_preprocessor(dict(inputs=[band]), False)['inputs']
+        out[:, :, :stop - r0, :reader.width] = x[:, :, :stop - r0, :reader.width]
+    return out
+
+
+def row_source(model: Any, reader: Any, bands: Optional[list[tuple[int, int]]] = None
+               ) -> tuple[RowSource, tuple[int, int]]:
+    """The model's padded, normalised input of a region reader's image as a
+    :class:`RowSource` (decoded band by band as the backbone's stem reads it) and the
+    image's ``(H, W)``."""
+    h, w = reader.height, reader.width
+    wp = _padded(w)
+    return RowSource((1, 3, _padded(h), wp), lambda r0, r1: normalised_rows(
+        model, reader, r0, r1, wp), bands), (h, w)
+
+
+def segment_large(model: Any, image: ImageInput,
+                  chunk_tokens: Optional[int] = DEFAULT_CHUNK_TOKENS, tile: int = 2048,
+                  halo: int = 256, progress: Progress = None, keep_logits: bool = False,
+                  group: Optional[SpatialGroup] = None, labels: Optional[Tensor] = None,
+                  resume: Optional[Resumable] = None) -> tuple[Tensor, dict]:
+    """Semantic segmentation of one whole image: ``(H, W)`` labels and timings.
+
+    ``model`` an mmseg ``EncoderDecoder`` in eval mode; ``image (3, H, W) uint8``, or a
+    region reader (:mod:`mmlinattn.rasters`), whose rows are decoded band by band as
+    the chunked backbone's stem reads them (the whole image is never decoded).
     The backbone runs chunked; the neck and decode head per ``tile x tile`` image
     pixels with ``halo`` pixels of context (both multiples of :data:`SIZE_DIVISOR`);
     the logits are upsampled (as mmseg: bilinear to the padded image) and arg-maxed
     band by band, so no full-resolution logit map exists (``keep_logits=True``, for
     small images and tests, also returns them as ``info['logits'] (classes, H, W)``).
 
+    ``labels``: an ``(H, W)`` integer tensor to write into (e.g. memory-mapped);
+    default a new int32 tensor. ``resume``: hooks of a resumable run (see
+    :class:`Resumable`): saved backbone maps, tile rows already done.
+
     ``group``: the image's rows split over these processes (spatial parallelism, every
-    rank passes the whole image): each normalises and runs the chunked backbone on its
-    band, fetches ``halo`` pixels of feature rows from its neighbours, decodes its own
-    tiles, and the labels are gathered on the group's first rank (the others return
-    their own rows, ``info['rows']``).
+    rank passes the whole image or a reader of it): each normalises and runs the chunked
+    backbone on its band, fetches ``halo`` pixels of feature rows from its neighbours,
+    decodes its own tiles, and the labels are gathered on the group's first rank (the
+    others return their own rows, ``info['rows']``). With ``labels`` given, each rank
+    writes its rows there and nothing is gathered.
     """
     if group is not None:
         return _segment_large_sharded(model, image, chunk_tokens, tile, halo, progress,
-                                      keep_logits, group)
+                                      keep_logits, group, labels, resume)
     _check_tiling(tile, halo)
     info: dict = {}
     with torch.no_grad():
-        x, _, (h, w), feats, stride = _features(model, image, 'mmseg', chunk_tokens, info)
-        del x
+        feats = resume.load_features() if resume is not None else None
+        if feats is None:
+            x, _, (h, w), feats, stride = _features(model, image, 'mmseg', chunk_tokens, info)
+            del x
+            if resume is not None:
+                resume.save_features(feats)
+        else:
+            h, w = _image_size(image)
+            stride = _padded(h) // feats[0].shape[2]
+            info['backbone_s'] = 0.0
         start = time.perf_counter()
         head = model.decode_head
-        psp_out = None
-        if hasattr(head, 'psp_forward'):  # UperNet: pyramid pooling is global
-            if model.with_neck:
-                raise NotImplementedError('a neck before a UperNet head is not supported')
-            psp_out = head.psp_forward(head._transform_inputs(list(feats)))
-        labels = torch.empty(h, w, dtype=torch.int32)
+        psp_out = _whole_pooling(model, feats)
+        if labels is None:
+            labels = torch.empty(h, w, dtype=torch.int32)
         logits_out = torch.empty(head.out_channels, h, w) if keep_logits else None
         decode = _tile_decoder(model, psp_out, feats[0].shape[2])
-
-        for t, (logits, ) in run_by_tiles(decode, feats, tile // stride, halo // stride,
-                                          progress):
-            _write_labels(labels, t, logits, stride, head.align_corners, logits_out)
+        finest_h = feats[0].shape[2]
+        count = _tile_counter(progress, finest_h, feats[0].shape[3], tile // stride, resume)
+        for r0, r1 in _tile_rows(finest_h, tile // stride, resume):
+            for t, (logits, ) in run_by_tiles(decode, feats, tile // stride, halo // stride,
+                                              band=(r0, r1, 0, finest_h)):
+                _write_labels(labels, t, logits, stride, head.align_corners, logits_out)
+                count()
+            if resume is not None:
+                resume.row_done(r0)
         info['head_s'] = time.perf_counter() - start
         if keep_logits:
             info['logits'] = logits_out
     return labels, info
+
+
+class Resumable:
+    """What a resumable run (:mod:`mmlinattn.engine.large_files`) gives
+    :func:`segment_large`: the backbone's maps saved by an earlier run (or None), a
+    place to save them, the tile rows (first finest-map row of each) already written,
+    and a call after each tile row is complete."""
+
+    def load_features(self) -> Optional[tuple[Tensor, ...]]:
+        return None
+
+    def save_features(self, feats: Sequence[Tensor]) -> None:
+        pass
+
+    def rows_done(self) -> set[int]:
+        return set()
+
+    def row_done(self, row: int) -> None:
+        pass
+
+
+def _tile_rows(height: int, tile: int, resume: Optional[Resumable]
+               ) -> Iterator[tuple[int, int]]:
+    """``[r0, r1)`` of each row of tiles of a ``height``-row finest map still to do."""
+    done = resume.rows_done() if resume is not None else set()
+    for r0 in range(0, height, tile):
+        if r0 not in done:
+            yield r0, min(height, r0 + tile)
+
+
+def _tile_counter(progress: Progress, height: int, width: int, tile: int,
+                  resume: Optional[Resumable], rows: Optional[tuple[int, int]] = None
+                  ) -> Callable[[], None]:
+    """A call per finished tile that reports ``progress(done, total)`` over every tile of
+    the map (or of ``rows``), counting those of tile rows done by an earlier run."""
+    r0, r1 = rows if rows is not None else (0, height)
+    across = -(-width // tile)
+    starts = range(r0, r1, tile)
+    done_rows = resume.rows_done() if resume is not None else set()
+    state = [across * sum(1 for r in starts if r in done_rows), across * len(starts)]
+
+    def count() -> None:
+        state[0] += 1
+        if progress is not None:
+            progress(state[0], state[1])
+    return count
+
+
+def _image_size(image: ImageInput) -> tuple[int, int]:
+    if isinstance(image, Tensor):
+        return tuple(image.shape[1:])
+    return image.height, image.width
+
+
+def _whole_pooling(model: Any, feats: Sequence[Tensor]) -> Optional[Tensor]:
+    """UperNet's pyramid pooling is global: computed once on the whole map (else None)."""
+    head = model.decode_head
+    if not hasattr(head, 'psp_forward'):
+        return None
+    if model.with_neck:
+        raise NotImplementedError('a neck before a UperNet head is not supported')
+    return head.psp_forward(head._transform_inputs(list(feats)))
 
 
 def _tile_decoder(model: Any, psp_out: Optional[Tensor], finest_height: int
@@ -264,25 +384,36 @@ def _write_labels(labels: Tensor, t: Tile, logits: Tensor, stride: int, align: b
                 logits_out[:, ys - row0:ye - row0, xs:xe] = up[:, :ye - ys, :xe - xs]
 
 
-def _segment_large_sharded(model: Any, image: Tensor, chunk_tokens: Optional[int], tile: int,
-                           halo: int, progress: Progress, keep_logits: bool,
-                           group: SpatialGroup) -> tuple[Tensor, dict]:
+def _segment_large_sharded(model: Any, image: ImageInput, chunk_tokens: Optional[int],
+                           tile: int, halo: int, progress: Progress, keep_logits: bool,
+                           group: SpatialGroup, labels_out: Optional[Tensor] = None,
+                           resume: Optional[Resumable] = None) -> tuple[Tensor, dict]:
     """:func:`segment_large` with the image's rows over ``group`` (see there)."""
     _check_tiling(tile, halo)
     info: dict = {}
-    h, w = image.shape[1:]
-    hp = -(-h // SIZE_DIVISOR) * SIZE_DIVISOR
+    h, w = _image_size(image)
+    hp = _padded(h)
     bands = sp.image_bands(hp, group.size, SIZE_DIVISOR)
     a, b = bands[group.rank]
     with torch.no_grad():
         start = time.perf_counter()
-        # The band is padded at the bottom (last rank) and right as the whole image is.
-        x, _, _ = prepare_image(model, image[:, a:min(b, h)], 'mmseg')
-        with chunked_inference(model, chunk_tokens) if chunk_tokens is not None else \
-                contextlib.nullcontext(), sp.spatial_parallel(group):
-            feats = model.backbone(x)
-        stride = x.shape[2] // feats[0].shape[2]  # of the finest map
-        del x
+        feats = resume.load_features() if resume is not None else None
+        if feats is None:
+            if isinstance(image, Tensor):
+                # The band is padded at the bottom (last rank) and right as the whole is.
+                x, _, _ = prepare_image(model, image[:, a:min(b, h)], 'mmseg')
+            else:  # each rank decodes only the rows its stem reads
+                if chunk_tokens is None:
+                    raise ValueError('an image read from a file by regions needs the chunked '
+                                     'backbone (chunk_tokens)')
+                x, _ = row_source(model, image, bands)
+            with chunked_inference(model, chunk_tokens) if chunk_tokens is not None else \
+                    contextlib.nullcontext(), sp.spatial_parallel(group):
+                feats = model.backbone(x)
+            del x
+            if resume is not None:
+                resume.save_features(feats)
+        stride = (b - a) // feats[0].shape[2]  # of the finest map
         info['backbone_s'] = time.perf_counter() - start
         start = time.perf_counter()
         head = model.decode_head
@@ -314,18 +445,30 @@ def _segment_large_sharded(model: Any, image: Tensor, chunk_tokens: Optional[int
             del f
         del feats
         rows_here = min(b, h) - a
-        labels = torch.empty(rows_here, w, dtype=torch.int32)
+        labels = (torch.empty(rows_here, w, dtype=torch.int32) if labels_out is None
+                  else labels_out[a:a + rows_here])
         logits_out = torch.empty(head.out_channels, rows_here, w) if keep_logits else None
         decode = _tile_decoder(model, psp_out, finest_total)
-
-        for t, (logits, ) in run_by_tiles(decode, ext, tile // stride, halo // stride, progress,
-                                          band=(a // stride, b // stride, lo, finest_total)):
-            _write_labels(labels, t, logits, stride, head.align_corners, logits_out, a, h)
+        own = (a // stride, b // stride)
+        count = _tile_counter(progress, finest_total, ext[0].shape[3], tile // stride, resume,
+                              own)
+        for r0, r1 in _tile_rows(finest_total, tile // stride, resume):
+            if r1 <= own[0] or r0 >= own[1]:
+                continue
+            for t, (logits, ) in run_by_tiles(decode, ext, tile // stride, halo // stride,
+                                              band=(max(r0, own[0]), min(r1, own[1]), lo,
+                                                    finest_total)):
+                _write_labels(labels, t, logits, stride, head.align_corners, logits_out, a, h)
+                count()
+            if resume is not None:
+                resume.row_done(r0)
         del ext, decode, psp_out
         info['head_s'] = time.perf_counter() - start
         info['rows'] = (a, a + rows_here)
         if keep_logits:
             info['logits'] = logits_out
+        if labels_out is not None:
+            return labels_out, info
         whole = sp.gather_rows_to(labels, 0, 0, group)
     return (whole if group.first else labels), info
 

@@ -25,6 +25,7 @@ from .maps import (
     image_bands,
     mean_tokens,
     resize,
+    resized_rows,
     source_rows,
     split_rows,
     strided_rows,
@@ -35,7 +36,7 @@ __all__ = [
     'RowSpans', 'all_reduce_sum', 'fetch_rows', 'gather_rows', 'own_rows', 'row_spans',
     'gather_rows_to', 'broadcast_tensor', 'summing_over',
     'CommStats', 'SpatialGroup', 'current_group', 'spatial_parallel', 'suspended',
-    'batch_norm', 'conv2d', 'global_sum', 'image_bands', 'mean_tokens', 'resize',
+    'batch_norm', 'conv2d', 'global_sum', 'image_bands', 'mean_tokens', 'resize', 'resized_rows',
     'source_rows', 'split_rows', 'strided_rows', 'strided_spans', 'gathered', 'halo_rows',
 ]
 

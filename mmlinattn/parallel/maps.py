@@ -29,7 +29,8 @@ from ..ops import conv2d_rows, conv_out_rows
 from .comm import RowSpans, all_reduce_sum, fetch_rows, gather_rows, own_rows, row_spans
 from .group import SpatialGroup, current_group, suspended
 
-__all__ = ['image_bands', 'strided_spans', 'strided_rows', 'conv2d', 'resize', 'batch_norm',
+__all__ = ['image_bands', 'strided_spans', 'strided_rows', 'conv2d', 'resize', 'resized_rows',
+           'batch_norm',
            'global_sum', 'mean_tokens', 'source_rows', 'split_rows', 'halo_rows', 'gathered']
 
 
@@ -161,6 +162,18 @@ def resize(x: Tensor, out_spans: RowSpans, width: int, mode: str = 'bilinear',
     # The same height in and out: interpolate reads each row as it is (weight 1, 0).
     return F.interpolate(rows, size=(rows.shape[2], width), mode=mode,
                          align_corners=align_corners if mode == 'bilinear' else None)
+
+
+def resized_rows(src: Tensor, size: tuple[int, int], r0: int, r1: int) -> Tensor:
+    """Rows ``[r0, r1)`` of a bilinear (``align_corners=False``) resize of the small NCHW
+    map ``src`` to ``size``, computed without the whole output: columns first (a
+    ``(src rows, W)`` map), then each output row blended from its two source rows.
+    Equal to the whole resize up to float rounding (about 1e-7 relative)."""
+    h, w = size
+    cols = F.interpolate(src, size=(src.shape[2], w), mode='bilinear', align_corners=False)
+    i0, i1, lam = source_rows(src.shape[2], h, 'bilinear', False)
+    i0, i1, lam = i0[r0:r1], i1[r0:r1], lam[r0:r1].to(src.dtype).view(1, 1, -1, 1)
+    return cols.index_select(2, i0) * (1 - lam) + cols.index_select(2, i1) * lam
 
 
 def global_sum(t: Tensor, g: SpatialGroup) -> Tensor:

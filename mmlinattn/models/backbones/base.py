@@ -27,18 +27,59 @@ from ...checkpoint import (
     load_state_dict_checked,
     safe_load,
 )
-from ...parallel import SpatialGroup, current_group, own_rows, row_spans, strided_rows
+from ...parallel import (
+    RowSpans,
+    SpatialGroup,
+    current_group,
+    own_rows,
+    resized_rows,
+    row_spans,
+    strided_rows,
+    strided_spans,
+)
 from ..layers import (
     DEFAULT_CHUNK_TOKENS,
     band_rows,
     chunked_block,
     chunked_embed,
     fill_rows,
+    row_bands,
     run_block,
 )
 from ..layers.weight_init import init_transformer_weights
 
-__all__ = ['InLineBackbone', 'chunked_inference', 'init_transformer_weights', 'resolve_arch']
+__all__ = ['InLineBackbone', 'RowSource', 'chunked_inference', 'init_transformer_weights',
+           'resolve_arch']
+
+
+class RowSource:
+    """An NCHW input the backbone never holds whole: ``read(r0, r1)`` returns its rows
+    ``[r0, r1)`` as ``(B, C, r1 - r0, W)``, e.g. normalised bands decoded from a file.
+
+    Accepted by a chunked backbone's first embedding (``forward(RowSource(...))``),
+    which reads the rows each band of its output needs; ``shape`` and ``dim()`` are a
+    tensor's, for the checks a backbone makes on its input.
+    """
+
+    def __init__(self, shape: Sequence[int], read: Callable[[int, int], Tensor],
+                 bands: Optional[Sequence[tuple[int, int]]] = None) -> None:
+        if len(shape) != 4:
+            raise ValueError(f'RowSource: an NCHW shape is needed, got {tuple(shape)}')
+        self.shape = torch.Size(shape)
+        self.read = read
+        self.bands = None if bands is None else list(bands)
+
+    def dim(self) -> int:
+        return 4
+
+    def rows(self, r0: int, r1: int) -> Tensor:
+        """Rows ``[r0, r1)``, checked to be what was asked for."""
+        band = self.read(r0, r1)
+        expected = (self.shape[0], self.shape[1], r1 - r0, self.shape[3])
+        if tuple(band.shape) != expected:
+            raise RuntimeError(f'RowSource: rows {r0}:{r1} came back as {tuple(band.shape)}, '
+                               f'expected {expected}')
+        return band
 
 
 def _check_chunk_tokens(chunk_tokens: Optional[int]) -> Optional[int]:
@@ -249,9 +290,38 @@ class InLineBackbone(BaseModule):
         this rank's output rows from its input rows and a few of its neighbours' when
         spatially sharded."""
         group = current_group()
+        if isinstance(x, RowSource):
+            if not self.chunking:
+                raise ValueError('a RowSource input needs chunked inference '
+                                 '(chunked_inference(model), eval mode, no autograd)')
+            if group is None:
+                return embed_from_rows(module, x, self.chunk_tokens)
+            if x.bands is None or len(x.bands) != group.size:
+                raise ValueError('a sharded RowSource needs one band of input rows per rank')
+            spans = RowSpans(tuple(a for a, _ in x.bands) + (x.shape[2], ), group.rank)
+            out = strided_spans(spans, module.row_geometry[2], module.rows_out(x.shape[2]))
+            return embed_from_rows(module, x, self.chunk_tokens, out.mine)
         if group is not None:  # this rank's output rows in one piece, chunked or not
             return sharded_embed(module, x, group)
         return chunked_embed(module, x, self.chunk_tokens) if self.chunking else module(x)
+
+    def add_positions(self, x: Tensor, table: Callable[[], Tensor], size: tuple[int, int],
+                      whole: Callable[[int], Tensor]) -> Tensor:
+        """``x (B, h, W, C) + positions`` for a map of which this process holds ``h`` rows.
+
+        Chunked, in place and band by band from the small NCHW ``table()`` resized
+        bilinearly to ``size`` (the whole map; :func:`resized_rows`), so no whole
+        position map is ever allocated. Otherwise ``x + rows_of_whole(whole, h)``.
+        """
+        if not self.chunking:
+            return x + self.rows_of_whole(whole, x.shape[1])
+        group = current_group()
+        start = 0 if group is None else row_spans(x.shape[1], group).mine[0]
+        src = table()
+        for r0, r1 in row_bands(x.shape[1], band_rows(self.chunk_tokens, x.shape[2])):
+            pos = resized_rows(src, size, start + r0, start + r1)
+            x[:, r0:r1] += pos.permute(0, 2, 3, 1).to(x.dtype)
+        return x
 
     @staticmethod
     def rows_of_whole(whole: Callable[[int], Tensor], rows: int, dim: int = 1) -> Tensor:
@@ -295,6 +365,28 @@ class InLineBackbone(BaseModule):
             else:
                 outs.append(self.to_nchw(norm(out)))
         return tuple(outs)
+
+
+def embed_from_rows(module: nn.Module, x: RowSource, chunk_tokens: int,
+                    out_rows: Optional[tuple[int, int]] = None) -> Tensor:
+    """``module`` (an embedding with ``row_geometry`` on NCHW input) on a :class:`RowSource`,
+    band by band as :func:`chunked_embed` cuts them, each band reading only its rows;
+    ``out_rows=(o0, o1)``: only those output rows (a rank's share)."""
+    if not hasattr(module, 'row_geometry') or module.row_geometry[0] != 2:
+        raise ValueError(f'{type(module).__name__} cannot read its input by rows: it does not '
+                         'declare row_geometry on an NCHW input')
+    _, kernel, stride, padding = module.row_geometry
+    height = x.shape[2]
+
+    def band(r0: int, r1: int) -> Tensor:
+        lo = max(0, r0 * stride - padding)
+        hi = min(height, (r1 - 1) * stride - padding + kernel)
+        return module.forward_rows(x.rows(lo, hi), r0, r1, offset=lo, height=height)
+
+    width = module.rows_out(x.shape[3])  # the same geometry along the columns
+    o0, o1 = out_rows if out_rows is not None else (0, module.rows_out(height))
+    return fill_rows(o1 - o0, band_rows(chunk_tokens, width),
+                     lambda r0, r1: band(o0 + r0, o0 + r1))
 
 
 def sharded_embed(module: nn.Module, x: Tensor, group: SpatialGroup) -> Tensor:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ...ops import exporting
 from ...ops.inline import KernelArg
+from ...parallel import current_group, row_spans
 from ..family import BackboneFamily, BenchmarkVariant, ReleasedModel, register_family
 from ..layers import ClassifierHead, InLineAttention, PatchEmbed, TransformerBlock
 from .base import InLineBackbone
@@ -157,12 +158,16 @@ class InLinePVT(InLineBackbone):
         outs = []
         for i in range(self.num_stages):
             x = self.embed(getattr(self, f'patch_embed{i + 1}'), x)
-            pos = self.rows_of_whole(
-                lambda h, i=i, w=x.shape[2]: resize_pos_embed(
-                    getattr(self, f'pos_embed{i + 1}'), self.pos_grids[i], (h, w)), x.shape[1])
-            # Chunked: add in place, not one more map (x is the embedding's own output).
-            x = getattr(self, f'pos_drop{i + 1}')(x.add_(pos) if self.chunking else x + pos)
-            del pos
+            h = x.shape[1] if current_group() is None else row_spans(x.shape[1],
+                                                                      current_group()).total
+            table = getattr(self, f'pos_embed{i + 1}')
+            grid = self.pos_grids[i]
+            # Chunked: added in place band by band (x is the embedding's own output).
+            x = self.add_positions(
+                x, lambda t=table, g=grid: t.reshape(1, *g, -1).permute(0, 3, 1, 2),
+                (h, x.shape[2]),
+                lambda rows, w=x.shape[2], t=table, g=grid: resize_pos_embed(t, g, (rows, w)))
+            x = getattr(self, f'pos_drop{i + 1}')(x)
             for block in getattr(self, f'block{i + 1}'):
                 x = self.run_block(block, x)
             outs.append(x)

@@ -13,6 +13,7 @@ from .chunked import (
     conv_out_rows,
     fill_rows,
     linear_slice,
+    row_bands,
 )
 from .embed import PatchEmbed, PatchMerging
 from .head import ClassifierHead
@@ -27,5 +28,5 @@ __all__ = [
     'LocalResidual', 'masked_mean', 'RegionGrid', 'attend_heads', 'ClassifierHead',
     'init_transformer_weights', 'Mlp', 'gelu_mlp', 'DEFAULT_CHUNK_TOKENS', 'BandPlan',
     'InLineBlockParts', 'band_rows', 'chunked_block', 'chunked_embed', 'conv2d_rows',
-    'conv_out_rows', 'fill_rows', 'linear_slice', 'window_region'
+    'conv_out_rows', 'fill_rows', 'linear_slice', 'row_bands', 'window_region'
 ]

@@ -18,7 +18,9 @@ bands of rows:
 
 Peak memory is then the block's input and output maps plus one band's
 temporaries, instead of the qkv and MLP expansions (3x and 4-8x a map) of the
-whole map. Results equal the ordinary forward up to the order of float sums.
+whole map. Whole maps are allocated by :func:`~mmlinattn.utils.spill.new_map`, so
+within :func:`~mmlinattn.utils.spill.spill_maps` they live in files on disk and
+the memory in use is a few bands. Results equal the ordinary forward up to the order of float sums.
 Inference only: with autograd on, the ordinary forward runs.
 """
 from __future__ import annotations
@@ -40,6 +42,7 @@ from ...parallel import (
     row_spans,
     summing_over,
 )
+from ...utils.spill import new_map
 from .regions import merge_heads, split_heads
 
 __all__ = ['InLineBlockParts', 'BandPlan', 'row_bands', 'band_rows', 'fill_rows',
@@ -120,7 +123,7 @@ def fill_rows(height: int, rows: int, fn: Callable[[int, int], Tensor], dim: int
         if out is None:
             shape = list(part.shape)
             shape[dim] = height
-            out = part.new_empty(shape)
+            out = new_map(shape, part.dtype, part.device)
         out.narrow(dim, r0, r1 - r0).copy_(part)
     return out
 
@@ -215,7 +218,7 @@ def _global_inline(parts: InLineBlockParts, x: Tensor, hw: tuple[int, int], num_
         return xc + parts.drop_path(parts.mlp(parts.norm2(xc)))
 
     # Pass 2: outputs; the 3x3 terms read one halo row above and below each band.
-    out = torch.empty_like(x)
+    out = new_map(x.shape, x.dtype, x.device)
     if num_prefix:
         out[:, :num_prefix] = finish(prefix, parts.norm1(prefix), None)
     for r0, r1 in row_bands(h, rows):

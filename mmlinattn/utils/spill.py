@@ -1,0 +1,147 @@
+"""Feature maps on disk: memory-mapped tensors for maps larger than memory.
+
+At 32768^2 pixels the four output maps of a PVT-S backbone alone are 31 GiB in
+fp32, more than the machine holds. Inside :func:`spill_maps`, every map that
+chunked inference allocates whole (a block's output, an embedding's output, a
+stage's NCHW copy) and that is at least ``min_bytes`` comes from
+:func:`new_map` as a tensor backed by a file in the spill folder, mapped shared:
+the computation writes and reads it band by band, and the kernel keeps in memory
+only the pages in use (clean pages are dropped under pressure; nothing is
+private memory). The values are the same as in memory: only where the bytes live
+changes.
+
+A map's file is removed when its tensor is freed; :meth:`SpillStore.keep` keeps
+one under a name (a run's outputs, for ``--resume``), and :func:`spill_maps`
+clears the files a killed run left in its folder.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import os.path as osp
+import tempfile
+import weakref
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ['SpillStore', 'spill_maps', 'current_spill', 'new_map', 'persistent_map',
+           'open_persistent_map']
+
+
+@dataclass
+class SpillStore:
+    """Where spilled maps go: ``folder``; maps of at least ``min_bytes`` spill.
+    ``spilled_bytes``/``peak_bytes``: bytes created so far and the most mapped at once."""
+
+    folder: str
+    min_bytes: int = 64 * 2**20
+    spilled_bytes: int = 0  # every map ever spilled
+    live_bytes: int = 0
+    peak_bytes: int = 0
+    files: int = 0
+    _live: dict = field(default_factory=dict, repr=False)
+
+    def allocate(self, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
+        """An uninitialised CPU tensor of ``shape`` backed by a fresh file, removed when
+        the tensor is freed (unless :meth:`keep` names it first)."""
+        fd, path = tempfile.mkstemp(prefix='map-', suffix='.bin', dir=self.folder)
+        os.close(fd)
+        try:
+            t = _map_file(path, shape, dtype, create=True)
+        except BaseException:
+            os.unlink(path)
+            raise
+        nbytes = t.numel() * t.element_size()
+        self.files += 1
+        self.spilled_bytes += nbytes
+        self.live_bytes += nbytes
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        # Freeing the tensor removes the file (a view that outlives it keeps the mapping,
+        # and the kernel the disk, until it goes too).
+        self._live[id(t)] = (path, nbytes, weakref.finalize(t, self._release, id(t)))
+        return t
+
+    def keep(self, t: Tensor, dest: str) -> None:
+        """Keep the file of a spilled map ``t`` as ``dest`` (a run's outputs, reopened
+        by :func:`open_persistent_map` on ``--resume``)."""
+        entry = self._live.get(id(t))
+        if entry is None:
+            raise ValueError('keep(): the tensor is not a map allocated by this store')
+        path, _, finalizer = entry
+        finalizer.detach()
+        os.replace(path, dest)
+        self._live[id(t)] = (dest, entry[1], weakref.finalize(t, self._forget, id(t)))
+
+    def _forget(self, key: int) -> None:
+        self.live_bytes -= self._live.pop(key, ('', 0))[1]
+
+    def _release(self, key: int) -> None:
+        path, nbytes, _ = self._live.pop(key, ('', 0, None))
+        self.live_bytes -= nbytes
+        if path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
+_CURRENT: list[SpillStore] = []
+
+
+def current_spill() -> Optional[SpillStore]:
+    """The active :class:`SpillStore`, or None."""
+    return _CURRENT[-1] if _CURRENT else None
+
+
+@contextlib.contextmanager
+def spill_maps(folder: str, min_bytes: int = 64 * 2**20) -> Iterator[SpillStore]:
+    """Within the block, :func:`new_map` puts maps of ``min_bytes`` or more in ``folder``."""
+    os.makedirs(folder, exist_ok=True)
+    for name in os.listdir(folder):  # maps of a run that was killed: never reused
+        if name.startswith('map-') and name.endswith('.bin'):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(osp.join(folder, name))
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f'spill folder {folder} is not writable')
+    store = SpillStore(folder, min_bytes)
+    _CURRENT.append(store)
+    try:
+        yield store
+    finally:
+        _CURRENT.remove(store)
+
+
+def new_map(shape: Sequence[int], dtype: torch.dtype, device: torch.device | str = 'cpu'
+            ) -> Tensor:
+    """An uninitialised tensor for a whole map: on disk when a spill is active, the map
+    is on the CPU and at least the store's ``min_bytes``; else ``torch.empty``."""
+    store = current_spill()
+    nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    if store is None or torch.device(device).type != 'cpu' or nbytes < store.min_bytes:
+        return torch.empty(tuple(shape), dtype=dtype, device=device)
+    return store.allocate(shape, dtype)
+
+
+def persistent_map(path: str, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
+    """A tensor backed by the file ``path`` (created, zero-filled by the file system),
+    which stays after the run."""
+    return _map_file(path, shape, dtype, create=True)
+
+
+def open_persistent_map(path: str, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
+    """The tensor of an existing :func:`persistent_map` file; its size must match."""
+    expected = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    if not osp.isfile(path) or osp.getsize(path) != expected:
+        raise FileNotFoundError(f'{path}: missing or not {expected} bytes')
+    return _map_file(path, shape, dtype, create=False)
+
+
+def _map_file(path: str, shape: Sequence[int], dtype: torch.dtype, create: bool) -> Tensor:
+    numel = torch.Size(shape).numel()
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if create:
+        with open(path, 'r+b' if osp.exists(path) else 'w+b') as f:
+            f.truncate(nbytes)  # sparse: the disk fills as bands are written
+    flat = torch.from_file(path, shared=True, size=numel, dtype=dtype)
+    return flat.view(tuple(shape))
