@@ -311,9 +311,10 @@ def _main(args: argparse.Namespace, li: Any, group: Any) -> dict:
             for key in ('tissue', 'spill', 'resumed', 'write_s', 'viewer_page'):
                 if key in info:
                     report['ours'][key] = info[key]
-            report['ours']['decoded_pixels'] = info['decoded_pixels']
-            print(f'  decoded {info["decoded_pixels"] / 1e6:.1f} Mpx of a {h * w / 1e6:.1f} Mpx '
-                  f'image; {info.get("spill", "nothing spilled")}')
+            decoded = info['decoded_pixels_model']
+            report['ours']['decoded_pixels'] = decoded
+            print(f'  the prediction decoded {decoded / 1e6:.3f} Mpx of a {h * w / 1e6:.3f} Mpx '
+                  f'image, a band at a time; {info.get("spill", "nothing spilled")}')
             for path in (pyramid, args.overlay, info.get('viewer_page')):
                 if path and first:
                     print(f'wrote {path}')

@@ -23,7 +23,8 @@ import sys
 import threading
 from typing import Callable, Optional
 
-__all__ = ['heap_in_use_bytes', 'anon_rss_bytes', 'in_use_measure', 'MemoryWatch', 'machine_memory_bytes']
+__all__ = ['heap_in_use_bytes', 'anon_rss_bytes', 'in_use_measure', 'MemoryWatch',
+           'machine_memory_bytes']
 
 
 class _MallInfo2(ctypes.Structure):

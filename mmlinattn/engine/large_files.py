@@ -173,15 +173,13 @@ def segment_file(model: Any, reader: RegionReader, outputs: FileOutputs, *,
     the rest is ``nodata``. ``settings``: what else must match for ``resume``
     (the config, the weights). ``group``: spatial parallelism; every rank passes a
     reader of the same file and reads only its rows, spills only its maps, and
-    writes its rows of the labels file in ``spill`` (a folder all ranks see); the
-    group's first rank writes the outputs. Returns the labels (a tensor, memory
+    writes its rows of the labels file in ``spill`` (a folder all ranks see; without
+    ``spill`` the labels are gathered in the first rank's memory); the group's first
+    rank writes the outputs. Returns the labels (a tensor, memory
     mapped with ``spill``) and an info dict (timings, bytes, pixels decoded).
     """
     if resume and not spill:
         raise ValueError('--resume needs --spill DIR (the run is kept there)')
-    if group is not None and not spill:
-        raise ValueError('spatially parallel file inference needs --spill DIR, a folder every '
-                         'rank can write (the labels are assembled there)')
     classes = list(getattr(model, 'dataset_meta', None) and model.dataset_meta.get('classes')
                    or [str(i) for i in range(model.decode_head.out_channels)])
     palette = (getattr(model, 'dataset_meta', None) or {}).get('palette') or \
