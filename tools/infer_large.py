@@ -93,6 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--no-masks', action='store_true',
                    help='detectors: skip the mask head (mmdet pastes each mask at image size)')
     p.add_argument('--device', choices=['cpu', 'cuda'], default='cpu')
+    p.add_argument('--report', metavar='JSON', help='also write the measurements to this file')
     args = p.parse_args(argv)
     if (args.image is None) == (args.synthetic is None):
         p.error('give either IMAGE or --synthetic H W')
@@ -259,7 +260,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     group = spatial_group(args.device)
     try:
-        return _main(args, li, group)
+        report = _main(args, li, group)
+        if args.report and (group is None or group.first):
+            with open(args.report, 'w') as f:
+                json.dump(report, f, indent=1, default=str)
+        return report
     finally:
         if group is not None:
             import torch.distributed as dist

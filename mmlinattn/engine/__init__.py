@@ -5,7 +5,8 @@ registered in the mmlinattn, mmdet and mmseg registries; model wrappers for
 distributed training (``CPUDistributedDataParallel``, ``SpatialParallelWrapper`` with
 ``SpatialGroupSampler``: :mod:`.spatial`); building models and reading weights
 (:mod:`.build`); ONNX export (:mod:`.deploy`); whole-image inference on large images
-(:mod:`.large_image`); what the train/test tools share (:mod:`.launch`).
+(:mod:`.large_image`), from image files read by regions into pyramidal outputs
+(:mod:`.large_files`); what the train/test tools share (:mod:`.launch`).
 """
 from ..registry import register_into_openmmlab
 from .distributed import CPUDistributedDataParallel
