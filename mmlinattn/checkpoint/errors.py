@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 __all__ = [
-    'CheckpointError', 'CheckpointFormatError', 'UnsafeCheckpointError', 'CheckpointMismatchError'
+    'CheckpointError', 'CheckpointFormatError', 'UnsafeCheckpointError', 'CheckpointMismatchError',
+    'NoStateDictError', 'WeightsOnlyError'
 ]
 
 
@@ -31,3 +32,23 @@ class UnsafeCheckpointError(CheckpointError):
 
 class CheckpointMismatchError(CheckpointError):
     """A checkpoint whose tensors do not fit the model."""
+
+
+class NoStateDictError(CheckpointError, ValueError):
+    """A readable file that holds no state dict (no ``state_dict``/``model`` entry of
+    tensors, nor a plain dict of tensors). Also a ``ValueError``, as it was before."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f'{path}: holds no state dict: {problem}')
+        self.path = path
+        self.problem = problem
+
+
+class WeightsOnlyError(CheckpointError):
+    """A weights-only file (safetensors) where a runner checkpoint is needed (``resume``:
+    the optimizer, scheduler and iteration are not in it)."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f'{path}: {problem}')
+        self.path = path
+        self.problem = problem

@@ -30,6 +30,7 @@ from typing import Any, BinaryIO, Callable, Mapping, Optional, Union
 import torch
 
 from .errors import CheckpointError, CheckpointFormatError, UnsafeCheckpointError
+from .safetensors_io import is_safetensors, read_safetensors
 from .unpickler import RestrictedUnpickler, StorageRef, StorageType, UntrustedObject
 
 __all__ = ['read_checkpoint', 'safe_load', 'relocate', 'MAGIC_NUMBER']
@@ -340,8 +341,11 @@ def safe_load(path: Union[PathLike, BinaryIO], map_location: MapLocation = 'cpu'
     Objects of other types come back as :class:`~.unpickler.UntrustedObject`
     stand-ins (their names are logged), so a released checkpoint's ``model``
     entry loads while its pickled config object stays inert. See
-    :func:`read_checkpoint` for what is refused.
+    :func:`read_checkpoint` for what is refused. A safetensors file (by its name or
+    its header) is read by :func:`~.safetensors_io.read_safetensors`: its state dict.
     """
+    if isinstance(path, (str, os.PathLike)) and is_safetensors(path):
+        return relocate(read_safetensors(path)[0], map_location)
     obj, refused = read_checkpoint(path)
     if refused:
         logger.info('safe_load(%s): kept %d untrusted pickled type(s) inert: %s',

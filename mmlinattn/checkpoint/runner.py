@@ -22,6 +22,8 @@ from functools import cache
 from typing import Any, Union
 
 from .reader import MapLocation, read_checkpoint, relocate
+from .safetensors_io import is_safetensors, read_safetensors
+from .state_dict import extract_state_dict
 
 __all__ = ['allow_runner_checkpoint_types', 'load_runner_checkpoint', 'use_safe_checkpoint_loader']
 
@@ -128,13 +130,22 @@ def load_runner_checkpoint(filename: Union[str, os.PathLike],
     Tensors, containers and the runner's own types are rebuilt; any other
     pickled object stays an inert stand-in (its name is logged); TorchScript
     archives and malformed files are refused (see :mod:`.reader`).
-    ``map_location`` as in ``torch.load``.
+    ``map_location`` as in ``torch.load``. A safetensors file gives
+    ``{'state_dict': ..., 'meta': {'safetensors': metadata}}`` (weights only). A file
+    with no state dict in it raises :class:`~.errors.NoStateDictError`.
     """
+    path = os.path.expanduser(os.fspath(filename))
+    if is_safetensors(path):  # weights only: what load_from needs, not what resume needs
+        state, metadata = read_safetensors(path)
+        return relocate(dict(state_dict=state, meta=dict(safetensors=metadata)), map_location)
     names, build_types = _runner_globals()
-    obj, refused = read_checkpoint(os.path.expanduser(os.fspath(filename)), names, build_types)
+    obj, refused = read_checkpoint(path, names, build_types)
     if refused:
         logger.warning('%s: kept %d pickled type(s) inert: %s', filename, len(refused),
                        ', '.join(sorted(refused)))
+    # mmengine would load a file without weights as an all-missing state dict, with only
+    # a warning: refuse it here, naming the file.
+    extract_state_dict(obj, source=path)
     return relocate(obj, map_location)
 
 

@@ -7,7 +7,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 from torch import nn
 
-from .errors import CheckpointMismatchError
+from .errors import CheckpointMismatchError, NoStateDictError
 from .unpickler import UntrustedObject
 
 __all__ = [
@@ -23,8 +23,9 @@ DERIVED_BUFFER_SUFFIXES = ('relative_position_index', 'attn_mask')
 def extract_state_dict(checkpoint: Any, source: str = 'checkpoint') -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint: its ``state_dict``/``model``/``model_ema`` entry, or itself.
 
-    ``module.`` prefixes (DataParallel) are stripped. Raises ``ValueError`` when
-    no tensor dictionary is found, and :class:`CheckpointMismatchError` when an
+    ``module.`` prefixes (DataParallel) are stripped. Raises :class:`NoStateDictError`
+    (a ``ValueError`` too) when no tensor dictionary is found, and
+    :class:`CheckpointMismatchError` when an
     entry is a tensor in a form the safe reader does not rebuild (it would
     otherwise vanish silently).
     """
@@ -35,8 +36,8 @@ def extract_state_dict(checkpoint: Any, source: str = 'checkpoint') -> dict[str,
                 sd = sd[key]
                 break
     if not isinstance(sd, Mapping) or not any(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f'{source} holds no state dict (looked for a "state_dict" or "model" '
-                         'entry of tensors, or a plain dict of tensors)')
+        raise NoStateDictError(source, 'looked for a "state_dict" or "model" entry of tensors, '
+                               f'or a plain dict of tensors; found {_describe(checkpoint)}')
     unreadable = [f'{k} ({v.qualname})' for k, v in sd.items() if isinstance(v, UntrustedObject)]
     if unreadable:
         raise CheckpointMismatchError(
@@ -48,6 +49,12 @@ def extract_state_dict(checkpoint: Any, source: str = 'checkpoint') -> dict[str,
         if isinstance(v, torch.Tensor):
             out[k[len('module.'):] if k.startswith('module.') else k] = v
     return out
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, Mapping):
+        return f'a dict with keys {_abbrev([str(k) for k in obj], 6)}'
+    return f'a {type(obj).__name__}'
 
 
 def drop_derived_buffers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

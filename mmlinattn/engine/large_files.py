@@ -210,9 +210,12 @@ def segment_file(model: Any, reader: RegionReader, outputs: FileOutputs, *,
         info['resumed'] = run.resumed
     with contextlib.ExitStack() as stack:
         store = stack.enter_context(run.spilling(min_spill_bytes)) if run else None
-        labels = None
         if run is not None:
             labels = _shared_labels(run, spill, (src.height, src.width), dtype, group)
+        elif group is None:
+            labels = torch.empty(src.height, src.width, dtype=dtype)
+        else:  # gathered on the first rank
+            labels = None
         with _counting_blocks(model, blocks_progress):
             labels, seg = segment_large(model, src, chunk_tokens, tile, halo, progress,
                                         group=group, labels=labels, resume=run)

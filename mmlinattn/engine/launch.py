@@ -144,9 +144,15 @@ def build_runner(cfg: Config) -> Any:
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
 
-    from ..checkpoint import use_safe_checkpoint_loader
+    from ..checkpoint import WeightsOnlyError, is_safetensors, use_safe_checkpoint_loader
 
     use_safe_checkpoint_loader()
+    load_from = cfg.get('load_from')
+    if cfg.get('resume') and load_from and os.path.isfile(load_from) and \
+            is_safetensors(load_from):
+        raise WeightsOnlyError(load_from, 'a safetensors file holds weights only; resume needs '
+                               "the runner's .pth (optimizer, scheduler, iteration). Use it as "
+                               'load_from (tools/test.py, or train without --resume)')
     if 'runner_type' not in cfg:
         return Runner.from_cfg(cfg)
     return RUNNERS.build(cfg)
