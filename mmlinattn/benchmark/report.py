@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from .runner import FAILED, SweepConfig, environment
 
-__all__ = ['tables', 'ratios', 'plot', 'max_size_table', 'write_outputs']
+__all__ = ['tables', 'ratios', 'plot', 'max_size_table', 'write_outputs', 'verdict']
 
 
 def _cell(case: dict) -> str:
@@ -184,6 +184,63 @@ def max_size_table(results: list[dict]) -> str:
     return '\n'.join(lines + notes)
 
 
+def _gib(mib: float) -> str:
+    return f'{mib / 1024:.2f} GiB' if mib >= 1024 else f'{mib:.0f} MiB'
+
+
+def verdict(results: list[dict], pairs: list[tuple[str, str]]) -> Optional[str]:
+    """Two or three sentences computed from one sweep's results: the largest size where
+    every contender ran, each (ours, theirs) pair's speed and memory ratios there, and
+    how each pair's time grew from the size before (per 4x pixels). None when no pair
+    of ``pairs`` ran at a common size."""
+    ok = {(c['contender'], c['size']): c for c in results if c.get('status') == 'ok'}
+    names = list(dict.fromkeys(c['contender'] for c in results))
+    sizes = sorted({c['size'] for c in results})
+    complete = [s for s in sizes if all((n, s) in ok for n in names)]
+    present = [(a, b) for a, b in pairs if a in names and b in names]
+    if not present:
+        return None
+    size = complete[-1] if complete else None
+    if size is None:  # no size where everyone ran: the largest where a pair did
+        shared = [s for s in sizes for a, b in present if (a, s) in ok and (b, s) in ok]
+        if not shared:
+            return None
+        size = max(shared)
+    unit = 'tokens a side' if results[0].get('level') == 'attention' else 'px'
+    failed = sorted({f"{c['contender']} ({c['status']} at {c['size']})" for c in results
+                     if c.get('status') != 'ok'})
+    head = (f'At {size} {unit}, the largest size where every contender ran'
+            if size in complete else f'At {size} {unit} (not every contender ran at any '
+            f'size: {", ".join(failed)})')
+    parts, growth = [], []
+    for a, b in present:
+        if (a, size) not in ok or (b, size) not in ok:
+            continue
+        ca, cb = ok[(a, size)], ok[(b, size)]
+        speed = cb['latency_ms'] / ca['latency_ms']
+        text = (f"{a} took {ca['latency_ms'] / 1e3:.2f} s against {cb['latency_ms'] / 1e3:.2f} "
+                f"s for {b} ({speed:.1f}x {'faster' if speed >= 1 else 'slower'})")
+        if ca.get('peak_mem_mib') and cb.get('peak_mem_mib'):
+            mem = cb['peak_mem_mib'] / ca['peak_mem_mib']
+            text += (f" and held {_gib(ca['peak_mem_mib'])} against {_gib(cb['peak_mem_mib'])} "
+                     f"({mem:.1f}x {'less' if mem >= 1 else 'more'})")
+        parts.append(text)
+        if 'growth' in ca and 'growth' in cb:
+            px = ca['pixel_growth']
+            growth.append(f"{a} {ca['growth']:.1f}x, {b} {cb['growth']:.1f}x"
+                          + ('' if px == 4 else f' ({px:.0f}x the pixels)'))
+    if not parts:
+        return None
+    lines = [f'{head}, ' + '; '.join(parts) + '.']
+    if growth:
+        prev = max(s for s in sizes if s < size)
+        lines.append(f'From {prev} to {size} {unit} (4x the pixels) the time grew: '
+                     + '; '.join(growth) + '.')
+    if failed and size in complete:
+        lines.append('Did not run: ' + ', '.join(failed) + '.')
+    return ' '.join(lines)
+
+
 def write_outputs(runs: list[tuple[SweepConfig, list[dict]]], out_dir: str,
                   make_plots: bool = True, comparisons: Optional[list] = None,
                   max_sizes: Optional[tuple[SweepConfig, list[dict]]] = None) -> dict:
@@ -198,6 +255,11 @@ def write_outputs(runs: list[tuple[SweepConfig, list[dict]]], out_dir: str,
         environment=environment(), runs=[])
     md = [f"# Benchmark {doc['created']}\n", '```', json.dumps(doc['environment'], indent=1),
           '```']
+    verdicts = [v for cfg, results in runs if comparisons and cfg.mode == 'infer'
+                for v in [verdict(results, comparisons)] if v]
+    if verdicts:  # first: what the run shows, computed from it
+        doc['verdict'] = verdicts
+        md[1:1] = ['**Verdict.** ' + ' '.join(verdicts) + '\n']
     for cfg, results in runs:
         meta = asdict(cfg)
         entry = dict(config=meta, results=results, plots=[])

@@ -236,7 +236,7 @@ def _measure(spec: dict) -> dict:
         # Warm-up; the last warm-up call's time decides how many repeats fit. With
         # --compile the first call compiles (a minute on a small CPU), so one more runs.
         warm_times = []
-        for _ in range(1 if spec.get('probe') else
+        for _ in range(1 if spec.get('probe') or spec.get('single_call') else
                        max(1, spec['warmup']) + (1 if spec.get('compile') else 0)):
             t0 = time.perf_counter()
             run()
@@ -245,8 +245,11 @@ def _measure(spec: dict) -> dict:
         left = spec['budget_s'] - (time.perf_counter() - built)
         per_call = warm_times[-1]
         # A probe only asks whether one call fits: its warm-up call is the measurement.
-        repeats = 0 if spec.get('probe') else max(
+        single = bool(spec.get('single_call'))
+        repeats = 0 if spec.get('probe') or single else max(
             1, min(spec['repeats'], int(left / max(per_call, 1e-6))))
+        if single:
+            result['single_call'] = True
         result['repeats_planned'] = spec['repeats']
         times = [] if repeats else warm_times[-1:]
         for _ in range(repeats):
