@@ -12,7 +12,7 @@ loads and computes the same logits::
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from mmengine.logging import print_log
 from torch import nn
@@ -24,9 +24,7 @@ from ..checkpoint import (
     load_state_dict_checked,
     safe_load,
 )
-
-if TYPE_CHECKING:
-    from .family import BackboneFamily, ReleasedModel
+from .family import BackboneFamily, ReleasedModel, add_family_listener
 
 __all__ = ['load_released', 'register_released', 'unregister_released', 'CLASSIFIERS']
 
@@ -125,3 +123,18 @@ def unregister_released(name: str) -> None:
     globals().pop(name, None)
     if name in __all__:
         __all__.remove(name)
+
+
+def _register_family(family: BackboneFamily) -> None:
+    for model in family.released:
+        register_released(family, model)
+
+
+def _unregister_family(family: BackboneFamily) -> None:
+    for model in family.released:
+        unregister_released(model.name)
+
+
+# Every family's released models become timm models, including families registered
+# before this module was imported (the backbones register on import).
+add_family_listener(_register_family, _unregister_family)

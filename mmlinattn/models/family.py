@@ -112,36 +112,47 @@ def _check(spec: BackboneFamily) -> None:
                              f'{other.name!r}; checkpoints could not be told apart')
 
 
+#: Layers built on the family specs (the timm classifiers, :mod:`.classification`) are
+#: told of every family registered or removed: ``(on_register, on_unregister)`` pairs.
+#: They subscribe through :func:`add_family_listener`, so this module imports none of them.
+_LISTENERS: list[tuple[Callable[[BackboneFamily], None], Callable[[BackboneFamily], None]]] = []
+
+
+def add_family_listener(on_register: Callable[[BackboneFamily], None],
+                        on_unregister: Callable[[BackboneFamily], None]) -> None:
+    """Call ``on_register`` for every family registered so far and from now on, and
+    ``on_unregister`` for every family removed."""
+    _LISTENERS.append((on_register, on_unregister))
+    for spec in list(FAMILIES.values()):
+        on_register(spec)
+
+
 def register_family(spec: BackboneFamily) -> BackboneFamily:
     """Register ``spec`` everywhere (see the module docstring); returns it.
 
     Registering a family of the same name again replaces it (module reloads).
     """
-    from .classification import register_released  # the timm layer reads the family
-
     _check(spec)
     names = (spec.backbone.__name__, ) + tuple(spec.aliases)
     for name in names:
         MODELS.register_module(name=name, module=spec.backbone, force=True)
     register_into_openmmlab([spec.backbone], names=names)
-    for model in spec.released:
-        register_released(spec, model)
     FAMILIES[spec.name] = spec
+    for on_register, _ in _LISTENERS:
+        on_register(spec)
     return spec
 
 
 def unregister_family(name: str) -> None:
     """Remove a family registered by :func:`register_family` (tests of toy families)."""
-    from .classification import unregister_released
-
     spec = FAMILIES.pop(name)
     names = (spec.backbone.__name__, ) + tuple(spec.aliases)
     for registry in [MODELS] + _openmmlab_model_registries():
         for n in names:
             if registry._module_dict.get(n) is spec.backbone:
                 registry._module_dict.pop(n)
-    for model in spec.released:
-        unregister_released(model.name)
+    for _, on_unregister in _LISTENERS:
+        on_unregister(spec)
 
 
 def _openmmlab_model_registries() -> list:
