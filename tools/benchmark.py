@@ -1,7 +1,13 @@
 #!/usr/bin/env python
 """High-resolution benchmark: does linear attention make large inputs affordable?
 
-    python tools/benchmark.py                       # quick CPU sweep (< 5 min on 2 cores)
+The default run (no arguments) times InLine-Swin-T, Swin-T (mmdet), InLine-PVT-S and
+PVT-S (mmdet) backbones at 512, 1024 and 2048 px, inference on the CPU, every
+contender at every size, and prints a verdict computed from it first (about
+__DEFAULT_TIME__ on 2 cores). A contender too slow for a warm-up and a timed call at
+a size (PVT-S at 2048 px) gets one timed call there, its own warm-up (see the notes).
+
+    python tools/benchmark.py                       # the default run
     python tools/benchmark.py --level attention     # the operators alone, N up to 512x512
     python tools/benchmark.py --level backbone --contenders all --sizes 512 1024 2048
     python tools/benchmark.py --level model --configs configs/detection/inline_swin/mask-rcnn_inline-swin-t_fpn_1x_coco.py --sizes 800 1600

@@ -120,6 +120,15 @@ class RegionReader:
     def _read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         raise NotImplementedError
 
+    def _select_level(self, level: int) -> None:
+        """Read ``level`` from now on; a level the file does not have closes the reader
+        and raises :class:`ImageFileError`."""
+        if not 0 <= level < len(self.levels):
+            self.close()
+            raise ImageFileError(f'{self.path}: level {level} does not exist (the file has '
+                                 f'{len(self.levels)} level(s): {self.levels})')
+        self.level = level
+
     def thumbnail(self, max_side: int = 2048) -> tuple[np.ndarray, float]:
         """A small BGR view of the whole image and its scale (level pixels per thumbnail
         pixel), from the coarsest level that is at least ``max_side / 4`` on its long side."""
@@ -229,18 +238,14 @@ class TiffReader(RegionReader):
             pages = [lv.keyframe for lv in series.levels]
         except Exception as e:  # tifffile raises many types on a damaged header
             raise ImageFileError(f'{path}: not a readable TIFF ({type(e).__name__}: {e})') from e
-        dims = [self._page_dims(p, path) for p in pages]
-        super().__init__(path, dims)
-        if not 0 <= level < len(pages):
-            self.close()
-            raise ImageFileError(f'{path}: level {level} does not exist (the file has '
-                                 f'{len(pages)} level(s): {dims})')
-        self.level = level
+        super().__init__(path, [self._page_dims(p, path) for p in pages])
+        self._select_level(level)
         self.page = pages[level]
         p = self.page
-        h, w = dims[level]
-        _check_claim(path, *dims[0], dims[0][0] * dims[0][1] * p.samplesperpixel
-                     * p.dtype.itemsize, max_pixels, max_ratio)
+        h, w = self.levels[level]
+        (h0, w0), = self.levels[:1]
+        _check_claim(path, h0, w0, h0 * w0 * p.samplesperpixel * p.dtype.itemsize, max_pixels,
+                     max_ratio)
         if p.planarconfig != 1 and p.samplesperpixel > 1:
             raise ImageFileError(f'{path}: planar (separate-plane) TIFFs are not supported')
         if p.is_tiled:
@@ -428,11 +433,7 @@ class OpenSlideReader(RegionReader):
                                  f'{e})') from e
         dims = [(h, w) for w, h in self.slide.level_dimensions]
         super().__init__(path, dims)
-        if not 0 <= level < len(dims):
-            self.close()
-            raise ImageFileError(f'{path}: level {level} does not exist (the slide has '
-                                 f'{len(dims)} level(s): {dims})')
-        self.level = level
+        self._select_level(level)
         _check_claim(path, *dims[0], dims[0][0] * dims[0][1] * 3, max_pixels, max_ratio)
         mpp = self.slide.properties.get('openslide.mpp-x')
         self.mpp = float(mpp) * self.slide.level_downsamples[level] if mpp else None
