@@ -340,8 +340,8 @@ def _main(args: argparse.Namespace, li: Any, group: Any) -> dict:
         if args.out and first and not (by_regions and is_pyramid_path(args.out)):
             if is_pyramid_path(args.out):
                 from mmlinattn.rasters import write_label_pyramid
-                classes = list((model.dataset_meta or {}).get('classes', ())) or [
-                    str(i) for i in range(model.decode_head.out_channels)]
+                classes = list((getattr(model, 'dataset_meta', None) or {}).get(
+                    'classes', ())) or [str(i) for i in range(model.decode_head.out_channels)]
                 write_label_pyramid(args.out, labels.numpy(), classes, geo=reader.geo,
                                     mpp=reader.mpp)
                 print(f'wrote {args.out}')

@@ -100,3 +100,14 @@ def test_verdict_is_computed_from_the_results(tmp_path) -> None:
     md = [line for line in (tmp_path / 'results.md').read_text().splitlines() if line]
     assert md[0].startswith('# Benchmark') and md[1].startswith('**Verdict.** At 2048 px')
     assert doc['verdict'] == [text]
+
+
+def test_help_opens_with_the_default_run_and_its_time() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+    tool = Path(__file__).resolve().parents[2] / 'tools' / 'benchmark.py'
+    out = subprocess.run([sys.executable, str(tool), '--help'], capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    head = ' '.join(out[:6])
+    assert 'default run' in head and '512, 1024 and 2048 px' in head and 'minutes' in head

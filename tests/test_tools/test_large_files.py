@@ -366,3 +366,25 @@ def test_ranks_read_and_spill_only_their_rows(scene, tmp_path) -> None:
     assert one.returncode == 0, one.stderr[-3000:]
     a, b = tifffile.imread(tmp_path / 'one.ome.tif'), tifffile.imread(tmp_path / 'two.ome.tif')
     assert a.shape == b.shape == (200, 330) and (a != b).mean() < 1e-3
+
+
+def test_in_memory_tool_writes_the_same_pyramid_as_by_regions(scene, tmp_path) -> None:
+    """``--in-memory`` (the whole image decoded first, today's path) and the default path
+    by regions write the same labels; the in-memory one from a PNG cv2 reads whole."""
+    import cv2
+    _, rgb, path = scene
+    png = tmp_path / 'scene.png'
+    cv2.imwrite(str(png), rgb[..., ::-1])
+    weights = tmp_path / 'random.pth'
+    torch.save(_model(SEG_CFG).state_dict(), weights)
+    common = [str(SEG_CFG), str(weights), '--tile', '64', '--halo', '128', '--chunk-tokens',
+              str(CHUNK)]
+    outs = []
+    for image, extra in ((png, ['--in-memory']), (path, [])):
+        out = tmp_path / f'{image.stem}-{len(outs)}.ome.tif'
+        proc = subprocess.run([sys.executable, str(REPO / 'tools/infer_large.py'), common[0],
+                               common[1], str(image), *common[2:], *extra, '--out', str(out)],
+                              capture_output=True, text=True, cwd=REPO, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs.append(tifffile.imread(out))
+    assert outs[0].shape == (200, 330) and np.array_equal(outs[0], outs[1])
