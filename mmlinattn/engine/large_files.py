@@ -35,6 +35,7 @@ from ..rasters import (
     CompactedReader,
     RegionReader,
     kept_pixels,
+    kept_rectangles,
     tissue_mask,
     write_label_pyramid,
     write_overlay_pyramid,
@@ -117,11 +118,7 @@ class RunFolder(Resumable):
         path = osp.join(self.folder, 'labels.bin')
         if self.resumed and osp.isfile(path):
             return open_persistent_map(path, shape, dtype)
-        t = persistent_map(path, shape, dtype)
-        if fill:
-            for r in range(0, shape[0], 1024):
-                t[r:r + 1024].fill_(fill)
-        return t
+        return persistent_map(path, shape, dtype, fill)
 
     # -- Resumable --------------------------------------------------------------------
     def load_features(self) -> Optional[tuple[Tensor, ...]]:
@@ -134,7 +131,7 @@ class RunFolder(Resumable):
     def save_features(self, feats: Sequence[Tensor]) -> None:
         for i, f in enumerate(feats):
             dest = osp.join(self.folder, f'feat{i}.bin')
-            if self.store is not None and id(f) in self.store._live:
+            if self.store is not None and self.store.owns(f):
                 self.store.keep(f, dest)
             else:  # a map small enough to stay in memory: written out once
                 persistent_map(dest, f.shape, f.dtype).copy_(f)
@@ -268,19 +265,13 @@ def _expand(compact: Tensor, keep: tuple[np.ndarray, np.ndarray], shape: tuple[i
             nodata: int, run: Optional[RunFolder]) -> Tensor:
     """The compacted image's labels placed at their rows and columns of the whole image,
     ``nodata`` elsewhere (a file in the run folder, or in memory)."""
-    from ..rasters.readers import _runs
     if run is not None:
-        path = osp.join(run.folder, 'labels-whole.bin')
-        full = persistent_map(path, shape, compact.dtype)
-        for r in range(0, shape[0], 1024):
-            full[r:r + 1024].fill_(nodata)
+        full = persistent_map(osp.join(run.folder, 'labels-whole.bin'), shape, compact.dtype,
+                              fill=nodata)
     else:
         full = torch.full(shape, nodata, dtype=compact.dtype)
-    rows, cols = keep
-    for ra, rb in _runs(rows):
-        for ca, cb in _runs(cols):
-            full[int(rows[ra]):int(rows[rb - 1]) + 1, int(cols[ca]):int(cols[cb - 1]) + 1] = \
-                compact[ra:rb, ca:cb]
+    for (ra, rb, ca, cb), (y0, y1, x0, x1) in kept_rectangles(*keep):
+        full[y0:y1, x0:x1] = compact[ra:rb, ca:cb]
     return full
 
 

@@ -174,10 +174,7 @@ def _features(model: Any, image: ImageInput, scope: str, chunk_tokens: Optional[
     if isinstance(image, Tensor):
         x, samples, size = prepare_image(model, image, scope)
     else:
-        if chunk_tokens is None:
-            raise ValueError('an image read from a file by regions needs the chunked backbone '
-                             '(chunk_tokens)')
-        x, size = row_source(model, image)
+        x, size = row_source(model, image, chunk_tokens)
         samples = []
     with (chunked_inference(model, chunk_tokens) if chunk_tokens is not None
           else contextlib.nullcontext()):
@@ -204,11 +201,16 @@ def normalised_rows(model: Any, reader: Any, r0: int, r1: int, width: int) -> Te
     return out
 
 
-def row_source(model: Any, reader: Any, bands: Optional[list[tuple[int, int]]] = None
+def row_source(model: Any, reader: Any, chunk_tokens: Optional[int],
+               bands: Optional[list[tuple[int, int]]] = None
                ) -> tuple[RowSource, tuple[int, int]]:
     """The model's padded, normalised input of a region reader's image as a
     :class:`RowSource` (decoded band by band as the backbone's stem reads it) and the
-    image's ``(H, W)``."""
+    image's ``(H, W)``. Only the chunked backbone reads by rows: ``chunk_tokens`` None
+    is refused here, before anything is decoded."""
+    if chunk_tokens is None:
+        raise ValueError('an image read from a file by regions needs the chunked backbone '
+                         '(chunk_tokens)')
     h, w = reader.height, reader.width
     wp = _padded(w)
     return RowSource((1, 3, _padded(h), wp), lambda r0, r1: normalised_rows(
@@ -403,10 +405,7 @@ def _segment_large_sharded(model: Any, image: ImageInput, chunk_tokens: Optional
                 # The band is padded at the bottom (last rank) and right as the whole is.
                 x, _, _ = prepare_image(model, image[:, a:min(b, h)], 'mmseg')
             else:  # each rank decodes only the rows its stem reads
-                if chunk_tokens is None:
-                    raise ValueError('an image read from a file by regions needs the chunked '
-                                     'backbone (chunk_tokens)')
-                x, _ = row_source(model, image, bands)
+                x, _ = row_source(model, image, chunk_tokens, bands)
             with chunked_inference(model, chunk_tokens) if chunk_tokens is not None else \
                     contextlib.nullcontext(), sp.spatial_parallel(group):
                 feats = model.backbone(x)

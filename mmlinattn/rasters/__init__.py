@@ -13,6 +13,7 @@ from .readers import (
     OpenSlideReader,
     RegionReader,
     TiffReader,
+    kept_rectangles,
     open_image,
 )
 from .tissue import kept_pixels, otsu_tissue, tissue_mask
@@ -28,7 +29,8 @@ from .writers import (
 
 __all__ = [
     'DEFAULT_MAX_PIXELS', 'DEFAULT_MAX_RATIO', 'ArrayReader', 'CompactedReader', 'GeoReference',
-    'ImageFileError', 'OpenSlideReader', 'RegionReader', 'TiffReader', 'open_image',
+    'ImageFileError', 'OpenSlideReader', 'RegionReader', 'TiffReader', 'kept_rectangles',
+    'open_image',
     'kept_pixels', 'otsu_tissue', 'tissue_mask', 'write_viewer', 'atomic_output',
     'default_palette', 'read_label_metadata', 'write_geojson', 'write_label_pyramid',
     'write_overlay_pyramid',

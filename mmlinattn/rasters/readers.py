@@ -20,12 +20,13 @@ import os.path as osp
 import re
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
 __all__ = ['ImageFileError', 'GeoReference', 'RegionReader', 'ArrayReader', 'TiffReader',
-           'OpenSlideReader', 'CompactedReader', 'open_image', 'DEFAULT_MAX_PIXELS',
+           'OpenSlideReader', 'CompactedReader', 'kept_rectangles',
+           'open_image', 'DEFAULT_MAX_PIXELS',
            'DEFAULT_MAX_RATIO', 'CV2_SUFFIXES']
 
 #: Pixels a file may claim (at its largest level) before it is refused: 2^36, 69 Gpx.
@@ -488,12 +489,8 @@ class CompactedReader(RegionReader):
         rows, cols = self.rows[y0:y1], self.cols[x0:x1]
         if not len(rows) or not len(cols):
             return out
-        # Runs of consecutive source rows and columns are read as rectangles.
-        for ra, rb in _runs(rows):
-            for ca, cb in _runs(cols):
-                part = self.inner.read(int(rows[ra]), int(rows[rb - 1]) + 1, int(cols[ca]),
-                                       int(cols[cb - 1]) + 1)
-                out[ra:rb, ca:cb] = part
+        for (ra, rb, ca, cb), (sy0, sy1, sx0, sx1) in kept_rectangles(rows, cols):
+            out[ra:rb, ca:cb] = self.inner.read(sy0, sy1, sx0, sx1)
         return out
 
     def close(self) -> None:
@@ -505,6 +502,16 @@ def _runs(idx: np.ndarray) -> list[tuple[int, int]]:
     breaks = np.nonzero(np.diff(idx) != 1)[0] + 1
     edges = [0, *breaks.tolist(), len(idx)]
     return list(zip(edges[:-1], edges[1:]))
+
+
+def kept_rectangles(rows: np.ndarray, cols: np.ndarray
+                    ) -> Iterator[tuple[tuple[int, int, int, int], tuple[int, int, int, int]]]:
+    """For kept source ``rows`` and ``cols`` (ascending pixel indices): each rectangle of
+    consecutive ones, as ``(compact y0, y1, x0, x1)`` and ``(source y0, y1, x0, x1)``."""
+    for ra, rb in _runs(rows):
+        for ca, cb in _runs(cols):
+            yield (ra, rb, ca, cb), (int(rows[ra]), int(rows[rb - 1]) + 1, int(cols[ca]),
+                                     int(cols[cb - 1]) + 1)
 
 
 def _is_tiff(path: str) -> bool:

@@ -132,10 +132,11 @@ def write_label_pyramid(path: str, labels: Any, classes: Sequence[str],
     if geo is not None:
         extratags += [(code, dtype_code, count, value, True)
                       for code, dtype_code, count, value in geo.tags]
-    rows = [(_subsampled(labels, 2**i, s) if i else
-             (lambda y0, y1: np.asarray(labels[y0:y1]).astype(dtype, copy=False)))
-            for i, s in enumerate(shapes)]
-    rows = [(lambda y0, y1, f=f: f(y0, y1).astype(dtype, copy=False)) for f in rows]
+    def as_labels(f: Callable[[int, int], np.ndarray]) -> Callable[[int, int], np.ndarray]:
+        return lambda y0, y1: f(y0, y1).astype(dtype, copy=False)
+
+    # Level i: every 2^i-th row and column (level 0: all of them), as the label type.
+    rows = [as_labels(_subsampled(labels, 2**i, s)) for i, s in enumerate(shapes)]
     with atomic_output(path) as tmp:
         _write_pyramid(tmp, rows, shapes, dtype, 'minisblack', dict(axes='YX', Name='labels'),
                        extratags, mpp, compression)

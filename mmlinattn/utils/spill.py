@@ -64,6 +64,10 @@ class SpillStore:
         self._live[id(t)] = (path, nbytes, weakref.finalize(t, self._release, id(t)))
         return t
 
+    def owns(self, t: Tensor) -> bool:
+        """Whether ``t`` is a live map allocated by this store."""
+        return id(t) in self._live
+
     def keep(self, t: Tensor, dest: str) -> None:
         """Keep the file of a spilled map ``t`` as ``dest`` (a run's outputs, reopened
         by :func:`open_persistent_map` on ``--resume``)."""
@@ -123,10 +127,15 @@ def new_map(shape: Sequence[int], dtype: torch.dtype, device: torch.device | str
     return store.allocate(shape, dtype)
 
 
-def persistent_map(path: str, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
-    """A tensor backed by the file ``path`` (created, zero-filled by the file system),
-    which stays after the run."""
-    return _map_file(path, shape, dtype, create=True)
+def persistent_map(path: str, shape: Sequence[int], dtype: torch.dtype,
+                   fill: Optional[int] = None) -> Tensor:
+    """A tensor backed by the file ``path`` (created, zero-filled by the file system,
+    or set to ``fill`` a band of rows at a time), which stays after the run."""
+    t = _map_file(path, shape, dtype, create=True)
+    if fill:
+        for r in range(0, t.shape[0], 1024):
+            t[r:r + 1024].fill_(fill)
+    return t
 
 
 def open_persistent_map(path: str, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
