@@ -248,7 +248,12 @@ def spatial_group(device: str) -> Any:
 
     from mmlinattn.parallel import SpatialGroup
     if not dist.is_initialized():
-        dist.init_process_group('nccl' if device == 'cuda' else 'gloo')
+        # A rank that waits on a dead peer fails after this long instead of hanging
+        # (MMLINATTN_COLLECTIVE_TIMEOUT_S; the tests set 120 s).
+        import datetime
+        timeout = datetime.timedelta(seconds=float(os.environ.get(
+            'MMLINATTN_COLLECTIVE_TIMEOUT_S', 1800)))
+        dist.init_process_group('nccl' if device == 'cuda' else 'gloo', timeout=timeout)
     if device == 'cuda':
         torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', '0')))
     return SpatialGroup.world()

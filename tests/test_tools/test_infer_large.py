@@ -139,7 +139,8 @@ def test_tool_under_torchrun_splits_rows_and_writes_the_same_mask(tmp_path):
     weights = tmp_path / 'random.pth'
     torch.save(_model(SEG_CFG).state_dict(), weights)
     common = ['--synthetic', '300', '200', '--tile', '128', '--halo', '128']
-    env = dict(os.environ, OMP_NUM_THREADS='1', PORT=str(port), PYTHON=sys.executable)
+    env = dict(os.environ, OMP_NUM_THREADS='1', PORT=str(port), PYTHON=sys.executable,
+               MMLINATTN_COLLECTIVE_TIMEOUT_S='120')
     two = subprocess.run(['bash', str(REPO / 'tools/dist_infer_large.sh'), str(SEG_CFG),
                           str(weights), '', '2', *common, '--out', str(tmp_path / 'two.png')],
                          capture_output=True, text=True, cwd=REPO, timeout=600, env=env)

@@ -352,7 +352,8 @@ def test_ranks_read_and_spill_only_their_rows(scene, tmp_path) -> None:
     weights = tmp_path / 'random.pth'
     torch.save(_model(SEG_CFG).state_dict(), weights)
     common = ['--tile', '64', '--halo', '128', '--chunk-tokens', str(CHUNK)]
-    env = dict(os.environ, OMP_NUM_THREADS='1', PORT=str(port), PYTHON=sys.executable)
+    env = dict(os.environ, OMP_NUM_THREADS='1', PORT=str(port), PYTHON=sys.executable,
+               MMLINATTN_COLLECTIVE_TIMEOUT_S='120')
     two = subprocess.run(['bash', str(REPO / 'tools/dist_infer_large.sh'), str(SEG_CFG),
                           str(weights), str(path), '2', *common, '--spill', str(tmp_path / 'run'),
                           '--out', str(tmp_path / 'two.ome.tif')],
