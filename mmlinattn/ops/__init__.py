@@ -1,8 +1,11 @@
 """Pure torch functions: no module state, nothing about backbones."""
+from .agent import AgentSums, agent_attention, pool_agents
+from .focused import focused_linear_attention, focusing_map
 from .implementations import (
     ATTENTION_FUNCTIONS,
     ATTENTION_IMPLS,
     ATTENTIONS,
+    QKV_ATTENTIONS,
     SUMMED_ATTENTIONS,
     AttentionImpl,
     attention,
@@ -18,9 +21,11 @@ from .inline import (
     inline_attention_weights,
     inline_readout,
     linear_attention,
+    linear_readout,
     softmax_attention,
 )
 from .local import dynamic_depthwise_conv3x3
+from .mlla import apply_rope, mlla_linear_attention, rope_rotations
 from .rows import conv2d_rows, conv_out_rows
 from .tracing import exporting
 from .windows import ceil_to, pad_to, pad_to_multiple, valid_mask, window_merge, window_partition
@@ -33,5 +38,7 @@ __all__ = [
     'inline_attention_weights', 'linear_attention', 'softmax_attention',
     'dynamic_depthwise_conv3x3', 'conv2d_rows', 'conv_out_rows', 'pad_to_multiple',
     'valid_mask', 'window_merge',
-    'window_partition', 'exporting', 'ceil_to', 'pad_to'
+    'window_partition', 'exporting', 'ceil_to', 'pad_to', 'QKV_ATTENTIONS', 'linear_readout',
+    'focusing_map', 'focused_linear_attention', 'AgentSums', 'agent_attention', 'pool_agents',
+    'rope_rotations', 'apply_rope', 'mlla_linear_attention'
 ]

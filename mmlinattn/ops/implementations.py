@@ -1,7 +1,9 @@
 """Which attention (the mathematics) and how it runs (the implementation), as one table.
 
-The attentions are ``inline``, ``linear`` and ``softmax``
-(:mod:`mmlinattn.ops.inline`); an implementation computes one of them: ``torch``
+The attentions are ``inline``, ``linear`` and ``softmax`` (:mod:`mmlinattn.ops.inline`),
+and the siblings from the same group: ``focused`` (FLatten, :mod:`.focused`),
+``agent`` (:mod:`.agent`) and ``mlla`` (:mod:`.mlla`). An implementation computes
+one of them: ``torch``
 (the functions of :mod:`mmlinattn.ops.inline`) today, a fused ``triton`` or a
 ``compiled`` one later. A new implementation is one module with a function of
 the same signature plus one :func:`register_attention_impl` call; it is chosen
@@ -9,8 +11,9 @@ with ``impl='name'``, or by ``impl='auto'`` (the default) when it has the
 highest priority among the entries that support the call's inputs.
 
 Every implementation takes ``q, k, v`` of shape ``(batch, heads, tokens, head_dim)``
-and ``mask`` ``(batch, tokens)`` bool or None, ``kernel`` and ``scale``, and returns
-``(batch, heads, tokens, head_dim)``.
+and ``mask`` ``(batch, tokens)`` bool or None, ``kernel`` and ``scale``, plus the
+attention's own keyword options (``agents=`` of agent attention, ``rotations=`` of
+MLLA, ...), and returns ``(batch, heads, tokens, head_dim)``.
 """
 from __future__ import annotations
 
@@ -19,10 +22,14 @@ from typing import Callable, Optional
 
 from torch import Tensor
 
+from .agent import agent_attention
+from .focused import focused_linear_attention
 from .inline import KernelArg, inline_attention, linear_attention, softmax_attention
+from .mlla import mlla_linear_attention
 
 __all__ = ['AttentionImpl', 'ATTENTION_IMPLS', 'register_attention_impl', 'get_attention_impl',
-           'attention', 'resolve_kernel', 'SUMMED_ATTENTIONS', 'ATTENTIONS', 'ATTENTION_FUNCTIONS']
+           'attention', 'resolve_kernel', 'SUMMED_ATTENTIONS', 'ATTENTIONS', 'QKV_ATTENTIONS',
+           'ATTENTION_FUNCTIONS']
 
 
 def _any_input(q: Tensor) -> bool:
@@ -45,6 +52,8 @@ class AttentionImpl:
     priority: int = 0
     #: Whether this implementation handles inputs like ``q`` (device, dtype, shape).
     supports: Callable[[Tensor], bool] = _any_input
+    #: Keyword options every call must pass (``('agents', )`` for agent attention).
+    required: tuple[str, ...] = ()
 
 
 #: attention -> implementation name -> entry.
@@ -104,15 +113,21 @@ def resolve_kernel(name: str, kernel: KernelArg = 'default') -> KernelArg:
 
 def attention(name: str, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None,
               kernel: KernelArg = 'default', scale: Optional[float] = None,
-              impl: str = 'auto', reduce: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
-    """Attention ``name`` (``inline``, ``linear``, ``softmax``) of ``q, k, v``
-    ``(B, heads, N, d)`` -> ``(B, heads, N, d)`` by implementation ``impl``.
+              impl: str = 'auto', reduce: Optional[Callable[[Tensor], Tensor]] = None,
+              **options) -> Tensor:
+    """Attention ``name`` (:data:`ATTENTIONS`) of ``q, k, v`` ``(B, heads, N, d)`` ->
+    ``(B, heads, N, d)`` by implementation ``impl``.
 
     ``reduce``: the tokens are spread over processes and this sums a tensor over them
     (spatial parallelism); only attentions whose global state is a sum take it.
+    ``options``: the attention's own keyword arguments (see its function).
     """
     entry = get_attention_impl(name, impl, q)
-    extra = {}
+    missing = [o for o in entry.required if options.get(o) is None]
+    if missing:
+        raise ValueError(f'{name} attention needs {", ".join(f"{o}=" for o in missing)} '
+                         f'(see {entry.fn.__module__}.{entry.fn.__name__})')
+    extra = dict(options)
     if reduce is not None:
         if name not in SUMMED_ATTENTIONS:
             raise ValueError(f'{name} attention cannot be split over processes by summing '
@@ -123,16 +138,23 @@ def attention(name: str, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]
 
 
 #: Attentions whose global state is a sum over tokens (what spatial parallelism reduces).
-SUMMED_ATTENTIONS = frozenset({'inline', 'linear'})
+SUMMED_ATTENTIONS = frozenset({'inline', 'linear', 'focused', 'mlla'})
 
 
 for _entry in (AttentionImpl('inline', 'torch', inline_attention, 'identity'),
                AttentionImpl('linear', 'torch', linear_attention, 'relu'),
-               AttentionImpl('softmax', 'torch', softmax_attention, None)):
+               AttentionImpl('softmax', 'torch', softmax_attention, None),
+               AttentionImpl('focused', 'torch', focused_linear_attention, None),
+               AttentionImpl('agent', 'torch', agent_attention, None, required=('agents', )),
+               AttentionImpl('mlla', 'torch', mlla_linear_attention, 'elu1')):
     register_attention_impl(_entry)
 
 #: The attentions (mathematics) there are.
 ATTENTIONS = tuple(ATTENTION_IMPLS)
+
+#: Attentions defined by q, k and v alone (no learned or positional operand of their
+#: own): a module can swap one for another with the same parameters (ablations).
+QKV_ATTENTIONS = ('inline', 'linear', 'softmax')
 
 #: The ``torch`` implementation of each attention (an older view of the table).
 ATTENTION_FUNCTIONS: dict[str, Callable[..., Tensor]] = {

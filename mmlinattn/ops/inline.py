@@ -26,7 +26,7 @@ from .tracing import exporting
 
 __all__ = [
     'KERNELS', 'InLineSums', 'get_kernel', 'inline_attention', 'inline_attention_weights',
-    'inline_readout', 'linear_attention', 'softmax_attention'
+    'inline_readout', 'linear_attention', 'linear_readout', 'softmax_attention'
 ]
 
 
@@ -35,11 +35,17 @@ def _exp_kernel(x: Tensor) -> Tensor:
     return torch.exp(0.2 * x)
 
 
+def _elu1_kernel(x: Tensor) -> Tensor:
+    # ELU(x) + 1 > 0: MLLA's kernel (and the linear transformer's of Katharopoulos et al.).
+    return F.elu(x) + 1.0
+
+
 KERNELS: dict[str, Optional[Callable[[Tensor], Tensor]]] = {
     'identity': None,
     'relu': F.relu,
     'leakyrelu': F.leaky_relu,  # negative slope 0.01, as nn.LeakyReLU()
     'exp': _exp_kernel,
+    'elu1': _elu1_kernel,
 }
 
 KernelArg = Union[str, Callable[[Tensor], Tensor], None]
@@ -62,7 +68,8 @@ def _unpack(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
 
 
 def get_kernel(kernel: KernelArg) -> Optional[Callable[[Tensor], Tensor]]:
-    """Resolve a kernel name (``identity``, ``relu``, ``leakyrelu``, ``exp``) or callable."""
+    """Resolve a kernel name (``identity``, ``relu``, ``leakyrelu``, ``exp``, ``elu1``) or
+    callable."""
     if kernel is None or callable(kernel):
         return kernel
     if kernel not in KERNELS:
@@ -124,15 +131,20 @@ class InLineSums:
         self.kv_sum: Optional[Tensor] = None
         self.count: Union[int, Tensor] = 0
 
-    def add(self, k: Tensor, v: Tensor, mask: Optional[Tensor] = None) -> None:
+    def add(self, k: Tensor, v: Tensor, mask: Optional[Tensor] = None,
+            mean_keys: Optional[Tensor] = None) -> None:
+        """Add a chunk of tokens. ``mean_keys (B, h, n, d)``: the keys whose mean
+        ``kbar`` keeps, when they differ from the keys of ``K^T V`` (MLLA normalises
+        by un-rotated keys and multiplies by rotated ones); None: ``k``."""
         kc, vc = _acc(k), _acc(v)
+        mk = kc if mean_keys is None else _acc(mean_keys)
         if mask is not None:
             mc = mask[:, None, :, None].to(kc.dtype)
-            kc, vc = kc * mc, vc * mc
+            kc, vc, mk = kc * mc, vc * mc, mk * mc
             count = mask.sum(dim=1).to(kc.dtype)[:, None, None, None]
         else:
             count = k.shape[2]  # an int (symbolic under export: no float() specialising it)
-        parts = (kc.sum(dim=2, keepdim=True), vc.sum(dim=2, keepdim=True),
+        parts = (mk.sum(dim=2, keepdim=True), vc.sum(dim=2, keepdim=True),
                  kc.transpose(-2, -1) @ vc)
         if self.kv_sum is None:
             self.k_sum, self.v_sum, self.kv_sum = parts
@@ -181,25 +193,22 @@ def inline_readout(q: Tensor, cov: Tensor, vbar: Tensor) -> Tensor:
         return torch.matmul(_acc(q).to(cov.dtype), cov).add_(vbar)
 
 
-def _masked_sums(k: Tensor, v: Tensor, mask: Optional[Tensor], reduce: Reduce = None
-                 ) -> InLineSums:
-    """The sums of k, v and K^T V over the valid tokens (:class:`InLineSums`), with the
-    tokens read in cache-sized chunks, summed over ``reduce``'s processes."""
+def _masked_sums(k: Tensor, v: Tensor, mask: Optional[Tensor], reduce: Reduce = None,
+                 mean_keys: Optional[Tensor] = None) -> InLineSums:
+    """The sums of k (or ``mean_keys``), v and K^T V over the valid tokens
+    (:class:`InLineSums`), with the tokens read in cache-sized chunks, summed over
+    ``reduce``'s processes."""
     sums = InLineSums()
     if exporting():  # one pass: a chunk loop's trip count would be fixed at the export size
-        sums.add(k, v, mask)
+        sums.add(k, v, mask, mean_keys)
         return sums.reduce(reduce)
-    step = _chunk_size(k, k.shape[-1] + v.shape[-1])
+    width = k.shape[-1] * (1 if mean_keys is None else 2) + v.shape[-1]
+    step = _chunk_size(k, width)
     for start in range(0, k.shape[2], step):
-        sums.add(k[:, :, start:start + step], v[:, :, start:start + step],
-                 None if mask is None else mask[:, start:start + step])
+        sl = slice(start, start + step)
+        sums.add(k[:, :, sl], v[:, :, sl], None if mask is None else mask[:, sl],
+                 None if mean_keys is None else mean_keys[:, :, sl])
     return sums.reduce(reduce)
-
-
-def _masked_stats(k: Tensor, v: Tensor, mask: Optional[Tensor], reduce: Reduce = None
-                  ) -> tuple[Tensor, Tensor, Tensor]:
-    """Means of k and v and the mean outer product K^T V / N: ``kbar``, ``vbar``, ``kv``."""
-    return _masked_sums(k, v, mask, reduce).means()
 
 
 def _token_weights(mask: Optional[Tensor], count: Union[int, Tensor],
@@ -387,14 +396,29 @@ def linear_attention(q: Tensor,
     phi = get_kernel(kernel)
     if phi is not None:
         q, k = phi(q), phi(k)
-    out_dtype = v.dtype
+    return linear_readout(q, k, v, mask, eps, reduce).to(v.dtype)
+
+
+def linear_readout(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None,
+                   eps: float = 1e-6, reduce: Reduce = None,
+                   q_num: Optional[Tensor] = None, k_num: Optional[Tensor] = None) -> Tensor:
+    """Division-normalised linear attention of kernelised ``q, k`` (the shared core of
+    plain, focused and MLLA linear attention), float32, autocast off::
+
+        O_i = (qn_i (Kn^T V / N)) / (q_i . kbar + eps)
+
+    ``qn, kn`` (``q_num``, ``k_num``) are the numerator's queries and keys, ``q, k``
+    by default (MLLA passes RoPE-rotated ones, and normalises by the plain ones).
+    """
     with _autocast_off(q):
-        kbar, _, kv = _masked_stats(k, v, mask, reduce)
+        if k_num is None:
+            sums = _masked_sums(k, v, mask, reduce)
+        else:
+            sums = _masked_sums(k_num, v, mask, reduce, mean_keys=k)
+        kbar, _, kv = sums.means()
         qf = _acc(q).to(kv.dtype)
-        num = qf @ kv
-        den = qf @ kbar.transpose(-2, -1)
-        out = num / (den + eps)
-    return out.to(out_dtype)
+        qn = qf if q_num is None else _acc(q_num).to(kv.dtype)
+        return (qn @ kv) / (qf @ kbar.transpose(-2, -1) + eps)
 
 
 def softmax_attention(q: Tensor,

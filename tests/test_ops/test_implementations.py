@@ -16,8 +16,10 @@ from mmlinattn.ops import (
 
 def test_each_attention_has_its_torch_implementation_and_default_kernel():
     assert {name: sorted(impls) for name, impls in ATTENTION_IMPLS.items()} == {
-        'inline': ['torch'], 'linear': ['torch'], 'softmax': ['torch']}
+        'inline': ['torch'], 'linear': ['torch'], 'softmax': ['torch'], 'focused': ['torch'],
+        'agent': ['torch'], 'mlla': ['torch']}
     assert get_attention_impl('linear').default_kernel == 'relu'
+    assert get_attention_impl('mlla').default_kernel == 'elu1'
     q, k, v = (torch.randn(1, 2, 9, 4) for _ in range(3))
     torch.testing.assert_close(attention('inline', q, k, v), inline_attention(q, k, v))
     torch.testing.assert_close(attention('linear', q, k, v),

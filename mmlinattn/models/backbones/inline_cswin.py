@@ -19,7 +19,7 @@ import torch
 from timm.layers import DropPath
 from torch import Tensor, nn
 
-from ...ops import ATTENTIONS, SUMMED_ATTENTIONS, resolve_kernel
+from ...ops import QKV_ATTENTIONS, SUMMED_ATTENTIONS, resolve_kernel
 from ...ops.inline import KernelArg
 from ...parallel import SpatialGroup, conv2d, current_group, gathered, mean_tokens, summing_over
 from ..family import BackboneFamily, BenchmarkVariant, ReleasedModel, register_family
@@ -77,9 +77,9 @@ class CSwinBranch(nn.Module):
         super().__init__()
         if kind not in ('inline', 'softmax'):
             raise ValueError(f"kind must be 'inline' or 'softmax', got {kind!r}")
-        if operator not in ATTENTIONS:
+        if operator not in QKV_ATTENTIONS:
             raise ValueError(f'unknown attention operator {operator!r}; expected one of '
-                             f'{sorted(ATTENTIONS)}')
+                             f'{sorted(QKV_ATTENTIONS)}')
         if kind == 'softmax' and window is not None:
             raise ValueError('a softmax branch attends in stripes (stripe=...), not windows')
         self.num_heads = num_heads

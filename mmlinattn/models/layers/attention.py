@@ -18,7 +18,7 @@ from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
 from ...ops import (
-    ATTENTIONS,
+    QKV_ATTENTIONS,
     SUMMED_ATTENTIONS,
     exporting,
     pad_to_multiple,
@@ -75,9 +75,9 @@ class InLineAttention(nn.Module):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f'dim {dim} is not divisible by num_heads {num_heads}')
-        if operator not in ATTENTIONS:
+        if operator not in QKV_ATTENTIONS:
             raise ValueError(f'unknown attention operator {operator!r}; '
-                             f'expected one of {sorted(ATTENTIONS)}')
+                             f'expected one of {sorted(QKV_ATTENTIONS)}')
         if qkv_layout not in ('qkv', 'q_kv'):
             raise ValueError(f"qkv_layout must be 'qkv' or 'q_kv', got {qkv_layout!r}")
         if window_size is not None and window_size < 1:
