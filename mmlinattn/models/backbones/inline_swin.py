@@ -8,7 +8,7 @@ non-overlapping windows with ``inline_window``. Softmax blocks are Swin's
 """
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence, Union
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -26,8 +26,8 @@ from ..layers import (
 )
 from .base import InLineBackbone
 
-__all__ = ['InLineSwin', 'InLineSwinClassifier', 'InLineSwinStage', 'convert_swin_checkpoint',
-           'SWIN_ARCHS']
+__all__ = ['SwinBackbone', 'InLineSwin', 'InLineSwinClassifier', 'InLineSwinStage',
+           'convert_swin_checkpoint', 'swin_softmax_attention', 'AttentionFactory', 'SWIN_ARCHS']
 
 SWIN_ARCHS: dict[str, dict] = {
     'tiny': dict(embed_dims=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), attn_types='IIIS'),
@@ -38,46 +38,41 @@ SWIN_ARCHS: dict[str, dict] = {
 }
 
 
+#: Builds block ``j`` of stage ``i``'s attention from its letter: ``(letter, i, j, dim,
+#: heads) -> module`` mapping ``(B, H, W, C)`` to the same shape.
+AttentionFactory = Callable[[str, int, int, int, int], nn.Module]
+
+
 class InLineSwinStage(nn.Module):
     """One stage: ``blocks`` then an optional ``downsample`` (PatchMerging).
 
     A container (parameter names ``layers.{i}.blocks``, ``layers.{i}.downsample``
-    as released): :class:`InLineSwin` runs the blocks and the merge, so that each
+    as released): :class:`SwinBackbone` runs the blocks and the merge, so that each
     can run checkpointed or token-chunked.
     """
 
     def __init__(self,
                  dim: int,
-                 num_heads: int,
-                 attn_letters: Sequence[str],
+                 attns: Sequence[nn.Module],
                  drop_path: Sequence[float],
-                 inline_window: Optional[int],
-                 softmax_window: int,
-                 inline_operator: str,
-                 kernel: KernelArg,
-                 attn_impl: str,
                  mlp_ratio: float,
-                 qkv_bias: bool,
                  drop_rate: float,
-                 attn_drop_rate: float,
                  downsample: bool) -> None:
         super().__init__()
-        blocks = []
-        for j, letter in enumerate(attn_letters):
-            if letter == 'I':
-                attn = InLineAttention(dim, num_heads, qkv_layout='qkv', window_size=inline_window,
-                                       operator=inline_operator, kernel=kernel,
-                                       impl=attn_impl, qkv_bias=qkv_bias, proj_drop=drop_rate)
-            else:
-                # Swin shifts every other block by half a window.
-                attn = WindowSoftmaxAttention(dim, num_heads, window_size=softmax_window,
-                                              shift_size=softmax_window // 2 if j % 2 else 0,
-                                              qkv_bias=qkv_bias, attn_drop=attn_drop_rate,
-                                              proj_drop=drop_rate)
-            blocks.append(TransformerBlock(dim, attn, mlp_ratio=mlp_ratio, drop=drop_rate,
-                                           drop_path=drop_path[j], norm_eps=1e-5))
-        self.blocks = nn.ModuleList(blocks)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(dim, attn, mlp_ratio=mlp_ratio, drop=drop_rate,
+                             drop_path=drop_path[j], norm_eps=1e-5)
+            for j, attn in enumerate(attns))
         self.downsample = PatchMerging(dim) if downsample else None
+
+
+def swin_softmax_attention(dim: int, num_heads: int, window: int, block: int,
+                           qkv_bias: bool, attn_drop: float, proj_drop: float) -> nn.Module:
+    """Swin's window softmax attention for block ``block`` of a stage: every other
+    block shifted by half a window."""
+    return WindowSoftmaxAttention(dim, num_heads, window_size=window,
+                                  shift_size=window // 2 if block % 2 else 0, qkv_bias=qkv_bias,
+                                  attn_drop=attn_drop, proj_drop=proj_drop)
 
 
 def convert_swin_checkpoint(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -98,7 +93,88 @@ def convert_swin_checkpoint(state_dict: Mapping[str, Tensor]) -> dict[str, Tenso
     return out
 
 
-class InLineSwin(InLineBackbone):
+class SwinBackbone(InLineBackbone):
+    """The Swin layout (patch embedding, four stages of pre-norm blocks, patch merging)
+    with the attention of each block chosen by a per-stage letter string.
+
+    Subclasses (:class:`InLineSwin`, ``AgentSwin``, ``FLattenSwin``) declare their
+    arch table and the two letters of their strings (``attn_letters``), and pass an
+    :data:`AttentionFactory` that builds each block's attention from its letter.
+    ``M`` stages are mixed (see :func:`~mmlinattn.models.layers.parse_attn_types`).
+
+    Input ``(B, in_channels, H, W)`` of any size; output a tuple of
+    ``(B, C_i, ceil(H / 4 / 2^i), ceil(W / 4 / 2^i))`` maps for i in out_indices.
+    """
+
+    #: (linear attention's letter, softmax letter) of ``attn_types``.
+    attn_letters = 'IS'
+    convert_checkpoint = staticmethod(convert_swin_checkpoint)
+
+    def __init__(self,
+                 make_attention: AttentionFactory,
+                 arch: Union[str, dict],
+                 embed_dims: Optional[int],
+                 depths: Optional[Sequence[int]],
+                 num_heads: Optional[Sequence[int]],
+                 attn_types: Optional[str],
+                 in_channels: int,
+                 patch_size: int,
+                 mlp_ratio: float,
+                 drop_rate: float,
+                 drop_path_rate: float,
+                 out_indices: Sequence[int],
+                 out_norm: bool,
+                 frozen_stages: int,
+                 with_cp: bool,
+                 chunk_tokens: Optional[int],
+                 pretrained: Optional[str],
+                 init_cfg: Optional[Union[dict, list]]) -> None:
+        setting = self.resolve_arch(arch, embed_dims=embed_dims, depths=depths,
+                                    num_heads=num_heads, attn_types=attn_types)
+        depths = tuple(setting['depths'])
+        num_heads = tuple(setting['num_heads'])
+        super().__init__(len(depths), out_indices, out_norm, frozen_stages, with_cp, pretrained,
+                         init_cfg, chunk_tokens)
+        letters = parse_attn_types(setting['attn_types'], depths, self.attn_letters)
+        dims = [setting['embed_dims'] * 2**i for i in range(self.num_stages)]
+        self.embed_dims = setting['embed_dims']
+        self.attn_types = setting['attn_types']
+        self.num_features = dims
+        self.patch_embed = PatchEmbed(in_channels, dims[0], patch_size, norm_eps=1e-5)
+        self.pos_drop = nn.Dropout(drop_rate)
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.layers = nn.ModuleList()
+        for i in range(self.num_stages):
+            start = sum(depths[:i])
+            attns = [make_attention(letter, i, j, dims[i], num_heads[i])
+                     for j, letter in enumerate(letters[i])]
+            self.layers.append(
+                InLineSwinStage(dims[i], attns, dpr[start:start + depths[i]], mlp_ratio,
+                                drop_rate, downsample=i < self.num_stages - 1))
+        self._add_out_norms(dims, eps=1e-5)
+        self._finish_init()
+
+    def _stem_modules(self) -> list[nn.Module]:
+        return [self.patch_embed]
+
+    def _stage_modules(self, i: int) -> list[nn.Module]:
+        norm = getattr(self, f'norm{i}', None)
+        return [self.layers[i]] + ([norm] if norm is not None else [])
+
+    def forward_stages(self, x: Tensor) -> list[Tensor]:
+        """Channels-last stage outputs ``(B, H_i, W_i, C_i)`` (before merging), all stages."""
+        x = self.pos_drop(self.embed(self.patch_embed, x))
+        outs = []
+        for layer in self.layers:
+            for block in layer.blocks:
+                x = self.run_block(block, x)
+            outs.append(x)
+            if layer.downsample is not None:
+                x = self.embed(layer.downsample, x)
+        return outs
+
+
+class InLineSwin(SwinBackbone):
     """InLine-Swin backbone for dense prediction.
 
     Args:
@@ -131,7 +207,6 @@ class InLineSwin(InLineBackbone):
     """
 
     arch_settings = SWIN_ARCHS
-    convert_checkpoint = staticmethod(convert_swin_checkpoint)
 
     def __init__(self,
                  arch: Union[str, dict] = 'tiny',
@@ -158,49 +233,19 @@ class InLineSwin(InLineBackbone):
                  chunk_tokens: Optional[int] = None,
                  pretrained: Optional[str] = None,
                  init_cfg: Optional[Union[dict, list]] = None) -> None:
-        setting = self.resolve_arch(arch, embed_dims=embed_dims, depths=depths,
-                                    num_heads=num_heads, attn_types=attn_types)
-        depths = tuple(setting['depths'])
-        num_heads = tuple(setting['num_heads'])
-        super().__init__(len(depths), out_indices, out_norm, frozen_stages, with_cp, pretrained,
-                         init_cfg, chunk_tokens)
-        letters = parse_attn_types(setting['attn_types'], depths)
-        dims = [setting['embed_dims'] * 2**i for i in range(self.num_stages)]
-        self.embed_dims = setting['embed_dims']
-        self.attn_types = setting['attn_types']
-        self.num_features = dims
-        self.patch_embed = PatchEmbed(in_channels, dims[0], patch_size, norm_eps=1e-5)
-        self.pos_drop = nn.Dropout(drop_rate)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
-        self.layers = nn.ModuleList()
-        for i in range(self.num_stages):
-            start = sum(depths[:i])
-            self.layers.append(
-                InLineSwinStage(dims[i], num_heads[i], letters[i], dpr[start:start + depths[i]],
-                                inline_window, softmax_window, inline_operator, kernel,
-                                attn_impl, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate,
-                                downsample=i < self.num_stages - 1))
-        self._add_out_norms(dims, eps=1e-5)
-        self._finish_init()
 
-    def _stem_modules(self) -> list[nn.Module]:
-        return [self.patch_embed]
+        def make_attention(letter: str, i: int, j: int, dim: int, heads: int) -> nn.Module:
+            if letter == 'I':
+                return InLineAttention(dim, heads, qkv_layout='qkv', window_size=inline_window,
+                                       operator=inline_operator, kernel=kernel, impl=attn_impl,
+                                       qkv_bias=qkv_bias, proj_drop=drop_rate)
+            return swin_softmax_attention(dim, heads, softmax_window, j, qkv_bias,
+                                          attn_drop_rate, drop_rate)
 
-    def _stage_modules(self, i: int) -> list[nn.Module]:
-        norm = getattr(self, f'norm{i}', None)
-        return [self.layers[i]] + ([norm] if norm is not None else [])
-
-    def forward_stages(self, x: Tensor) -> list[Tensor]:
-        """Channels-last stage outputs ``(B, H_i, W_i, C_i)`` (before merging), all stages."""
-        x = self.pos_drop(self.embed(self.patch_embed, x))
-        outs = []
-        for layer in self.layers:
-            for block in layer.blocks:
-                x = self.run_block(block, x)
-            outs.append(x)
-            if layer.downsample is not None:
-                x = self.embed(layer.downsample, x)
-        return outs
+        super().__init__(make_attention, arch, embed_dims, depths, num_heads, attn_types,
+                         in_channels, patch_size, mlp_ratio, drop_rate, drop_path_rate,
+                         out_indices, out_norm, frozen_stages, with_cp, chunk_tokens, pretrained,
+                         init_cfg)
 
 
 class InLineSwinClassifier(ClassifierHead, InLineSwin):

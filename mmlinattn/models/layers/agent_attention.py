@@ -1,0 +1,140 @@
+"""Agent attention over a whole channels-last map, with the released parameter layout."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from torch import Tensor, nn
+
+from ...ops import attention, pool_agents
+from ...parallel import current_group, gathered
+from .regions import merge_heads, split_heads
+
+__all__ = ['AgentAttention', 'agent_bias_for']
+
+
+def _resize(t: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear resize of ``(N, C, h, w)`` (align_corners=False, as the release);
+    the same size is returned as is (the resize would be exact anyway)."""
+    if tuple(t.shape[-2:]) == tuple(size):
+        return t
+    return F.interpolate(t, size=size, mode='bilinear', align_corners=False)
+
+
+def agent_bias_for(table: Tensor, hw: tuple[int, int], agent_shape: tuple[int, int]) -> Tensor:
+    """An agent bias table ``(heads, A, h0, w0)`` (one ``h0 x w0`` map per agent of a
+    square ``sqrt(A)`` grid) for an ``h x w`` map and a ``gh x gw`` agent grid:
+    ``(heads, h*w, gh*gw)``.
+
+    The map axes are resized bilinearly to ``h x w``, then the agent axes to
+    ``gh x gw``: the released downstream detectors' rule, which is the identity at
+    the classification size and agent count.
+    """
+    heads, agents = table.shape[:2]
+    side = math.isqrt(agents)
+    n = hw[0] * hw[1]
+    t = _resize(table, hw).reshape(heads, side, side, n).permute(0, 3, 1, 2)
+    return _resize(t, agent_shape).reshape(heads, n, agent_shape[0] * agent_shape[1])
+
+
+class AgentAttention(nn.Module):
+    """Agent attention (:func:`mmlinattn.ops.agent_attention`) over a whole map, plus
+    the depthwise convolution of v, with the released parameters.
+
+    Args:
+        dim: channels ``C``.
+        num_heads: heads.
+        agent_num: agents of the released model (a square: 9, 16, 49).
+        bias_size: the ``h0 x w0`` map the biases were learned on (the stage's map
+            at the classification size: 56, 28, 14, 7 at 224 px).
+        agent_shape: the agent grid at run time; None: ``sqrt(agent_num)`` square.
+            The released detectors and segmenters use more agents than the
+            classifiers (``(9, 9), (12, 12), (14, 14)`` for Swin stages 1-3); the
+            biases are resized to it (:func:`agent_bias_for`).
+        kernel_size: of the depthwise convolution on v (3).
+        shift: roll the map by this many tokens (both axes) before attending and
+            back after. The released downstream Swin keeps Swin's half-window shift
+            in odd blocks for its global agent stages; 0 elsewhere (and at the
+            classification size, where the map fits one window).
+        qkv_bias, proj_drop: as in Swin.
+
+    Shapes: ``forward(x: (B, H, W, C)) -> (B, H, W, C)``, any ``H x W``.
+    Parameters ``qkv``, ``proj``, ``dwc``, ``an_bias``, ``na_bias``, ``ah_bias``,
+    ``aw_bias``, ``ha_bias``, ``wa_bias`` as released.
+    """
+
+    def __init__(self,
+                 dim: int,
+                 num_heads: int,
+                 agent_num: int,
+                 bias_size: tuple[int, int],
+                 agent_shape: Optional[tuple[int, int]] = None,
+                 kernel_size: int = 3,
+                 shift: int = 0,
+                 qkv_bias: bool = True,
+                 proj_drop: float = 0.) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f'dim {dim} is not divisible by num_heads {num_heads}')
+        side = math.isqrt(agent_num)
+        if side * side != agent_num:
+            raise ValueError(f'agent_num must be a square (agents pooled on a grid), got '
+                             f'{agent_num}')
+        self.dim, self.num_heads, self.agent_num = dim, num_heads, agent_num
+        self.agent_shape = tuple(agent_shape) if agent_shape is not None else (side, side)
+        self.shift = shift
+        h0, w0 = bias_size
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.dwc = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        self.an_bias = nn.Parameter(torch.zeros(num_heads, agent_num, 7, 7))
+        self.na_bias = nn.Parameter(torch.zeros(num_heads, agent_num, 7, 7))
+        self.ah_bias = nn.Parameter(torch.zeros(1, num_heads, agent_num, h0, 1))
+        self.aw_bias = nn.Parameter(torch.zeros(1, num_heads, agent_num, 1, w0))
+        self.ha_bias = nn.Parameter(torch.zeros(1, num_heads, h0, 1, agent_num))
+        self.wa_bias = nn.Parameter(torch.zeros(1, num_heads, 1, w0, agent_num))
+        for p in (self.an_bias, self.na_bias, self.ah_bias, self.aw_bias, self.ha_bias,
+                  self.wa_bias):
+            trunc_normal_(p, std=.02)
+
+    def extra_repr(self) -> str:
+        return (f'dim={self.dim}, num_heads={self.num_heads}, agents={self.agent_num} -> '
+                f'{self.agent_shape}, shift={self.shift}')
+
+    def biases(self, hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """``(agent_bias (1, heads, G, N), query_bias (1, heads, N, G))`` for an
+        ``h x w`` map and this module's agent grid (G agents)."""
+        g = self.agent_shape
+        agent = agent_bias_for(self.an_bias, hw, g) + agent_bias_for(
+            (self.ah_bias + self.aw_bias)[0], hw, g)
+        query = agent_bias_for(self.na_bias, hw, g) + agent_bias_for(
+            (self.ha_bias + self.wa_bias)[0].permute(0, 3, 1, 2), hw, g)
+        return agent.transpose(1, 2)[None], query[None]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[-1] != self.dim:
+            raise ValueError(f'{type(self).__name__} expects (B, H, W, {self.dim}); '
+                             f'got {tuple(x.shape)}')
+        if current_group() is not None:
+            # Agents pool the whole map: each rank attends the gathered map.
+            return gathered(self.forward, x)
+        if self.shift:
+            x = torch.roll(x, shifts=(-self.shift, -self.shift), dims=(1, 2))
+        b, h, w, c = x.shape
+        q, k, v = self.qkv(x.reshape(b, h * w, c)).view(b, h * w, 3, c).unbind(2)
+        agents = pool_agents(q.view(b, h, w, c), self.agent_shape)
+        agent_bias, query_bias = self.biases((h, w))
+        heads = self.num_heads
+        out = merge_heads(attention('agent', split_heads(q, heads), split_heads(k, heads),
+                                    split_heads(v, heads), agents=split_heads(agents, heads),
+                                    agent_bias=agent_bias, query_bias=query_bias))
+        local = self.dwc(v.view(b, h, w, c).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        out = out.view(b, h, w, c) + local
+        out = self.proj_drop(self.proj(out))
+        if self.shift:
+            out = torch.roll(out, shifts=(self.shift, self.shift), dims=(1, 2))
+        return out
