@@ -65,8 +65,8 @@ class BackboneFamily:
     backbone: type
     #: ``Classifier(ClassifierHead, backbone)`` with the released head.
     classifier: type
-    #: A released (classification) state dict of this family, and no other, has a key
-    #: starting with one of these.
+    #: A released (classification) state dict of this family has a key starting with
+    #: one of these.
     key_prefixes: tuple[str, ...]
     #: The first convolution's module path in the classifier (timm's ``first_conv``).
     first_conv: str
@@ -76,6 +76,16 @@ class BackboneFamily:
     benchmark: tuple[BenchmarkVariant, ...] = ()
     #: Earlier registry names of the backbone, still accepted in configs.
     aliases: tuple[str, ...] = ()
+    #: Families on the same base model share key prefixes (InLine-, Agent- and
+    #: FLatten-Swin all start with ``layers.``); then a released state dict of this
+    #: family, and no other, has a key containing one of these (``.attn.an_bias``).
+    key_markers: tuple[str, ...] = ()
+
+    def identifies(self, keys: list[str]) -> bool:
+        """Whether ``keys`` are a state dict of this family (by prefixes and markers)."""
+        if not any(k.startswith(self.key_prefixes) for k in keys):
+            return False
+        return not self.key_markers or any(m in k for k in keys for m in self.key_markers)
 
     @property
     def archs(self) -> Mapping[str, dict]:
@@ -107,9 +117,12 @@ def _check(spec: BackboneFamily) -> None:
         if other.name == spec.name:
             continue
         clash = set(spec.key_prefixes) & set(other.key_prefixes)
-        if clash:
+        told_apart = spec.key_markers and other.key_markers and \
+            not set(spec.key_markers) & set(other.key_markers)
+        if clash and not told_apart:
             raise ValueError(f'family {spec.name!r} shares key prefixes {sorted(clash)} with '
-                             f'{other.name!r}; checkpoints could not be told apart')
+                             f'{other.name!r}; checkpoints could not be told apart (give both '
+                             'distinct key_markers)')
 
 
 #: Layers built on the family specs (the timm classifiers, :mod:`.classification`) are
@@ -173,12 +186,12 @@ def find_family(name_or_class: Any) -> BackboneFamily:
 
 
 def detect_family(keys: list[str]) -> Optional[BackboneFamily]:
-    """The family whose released key prefixes occur in ``keys`` (None if none does).
+    """The family whose released key prefixes (and markers) occur in ``keys`` (None if
+    none does).
 
     Raises ValueError when keys of several families occur (a merged or foreign file).
     """
-    found = [spec for spec in FAMILIES.values()
-             if any(k.startswith(spec.key_prefixes) for k in keys)]
+    found = [spec for spec in FAMILIES.values() if spec.identifies(keys)]
     if len(found) > 1:
         raise ValueError('checkpoint keys match several families: ' + ', '.join(
             f'{s.name} ({", ".join(s.key_prefixes)})' for s in found))

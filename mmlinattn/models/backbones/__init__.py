@@ -1,5 +1,8 @@
-"""InLine backbones with the OpenMMLab backbone contract; each module registers its family."""
+"""Backbones with the OpenMMLab backbone contract (InLine, and the sibling linear
+attentions on the same base models); each module registers its family."""
+from .agent_swin import AGENT_SWIN_ARCHS, AgentSwin, AgentSwinClassifier
 from .base import InLineBackbone, chunked_inference
+from .flatten_swin import FLATTEN_SWIN_ARCHS, FLattenSwin, FLattenSwinClassifier
 from .inline_cswin import CSWIN_ARCHS, InLineCSwin, InLineCSwinClassifier, convert_cswin_checkpoint
 from .inline_deit import (
     DEIT_ARCHS,
@@ -11,7 +14,13 @@ from .inline_deit import (
     convert_vit_checkpoint,
 )
 from .inline_pvt import PVT_ARCHS, InLinePVT, InLinePVTClassifier, convert_pvt_checkpoint
-from .inline_swin import SWIN_ARCHS, InLineSwin, InLineSwinClassifier, convert_swin_checkpoint
+from .inline_swin import (
+    SWIN_ARCHS,
+    InLineSwin,
+    InLineSwinClassifier,
+    SwinBackbone,
+    convert_swin_checkpoint,
+)
 
 __all__ = [
     'InLineBackbone', 'chunked_inference', 'InLineSwin', 'InLinePVT', 'InLineCSwin',
@@ -19,5 +28,6 @@ __all__ = [
     'PVT_ARCHS', 'CSWIN_ARCHS', 'DEIT_ARCHS', 'convert_swin_checkpoint', 'convert_pvt_checkpoint',
     'convert_cswin_checkpoint', 'convert_deit_checkpoint', 'InLineSwinClassifier',
     'InLinePVTClassifier', 'InLineCSwinClassifier', 'InLineDeiTClassifier', 'InLineViT',
-    'VIT_ARCHS', 'convert_vit_checkpoint'
+    'VIT_ARCHS', 'convert_vit_checkpoint', 'SwinBackbone', 'AgentSwin', 'AgentSwinClassifier',
+    'AGENT_SWIN_ARCHS', 'FLattenSwin', 'FLattenSwinClassifier', 'FLATTEN_SWIN_ARCHS'
 ]

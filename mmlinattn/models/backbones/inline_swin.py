@@ -254,7 +254,7 @@ class InLineSwinClassifier(ClassifierHead, InLineSwin):
 
 register_family(BackboneFamily(
     name='swin', backbone=InLineSwin, classifier=InLineSwinClassifier,
-    key_prefixes=('layers.', ), first_conv='patch_embed.proj',
+    key_prefixes=('layers.', ), key_markers=('.attn.residual.', ), first_conv='patch_embed.proj',
     released=(
         ReleasedModel('inline_swin_tiny', 'inline_swin_t', 'tiny', 0.2),
         ReleasedModel('inline_swin_small', 'inline_swin_s', 'small', 0.3),

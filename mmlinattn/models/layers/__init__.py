@@ -1,4 +1,5 @@
 """nn.Modules built on :mod:`mmlinattn.ops`, shared by every backbone."""
+from .agent_attention import AgentAttention, agent_bias_for
 from .attention import InLineAttention, WindowSoftmaxAttention
 from .attn_types import parse_attn_types
 from .block import TransformerBlock, run_block
@@ -16,6 +17,7 @@ from .chunked import (
     row_bands,
 )
 from .embed import PatchEmbed, PatchMerging
+from .focused_attention import FocusedLinearAttention, resize_positional_encoding
 from .head import ClassifierHead
 from .local_residual import LocalResidual, masked_mean
 from .mlp import Mlp, gelu_mlp
@@ -28,5 +30,6 @@ __all__ = [
     'LocalResidual', 'masked_mean', 'RegionGrid', 'attend_heads', 'ClassifierHead',
     'init_transformer_weights', 'Mlp', 'gelu_mlp', 'DEFAULT_CHUNK_TOKENS', 'BandPlan',
     'InLineBlockParts', 'band_rows', 'chunked_block', 'chunked_embed', 'conv2d_rows',
-    'conv_out_rows', 'fill_rows', 'linear_slice', 'row_bands', 'window_region'
+    'conv_out_rows', 'fill_rows', 'linear_slice', 'row_bands', 'window_region', 'AgentAttention',
+    'agent_bias_for', 'FocusedLinearAttention', 'resize_positional_encoding'
 ]

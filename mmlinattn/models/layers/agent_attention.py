@@ -55,10 +55,6 @@ class AgentAttention(nn.Module):
             classifiers (``(9, 9), (12, 12), (14, 14)`` for Swin stages 1-3); the
             biases are resized to it (:func:`agent_bias_for`).
         kernel_size: of the depthwise convolution on v (3).
-        shift: roll the map by this many tokens (both axes) before attending and
-            back after. The released downstream Swin keeps Swin's half-window shift
-            in odd blocks for its global agent stages; 0 elsewhere (and at the
-            classification size, where the map fits one window).
         qkv_bias, proj_drop: as in Swin.
 
     Shapes: ``forward(x: (B, H, W, C)) -> (B, H, W, C)``, any ``H x W``.
@@ -73,7 +69,6 @@ class AgentAttention(nn.Module):
                  bias_size: tuple[int, int],
                  agent_shape: Optional[tuple[int, int]] = None,
                  kernel_size: int = 3,
-                 shift: int = 0,
                  qkv_bias: bool = True,
                  proj_drop: float = 0.) -> None:
         super().__init__()
@@ -85,7 +80,6 @@ class AgentAttention(nn.Module):
                              f'{agent_num}')
         self.dim, self.num_heads, self.agent_num = dim, num_heads, agent_num
         self.agent_shape = tuple(agent_shape) if agent_shape is not None else (side, side)
-        self.shift = shift
         h0, w0 = bias_size
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
@@ -103,7 +97,7 @@ class AgentAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f'dim={self.dim}, num_heads={self.num_heads}, agents={self.agent_num} -> '
-                f'{self.agent_shape}, shift={self.shift}')
+                f'{self.agent_shape}')
 
     def biases(self, hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
         """``(agent_bias (1, heads, G, N), query_bias (1, heads, N, G))`` for an
@@ -122,8 +116,6 @@ class AgentAttention(nn.Module):
         if current_group() is not None:
             # Agents pool the whole map: each rank attends the gathered map.
             return gathered(self.forward, x)
-        if self.shift:
-            x = torch.roll(x, shifts=(-self.shift, -self.shift), dims=(1, 2))
         b, h, w, c = x.shape
         q, k, v = self.qkv(x.reshape(b, h * w, c)).view(b, h * w, 3, c).unbind(2)
         agents = pool_agents(q.view(b, h, w, c), self.agent_shape)
@@ -134,7 +126,4 @@ class AgentAttention(nn.Module):
                                     agent_bias=agent_bias, query_bias=query_bias))
         local = self.dwc(v.view(b, h, w, c).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         out = out.view(b, h, w, c) + local
-        out = self.proj_drop(self.proj(out))
-        if self.shift:
-            out = torch.roll(out, shifts=(self.shift, self.shift), dims=(1, 2))
-        return out
+        return self.proj_drop(self.proj(out))
