@@ -36,7 +36,7 @@ def _openmmlab_registries():
 
 
 def test_the_four_released_families_are_declared():
-    assert set(FAMILIES) == {'swin', 'pvt', 'cswin', 'deit'}
+    assert set(FAMILIES) == {'swin', 'pvt', 'cswin', 'deit', 'agent_swin', 'flatten_swin'}
     for spec in FAMILIES.values():
         assert MODELS.get(spec.backbone.__name__) is spec.backbone
         for scope, registry in _openmmlab_registries().items():
@@ -164,4 +164,11 @@ def test_a_spec_that_cannot_work_is_refused_by_name(toy_family):
     with pytest.raises(TypeError, match='must subclass ToyBackbone'):
         register_family(replace(TOY, classifier=nn.Module))
     with pytest.raises(ValueError, match='match several families'):
-        detect_family(['layers.0.x', 'toy_stem.weight'])
+        detect_family(['layers.0.blocks.0.attn.residual.0.weight', 'toy_stem.weight'])
+    # Families on one base model (InLine-, Agent-, FLatten-Swin share 'layers.') are
+    # told apart by their markers; a spec sharing a prefix needs markers of its own.
+    assert detect_family(['layers.0.blocks.0.attn.qkv.weight']) is None
+    assert detect_family(['layers.0.blocks.0.attn.an_bias']).name == 'agent_swin'
+    with pytest.raises(ValueError, match="shares key prefixes.*give both distinct key_markers"):
+        register_family(replace(TOY, name='toy2', key_prefixes=('layers.', ),
+                                key_markers=('.attn.an_bias', )))

@@ -48,7 +48,9 @@ def reference():
 def test_every_registered_model_has_a_reference_layout():
     # The 384 px fine-tuned layouts are the 224 px ones with larger softmax windows
     # (tests/test_checkpoint/test_pretrained_adaptation.py); every other has its reference.
-    assert set(CLASSIFIERS) == set(REF_NAMES) | {'inline_swin_base_384', 'inline_cswin_base_384'}
+    # (The sibling attentions' layouts: tests/test_models/test_sibling_families.py.)
+    inline = {name for name in CLASSIFIERS if name.startswith('inline_')}
+    assert inline == set(REF_NAMES) | {'inline_swin_base_384', 'inline_cswin_base_384'}
 
 
 @pytest.mark.parametrize('name', sorted(REF_NAMES))

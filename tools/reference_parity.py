@@ -1,0 +1,212 @@
+"""Check our sibling-attention models against the authors' own code, and record the
+reference data the tests use where that code is absent.
+
+The authors' repositories are not dependencies: clone them anywhere and point at them::
+
+    git clone https://github.com/LeapLabTHU/Agent-Attention
+    git clone https://github.com/LeapLabTHU/FLatten-Transformer
+    python tools/reference_parity.py --agent Agent-Attention --flatten FLatten-Transformer
+
+For every released model it builds the authors' classifier with random weights, loads
+the same weights into ours (timm) and compares the logits at the released size; for
+Agent-Swin also the authors' downstream (detection) backbone at a non-square size.
+With ``--record DIR`` it writes ``sibling_state_dicts.json`` (every key and shape of
+each released layout) and ``sibling_reference_outputs.json`` (tiny attention modules
+of the authors' code: their weights, an input and the output), which
+``tests/test_models/test_sibling_families.py`` checks us against.
+
+The authors' files are imported as they are; the only edits are to imports that need
+packages we do not use (``einops``, unused there) or mmdet 2.x (their downstream
+backbone registers itself in mmdet 2's registry; it is given a stand-in registry).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import types
+from pathlib import Path
+
+import timm
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import mmlinattn.models  # noqa: E402,F401  (registers the timm models)
+from mmlinattn.models.backbones import AgentSwin  # noqa: E402
+
+DERIVED = ('relative_position_index', 'attn_mask')
+
+
+def load_module(path: Path, name: str) -> types.ModuleType:
+    """Import the authors' ``path`` as module ``name`` with the import edits above."""
+    source = path.read_text()
+    edits = {
+        'from einops import rearrange': 'rearrange = None  # einops: unused here',
+        'from ..builder import BACKBONES': 'BACKBONES = _STAND_IN_REGISTRY',
+        'from ...utils import get_root_logger': 'get_root_logger = None',
+        'from mmcv.runner import _load_checkpoint': '_load_checkpoint = None',
+    }
+    for old, new in edits.items():
+        source = source.replace(old, new)
+    module = types.ModuleType(name)
+    module.__file__ = str(path)
+    module._STAND_IN_REGISTRY = types.SimpleNamespace(register_module=lambda cls: cls)
+    sys.modules[name] = module
+    exec(compile(source, str(path), 'exec'), module.__dict__)
+    return module
+
+
+def _swin(module, cls: str, dims: int, depths, heads, window: int, size: int, **kw):
+    return lambda: getattr(module, cls)(img_size=size, embed_dim=dims, depths=depths,
+                                        num_heads=heads, window_size=window, **kw)
+
+
+def released_builders(agent: Path | None, flatten: Path | None) -> dict:
+    """Our timm name -> (the released file stem, a builder of the authors' classifier)."""
+    out = {}
+    t, s, b = ([2, 2, 6, 2], [3, 6, 12, 24]), ([2, 2, 18, 2], [3, 6, 12, 24]), \
+        ([2, 2, 18, 2], [4, 8, 16, 32])
+    if agent is not None:
+        m = load_module(agent / 'agent_transformer' / 'models' / 'agent_swin.py', 'ref_agent_swin')
+        a = dict(agent_num=[9, 16, 49, 49])
+        out.update({
+            'agent_swin_tiny': ('agent_swin_t', _swin(m, 'AgentSwinTransformer', 96, *t, 56, 224,
+                                                      attn_type='AAAB', **a)),
+            'agent_swin_small': ('agent_swin_s', _swin(m, 'AgentSwinTransformer', 96, *s, 56,
+                                                       224, attn_type='AABB', **a)),
+            'agent_swin_base': ('agent_swin_b', _swin(m, 'AgentSwinTransformer', 128, *b, 56,
+                                                      224, attn_type='AAMB2', **a)),
+            'agent_swin_small_288': ('agent_swin_s_288', _swin(
+                m, 'AgentSwinTransformer', 96, *s, 72, 288, attn_type='AABB', **a)),
+            'agent_swin_base_384': ('agent_swin_b_384', _swin(
+                m, 'AgentSwinTransformer', 128, *b, 96, 384, attn_type='AAMB2', **a)),
+        })
+    if flatten is not None:
+        m = load_module(flatten / 'models' / 'flatten_swin.py', 'ref_flatten_swin')
+        cls = 'FLattenSwinTransformer'
+        out.update({
+            'flatten_swin_tiny': ('flatten_swin_t', _swin(m, cls, 96, *t, 56, 224,
+                                                          attn_type='LLSS')),
+            'flatten_swin_small': ('flatten_swin_s', _swin(m, cls, 96, *s, 56, 224,
+                                                           attn_type='LLSS')),
+            'flatten_swin_base': ('flatten_swin_b', _swin(m, cls, 128, *b, 56, 224,
+                                                          attn_type='LLSS')),
+            'flatten_swin_base_384': ('flatten_swin_b_384', _swin(m, cls, 128, *b, 96, 384,
+                                                                  attn_type='LLSS')),
+        })
+    return out
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / a.norm())
+
+
+def learnable(state: dict) -> dict:
+    return {k: v for k, v in state.items() if not k.endswith(DERIVED)}
+
+
+def compare_classifier(name: str, build, batch: int = 1) -> tuple[float, dict]:
+    """Logits of the authors' model and ours with the same random weights."""
+    torch.manual_seed(0)
+    ref = build().eval()
+    state = ref.state_dict()
+    ours = timm.create_model(name).eval()
+    ours.load_state_dict(learnable(state), strict=True)
+    size = ours.pretrained_cfg['input_size'][-1]
+    x = torch.randn(batch, 3, size, size)
+    with torch.no_grad():
+        err = relative_error(ref(x), ours(x))
+    layout = {'params': sum(p.numel() for p in ref.parameters()),
+              'state_dict': {k: list(v.shape) for k, v in state.items()}}
+    return err, layout
+
+
+def compare_agent_downstream(agent: Path, size: tuple[int, int] = (448, 672)) -> list[float]:
+    """The authors' Agent-Swin-T detection backbone (9-12-14-7 agents) and ours at a
+    non-square size: the relative error of each output map."""
+    m = load_module(agent / 'downstream' / 'detection' / 'mmdet' / 'models' / 'backbones' /
+                    'agent_swin.py', 'ref_agent_swin_downstream')
+    shapes = [(9, 9), (12, 12), (14, 14), (7, 7)]
+    torch.manual_seed(0)
+    ref = m.AgentSwinTransformer(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
+                                 window_size=56, drop_path_rate=0., agent_num=[9, 16, 49, 49],
+                                 downstream_agent_shapes=shapes, kernel_size=3,
+                                 attn_type='AAAB', scale=-0.5).eval()
+    ours = AgentSwin('tiny', agent_shapes=shapes, drop_path_rate=0.).eval()
+    ours.load_state_dict(learnable(ref.state_dict()), strict=True)
+    x = torch.randn(1, 3, *size)
+    with torch.no_grad():
+        return [relative_error(a, b) for a, b in zip(ref(x), ours(x))]
+
+
+def _tensor(t: torch.Tensor) -> dict:
+    return {'shape': list(t.shape), 'values': [round(float(v), 8) for v in t.reshape(-1)]}
+
+
+def record_module_outputs(agent: Path, flatten: Path) -> dict:
+    """Tiny attention modules of the authors' code: weights, input, output."""
+    out = {}
+    down = sys.modules.get('ref_agent_swin_downstream') or load_module(
+        agent / 'downstream' / 'detection' / 'mmdet' / 'models' / 'backbones' / 'agent_swin.py',
+        'ref_agent_swin_downstream')
+    torch.manual_seed(0)
+    attn = down.AgentAttention(12, input_resolution=(4, 4), window_size=(4, 4), num_heads=3,
+                               agent_num=4, downstream_agent_shape=(3, 3)).eval()
+    hw = (5, 7)
+    x = torch.randn(2, hw[0] * hw[1], 12)
+    with torch.no_grad():
+        y = attn(x, None, hw)
+    out['agent_downstream'] = dict(
+        config=dict(dim=12, num_heads=3, agent_num=4, bias_size=[4, 4], agent_shape=[3, 3],
+                    hw=list(hw)),
+        state_dict={k: _tensor(v) for k, v in attn.state_dict().items()},
+        input=_tensor(x), output=_tensor(y))
+    fl = sys.modules.get('ref_flatten_swin') or load_module(
+        flatten / 'models' / 'flatten_swin.py', 'ref_flatten_swin')
+    torch.manual_seed(1)
+    attn = fl.FocusedLinearAttention(12, window_size=(4, 4), num_heads=3)
+    attn.train(False)  # its eval() returns None
+    with torch.no_grad():
+        for p in (attn.scale, attn.positional_encoding):  # zeros as initialised: not a test
+            p.normal_()
+        x = torch.randn(2, 16, 12)
+        y = attn(x)
+    out['focused'] = dict(config=dict(dim=12, num_heads=3, grid=[4, 4], hw=[4, 4]),
+                          state_dict={k: _tensor(v) for k, v in attn.state_dict().items()},
+                          input=_tensor(x), output=_tensor(y))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--agent', type=Path, help='a clone of LeapLabTHU/Agent-Attention')
+    parser.add_argument('--flatten', type=Path,
+                        help='a clone of LeapLabTHU/FLatten-Transformer')
+    parser.add_argument('--only', nargs='*', help='our timm names to check (default: all)')
+    parser.add_argument('--record', type=Path, help='write the reference JSON files here')
+    args = parser.parse_args()
+    if args.agent is None and args.flatten is None:
+        parser.error('give --agent and/or --flatten')
+    layouts = {}
+    for name, (stem, build) in released_builders(args.agent, args.flatten).items():
+        if args.only and name not in args.only:
+            continue
+        err, layouts[stem] = compare_classifier(name, build)
+        print(f'{name:24s} logits relative error {err:.2e}  '
+              f'({layouts[stem]["params"] / 1e6:.1f} M parameters)', flush=True)
+    if args.agent is not None:
+        errs = compare_agent_downstream(args.agent)
+        print('agent_swin_tiny downstream (448 x 672, agents 9-12-14-7): maps relative error '
+              + ', '.join(f'{e:.2e}' for e in errs))
+    if args.record is not None:
+        if args.agent is None or args.flatten is None:
+            parser.error('--record needs both --agent and --flatten')
+        args.record.mkdir(parents=True, exist_ok=True)
+        (args.record / 'sibling_state_dicts.json').write_text(json.dumps(layouts, indent=0))
+        (args.record / 'sibling_reference_outputs.json').write_text(
+            json.dumps(record_module_outputs(args.agent, args.flatten)))
+        print(f'wrote {args.record}/sibling_state_dicts.json and sibling_reference_outputs.json')
+
+
+if __name__ == '__main__':
+    main()
