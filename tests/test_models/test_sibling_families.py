@@ -113,3 +113,24 @@ def test_released_file_loads_through_init_cfg(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(backbone.eval()(x)[3].permute(0, 2, 3, 1),
                                    src.forward_features(x))
+
+
+def test_converter_tells_the_swin_families_apart(tmp_path):
+    """A released FLatten-Swin-T file through tools/convert_checkpoint.py: the family
+    is found by its keys among the three on the Swin base, and the backbone loads it."""
+    import subprocess
+    import sys
+
+    from mmlinattn.models.backbones import FLattenSwinClassifier
+
+    src = FLattenSwinClassifier('tiny').eval()
+    path, out = tmp_path / 'flatten_swin_t.pth', tmp_path / 'converted.pth'
+    torch.save({'model': src.state_dict()}, path)
+    proc = subprocess.run([sys.executable, str(DATA.parents[1] / 'tools' / 'convert_checkpoint.py'),
+                           str(path), str(out)], capture_output=True, text=True, check=True)
+    assert 'flatten_swin' in proc.stdout + proc.stderr
+    backbone = FLattenSwin('tiny', init_cfg=dict(type='Pretrained', checkpoint=str(out)))
+    backbone.init_weights()
+    torch.testing.assert_close(backbone.norm3.weight, src.norm.weight)
+    torch.testing.assert_close(backbone.layers[0].blocks[1].attn.positional_encoding,
+                               src.layers[0].blocks[1].attn.positional_encoding)
