@@ -17,7 +17,7 @@ band by band (chunked whole-image inference) with the same result up to rounding
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -29,21 +29,43 @@ from .tracing import exporting
 __all__ = ['AgentSums', 'agent_attention', 'pool_agents']
 
 
-def pool_agents(q_map: Tensor, side: int, valid: Optional[Tensor] = None) -> Tensor:
-    """Agent tokens: ``q_map (B, H, W, C)`` average-pooled to ``side x side`` cells
-    (``adaptive_avg_pool2d``) -> ``(B, side*side, C)``, cells row-major.
+def pool_agents(q_map: Tensor, side: Union[int, tuple[int, int]],
+                valid: Optional[Tensor] = None) -> Tensor:
+    """Agent tokens: ``q_map (B, H, W, C)`` average-pooled (``adaptive_avg_pool2d``) to
+    ``side`` cells (an int for a square grid, or ``(rows, cols)``) -> ``(B, cells, C)``,
+    cells row-major.
 
     ``valid (B, H, W)`` bool: only valid positions count in a cell's mean (padded
     windows); a cell with none gives 0.
     """
     x = q_map.permute(0, 3, 1, 2)
+    pool = _pool_by_matrices if exporting() else F.adaptive_avg_pool2d
     if valid is None:
-        pooled = F.adaptive_avg_pool2d(x, side)
+        pooled = pool(x, side)
     else:
         m = valid[:, None].to(x.dtype)
-        pooled = F.adaptive_avg_pool2d(x * m, side) / \
-            F.adaptive_avg_pool2d(m, side).clamp_min(torch.finfo(x.dtype).tiny)
+        pooled = pool(x * m, side) / pool(m, side).clamp_min(torch.finfo(x.dtype).tiny)
     return pooled.flatten(2).transpose(1, 2)
+
+
+def _cell_matrix(n: int, cells: int, like: Tensor) -> Tensor:
+    """``(cells, n)``: row i averages positions ``floor(i n / cells)`` to
+    ``ceil((i + 1) n / cells) - 1``, the cells of ``adaptive_avg_pool``."""
+    i = torch.arange(cells, device=like.device)
+    r = torch.arange(n, device=like.device)
+    start, end = (i * n) // cells, ((i + 1) * n + cells - 1) // cells
+    m = ((r[None] >= start[:, None]) & (r[None] < end[:, None])).to(like.dtype)
+    return m / m.sum(dim=1, keepdim=True)
+
+
+def _pool_by_matrices(x: Tensor, side: Union[int, tuple[int, int]]) -> Tensor:
+    """``adaptive_avg_pool2d`` of ``x (B, C, H, W)`` as two matrix products. Exported
+    graphs need it: the exporter bakes the export size into adaptive pooling's
+    indices (ONNX Runtime then reads out of range at other sizes)."""
+    sh, sw = (side, side) if isinstance(side, int) else side
+    ph = _cell_matrix(x.shape[2], sh, x)
+    pw = _cell_matrix(x.shape[3], sw, x)
+    return torch.einsum('ih,bchw,jw->bcij', ph, x, pw)
 
 
 class AgentSums:

@@ -232,3 +232,15 @@ def test_summed_attentions_split_over_two_processes_equal_the_whole(name):
 def test_modules_swap_only_the_attentions_of_q_k_v_alone():
     with pytest.raises(ValueError, match="unknown attention operator 'agent'"):
         InLineAttention(8, 2, operator='agent')
+
+
+def test_agent_pooling_for_export_equals_adaptive_pooling():
+    """The matrix form exported graphs use (adaptive pooling's indices would be fixed
+    at the export size) pools the same cells."""
+    from mmlinattn.ops.agent import _pool_by_matrices
+
+    torch.manual_seed(7)
+    for hw, side in [((7, 9), 3), ((56, 56), 3), ((13, 40), (12, 5)), ((5, 4), 7)]:
+        x = torch.randn(2, 3, *hw)
+        torch.testing.assert_close(_pool_by_matrices(x, side),
+                                   torch.nn.functional.adaptive_avg_pool2d(x, side))

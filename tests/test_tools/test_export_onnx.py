@@ -25,7 +25,14 @@ from mmlinattn.engine.deploy import (
     graph_for,
     verify_onnx,
 )
-from mmlinattn.models.backbones import InLineCSwin, InLineDeiT, InLinePVT, InLineSwin
+from mmlinattn.models.backbones import (
+    AgentSwin,
+    FLattenSwin,
+    InLineCSwin,
+    InLineDeiT,
+    InLinePVT,
+    InLineSwin,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 SEG_CFG = REPO / 'configs/tiny/fpn_inline-pvt-t_300i_tiny-ade20k.py'
@@ -48,12 +55,17 @@ def _backbone(name: str) -> nn.Module:
         return InLineSwin(depths=(1, 1, 1, 2))
     if name == 'cswin':
         return InLineCSwin(depths=(1, 1, 1, 1))
+    if name == 'agent-swin':  # agents pooled and biases resized for the run-time map
+        return AgentSwin(depths=(1, 1, 1, 2))
+    if name == 'flatten-swin':  # positional encodings resized for the run-time map
+        return FLattenSwin(depths=(1, 1, 1, 2))
     model = InLineDeiT(arch='tiny', out_indices=(0, 1, 2, 3))
     model.blocks = model.blocks[:4]
     return model
 
 
-@pytest.mark.parametrize('name', ['pvt', 'pvt-window5', 'swin', 'cswin', 'deit'])
+@pytest.mark.parametrize('name', ['pvt', 'pvt-window5', 'swin', 'cswin', 'deit', 'agent-swin',
+                                  'flatten-swin'])
 def test_backbone_exports_dynamic_and_matches(name: str, tmp_path: Path) -> None:
     graph = BackboneGraph(_backbone(name).eval())
     path = str(tmp_path / f'{name}.onnx')
