@@ -5,11 +5,14 @@ The authors' repositories are not dependencies: clone them anywhere and point at
 
     git clone https://github.com/LeapLabTHU/Agent-Attention
     git clone https://github.com/LeapLabTHU/FLatten-Transformer
-    python tools/reference_parity.py --agent Agent-Attention --flatten FLatten-Transformer
+    git clone https://github.com/LeapLabTHU/MLLA
+    python tools/reference_parity.py --agent Agent-Attention --flatten FLatten-Transformer \
+        --mlla MLLA
 
 For every released model it builds the authors' classifier with random weights, loads
 the same weights into ours (timm) and compares the logits at the released size; for
-Agent-Swin also the authors' downstream (detection) backbone at a non-square size.
+Agent-Swin-T and MLLA-T also the authors' downstream (detection) backbone at a
+non-square size.
 With ``--record DIR`` it writes ``sibling_state_dicts.json`` (every key and shape of
 each released layout) and ``sibling_reference_outputs.json`` (tiny attention modules
 of the authors' code: their weights, an input and the output), which
@@ -32,9 +35,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mmlinattn.models  # noqa: E402,F401  (registers the timm models)
-from mmlinattn.models.backbones import AgentSwin  # noqa: E402
+from mmlinattn.checkpoint import DERIVED_BUFFER_SUFFIXES  # noqa: E402
+from mmlinattn.models.backbones import MLLA, AgentSwin  # noqa: E402
 
-DERIVED = ('relative_position_index', 'attn_mask')
+DERIVED = DERIVED_BUFFER_SUFFIXES  # what our loaders drop: recomputed, not learned
+
+
+def _register_module(cls=None):
+    """mmdet 2's ``@BACKBONES.register_module`` and ``register_module()``: a no-op."""
+    return cls if cls is not None else (lambda c: c)
 
 
 def load_module(path: Path, name: str) -> types.ModuleType:
@@ -50,7 +59,7 @@ def load_module(path: Path, name: str) -> types.ModuleType:
         source = source.replace(old, new)
     module = types.ModuleType(name)
     module.__file__ = str(path)
-    module._STAND_IN_REGISTRY = types.SimpleNamespace(register_module=lambda cls: cls)
+    module._STAND_IN_REGISTRY = types.SimpleNamespace(register_module=_register_module)
     sys.modules[name] = module
     exec(compile(source, str(path), 'exec'), module.__dict__)
     return module
@@ -61,7 +70,8 @@ def _swin(module, cls: str, dims: int, depths, heads, window: int, size: int, **
                                         num_heads=heads, window_size=window, **kw)
 
 
-def released_builders(agent: Path | None, flatten: Path | None) -> dict:
+def released_builders(agent: Path | None, flatten: Path | None, mlla: Path | None = None
+                      ) -> dict:
     """Our timm name -> (the released file stem, a builder of the authors' classifier)."""
     out = {}
     t, s, b = ([2, 2, 6, 2], [3, 6, 12, 24]), ([2, 2, 18, 2], [3, 6, 12, 24]), \
@@ -93,6 +103,16 @@ def released_builders(agent: Path | None, flatten: Path | None) -> dict:
                                                           attn_type='LLSS')),
             'flatten_swin_base_384': ('flatten_swin_b_384', _swin(m, cls, 128, *b, 96, 384,
                                                                   attn_type='LLSS')),
+        })
+    if mlla is not None:
+        m = load_module(mlla / 'models' / 'mlla.py', 'ref_mlla')
+        out.update({
+            'mlla_tiny': ('mlla_t', lambda: m.MLLA(embed_dim=64, depths=[2, 4, 8, 4],
+                                                   num_heads=[2, 4, 8, 16])),
+            'mlla_small': ('mlla_s', lambda: m.MLLA(embed_dim=64, depths=[3, 6, 21, 6],
+                                                    num_heads=[2, 4, 8, 16])),
+            'mlla_base': ('mlla_b', lambda: m.MLLA(embed_dim=96, depths=[3, 6, 21, 6],
+                                                   num_heads=[3, 6, 12, 24])),
         })
     return out
 
@@ -139,13 +159,40 @@ def compare_agent_downstream(agent: Path, size: tuple[int, int] = (448, 672)) ->
         return [relative_error(a, b) for a, b in zip(ref(x), ours(x))]
 
 
+def compare_mlla_downstream(mlla: Path, size: tuple[int, int] = (450, 670)) -> list[float]:
+    """The authors' MLLA-T detection backbone and ours at a size whose maps are odd
+    (the stem pads the image, the merges pad odd maps): each output map's error."""
+    m = load_module(mlla / 'downstream' / 'detection' / 'mmdet' / 'models' / 'backbones' /
+                    'mlla.py', 'ref_mlla_downstream')
+    torch.manual_seed(0)
+    ref = m.MLLA(embed_dim=64, depths=[2, 4, 8, 4], num_heads=[2, 4, 8, 16],
+                 drop_path_rate=0.).eval()
+    ours = MLLA('tiny', drop_path_rate=0.).eval()
+    ours.load_state_dict(learnable(ref.state_dict()), strict=True)
+    x = torch.randn(1, 3, *size)
+    with torch.no_grad():
+        return [relative_error(a, b) for a, b in zip(ref(x), ours(x))]
+
+
 def _tensor(t: torch.Tensor) -> dict:
     return {'shape': list(t.shape), 'values': [round(float(v), 8) for v in t.reshape(-1)]}
 
 
-def record_module_outputs(agent: Path, flatten: Path) -> dict:
+def record_module_outputs(agent: Path, flatten: Path, mlla: Path) -> dict:
     """Tiny attention modules of the authors' code: weights, input, output."""
     out = {}
+    down = sys.modules.get('ref_mlla_downstream') or load_module(
+        mlla / 'downstream' / 'detection' / 'mmdet' / 'models' / 'backbones' / 'mlla.py',
+        'ref_mlla_downstream')
+    torch.manual_seed(2)
+    block = down.MLLABlock(16, input_resolution=(4, 4), num_heads=2).eval()
+    hw = (3, 5)  # not the 4 x 4 its RoPE buffer was built for: RoPE at run time
+    x = torch.randn(2, hw[0] * hw[1], 16)
+    with torch.no_grad():
+        y = block(x, hw)
+    out['mlla_block'] = dict(config=dict(dim=16, num_heads=2, hw=list(hw)),
+                             state_dict={k: _tensor(v) for k, v in block.state_dict().items()},
+                             input=_tensor(x), output=_tensor(y))
     down = sys.modules.get('ref_agent_swin_downstream') or load_module(
         agent / 'downstream' / 'detection' / 'mmdet' / 'models' / 'backbones' / 'agent_swin.py',
         'ref_agent_swin_downstream')
@@ -182,13 +229,14 @@ def main() -> None:
     parser.add_argument('--agent', type=Path, help='a clone of LeapLabTHU/Agent-Attention')
     parser.add_argument('--flatten', type=Path,
                         help='a clone of LeapLabTHU/FLatten-Transformer')
+    parser.add_argument('--mlla', type=Path, help='a clone of LeapLabTHU/MLLA')
     parser.add_argument('--only', nargs='*', help='our timm names to check (default: all)')
     parser.add_argument('--record', type=Path, help='write the reference JSON files here')
     args = parser.parse_args()
-    if args.agent is None and args.flatten is None:
-        parser.error('give --agent and/or --flatten')
+    if args.agent is None and args.flatten is None and args.mlla is None:
+        parser.error('give --agent, --flatten and/or --mlla')
     layouts = {}
-    for name, (stem, build) in released_builders(args.agent, args.flatten).items():
+    for name, (stem, build) in released_builders(args.agent, args.flatten, args.mlla).items():
         if args.only and name not in args.only:
             continue
         err, layouts[stem] = compare_classifier(name, build)
@@ -198,13 +246,17 @@ def main() -> None:
         errs = compare_agent_downstream(args.agent)
         print('agent_swin_tiny downstream (448 x 672, agents 9-12-14-7): maps relative error '
               + ', '.join(f'{e:.2e}' for e in errs))
+    if args.mlla is not None:
+        errs = compare_mlla_downstream(args.mlla)
+        print('mlla_tiny downstream (450 x 670: odd maps): maps relative error '
+              + ', '.join(f'{e:.2e}' for e in errs))
     if args.record is not None:
-        if args.agent is None or args.flatten is None:
-            parser.error('--record needs both --agent and --flatten')
+        if None in (args.agent, args.flatten, args.mlla):
+            parser.error('--record needs --agent, --flatten and --mlla')
         args.record.mkdir(parents=True, exist_ok=True)
         (args.record / 'sibling_state_dicts.json').write_text(json.dumps(layouts, indent=0))
         (args.record / 'sibling_reference_outputs.json').write_text(
-            json.dumps(record_module_outputs(args.agent, args.flatten)))
+            json.dumps(record_module_outputs(args.agent, args.flatten, args.mlla)))
         print(f'wrote {args.record}/sibling_state_dicts.json and sibling_reference_outputs.json')
 
 

@@ -17,7 +17,7 @@ __all__ = [
 
 # Buffers the reference models saved that are functions of the architecture,
 # not learned: our models recompute them, so they are dropped when loading.
-DERIVED_BUFFER_SUFFIXES = ('relative_position_index', 'attn_mask')
+DERIVED_BUFFER_SUFFIXES = ('relative_position_index', 'attn_mask', 'rope.rotations')
 
 
 def extract_state_dict(checkpoint: Any, source: str = 'checkpoint') -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Agent-Swin and FLatten-Swin: the authors' released layouts and modules, any input size.
+"""Agent-Swin, FLatten-Swin and MLLA: the authors' released layouts and modules, any size.
 
 The truth is recorded from the authors' own code by ``tools/reference_parity.py``
 (which also compares whole released models with ours, logits within 1e-6): every key
@@ -13,13 +13,14 @@ import pytest
 import timm
 import torch
 
+from mmlinattn.checkpoint import DERIVED_BUFFER_SUFFIXES
 from mmlinattn.models import FAMILIES, detect_family
-from mmlinattn.models.backbones import AgentSwin, AgentSwinClassifier, FLattenSwin
-from mmlinattn.models.layers import AgentAttention, FocusedLinearAttention
+from mmlinattn.models.backbones import MLLA, AgentSwin, AgentSwinClassifier, FLattenSwin
+from mmlinattn.models.layers import AgentAttention, FocusedLinearAttention, MLLABlock
 
 DATA = Path(__file__).resolve().parents[1] / 'data'
-DERIVED = ('relative_position_index', 'attn_mask')
-SIBLINGS = ('agent_swin', 'flatten_swin')
+DERIVED = DERIVED_BUFFER_SUFFIXES
+SIBLINGS = ('agent_swin', 'flatten_swin', 'mlla')
 
 
 @pytest.fixture(scope='module')
@@ -78,18 +79,36 @@ def test_focused_attention_equals_the_authors_module(modules):
     torch.testing.assert_close(out, _tensor(ref['output']), rtol=1e-5, atol=1e-6)
 
 
+def test_mlla_block_equals_the_authors_downstream_block(modules):
+    """Their detection backbone's block at a 3 x 5 map (its RoPE buffer was built for
+    4 x 4; the downstream code computes RoPE at run time, as we do)."""
+    ref = modules['mlla_block']
+    cfg = ref['config']
+    block = MLLABlock(cfg['dim'], cfg['num_heads']).eval()
+    state = {k: _tensor(v) for k, v in ref['state_dict'].items()}
+    state = {k: v for k, v in state.items() if not k.endswith(DERIVED)}
+    block.load_state_dict(state)
+    x = _tensor(ref['input'])
+    with torch.no_grad():
+        out = block(x.view(x.shape[0], *cfg['hw'], -1)).flatten(1, 2)
+    torch.testing.assert_close(out, _tensor(ref['output']), rtol=1e-5, atol=1e-6)
+
+
 SMALL = dict(embed_dims=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))
 
 
 @pytest.mark.parametrize('cls,arch', [
     (AgentSwin, dict(SMALL, attn_types='AAMB1', agent_num=(4, 4, 9, 9))),
     (FLattenSwin, dict(SMALL, attn_types='LLSS')),
+    (MLLA, dict(SMALL, num_heads=(2, 2, 4, 8))),
 ])
 def test_any_input_size(cls, arch):
     """A non-square size that is no multiple of the strides (the release fixes its
     maps to the training size)."""
     kwargs = dict(agent_shapes=[(3, 3), (3, 4), (3, 3), None]) if cls is AgentSwin else {}
-    model = cls(arch, pretrain_img_size=64, **kwargs).eval()
+    if cls is not MLLA:
+        kwargs['pretrain_img_size'] = 64
+    model = cls(arch, **kwargs).eval()
     with torch.no_grad():
         outs = model(torch.randn(1, 3, 75, 101))
     assert [tuple(o.shape) for o in outs] == [(1, 16, 19, 26), (1, 32, 10, 13), (1, 64, 5, 7),

@@ -21,6 +21,7 @@ from .inline_swin import (
     SwinBackbone,
     convert_swin_checkpoint,
 )
+from .mlla import MLLA, MLLA_ARCHS, MLLAClassifier
 
 __all__ = [
     'InLineBackbone', 'chunked_inference', 'InLineSwin', 'InLinePVT', 'InLineCSwin',
@@ -29,5 +30,6 @@ __all__ = [
     'convert_cswin_checkpoint', 'convert_deit_checkpoint', 'InLineSwinClassifier',
     'InLinePVTClassifier', 'InLineCSwinClassifier', 'InLineDeiTClassifier', 'InLineViT',
     'VIT_ARCHS', 'convert_vit_checkpoint', 'SwinBackbone', 'AgentSwin', 'AgentSwinClassifier',
-    'AGENT_SWIN_ARCHS', 'FLattenSwin', 'FLattenSwinClassifier', 'FLATTEN_SWIN_ARCHS'
+    'AGENT_SWIN_ARCHS', 'FLattenSwin', 'FLattenSwinClassifier', 'FLATTEN_SWIN_ARCHS', 'MLLA',
+    'MLLAClassifier', 'MLLA_ARCHS'
 ]

@@ -20,6 +20,7 @@ from .embed import PatchEmbed, PatchMerging
 from .focused_attention import FocusedLinearAttention, resize_positional_encoding
 from .head import ClassifierHead
 from .local_residual import LocalResidual, masked_mean
+from .mlla import ConvNormAct, MLLAAttention, MLLABlock, MLLAMerge, MLLAStem
 from .mlp import Mlp, gelu_mlp
 from .regions import RegionGrid, attend_heads, merge_heads, split_heads, window_region
 from .weight_init import init_transformer_weights
@@ -31,5 +32,6 @@ __all__ = [
     'init_transformer_weights', 'Mlp', 'gelu_mlp', 'DEFAULT_CHUNK_TOKENS', 'BandPlan',
     'InLineBlockParts', 'band_rows', 'chunked_block', 'chunked_embed', 'conv2d_rows',
     'conv_out_rows', 'fill_rows', 'linear_slice', 'row_bands', 'window_region', 'AgentAttention',
-    'agent_bias_for', 'FocusedLinearAttention', 'resize_positional_encoding'
+    'agent_bias_for', 'FocusedLinearAttention', 'resize_positional_encoding', 'ConvNormAct',
+    'MLLAAttention', 'MLLABlock', 'MLLAMerge', 'MLLAStem'
 ]
