@@ -26,6 +26,7 @@ from mmlinattn.engine.deploy import (
     verify_onnx,
 )
 from mmlinattn.models.backbones import (
+    MLLA,
     AgentSwin,
     FLattenSwin,
     InLineCSwin,
@@ -59,13 +60,15 @@ def _backbone(name: str) -> nn.Module:
         return AgentSwin(depths=(1, 1, 1, 2))
     if name == 'flatten-swin':  # positional encodings resized for the run-time map
         return FLattenSwin(depths=(1, 1, 1, 2))
+    if name == 'mlla':  # RoPE for the run-time map; odd maps padded before a merge
+        return MLLA(depths=(1, 1, 1, 1))
     model = InLineDeiT(arch='tiny', out_indices=(0, 1, 2, 3))
     model.blocks = model.blocks[:4]
     return model
 
 
 @pytest.mark.parametrize('name', ['pvt', 'pvt-window5', 'swin', 'cswin', 'deit', 'agent-swin',
-                                  'flatten-swin'])
+                                  'flatten-swin', 'mlla'])
 def test_backbone_exports_dynamic_and_matches(name: str, tmp_path: Path) -> None:
     graph = BackboneGraph(_backbone(name).eval())
     path = str(tmp_path / f'{name}.onnx')
