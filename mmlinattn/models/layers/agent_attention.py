@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ...ops import attention, pool_agents
 from ...parallel import current_group, gathered
-from .regions import merge_heads, split_heads
+from .regions import check_map, merge_heads, split_heads
 
 __all__ = ['AgentAttention', 'agent_bias_for']
 
@@ -110,9 +110,7 @@ class AgentAttention(nn.Module):
         return agent.transpose(1, 2)[None], query[None]
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or x.shape[-1] != self.dim:
-            raise ValueError(f'{type(self).__name__} expects (B, H, W, {self.dim}); '
-                             f'got {tuple(x.shape)}')
+        check_map(self, x, self.dim)
         if current_group() is not None:
             # Agents pool the whole map: each rank attends the gathered map.
             return gathered(self.forward, x)

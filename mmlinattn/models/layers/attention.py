@@ -31,7 +31,14 @@ from ...ops.inline import KernelArg
 from ...parallel import SpatialGroup, current_group, gathered, mean_tokens, summing_over
 from .chunked import BandPlan, InLineBlockParts, linear_slice
 from .local_residual import LocalResidual, masked_mean
-from .regions import RegionGrid, attend_heads, merge_heads, split_heads, window_region
+from .regions import (
+    RegionGrid,
+    attend_heads,
+    check_map,
+    merge_heads,
+    split_heads,
+    window_region,
+)
 
 __all__ = ['InLineAttention', 'WindowSoftmaxAttention', 'split_heads', 'merge_heads']
 
@@ -206,9 +213,7 @@ class InLineAttention(nn.Module):
         return window_region(self.window_size, h, w)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or x.shape[-1] != self.dim:
-            raise ValueError(f'{type(self).__name__} expects (B, H, W, {self.dim}); '
-                             f'got {tuple(x.shape)}')
+        check_map(self, x, self.dim)
         b, h, w, c = x.shape
         group = current_group()
         if group is not None:
@@ -304,9 +309,7 @@ class WindowSoftmaxAttention(nn.Module):
                 f'shift={self.shift_size}')
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or x.shape[-1] != self.dim:
-            raise ValueError(f'{type(self).__name__} expects (B, H, W, {self.dim}); '
-                             f'got {tuple(x.shape)}')
+        check_map(self, x, self.dim)
         if current_group() is not None:
             # Spatially sharded: the (small) map of a softmax stage is gathered; each
             # rank attends the whole map and keeps its rows.

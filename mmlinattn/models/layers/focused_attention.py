@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from ...ops import attention
 from ...parallel import current_group, gathered
-from .regions import merge_heads, split_heads
+from .regions import check_map, merge_heads, split_heads
 
 __all__ = ['FocusedLinearAttention', 'resize_positional_encoding']
 
@@ -76,9 +76,7 @@ class FocusedLinearAttention(nn.Module):
                 f'focusing_factor={self.focusing_factor}')
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or x.shape[-1] != self.dim:
-            raise ValueError(f'{type(self).__name__} expects (B, H, W, {self.dim}); '
-                             f'got {tuple(x.shape)}')
+        check_map(self, x, self.dim)
         if current_group() is not None:
             return gathered(self.forward, x)
         b, h, w, c = x.shape

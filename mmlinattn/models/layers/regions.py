@@ -24,7 +24,14 @@ from ...ops import (
 )
 from ...ops.inline import KernelArg
 
-__all__ = ['RegionGrid', 'attend_heads', 'split_heads', 'merge_heads', 'window_region']
+__all__ = ['RegionGrid', 'attend_heads', 'check_map', 'split_heads', 'merge_heads', 'window_region']
+
+
+def check_map(module: object, x: Tensor, dim: int) -> None:
+    """Raise a ValueError naming ``module`` unless ``x`` is a ``(B, H, W, dim)`` map."""
+    if x.dim() != 4 or x.shape[-1] != dim:
+        raise ValueError(f'{type(module).__name__} expects (B, H, W, {dim}); '
+                         f'got {tuple(x.shape)}')
 
 
 def split_heads(x: Tensor, num_heads: int) -> Tensor:
