@@ -70,6 +70,10 @@ def _swin(module, cls: str, dims: int, depths, heads, window: int, size: int, **
                                         num_heads=heads, window_size=window, **kw)
 
 
+def _pvt(module, fn: str, size: int, **kw):
+    return lambda: getattr(module, fn)(img_size=size, **kw)
+
+
 def released_builders(agent: Path | None, flatten: Path | None, mlla: Path | None = None
                       ) -> dict:
     """Our timm name -> (the released file stem, a builder of the authors' classifier)."""
@@ -91,7 +95,18 @@ def released_builders(agent: Path | None, flatten: Path | None, mlla: Path | Non
             'agent_swin_base_384': ('agent_swin_b_384', _swin(
                 m, 'AgentSwinTransformer', 128, *b, 96, 384, attn_type='AAMB2', **a)),
         })
+    if agent is not None:
+        m = load_module(agent / 'agent_transformer' / 'models' / 'agent_pvt.py', 'ref_agent_pvt')
+        for size, stem, name in [('tiny', 't', ''), ('small', 's', ''), ('medium', 'm', ''),
+                                 ('medium', 'm', '_256'), ('large', 'l', '')]:
+            out[f'agent_pvt_{size}{name}'] = (f'agent_pvt_{stem}{name}', _pvt(
+                m, f'agent_pvt_{size}', 256 if name else 224, agent_num=[9, 16, 49, 49],
+                attn_type='AAAA', agent_sr_ratios='1111'))
     if flatten is not None:
+        m = load_module(flatten / 'models' / 'flatten_pvt.py', 'ref_flatten_pvt')
+        for size, stem in [('tiny', 't'), ('small', 's'), ('medium', 'm'), ('large', 'l')]:
+            out[f'flatten_pvt_{size}'] = (f'flatten_pvt_{stem}', _pvt(
+                m, f'flatten_pvt_{size}', 224, attn_type='LLLL', la_sr_ratios='1111'))
         m = load_module(flatten / 'models' / 'flatten_swin.py', 'ref_flatten_swin')
         cls = 'FLattenSwinTransformer'
         out.update({

@@ -1,4 +1,4 @@
-"""Agent-Swin, FLatten-Swin and MLLA: the authors' released layouts and modules, any size.
+"""Agent-Swin/PVT, FLatten-Swin/PVT and MLLA: the authors' released layouts and modules.
 
 The truth is recorded from the authors' own code by ``tools/reference_parity.py``
 (which also compares whole released models with ours, logits within 1e-6): every key
@@ -15,12 +15,19 @@ import torch
 
 from mmlinattn.checkpoint import DERIVED_BUFFER_SUFFIXES
 from mmlinattn.models import FAMILIES, detect_family
-from mmlinattn.models.backbones import MLLA, AgentSwin, AgentSwinClassifier, FLattenSwin
+from mmlinattn.models.backbones import (
+    MLLA,
+    AgentPVT,
+    AgentSwin,
+    AgentSwinClassifier,
+    FLattenPVT,
+    FLattenSwin,
+)
 from mmlinattn.models.layers import AgentAttention, FocusedLinearAttention, MLLABlock
 
 DATA = Path(__file__).resolve().parents[1] / 'data'
 DERIVED = DERIVED_BUFFER_SUFFIXES
-SIBLINGS = ('agent_swin', 'flatten_swin', 'mlla')
+SIBLINGS = ('agent_swin', 'flatten_swin', 'agent_pvt', 'flatten_pvt', 'mlla')
 
 
 @pytest.fixture(scope='module')
@@ -101,11 +108,15 @@ SMALL = dict(embed_dims=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))
     (AgentSwin, dict(SMALL, attn_types='AAMB1', agent_num=(4, 4, 9, 9))),
     (FLattenSwin, dict(SMALL, attn_types='LLSS')),
     (MLLA, dict(SMALL, num_heads=(2, 2, 4, 8))),
+    (AgentPVT, dict(SMALL, embed_dims=(16, 32, 64, 128), mlp_ratios=(2, 2, 2, 2),
+                    agent_num=(4, 4, 9, 9))),
+    (FLattenPVT, dict(SMALL, embed_dims=(16, 32, 64, 128), mlp_ratios=(2, 2, 2, 2))),
 ])
 def test_any_input_size(cls, arch):
     """A non-square size that is no multiple of the strides (the release fixes its
     maps to the training size)."""
-    kwargs = dict(agent_shapes=[(3, 3), (3, 4), (3, 3), None]) if cls is AgentSwin else {}
+    kwargs = dict(agent_shapes=[(3, 3), (3, 4), (3, 3), None]) if cls in (AgentSwin, AgentPVT) \
+        else {}
     if cls is not MLLA:
         kwargs['pretrain_img_size'] = 64
     model = cls(arch, **kwargs).eval()

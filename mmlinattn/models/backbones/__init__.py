@@ -1,7 +1,9 @@
 """Backbones with the OpenMMLab backbone contract (InLine, and the sibling linear
 attentions on the same base models); each module registers its family."""
+from .agent_pvt import AGENT_PVT_ARCHS, AgentPVT, AgentPVTClassifier
 from .agent_swin import AGENT_SWIN_ARCHS, AgentSwin, AgentSwinClassifier
 from .base import InLineBackbone, chunked_inference
+from .flatten_pvt import FLATTEN_PVT_ARCHS, FLattenPVT, FLattenPVTClassifier
 from .flatten_swin import FLATTEN_SWIN_ARCHS, FLattenSwin, FLattenSwinClassifier
 from .inline_cswin import CSWIN_ARCHS, InLineCSwin, InLineCSwinClassifier, convert_cswin_checkpoint
 from .inline_deit import (
@@ -13,7 +15,13 @@ from .inline_deit import (
     convert_deit_checkpoint,
     convert_vit_checkpoint,
 )
-from .inline_pvt import PVT_ARCHS, InLinePVT, InLinePVTClassifier, convert_pvt_checkpoint
+from .inline_pvt import (
+    PVT_ARCHS,
+    InLinePVT,
+    InLinePVTClassifier,
+    PVTBackbone,
+    convert_pvt_checkpoint,
+)
 from .inline_swin import (
     SWIN_ARCHS,
     InLineSwin,
@@ -31,5 +39,6 @@ __all__ = [
     'InLinePVTClassifier', 'InLineCSwinClassifier', 'InLineDeiTClassifier', 'InLineViT',
     'VIT_ARCHS', 'convert_vit_checkpoint', 'SwinBackbone', 'AgentSwin', 'AgentSwinClassifier',
     'AGENT_SWIN_ARCHS', 'FLattenSwin', 'FLattenSwinClassifier', 'FLATTEN_SWIN_ARCHS', 'MLLA',
-    'MLLAClassifier', 'MLLA_ARCHS'
+    'MLLAClassifier', 'MLLA_ARCHS', 'AgentPVT', 'AgentPVTClassifier', 'AGENT_PVT_ARCHS',
+    'FLattenPVT', 'FLattenPVTClassifier', 'FLATTEN_PVT_ARCHS', 'PVTBackbone'
 ]

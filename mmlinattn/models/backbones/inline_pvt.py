@@ -7,7 +7,7 @@ map at run time, so any input size works.
 """
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence, Union
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +21,8 @@ from ..family import BackboneFamily, BenchmarkVariant, ReleasedModel, register_f
 from ..layers import ClassifierHead, InLineAttention, PatchEmbed, TransformerBlock
 from .base import InLineBackbone
 
-__all__ = ['InLinePVT', 'InLinePVTClassifier', 'convert_pvt_checkpoint', 'PVT_ARCHS',
-           'resize_pos_embed']
+__all__ = ['PVTBackbone', 'InLinePVT', 'InLinePVTClassifier', 'convert_pvt_checkpoint',
+           'PVT_ARCHS', 'PVTAttentionFactory', 'resize_pos_embed']
 
 _PVT_COMMON = dict(embed_dims=(64, 128, 320, 512), num_heads=(2, 4, 10, 16),
                    mlp_ratios=(8, 8, 4, 4))
@@ -53,57 +53,41 @@ def convert_pvt_checkpoint(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor
     return {k: v for k, v in state_dict.items() if not k.startswith('head.')}
 
 
-class InLinePVT(InLineBackbone):
-    """InLine-PVT backbone for dense prediction.
+#: Builds block ``j`` of stage ``i``'s attention: ``(i, j, dim, heads) -> module`` mapping
+#: ``(B, H, W, C)`` to the same shape, with ``q``/``kv`` projections (the PVT layout).
+PVTAttentionFactory = Callable[[int, int, int, int], nn.Module]
 
-    Args:
-        arch: ``'tiny'``, ``'small'``, ``'medium'``, ``'large'`` or a dict with
-            ``embed_dims``, ``depths``, ``num_heads``, ``mlp_ratios``.
-        embed_dims, depths, num_heads, mlp_ratios: override the arch's values.
-        in_channels: input image channels.
-        pretrain_img_size: image side the position embeddings were learned at
-            (224); it fixes their stored grid.
-        qkv_bias: bias of the ``q``/``kv`` projections.
-        inline_window: None (default, global) or a window side for InLine.
-        inline_operator: ``'inline'``; ``'linear'`` / ``'softmax'`` for ablations.
-        kernel: ``phi`` of the attention (``'default'``: identity for InLine).
-        attn_impl: attention implementation (``'auto'``; see
-            :mod:`mmlinattn.ops.implementations`).
-        drop_rate, drop_path_rate: regularisation (every block is InLine: there
-            are no attention weights to drop, hence no ``attn_drop_rate``).
-        out_indices, out_norm, frozen_stages, with_cp, pretrained, init_cfg:
-            the OpenMMLab backbone contract (see :class:`InLineBackbone`).
+
+class PVTBackbone(InLineBackbone):
+    """The PVT layout: per stage a patch embedding, a position table learned on the
+    ``pretrain_img_size`` grid and resized to each map, and pre-norm blocks whose
+    attention a subclass builds (:class:`InLinePVT`, ``AgentPVT``, ``FLattenPVT``).
 
     Input ``(B, in_channels, H, W)`` of any size; output a tuple of
     ``(B, C_i, H_i, W_i)`` maps at strides 4, 8, 16, 32.
     """
 
-    arch_settings = PVT_ARCHS
     convert_checkpoint = staticmethod(convert_pvt_checkpoint)
     pos_embed_interpolation = 'bilinear'  # as forward resizes them (reference behaviour)
 
     def __init__(self,
-                 arch: Union[str, dict] = 'tiny',
-                 embed_dims: Optional[Sequence[int]] = None,
-                 depths: Optional[Sequence[int]] = None,
-                 num_heads: Optional[Sequence[int]] = None,
-                 mlp_ratios: Optional[Sequence[float]] = None,
-                 in_channels: int = 3,
-                 pretrain_img_size: int = 224,
-                 qkv_bias: bool = True,
-                 inline_window: Optional[int] = None,
-                 inline_operator: str = 'inline',
-                 kernel: KernelArg = 'default',
-                 attn_impl: str = 'auto',
-                 drop_rate: float = 0.,
-                 drop_path_rate: float = 0.1,
-                 out_indices: Sequence[int] = (0, 1, 2, 3),
-                 out_norm: bool = True,
-                 frozen_stages: int = -1,
-                 with_cp: bool = False,
-                 chunk_tokens: Optional[int] = None,
-                 pretrained: Optional[str] = None,
-                 init_cfg: Optional[Union[dict, list]] = None) -> None:
+                 make_attention: PVTAttentionFactory,
+                 arch: Union[str, dict],
+                 embed_dims: Optional[Sequence[int]],
+                 depths: Optional[Sequence[int]],
+                 num_heads: Optional[Sequence[int]],
+                 mlp_ratios: Optional[Sequence[float]],
+                 in_channels: int,
+                 pretrain_img_size: int,
+                 drop_rate: float,
+                 drop_path_rate: float,
+                 out_indices: Sequence[int],
+                 out_norm: bool,
+                 frozen_stages: int,
+                 with_cp: bool,
+                 chunk_tokens: Optional[int],
+                 pretrained: Optional[str],
+                 init_cfg: Optional[Union[dict, list]]) -> None:
         setting = self.resolve_arch(arch, embed_dims=embed_dims, depths=depths,
                                     num_heads=num_heads, mlp_ratios=mlp_ratios)
         dims = tuple(setting['embed_dims'])
@@ -128,12 +112,9 @@ class InLinePVT(InLineBackbone):
             self.add_module(f'pos_drop{i + 1}', nn.Dropout(drop_rate))
             start = sum(depths[:i])
             blocks = [
-                TransformerBlock(
-                    dims[i],
-                    InLineAttention(dims[i], heads[i], qkv_layout='q_kv', window_size=inline_window,
-                                    operator=inline_operator, kernel=kernel, impl=attn_impl,
-                                    qkv_bias=qkv_bias, proj_drop=drop_rate),
-                    mlp_ratio=ratios[i], drop=drop_rate, drop_path=dpr[start + j], norm_eps=1e-6)
+                TransformerBlock(dims[i], make_attention(i, j, dims[i], heads[i]),
+                                 mlp_ratio=ratios[i], drop=drop_rate, drop_path=dpr[start + j],
+                                 norm_eps=1e-6)
                 for j in range(depths[i])
             ]
             self.add_module(f'block{i + 1}', nn.ModuleList(blocks))
@@ -176,6 +157,66 @@ class InLinePVT(InLineBackbone):
         return outs
 
 
+class InLinePVT(PVTBackbone):
+    """InLine-PVT backbone for dense prediction.
+
+    Args:
+        arch: ``'tiny'``, ``'small'``, ``'medium'``, ``'large'`` or a dict with
+            ``embed_dims``, ``depths``, ``num_heads``, ``mlp_ratios``.
+        embed_dims, depths, num_heads, mlp_ratios: override the arch's values.
+        in_channels: input image channels.
+        pretrain_img_size: image side the position embeddings were learned at
+            (224); it fixes their stored grid.
+        qkv_bias: bias of the ``q``/``kv`` projections.
+        inline_window: None (default, global) or a window side for InLine.
+        inline_operator: ``'inline'``; ``'linear'`` / ``'softmax'`` for ablations.
+        kernel: ``phi`` of the attention (``'default'``: identity for InLine).
+        attn_impl: attention implementation (``'auto'``; see
+            :mod:`mmlinattn.ops.implementations`).
+        drop_rate, drop_path_rate: regularisation (every block is InLine: there
+            are no attention weights to drop, hence no ``attn_drop_rate``).
+        out_indices, out_norm, frozen_stages, with_cp, pretrained, init_cfg:
+            the OpenMMLab backbone contract (see :class:`InLineBackbone`).
+
+    Input ``(B, in_channels, H, W)`` of any size; output a tuple of
+    ``(B, C_i, H_i, W_i)`` maps at strides 4, 8, 16, 32.
+    """
+
+    arch_settings = PVT_ARCHS
+
+    def __init__(self,
+                 arch: Union[str, dict] = 'tiny',
+                 embed_dims: Optional[Sequence[int]] = None,
+                 depths: Optional[Sequence[int]] = None,
+                 num_heads: Optional[Sequence[int]] = None,
+                 mlp_ratios: Optional[Sequence[float]] = None,
+                 in_channels: int = 3,
+                 pretrain_img_size: int = 224,
+                 qkv_bias: bool = True,
+                 inline_window: Optional[int] = None,
+                 inline_operator: str = 'inline',
+                 kernel: KernelArg = 'default',
+                 attn_impl: str = 'auto',
+                 drop_rate: float = 0.,
+                 drop_path_rate: float = 0.1,
+                 out_indices: Sequence[int] = (0, 1, 2, 3),
+                 out_norm: bool = True,
+                 frozen_stages: int = -1,
+                 with_cp: bool = False,
+                 chunk_tokens: Optional[int] = None,
+                 pretrained: Optional[str] = None,
+                 init_cfg: Optional[Union[dict, list]] = None) -> None:
+
+        def make_attention(i: int, j: int, dim: int, heads: int) -> nn.Module:
+            return InLineAttention(dim, heads, qkv_layout='q_kv', window_size=inline_window,
+                                   operator=inline_operator, kernel=kernel, impl=attn_impl,
+                                   qkv_bias=qkv_bias, proj_drop=drop_rate)
+
+        super().__init__(make_attention, arch, embed_dims, depths, num_heads, mlp_ratios,
+                         in_channels, pretrain_img_size, drop_rate, drop_path_rate, out_indices,
+                         out_norm, frozen_stages, with_cp, chunk_tokens, pretrained, init_cfg)
+
+
 class InLinePVTClassifier(ClassifierHead, InLinePVT):
     """InLine-PVT with the reference head: token mean of the last stage, ``head`` (no norm)."""
 
@@ -184,7 +225,7 @@ class InLinePVTClassifier(ClassifierHead, InLinePVT):
 
 register_family(BackboneFamily(
     name='pvt', backbone=InLinePVT, classifier=InLinePVTClassifier,
-    key_prefixes=('block1.', ), first_conv='patch_embed1.proj',
+    key_prefixes=('block1.', ), key_markers=('.attn.residual.', ), first_conv='patch_embed1.proj',
     released=(
         ReleasedModel('inline_pvt_tiny', 'inline_pvt_t', 'tiny', 0.1),
         ReleasedModel('inline_pvt_small', 'inline_pvt_s', 'small', 0.1),

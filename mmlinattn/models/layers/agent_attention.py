@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ...ops import attention, pool_agents
 from ...parallel import current_group, gathered
+from .projection import QKVProjection
 from .regions import check_map, merge_heads, split_heads
 
 __all__ = ['AgentAttention', 'agent_bias_for']
@@ -40,7 +41,7 @@ def agent_bias_for(table: Tensor, hw: tuple[int, int], agent_shape: tuple[int, i
     return _resize(t, agent_shape).reshape(heads, n, agent_shape[0] * agent_shape[1])
 
 
-class AgentAttention(nn.Module):
+class AgentAttention(QKVProjection):
     """Agent attention (:func:`mmlinattn.ops.agent_attention`) over a whole map, plus
     the depthwise convolution of v, with the released parameters.
 
@@ -56,9 +57,10 @@ class AgentAttention(nn.Module):
             biases are resized to it (:func:`agent_bias_for`).
         kernel_size: of the depthwise convolution on v (3).
         qkv_bias, proj_drop: as in Swin.
+        qkv_layout: ``'qkv'`` (Swin) or ``'q_kv'`` (PVT: ``q`` and ``kv`` Linear layers).
 
     Shapes: ``forward(x: (B, H, W, C)) -> (B, H, W, C)``, any ``H x W``.
-    Parameters ``qkv``, ``proj``, ``dwc``, ``an_bias``, ``na_bias``, ``ah_bias``,
+    Parameters ``qkv`` (or ``q``, ``kv``), ``proj``, ``dwc``, ``an_bias``, ``na_bias``, ``ah_bias``,
     ``aw_bias``, ``ha_bias``, ``wa_bias`` as released.
     """
 
@@ -70,7 +72,8 @@ class AgentAttention(nn.Module):
                  agent_shape: Optional[tuple[int, int]] = None,
                  kernel_size: int = 3,
                  qkv_bias: bool = True,
-                 proj_drop: float = 0.) -> None:
+                 proj_drop: float = 0.,
+                 qkv_layout: str = 'qkv') -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f'dim {dim} is not divisible by num_heads {num_heads}')
@@ -81,7 +84,7 @@ class AgentAttention(nn.Module):
         self.dim, self.num_heads, self.agent_num = dim, num_heads, agent_num
         self.agent_shape = tuple(agent_shape) if agent_shape is not None else (side, side)
         h0, w0 = bias_size
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.add_projections(dim, qkv_layout, qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.dwc = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
@@ -115,7 +118,7 @@ class AgentAttention(nn.Module):
             # Agents pool the whole map: each rank attends the gathered map.
             return gathered(self.forward, x)
         b, h, w, c = x.shape
-        q, k, v = self.qkv(x.reshape(b, h * w, c)).view(b, h * w, 3, c).unbind(2)
+        q, k, v = self.project(x.reshape(b, h * w, c))
         agents = pool_agents(q.view(b, h, w, c), self.agent_shape)
         agent_bias, query_bias = self.biases((h, w))
         heads = self.num_heads

@@ -29,8 +29,9 @@ from ...ops import (
 )
 from ...ops.inline import KernelArg
 from ...parallel import SpatialGroup, current_group, gathered, mean_tokens, summing_over
-from .chunked import BandPlan, InLineBlockParts, linear_slice
+from .chunked import BandPlan, InLineBlockParts
 from .local_residual import LocalResidual, masked_mean
+from .projection import QKVProjection
 from .regions import (
     RegionGrid,
     attend_heads,
@@ -43,7 +44,7 @@ from .regions import (
 __all__ = ['InLineAttention', 'WindowSoftmaxAttention', 'split_heads', 'merge_heads']
 
 
-class InLineAttention(nn.Module):
+class InLineAttention(QKVProjection):
     """InLine attention with the local residual, globally or in windows.
 
     Args:
@@ -85,8 +86,6 @@ class InLineAttention(nn.Module):
         if operator not in QKV_ATTENTIONS:
             raise ValueError(f'unknown attention operator {operator!r}; '
                              f'expected one of {sorted(QKV_ATTENTIONS)}')
-        if qkv_layout not in ('qkv', 'q_kv'):
-            raise ValueError(f"qkv_layout must be 'qkv' or 'q_kv', got {qkv_layout!r}")
         if window_size is not None and window_size < 1:
             raise ValueError(f'window_size must be a positive int or None, got {window_size}')
         self.dim = dim
@@ -95,12 +94,7 @@ class InLineAttention(nn.Module):
         self.operator = operator
         self.kernel = resolve_kernel(operator, kernel)
         self.impl = impl
-        self.qkv_layout = qkv_layout
-        if qkv_layout == 'qkv':
-            self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        else:
-            self.q = nn.Linear(dim, dim, bias=qkv_bias)
-            self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.add_projections(dim, qkv_layout, qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.residual = LocalResidual(dim, num_heads) if local_residual else None
@@ -110,25 +104,6 @@ class InLineAttention(nn.Module):
         return (f'dim={self.dim}, num_heads={self.num_heads}, operator={self.operator}, '
                 f'kernel={self.kernel}, impl={self.impl}, {window}')
 
-    def project(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(B, N, C)`` -> q, k, v each ``(B, N, C)``."""
-        b, n, c = tokens.shape
-        if self.qkv_layout == 'qkv':
-            q, k, v = self.qkv(tokens).view(b, n, 3, c).unbind(2)
-        else:
-            q = self.q(tokens)
-            k, v = self.kv(tokens).view(b, n, 2, c).unbind(2)
-        return q, k, v
-
-    def _project_part(self, tokens: Tensor, part: int, count: int = 1) -> Tensor:
-        """``count`` of q, k, v from ``part`` on (0, 1, 2), computed without the others."""
-        c = self.dim
-        if self.qkv_layout == 'qkv':
-            return linear_slice(self.qkv, tokens, part * c, (part + count) * c)
-        if part == 0:
-            return self.q(tokens)
-        return linear_slice(self.kv, tokens, (part - 1) * c, (part - 1 + count) * c)
-
     def chunk_parts(self) -> Optional[InLineBlockParts]:
         """The token-wise pieces for chunked inference (:mod:`.chunked`), for global
         InLine attention; the caller adds the block's norms and MLP."""
@@ -136,11 +111,11 @@ class InLineAttention(nn.Module):
             return None
 
         def kv(t: Tensor) -> tuple[Tensor, Tensor]:
-            return self._project_part(t, 1, 2).unflatten(-1, (2, self.dim)).unbind(-2)
+            return self.project_part(t, 1, 2).unflatten(-1, (2, self.dim)).unbind(-2)
 
         return InLineBlockParts(
-            norm1=nn.Identity(), q=lambda t: self._project_part(t, 0), kv=kv,
-            v=lambda t: self._project_part(t, 2),
+            norm1=nn.Identity(), q=lambda t: self.project_part(t, 0), kv=kv,
+            v=lambda t: self.project_part(t, 2),
             proj=lambda a: self.proj_drop(self.proj(a)), norm2=nn.Identity(),
             mlp=nn.Identity(), drop_path=nn.Identity(), num_heads=self.num_heads,
             kernel=self.kernel, residual=self.residual)

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from ...ops import attention
 from ...parallel import current_group, gathered
+from .projection import QKVProjection
 from .regions import check_map, merge_heads, split_heads
 
 __all__ = ['FocusedLinearAttention', 'resize_positional_encoding']
@@ -31,7 +32,7 @@ def resize_positional_encoding(table: Tensor, grid: tuple[int, int],
     return t.permute(0, 2, 3, 1).reshape(1, hw[0] * hw[1], c)
 
 
-class FocusedLinearAttention(nn.Module):
+class FocusedLinearAttention(QKVProjection):
     """FLatten's focused linear attention (:func:`mmlinattn.ops.focused_linear_attention`)
     over a whole map, with the depthwise convolution of v shared by the heads.
 
@@ -44,9 +45,11 @@ class FocusedLinearAttention(nn.Module):
         kernel_size: of the depthwise convolution (5), one ``head_dim``-channel
             filter applied to every head's values.
         qkv_bias, proj_drop: as in Swin.
+        qkv_layout: ``'qkv'`` (Swin) or ``'q_kv'`` (PVT: ``q`` and ``kv`` Linear layers).
 
     Shapes: ``forward(x: (B, H, W, C)) -> (B, H, W, C)``, any ``H x W``.
-    Parameters ``qkv``, ``proj``, ``dwc``, ``scale``, ``positional_encoding`` as released.
+    Parameters ``qkv`` (or ``q``, ``kv``), ``proj``, ``dwc``, ``scale``,
+    ``positional_encoding`` as released.
     """
 
     def __init__(self,
@@ -56,14 +59,15 @@ class FocusedLinearAttention(nn.Module):
                  focusing_factor: float = 3.,
                  kernel_size: int = 5,
                  qkv_bias: bool = True,
-                 proj_drop: float = 0.) -> None:
+                 proj_drop: float = 0.,
+                 qkv_layout: str = 'qkv') -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f'dim {dim} is not divisible by num_heads {num_heads}')
         head_dim = dim // num_heads
         self.dim, self.num_heads, self.grid = dim, num_heads, tuple(grid)
         self.focusing_factor = focusing_factor
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.add_projections(dim, qkv_layout, qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.dwc = nn.Conv2d(head_dim, head_dim, kernel_size, padding=kernel_size // 2,
@@ -81,7 +85,7 @@ class FocusedLinearAttention(nn.Module):
             return gathered(self.forward, x)
         b, h, w, c = x.shape
         heads, d = self.num_heads, c // self.num_heads
-        q, k, v = self.qkv(x.reshape(b, h * w, c)).view(b, h * w, 3, c).unbind(2)
+        q, k, v = self.project(x.reshape(b, h * w, c))
         k = k + resize_positional_encoding(self.positional_encoding, self.grid, (h, w))
         out = merge_heads(attention(
             'focused', split_heads(q, heads), split_heads(k, heads), split_heads(v, heads),
