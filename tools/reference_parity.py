@@ -104,9 +104,8 @@ def released_builders(agent: Path | None, flatten: Path | None, mlla: Path | Non
                 attn_type='AAAA', agent_sr_ratios='1111'))
     if flatten is not None:
         m = load_module(flatten / 'models' / 'flatten_pvt.py', 'ref_flatten_pvt')
-        for size, stem in [('tiny', 't'), ('small', 's'), ('medium', 'm'), ('large', 'l')]:
-            out[f'flatten_pvt_{size}'] = (f'flatten_pvt_{stem}', _pvt(
-                m, f'flatten_pvt_{size}', 224, attn_type='LLLL', la_sr_ratios='1111'))
+        out['flatten_pvt_tiny'] = ('flatten_pvt_t', _pvt(m, 'flatten_pvt_tiny', 224,
+                                                         attn_type='LLLL', la_sr_ratios='1111'))
         m = load_module(flatten / 'models' / 'flatten_swin.py', 'ref_flatten_swin')
         cls = 'FLattenSwinTransformer'
         out.update({

@@ -1,7 +1,8 @@
 """FLatten-PVT: PVT with focused linear attention in every block (FLatten Transformer,
 Han et al., ICCV 2023), with the released layouts.
 
-Every released model is ``LLLL`` without spatial reduction: global focused linear
+The authors released the T model's weights (and configs for S, M, L, here as archs).
+Every one is ``LLLL`` without spatial reduction: global focused linear
 attention over each whole map with ``q`` and ``kv`` projections; the positional
 encoding of k and the position tables are learned on the 224 px grid and resized
 bilinearly to each map (docs/sibling_attentions.md). The release has no detection or
@@ -99,12 +100,9 @@ register_family(BackboneFamily(
     name='flatten_pvt', backbone=FLattenPVT, classifier=FLattenPVTClassifier,
     key_prefixes=('block1.', ), key_markers=('.attn.positional_encoding', ),
     first_conv='patch_embed1.proj',
-    released=(
-        ReleasedModel('flatten_pvt_tiny', 'flatten_pvt_t', 'tiny', 0.1),
-        ReleasedModel('flatten_pvt_small', 'flatten_pvt_s', 'small', 0.1),
-        ReleasedModel('flatten_pvt_medium', 'flatten_pvt_m', 'medium', 0.3),
-        ReleasedModel('flatten_pvt_large', 'flatten_pvt_l', 'large', 0.3),
-    ),
+    # Only the T model's weights were released; S/M/L are the authors' configs (archs
+    # here), without checkpoints.
+    released=(ReleasedModel('flatten_pvt_tiny', 'flatten_pvt_t', 'tiny', 0.1), ),
     benchmark=(
         BenchmarkVariant('flatten-pvt-s', 'FLatten-PVT-S, global focused linear attention',
                          (('arch', 'small'), )),
