@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mmlinattn.models  # noqa: E402,F401  (registers the timm models)
 from mmlinattn.checkpoint import DERIVED_BUFFER_SUFFIXES  # noqa: E402
-from mmlinattn.models.backbones import MLLA, AgentSwin  # noqa: E402
+from mmlinattn.models.backbones import MLLA, AgentPVT, AgentSwin  # noqa: E402
 
 DERIVED = DERIVED_BUFFER_SUFFIXES  # what our loaders drop: recomputed, not learned
 
@@ -173,6 +173,26 @@ def compare_agent_downstream(agent: Path, size: tuple[int, int] = (448, 672)) ->
         return [relative_error(a, b) for a, b in zip(ref(x), ours(x))]
 
 
+def compare_agent_pvt_downstream(agent: Path, size: tuple[int, int] = (448, 672)
+                                  ) -> list[float]:
+    """The authors' Agent-PVT-S detection backbone (12-16-28-28 agents; no output norms)
+    and ours at a non-square size: the relative error of each output map."""
+    m = load_module(agent / 'downstream' / 'detection' / 'mmdet' / 'models' / 'backbones' /
+                    'agent_pvt.py', 'ref_agent_pvt_downstream')
+    shapes = [(12, 12), (16, 16), (28, 28), (28, 28)]
+    torch.manual_seed(0)
+    ref = m.AgentPVT(embed_dims=[64, 128, 320, 512], num_heads=[1, 2, 5, 8],
+                     mlp_ratios=[8, 8, 4, 4], qkv_bias=True, depths=[3, 4, 6, 3],
+                     agent_num=[9, 16, 49, 49], downstream_agent_shapes=shapes,
+                     attn_type='AAAA')
+    ref.train(False)  # its train() returns None, so .eval() would too
+    ours = AgentPVT('small', agent_shapes=shapes, out_norm=False, drop_path_rate=0.).eval()
+    ours.load_state_dict(learnable(ref.state_dict()), strict=True)
+    x = torch.randn(1, 3, *size)
+    with torch.no_grad():
+        return [relative_error(a, b) for a, b in zip(ref(x), ours(x))]
+
+
 def compare_mlla_downstream(mlla: Path, size: tuple[int, int] = (450, 670)) -> list[float]:
     """The authors' MLLA-T detection backbone and ours at a size whose maps are odd
     (the stem pads the image, the merges pad odd maps): each output map's error."""
@@ -259,6 +279,9 @@ def main() -> None:
     if args.agent is not None:
         errs = compare_agent_downstream(args.agent)
         print('agent_swin_tiny downstream (448 x 672, agents 9-12-14-7): maps relative error '
+              + ', '.join(f'{e:.2e}' for e in errs))
+        errs = compare_agent_pvt_downstream(args.agent)
+        print('agent_pvt_small downstream (448 x 672, agents 12-16-28-28): maps relative error '
               + ', '.join(f'{e:.2e}' for e in errs))
     if args.mlla is not None:
         errs = compare_mlla_downstream(args.mlla)

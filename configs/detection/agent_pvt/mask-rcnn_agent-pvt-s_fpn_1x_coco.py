@@ -16,6 +16,7 @@ model = dict(
         agent_shapes=[(12, 12), (16, 16), (28, 28), (28, 28)],
         drop_path_rate=0.1,
         out_indices=(0, 1, 2, 3),
+        out_norm=False,  # the authors' downstream Agent-PVT has no output norms
         init_cfg=dict(type='Pretrained', checkpoint=checkpoint)))
 
 optim_wrapper = dict(optimizer=dict(lr=0.0002))
