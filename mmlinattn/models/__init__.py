@@ -1,4 +1,5 @@
-"""Backbones (registered in the mmlinattn, mmdet and mmseg registries) and timm models.
+"""Backbones (registered in the mmlinattn, mmdet and mmseg registries) and timm models:
+InLine's four families and the sibling attentions' (Agent, FLatten, MLLA).
 
 Every backbone family is declared once (:mod:`.family`); :data:`FAMILIES` lists them.
 """
@@ -6,9 +7,14 @@ from ..registry import register_into_openmmlab
 from .backbones import (
     CSWIN_ARCHS,
     DEIT_ARCHS,
+    MLLA,
     PVT_ARCHS,
     SWIN_ARCHS,
     VIT_ARCHS,
+    AgentPVT,
+    AgentSwin,
+    FLattenPVT,
+    FLattenSwin,
     InLineBackbone,
     InLineCSwin,
     InLineCSwinClassifier,
@@ -53,5 +59,6 @@ __all__ = [
     'InLinePVTClassifier', 'InLineCSwinClassifier', 'InLineDeiTClassifier', 'load_released',
     'BACKBONES', 'REGISTERED_SCOPES', 'FAMILIES', 'BackboneFamily', 'BenchmarkVariant',
     'ReleasedModel', 'detect_family', 'find_family', 'register_family', 'InLineViT',
-    'InLineViTClassifier', 'VIT_ARCHS', 'convert_vit_checkpoint', 'chunked_inference'
+    'InLineViTClassifier', 'VIT_ARCHS', 'convert_vit_checkpoint', 'chunked_inference',
+    'AgentSwin', 'FLattenSwin', 'AgentPVT', 'FLattenPVT', 'MLLA'
 ]

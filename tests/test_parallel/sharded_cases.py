@@ -60,6 +60,16 @@ def build_backbone(family: str, **kwargs: Any) -> torch.nn.Module:
     if family == 'deit':
         return InLineDeiT(arch=dict(embed_dims=32, depth=4, num_heads=2, pretrain_img_size=64),
                           out_indices=(0, 1, 2, 3), drop_path_rate=0., **kwargs)
+    if family == 'agent_swin':
+        from mmlinattn.models import AgentSwin
+        return AgentSwin(arch=dict(embed_dims=16, depths=(1, 1, 1, 2), num_heads=(1, 2, 2, 2),
+                                   attn_types='AAAB', agent_num=(4, 4, 4, 4)),
+                         pretrain_img_size=64, softmax_window=3, drop_path_rate=0., **kwargs)
+    if family == 'flatten_pvt':
+        from mmlinattn.models import FLattenPVT
+        return FLattenPVT(embed_dims=(16, 32, 40, 48), depths=(1, 1, 1, 1),
+                          num_heads=(1, 2, 2, 2), mlp_ratios=(2, 2, 2, 2), pretrain_img_size=64,
+                          drop_path_rate=0., **kwargs)
     raise ValueError(family)
 
 

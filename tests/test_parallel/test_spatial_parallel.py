@@ -27,6 +27,13 @@ def test_chunked_inference_on_each_ranks_rows():
     run_ranks(3, run_cases, [('backbone_chunked_exact', (f, (161, 45))) for f in FAMILIES])
 
 
+def test_sibling_attentions_run_sharded_on_the_gathered_map():
+    """Agent and focused attention are not split over ranks yet: each rank attends the
+    gathered map (docs/sibling_attentions.md); outputs and gradients stay exact."""
+    run_ranks(2, run_cases, [('backbone_exact', (f, (97, 45)))
+                             for f in ('agent_swin', 'flatten_pvt')])
+
+
 def test_gradient_checkpointing_recomputes_sharded():
     run_ranks(2, run_cases, [('backbone_exact', ('pvt', (97, 45), dict(with_cp=True)))])
 
