@@ -11,7 +11,15 @@ import torch
 from torch import nn
 
 from mmlinattn.benchmark.memory import MemoryWatch
-from mmlinattn.models.backbones import InLineCSwin, InLineDeiT, InLinePVT, InLineSwin
+from mmlinattn.models.backbones import (
+    AgentSwin,
+    FLattenPVT,
+    FLattenSwin,
+    InLineCSwin,
+    InLineDeiT,
+    InLinePVT,
+    InLineSwin,
+)
 from mmlinattn.models.backbones.base import chunked_inference
 from mmlinattn.models.layers import conv2d_rows, conv_out_rows, fill_rows
 from mmlinattn.ops import InLineSums, inline_attention, inline_readout
@@ -27,6 +35,11 @@ CASES = {
     'deit': (InLineDeiT, dict(arch='tiny', out_indices=(0, 1, 2, 3))),
     'deit-kernel-relu': (InLineDeiT, dict(arch='tiny', out_indices=(0, 1, 2, 3),
                                           kernel='relu')),
+    # Focused linear attention in two passes (its positional encoding resized row by
+    # row, a 2-row halo); agent blocks run whole in a chunked run.
+    'flatten-swin': (FLattenSwin, dict(depths=(1, 2, 1, 2))),
+    'flatten-pvt': (FLattenPVT, dict(arch='tiny', depths=(1, 2, 1, 1))),
+    'agent-swin': (AgentSwin, dict(depths=(1, 1, 1, 2))),
 }
 
 
@@ -66,6 +79,15 @@ def test_chunked_path_runs_and_is_not_the_ordinary_one() -> None:
     with torch.no_grad(), chunked_inference(model, 24):
         model(torch.randn(1, 3, 75, 93))
     assert seen and max(seen) == 24  # one 24-token row of the 19x24 map at a time
+
+
+def test_focused_attention_runs_in_bands() -> None:
+    model = _eval('flatten-pvt')
+    seen = []
+    model.block1[0].mlp.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1:3]))
+    with torch.no_grad(), chunked_inference(model, 24):
+        model(torch.randn(1, 3, 75, 93))
+    assert seen and max(s[0] for s in seen) == 1  # one row of the 19x24 map at a time
 
 
 def test_chunking_only_for_inference() -> None:

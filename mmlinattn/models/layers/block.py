@@ -9,7 +9,7 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 
 from ...parallel import current_group, spatial_parallel
-from .chunked import BandPlan, InLineBlockParts
+from .chunked import BandPlan, InLineBlockParts, SummedAttentionPlan
 from .mlp import Mlp
 
 __all__ = ['TransformerBlock', 'run_block']
@@ -59,14 +59,15 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
 
-    def chunk_plan(self, x: Tensor) -> Optional[Union[InLineBlockParts, BandPlan]]:
+    def chunk_plan(self, x: Tensor
+                   ) -> Optional[Union[InLineBlockParts, BandPlan, SummedAttentionPlan]]:
         """How to run this block token-chunked on ``x`` (:mod:`.chunked`): the
         attention's plan, completed with the block's norms and MLP; None runs whole."""
         if not hasattr(self.attn, 'chunk_plan'):
             return None
         h, w = x.shape[1:3] if x.dim() == 4 else (None, None)
         plan = self.attn.chunk_plan(h, w) if h is not None else self.attn.chunk_parts()
-        if isinstance(plan, InLineBlockParts):
+        if isinstance(plan, (InLineBlockParts, SummedAttentionPlan)):
             plan = dataclasses.replace(plan, norm1=self.norm1, norm2=self.norm2, mlp=self.mlp,
                                        drop_path=self.drop_path)
         return plan

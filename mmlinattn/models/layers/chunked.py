@@ -11,6 +11,9 @@ bands of rows:
   ``sum phi(k)^T v`` and the mean token (:class:`~mmlinattn.ops.InLineSums`), the
   second produces each band's output from its rows plus one halo row above and
   below (for the 3x3 terms);
+* a block whose attention is another global sum (FLatten's focused attention,
+  :class:`SummedAttentionPlan`) runs the same two passes through the attention's
+  own statistics;
 * a block whose attention stays inside windows runs band by band
   (:class:`BandPlan`), the bands cut along window rows;
 * embeddings and merges compute their output rows from the input rows their
@@ -45,9 +48,9 @@ from ...parallel import (
 from ...utils.spill import new_map
 from .regions import merge_heads, split_heads
 
-__all__ = ['InLineBlockParts', 'BandPlan', 'row_bands', 'band_rows', 'fill_rows',
-           'conv2d_rows', 'conv_out_rows', 'linear_slice', 'chunked_block', 'chunked_embed',
-           'DEFAULT_CHUNK_TOKENS']
+__all__ = ['InLineBlockParts', 'BandPlan', 'SummedAttentionPlan', 'row_bands', 'band_rows',
+           'fill_rows', 'conv2d_rows', 'conv_out_rows', 'linear_slice', 'chunked_block',
+           'chunked_embed', 'DEFAULT_CHUNK_TOKENS']
 
 #: Tokens per band when chunking is switched on without a size (``chunk_tokens=True``
 #: in the tools): 2^16 tokens, a few hundred MiB of temporaries at 64-128 channels.
@@ -96,7 +99,28 @@ class BandPlan:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-ChunkPlan = Union[InLineBlockParts, BandPlan, None]
+@dataclass
+class SummedAttentionPlan:
+    """A pre-norm block whose attention is a global sum over tokens plus a local term
+    reading ``halo`` rows each side (FLatten's focused attention): two passes over bands.
+
+    ``collect(t, r0, r1)`` adds the normed rows ``t (B, r1 - r0, w, C)`` to the
+    attention's statistics; ``attend(t, lo, r0, r1)`` returns the attention's output
+    (after its projection) for rows ``r0:r1`` from the normed rows ``lo:hi`` around
+    them. The statistics live in the attention's closures, fresh for each plan. The
+    block fills in its norms, MLP and drop path.
+    """
+
+    halo: int
+    collect: Callable[[Tensor, int, int], None]
+    attend: Callable[[Tensor, int, int, int], Tensor]
+    norm1: nn.Module = field(default_factory=nn.Identity)
+    norm2: nn.Module = field(default_factory=nn.Identity)
+    mlp: nn.Module = field(default_factory=nn.Identity)
+    drop_path: nn.Module = field(default_factory=nn.Identity)
+
+
+ChunkPlan = Union[InLineBlockParts, BandPlan, SummedAttentionPlan, None]
 
 
 def band_rows(chunk_tokens: int, width: int, multiple: int = 1) -> int:
@@ -240,6 +264,21 @@ def _global_inline(parts: InLineBlockParts, x: Tensor, hw: tuple[int, int], num_
     return out
 
 
+def _summed_block(plan: SummedAttentionPlan, x: Tensor, rows: int) -> Tensor:
+    """The block on the map ``x (B, h, w, C)`` in two passes over bands of ``rows`` rows:
+    the attention's statistics, then each band's output from its rows and ``halo``
+    rows each side."""
+    h = x.shape[1]
+    for r0, r1 in row_bands(h, rows):
+        plan.collect(plan.norm1(x[:, r0:r1]), r0, r1)
+    out = new_map(x.shape, x.dtype, x.device)
+    for r0, r1 in row_bands(h, rows):
+        lo, hi = max(0, r0 - plan.halo), min(h, r1 + plan.halo)
+        xc = x[:, r0:r1] + plan.drop_path(plan.attend(plan.norm1(x[:, lo:hi]), lo, r0, r1))
+        out[:, r0:r1] = xc + plan.drop_path(plan.mlp(plan.norm2(xc)))
+    return out
+
+
 def chunked_block(block: nn.Module, x: Tensor, chunk_tokens: int,
                   hw: Optional[tuple[int, int]] = None) -> Tensor:
     """``block(x)`` (``block(x, hw=hw)`` for token inputs) evaluated in bands of about
@@ -250,6 +289,10 @@ def chunked_block(block: nn.Module, x: Tensor, chunk_tokens: int,
     with shifted windows or stripes) run whole.
     """
     plan = block.chunk_plan(x) if hasattr(block, 'chunk_plan') else None
+    if isinstance(plan, SummedAttentionPlan) and x.dim() == 4:
+        if current_group() is not None:  # the attention runs on the gathered map
+            return block(x)
+        return _summed_block(plan, x, band_rows(chunk_tokens, x.shape[2]))
     if isinstance(plan, InLineBlockParts):
         if x.dim() == 4:
             b, h, w, c = x.shape

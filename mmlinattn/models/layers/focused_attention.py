@@ -5,8 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...ops import attention
-from ...parallel import current_group, gathered
+from ...ops import attention, focusing_map
+from ...ops.inline import InLineSums
+from ...parallel import current_group, gathered, resized_rows
+from .chunked import SummedAttentionPlan
 from .projection import QKVProjection
 from .regions import check_map, merge_heads, split_heads
 
@@ -79,19 +81,58 @@ class FocusedLinearAttention(QKVProjection):
         return (f'dim={self.dim}, num_heads={self.num_heads}, grid={self.grid}, '
                 f'focusing_factor={self.focusing_factor}')
 
+    def channel_scale(self) -> Tensor:
+        """``softplus(scale)`` as ``(heads, head_dim)``: the focusing map's divisor."""
+        return F.softplus(self.scale).view(self.num_heads, self.dim // self.num_heads)
+
+    def local(self, v: Tensor) -> Tensor:
+        """The depthwise convolution of the values ``(B, H, W, C)``, one ``head_dim``
+        filter shared by the heads -> ``(B, H, W, C)``."""
+        b, h, w, c = v.shape
+        heads, d = self.num_heads, c // self.num_heads
+        vh = v.view(b, h, w, heads, d).permute(0, 3, 4, 1, 2).reshape(b * heads, d, h, w)
+        return self.dwc(vh).view(b, heads, d, h, w).permute(0, 3, 4, 1, 2).reshape(b, h, w, c)
+
+    def chunk_plan(self, h: int, w: int) -> SummedAttentionPlan:
+        """Token-chunked inference on an ``h x w`` map (:mod:`.chunked`): pass 1 sums the
+        focused keys and ``K^T V`` band by band (the positional encoding resized row by
+        row), pass 2 reads each band out with a halo of ``kernel // 2`` rows for the
+        depthwise convolution."""
+        heads, c = self.num_heads, self.dim
+        sums = InLineSums()
+        table = self.positional_encoding.view(1, *self.grid, c).permute(0, 3, 1, 2)
+
+        def collect(t: Tensor, r0: int, r1: int) -> None:
+            tokens = t.reshape(t.shape[0], -1, c)
+            pe = resized_rows(table, (h, w), r0, r1).permute(0, 2, 3, 1).reshape(1, -1, c)
+            k = focusing_map(split_heads(self.project_part(tokens, 1) + pe, heads),
+                             self.focusing_factor, self.channel_scale())
+            sums.add(k, split_heads(self.project_part(tokens, 2), heads))
+
+        def attend(t: Tensor, lo: int, r0: int, r1: int) -> Tensor:
+            b, rows = t.shape[:2]
+            kbar, _, kv = sums.means()
+            tokens = t.reshape(b, -1, c)
+            q = focusing_map(split_heads(self.project_part(tokens[:, (r0 - lo) * w:
+                                                                 (r1 - lo) * w], 0), heads),
+                             self.focusing_factor, self.channel_scale())
+            out = merge_heads((q @ kv) / (q @ kbar.transpose(-2, -1) + 1e-6)).to(t.dtype)
+            v = self.project_part(tokens, 2).view(b, rows, w, c)
+            local = self.local(v)[:, r0 - lo:r1 - lo]
+            return self.proj_drop(self.proj(out.view(b, r1 - r0, w, c) + local))
+
+        return SummedAttentionPlan(self.dwc.kernel_size[0] // 2, collect, attend)
+
     def forward(self, x: Tensor) -> Tensor:
         check_map(self, x, self.dim)
         if current_group() is not None:
             return gathered(self.forward, x)
         b, h, w, c = x.shape
-        heads, d = self.num_heads, c // self.num_heads
+        heads = self.num_heads
         q, k, v = self.project(x.reshape(b, h * w, c))
         k = k + resize_positional_encoding(self.positional_encoding, self.grid, (h, w))
         out = merge_heads(attention(
             'focused', split_heads(q, heads), split_heads(k, heads), split_heads(v, heads),
-            focusing_factor=self.focusing_factor,
-            channel_scale=F.softplus(self.scale).view(heads, d)))
-        # One head_dim-channel filter for every head: heads go to the batch axis.
-        vh = split_heads(v, heads).reshape(b * heads, h, w, d).permute(0, 3, 1, 2)
-        local = self.dwc(vh).reshape(b, c, h * w).transpose(1, 2)
-        return self.proj_drop(self.proj((out + local).view(b, h, w, c)))
+            focusing_factor=self.focusing_factor, channel_scale=self.channel_scale()))
+        local = self.local(v.view(b, h, w, c))
+        return self.proj_drop(self.proj(out.view(b, h, w, c) + local))
