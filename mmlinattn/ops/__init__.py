@@ -1,5 +1,5 @@
 """Pure torch functions: no module state, nothing about backbones."""
-from .agent import AgentSums, agent_attention, pool_agents
+from .agent import AgentSums, agent_attention, pool_agents, pool_agents_rows
 from .focused import focused_linear_attention, focusing_map
 from .implementations import (
     ATTENTION_FUNCTIONS,
@@ -40,5 +40,5 @@ __all__ = [
     'valid_mask', 'window_merge',
     'window_partition', 'exporting', 'ceil_to', 'pad_to', 'QKV_ATTENTIONS', 'linear_readout',
     'focusing_map', 'focused_linear_attention', 'AgentSums', 'agent_attention', 'pool_agents',
-    'rope_rotations', 'apply_rope', 'mlla_linear_attention'
+    'pool_agents_rows', 'rope_rotations', 'apply_rope', 'mlla_linear_attention'
 ]

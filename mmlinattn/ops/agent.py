@@ -26,7 +26,7 @@ from torch import Tensor
 from .inline import KernelArg, _acc, _autocast_off, _check_qkv, _chunk_size
 from .tracing import exporting
 
-__all__ = ['AgentSums', 'agent_attention', 'pool_agents']
+__all__ = ['AgentSums', 'agent_attention', 'pool_agents', 'pool_agents_rows']
 
 
 def pool_agents(q_map: Tensor, side: Union[int, tuple[int, int]],
@@ -46,6 +46,17 @@ def pool_agents(q_map: Tensor, side: Union[int, tuple[int, int]],
         m = valid[:, None].to(x.dtype)
         pooled = pool(x * m, side) / pool(m, side).clamp_min(torch.finfo(x.dtype).tiny)
     return pooled.flatten(2).transpose(1, 2)
+
+
+def pool_agents_rows(q_rows: Tensor, height: int, r0: int,
+                     side: Union[int, tuple[int, int]]) -> Tensor:
+    """The share of rows ``r0 ...`` of an ``height``-row map in :func:`pool_agents`:
+    ``q_rows (B, rows, W, C)`` -> ``(B, cells, C)``. Summed over bands that cover
+    the map, it is the pooled agents (token-chunked inference)."""
+    sh, sw = (side, side) if isinstance(side, int) else side
+    ph = _cell_matrix(height, sh, q_rows)[:, r0:r0 + q_rows.shape[1]]
+    pw = _cell_matrix(q_rows.shape[2], sw, q_rows)
+    return torch.einsum('ir,brwc,jw->bijc', ph, q_rows, pw).flatten(1, 2)
 
 
 def _cell_matrix(n: int, cells: int, like: Tensor) -> Tensor:

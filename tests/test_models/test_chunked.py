@@ -12,6 +12,7 @@ from torch import nn
 
 from mmlinattn.benchmark.memory import MemoryWatch
 from mmlinattn.models.backbones import (
+    AgentPVT,
     AgentSwin,
     FLattenPVT,
     FLattenSwin,
@@ -36,10 +37,13 @@ CASES = {
     'deit-kernel-relu': (InLineDeiT, dict(arch='tiny', out_indices=(0, 1, 2, 3),
                                           kernel='relu')),
     # Focused linear attention in two passes (its positional encoding resized row by
-    # row, a 2-row halo); agent blocks run whole in a chunked run.
+    # row, a 2-row halo); agent attention in three (pooled agents, the online softmax
+    # over keys, the queries), with grids that do not divide the maps.
     'flatten-swin': (FLattenSwin, dict(depths=(1, 2, 1, 2))),
     'flatten-pvt': (FLattenPVT, dict(arch='tiny', depths=(1, 2, 1, 1))),
-    'agent-swin': (AgentSwin, dict(depths=(1, 1, 1, 2))),
+    'agent-swin': (AgentSwin, dict(depths=(1, 1, 1, 2),
+                                   agent_shapes=[(4, 5), (3, 3), (4, 4), None])),
+    'agent-pvt': (AgentPVT, dict(arch='tiny', depths=(1, 2, 1, 1))),
 }
 
 
@@ -81,8 +85,9 @@ def test_chunked_path_runs_and_is_not_the_ordinary_one() -> None:
     assert seen and max(seen) == 24  # one 24-token row of the 19x24 map at a time
 
 
-def test_focused_attention_runs_in_bands() -> None:
-    model = _eval('flatten-pvt')
+@pytest.mark.parametrize('name', ['flatten-pvt', 'agent-pvt'])
+def test_sibling_attentions_run_in_bands(name: str) -> None:
+    model = _eval(name)
     seen = []
     model.block1[0].mlp.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1:3]))
     with torch.no_grad(), chunked_inference(model, 24):

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
-from ...ops import attention, pool_agents
-from ...parallel import current_group, gathered
+from ...ops import AgentSums, attention, pool_agents, pool_agents_rows
+from ...parallel import current_group, gathered, resized_rows
+from .chunked import SummedAttentionPlan
 from .projection import QKVProjection
 from .regions import check_map, merge_heads, split_heads
 
@@ -25,10 +26,11 @@ def _resize(t: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(t, size=size, mode='bilinear', align_corners=False)
 
 
-def agent_bias_for(table: Tensor, hw: tuple[int, int], agent_shape: tuple[int, int]) -> Tensor:
+def agent_bias_for(table: Tensor, hw: tuple[int, int], agent_shape: tuple[int, int],
+                   rows: Optional[tuple[int, int]] = None) -> Tensor:
     """An agent bias table ``(heads, A, h0, w0)`` (one ``h0 x w0`` map per agent of a
     square ``sqrt(A)`` grid) for an ``h x w`` map and a ``gh x gw`` agent grid:
-    ``(heads, h*w, gh*gw)``.
+    ``(heads, h*w, gh*gw)``; with ``rows=(r0, r1)`` only those rows' tokens.
 
     The map axes are resized bilinearly to ``h x w``, then the agent axes to
     ``gh x gw``: the released downstream detectors' rule, which is the identity at
@@ -36,8 +38,12 @@ def agent_bias_for(table: Tensor, hw: tuple[int, int], agent_shape: tuple[int, i
     """
     heads, agents = table.shape[:2]
     side = math.isqrt(agents)
-    n = hw[0] * hw[1]
-    t = _resize(table, hw).reshape(heads, side, side, n).permute(0, 3, 1, 2)
+    if rows is None:
+        t = _resize(table, hw)
+    else:  # those rows of the resize alone (token-chunked inference)
+        t = resized_rows(table, hw, *rows)
+    n = t.shape[2] * t.shape[3]
+    t = t.reshape(heads, side, side, n).permute(0, 3, 1, 2)
     return _resize(t, agent_shape).reshape(heads, n, agent_shape[0] * agent_shape[1])
 
 
@@ -102,15 +108,55 @@ class AgentAttention(QKVProjection):
         return (f'dim={self.dim}, num_heads={self.num_heads}, agents={self.agent_num} -> '
                 f'{self.agent_shape}')
 
-    def biases(self, hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    def biases(self, hw: tuple[int, int], rows: Optional[tuple[int, int]] = None
+               ) -> tuple[Tensor, Tensor]:
         """``(agent_bias (1, heads, G, N), query_bias (1, heads, N, G))`` for an
-        ``h x w`` map and this module's agent grid (G agents)."""
+        ``h x w`` map (``rows=(r0, r1)``: its tokens in those rows) and this module's
+        agent grid (G agents)."""
         g = self.agent_shape
-        agent = agent_bias_for(self.an_bias, hw, g) + agent_bias_for(
-            (self.ah_bias + self.aw_bias)[0], hw, g)
-        query = agent_bias_for(self.na_bias, hw, g) + agent_bias_for(
-            (self.ha_bias + self.wa_bias)[0].permute(0, 3, 1, 2), hw, g)
+        agent = agent_bias_for(self.an_bias, hw, g, rows) + agent_bias_for(
+            (self.ah_bias + self.aw_bias)[0], hw, g, rows)
+        query = agent_bias_for(self.na_bias, hw, g, rows) + agent_bias_for(
+            (self.ha_bias + self.wa_bias)[0].permute(0, 3, 1, 2), hw, g, rows)
         return agent.transpose(1, 2)[None], query[None]
+
+    def chunk_plan(self, h: int, w: int) -> SummedAttentionPlan:
+        """Token-chunked inference on an ``h x w`` map (:mod:`.chunked`) in three passes
+        over bands: the pooled agents (each band's share of every cell), the
+        agent-to-key softmax (:class:`~mmlinattn.ops.AgentSums`, online over the
+        bands), then each band's queries, with one halo row for the 3x3 convolution."""
+        heads, c = self.num_heads, self.dim
+        scale = (c // heads) ** -0.5
+        state: dict[str, Tensor] = {}
+        sums = AgentSums()
+
+        def pool(t: Tensor, r0: int, r1: int) -> None:
+            part = pool_agents_rows(self.project_part(t, 0), h, r0, self.agent_shape)
+            state['agents'] = part if 'agents' not in state else state['agents'] + part
+
+        def keys(t: Tensor, r0: int, r1: int) -> None:
+            agents = split_heads(state['agents'], heads).float()
+            kv = self.project_part(t.reshape(t.shape[0], -1, c), 1, 2)
+            k, v = (split_heads(p, heads).float() for p in kv.unflatten(-1, (2, c)).unbind(-2))
+            agent_bias = self.biases((h, w), (r0, r1))[0]
+            sums.add((agents * scale) @ k.transpose(-2, -1) + agent_bias, v)
+
+        def attend(t: Tensor, lo: int, r0: int, r1: int) -> Tensor:
+            b, rows = t.shape[:2]
+            if 'agent_v' not in state:
+                state['agent_v'] = sums.result()
+            agents = split_heads(state['agents'], heads).float()
+            tokens = t.reshape(b, -1, c)
+            q = split_heads(self.project_part(tokens[:, (r0 - lo) * w:(r1 - lo) * w], 0),
+                            heads).float()
+            query_bias = self.biases((h, w), (r0, r1))[1]
+            weights = ((q * scale) @ agents.transpose(-2, -1) + query_bias).softmax(dim=-1)
+            out = merge_heads(weights @ state['agent_v']).to(t.dtype).view(b, r1 - r0, w, c)
+            v = self.project_part(tokens, 2).view(b, rows, w, c)
+            local = self.dwc(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)[:, r0 - lo:r1 - lo]
+            return self.proj_drop(self.proj(out + local))
+
+        return SummedAttentionPlan(self.dwc.kernel_size[0] // 2, (pool, keys), attend)
 
     def forward(self, x: Tensor) -> Tensor:
         check_map(self, x, self.dim)

@@ -11,9 +11,10 @@ bands of rows:
   ``sum phi(k)^T v`` and the mean token (:class:`~mmlinattn.ops.InLineSums`), the
   second produces each band's output from its rows plus one halo row above and
   below (for the 3x3 terms);
-* a block whose attention is another global sum (FLatten's focused attention,
-  :class:`SummedAttentionPlan`) runs the same two passes through the attention's
-  own statistics;
+* a block whose attention is another global reduction (FLatten's focused
+  attention; agent attention's pooled agents and online softmax over keys,
+  :class:`SummedAttentionPlan`) runs the same passes through the attention's own
+  statistics;
 * a block whose attention stays inside windows runs band by band
   (:class:`BandPlan`), the bands cut along window rows;
 * embeddings and merges compute their output rows from the input rows their
@@ -104,15 +105,16 @@ class SummedAttentionPlan:
     """A pre-norm block whose attention is a global sum over tokens plus a local term
     reading ``halo`` rows each side (FLatten's focused attention): two passes over bands.
 
-    ``collect(t, r0, r1)`` adds the normed rows ``t (B, r1 - r0, w, C)`` to the
-    attention's statistics; ``attend(t, lo, r0, r1)`` returns the attention's output
-    (after its projection) for rows ``r0:r1`` from the normed rows ``lo:hi`` around
-    them. The statistics live in the attention's closures, fresh for each plan. The
-    block fills in its norms, MLP and drop path.
+    Each of ``passes`` is one pass over the bands: ``collect(t, r0, r1)`` adds the
+    normed rows ``t (B, r1 - r0, w, C)`` to the attention's statistics (agent
+    attention needs two: its pooled agents, then its keys). ``attend(t, lo, r0, r1)``
+    returns the attention's output (after its projection) for rows ``r0:r1`` from the
+    normed rows ``lo:hi`` around them. The statistics live in the attention's
+    closures, fresh for each plan. The block fills in its norms, MLP and drop path.
     """
 
     halo: int
-    collect: Callable[[Tensor, int, int], None]
+    passes: tuple[Callable[[Tensor, int, int], None], ...]
     attend: Callable[[Tensor, int, int, int], Tensor]
     norm1: nn.Module = field(default_factory=nn.Identity)
     norm2: nn.Module = field(default_factory=nn.Identity)
@@ -265,12 +267,13 @@ def _global_inline(parts: InLineBlockParts, x: Tensor, hw: tuple[int, int], num_
 
 
 def _summed_block(plan: SummedAttentionPlan, x: Tensor, rows: int) -> Tensor:
-    """The block on the map ``x (B, h, w, C)`` in two passes over bands of ``rows`` rows:
+    """The block on the map ``x (B, h, w, C)`` in passes over bands of ``rows`` rows:
     the attention's statistics, then each band's output from its rows and ``halo``
     rows each side."""
     h = x.shape[1]
-    for r0, r1 in row_bands(h, rows):
-        plan.collect(plan.norm1(x[:, r0:r1]), r0, r1)
+    for collect in plan.passes:
+        for r0, r1 in row_bands(h, rows):
+            collect(plan.norm1(x[:, r0:r1]), r0, r1)
     out = new_map(x.shape, x.dtype, x.device)
     for r0, r1 in row_bands(h, rows):
         lo, hi = max(0, r0 - plan.halo), min(h, r1 + plan.halo)

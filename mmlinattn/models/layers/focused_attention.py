@@ -121,7 +121,7 @@ class FocusedLinearAttention(QKVProjection):
             local = self.local(v)[:, r0 - lo:r1 - lo]
             return self.proj_drop(self.proj(out.view(b, r1 - r0, w, c) + local))
 
-        return SummedAttentionPlan(self.dwc.kernel_size[0] // 2, collect, attend)
+        return SummedAttentionPlan(self.dwc.kernel_size[0] // 2, (collect, ), attend)
 
     def forward(self, x: Tensor) -> Tensor:
         check_map(self, x, self.dim)
