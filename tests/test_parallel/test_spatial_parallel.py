@@ -27,11 +27,13 @@ def test_chunked_inference_on_each_ranks_rows():
     run_ranks(3, run_cases, [('backbone_chunked_exact', (f, (161, 45))) for f in FAMILIES])
 
 
-def test_sibling_attentions_run_sharded_on_the_gathered_map():
-    """Agent and focused attention are not split over ranks yet: each rank attends the
-    gathered map (docs/sibling_attentions.md); outputs and gradients stay exact."""
+def test_sibling_attentions_sharded():
+    """Focused attention split over the ranks (its sums reduced, a 2-row halo for its
+    5x5 convolution, the positional encoding resized for each rank's rows); agent
+    attention on the gathered map. Outputs and gradients equal the whole model's."""
     run_ranks(2, run_cases, [('backbone_exact', (f, (97, 45)))
                              for f in ('agent_swin', 'flatten_pvt')])
+    run_ranks(3, run_cases, [('backbone_exact', ('flatten_pvt', (161, 38)))])
 
 
 def test_gradient_checkpointing_recomputes_sharded():

@@ -7,7 +7,14 @@ from torch import Tensor, nn
 
 from ...ops import attention, focusing_map
 from ...ops.inline import InLineSums
-from ...parallel import current_group, gathered, resized_rows
+from ...parallel import (
+    SpatialGroup,
+    current_group,
+    halo_rows,
+    resized_rows,
+    row_spans,
+    summing_over,
+)
 from .chunked import SummedAttentionPlan
 from .projection import QKVProjection
 from .regions import check_map, merge_heads, split_heads
@@ -93,6 +100,26 @@ class FocusedLinearAttention(QKVProjection):
         vh = v.view(b, h, w, heads, d).permute(0, 3, 4, 1, 2).reshape(b * heads, d, h, w)
         return self.dwc(vh).view(b, heads, d, h, w).permute(0, 3, 4, 1, 2).reshape(b, h, w, c)
 
+    def _forward_sharded(self, x: Tensor, group: SpatialGroup) -> Tensor:
+        """This rank's rows ``(B, h, W, C)`` of the map (spatial parallelism): the sums of
+        the focused keys and ``K^T V`` are reduced over the group, the positional
+        encoding is resized for this rank's rows, and the depthwise convolution reads
+        ``kernel // 2`` rows of each neighbour."""
+        b, h, w, c = x.shape
+        heads = self.num_heads
+        spans = row_spans(h, group)
+        r0, r1 = spans.mine
+        table = self.positional_encoding.view(1, *self.grid, c).permute(0, 3, 1, 2)
+        pe = resized_rows(table, (spans.total, w), r0, r1).permute(0, 2, 3, 1).reshape(1, -1, c)
+        q, k, v = self.project(x.reshape(b, h * w, c))
+        out = merge_heads(attention(
+            'focused', split_heads(q, heads), split_heads(k + pe, heads), split_heads(v, heads),
+            focusing_factor=self.focusing_factor, channel_scale=self.channel_scale(),
+            reduce=summing_over(group)))
+        halo = self.dwc.kernel_size[0] // 2
+        local = self.local(halo_rows(v.view(b, h, w, c), 1, halo, halo, group))[:, halo:-halo]
+        return self.proj_drop(self.proj(out.view(b, h, w, c) + local))
+
     def chunk_plan(self, h: int, w: int) -> SummedAttentionPlan:
         """Token-chunked inference on an ``h x w`` map (:mod:`.chunked`): pass 1 sums the
         focused keys and ``K^T V`` band by band (the positional encoding resized row by
@@ -125,8 +152,9 @@ class FocusedLinearAttention(QKVProjection):
 
     def forward(self, x: Tensor) -> Tensor:
         check_map(self, x, self.dim)
-        if current_group() is not None:
-            return gathered(self.forward, x)
+        group = current_group()
+        if group is not None:
+            return self._forward_sharded(x, group)
         b, h, w, c = x.shape
         heads = self.num_heads
         q, k, v = self.project(x.reshape(b, h * w, c))
