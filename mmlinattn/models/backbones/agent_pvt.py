@@ -15,7 +15,7 @@ from typing import Optional, Sequence, Union
 from torch import nn
 
 from ..family import BackboneFamily, BenchmarkVariant, ReleasedModel, register_family
-from ..layers import AgentAttention, ClassifierHead
+from ..layers import AgentAttention, ClassifierHead, stage_agent_shapes
 from .inline_pvt import PVTBackbone
 
 __all__ = ['AgentPVT', 'AgentPVTClassifier', 'AGENT_PVT_ARCHS']
@@ -72,15 +72,11 @@ class AgentPVT(PVTBackbone):
                  pretrained: Optional[str] = None,
                  init_cfg: Optional[Union[dict, list]] = None) -> None:
         agents = tuple(self.resolve_arch(arch, agent_num=agent_num)['agent_num'])
-        if agent_shapes is not None and len(agent_shapes) != len(agents):
-            raise ValueError(f'agent_shapes {list(agent_shapes)} must have one entry per stage '
-                             f'({len(agents)})')
+        shapes = stage_agent_shapes(len(agents), agent_shapes)
 
         def make_attention(i: int, j: int, dim: int, heads: int) -> nn.Module:
             side = pretrain_img_size // (4 * 2**i)
-            shape = None if agent_shapes is None or agent_shapes[i] is None else \
-                tuple(agent_shapes[i])
-            return AgentAttention(dim, heads, agents[i], (side, side), shape, kernel_size,
+            return AgentAttention(dim, heads, agents[i], (side, side), shapes[i], kernel_size,
                                   qkv_bias, drop_rate, qkv_layout='q_kv')
 
         super().__init__(make_attention, arch, embed_dims, depths, num_heads, mlp_ratios,

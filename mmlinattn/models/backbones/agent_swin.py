@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Union
 from torch import nn
 
 from ..family import BackboneFamily, BenchmarkVariant, ReleasedModel, register_family
-from ..layers import AgentAttention, ClassifierHead
+from ..layers import AgentAttention, ClassifierHead, stage_agent_shapes
 from .inline_swin import SwinBackbone, swin_softmax_attention
 
 __all__ = ['AgentSwin', 'AgentSwinClassifier', 'AGENT_SWIN_ARCHS']
@@ -81,16 +81,12 @@ class AgentSwin(SwinBackbone):
                  pretrained: Optional[str] = None,
                  init_cfg: Optional[Union[dict, list]] = None) -> None:
         agents = tuple(self.resolve_arch(arch, agent_num=agent_num)['agent_num'])
-        if agent_shapes is not None and len(agent_shapes) != len(agents):
-            raise ValueError(f'agent_shapes {list(agent_shapes)} must have one entry per stage '
-                             f'({len(agents)})')
+        shapes = stage_agent_shapes(len(agents), agent_shapes)
 
         def make_attention(letter: str, i: int, j: int, dim: int, heads: int) -> nn.Module:
             if letter == 'A':
                 side = pretrain_img_size // (patch_size * 2**i)
-                shape = None if agent_shapes is None or agent_shapes[i] is None else \
-                    tuple(agent_shapes[i])
-                return AgentAttention(dim, heads, agents[i], (side, side), shape, kernel_size,
+                return AgentAttention(dim, heads, agents[i], (side, side), shapes[i], kernel_size,
                                       qkv_bias, drop_rate)
             return swin_softmax_attention(dim, heads, softmax_window, j, qkv_bias,
                                           attn_drop_rate, drop_rate)

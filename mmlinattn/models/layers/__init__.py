@@ -1,5 +1,5 @@
 """nn.Modules built on :mod:`mmlinattn.ops`, shared by every backbone."""
-from .agent_attention import AgentAttention, agent_bias_for
+from .agent_attention import AgentAttention, agent_bias_for, stage_agent_shapes
 from .attention import InLineAttention, WindowSoftmaxAttention
 from .attn_types import parse_attn_types
 from .block import TransformerBlock, run_block
@@ -32,6 +32,7 @@ __all__ = [
     'init_transformer_weights', 'Mlp', 'gelu_mlp', 'DEFAULT_CHUNK_TOKENS', 'BandPlan',
     'InLineBlockParts', 'band_rows', 'chunked_block', 'chunked_embed', 'conv2d_rows',
     'conv_out_rows', 'fill_rows', 'linear_slice', 'row_bands', 'window_region', 'AgentAttention',
-    'agent_bias_for', 'FocusedLinearAttention', 'resize_positional_encoding', 'ConvNormAct',
-    'MLLAAttention', 'MLLABlock', 'MLLAMerge', 'MLLAStem'
+    'agent_bias_for', 'stage_agent_shapes', 'FocusedLinearAttention',
+    'resize_positional_encoding', 'ConvNormAct', 'MLLAAttention', 'MLLABlock', 'MLLAMerge',
+    'MLLAStem'
 ]

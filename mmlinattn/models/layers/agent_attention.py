@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,7 @@ from .chunked import SummedAttentionPlan
 from .projection import QKVProjection
 from .regions import check_map, merge_heads, split_heads
 
-__all__ = ['AgentAttention', 'agent_bias_for']
+__all__ = ['AgentAttention', 'agent_bias_for', 'stage_agent_shapes']
 
 
 def _resize(t: Tensor, size: tuple[int, int]) -> Tensor:
@@ -45,6 +45,19 @@ def agent_bias_for(table: Tensor, hw: tuple[int, int], agent_shape: tuple[int, i
     n = t.shape[2] * t.shape[3]
     t = t.reshape(heads, side, side, n).permute(0, 3, 1, 2)
     return _resize(t, agent_shape).reshape(heads, n, agent_shape[0] * agent_shape[1])
+
+
+def stage_agent_shapes(num_stages: int, agent_shapes: Optional[Sequence[Optional[Sequence[int]]]]
+                       ) -> list[Optional[tuple[int, int]]]:
+    """A backbone's ``agent_shapes`` argument as one run-time agent grid per stage
+    (None: the square of the released agent count), refused when it does not name
+    one entry per stage."""
+    if agent_shapes is None:
+        return [None] * num_stages
+    if len(agent_shapes) != num_stages:
+        raise ValueError(f'agent_shapes {list(agent_shapes)} must have one entry per stage '
+                         f'({num_stages})')
+    return [None if shape is None else tuple(shape) for shape in agent_shapes]
 
 
 class AgentAttention(QKVProjection):
