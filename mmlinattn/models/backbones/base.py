@@ -48,8 +48,8 @@ from ..layers import (
 )
 from ..layers.weight_init import init_transformer_weights
 
-__all__ = ['InLineBackbone', 'RowSource', 'chunked_inference', 'init_transformer_weights',
-           'resolve_arch']
+__all__ = ['InLineBackbone', 'StagedBackbone', 'RowSource', 'chunked_inference',
+           'init_transformer_weights', 'resolve_arch']
 
 
 class RowSource:
@@ -423,3 +423,32 @@ def chunked_inference(model: nn.Module,
     finally:
         for m, value in zip(backbones, saved):
             m.chunk_tokens = value
+
+
+class StagedBackbone(InLineBackbone):
+    """The layout of Swin and MLLA: a ``patch_embed`` stem, then ``layers[i]`` stages of
+    ``blocks`` and an optional ``downsample``, with the output norms ``norm{i}``
+    (parameter names as released). Subclasses build those modules and ``pos_drop``."""
+
+    patch_embed: nn.Module
+    pos_drop: nn.Module
+    layers: nn.ModuleList
+
+    def _stem_modules(self) -> list[nn.Module]:
+        return [self.patch_embed]
+
+    def _stage_modules(self, i: int) -> list[nn.Module]:
+        norm = getattr(self, f'norm{i}', None)
+        return [self.layers[i]] + ([norm] if norm is not None else [])
+
+    def forward_stages(self, x: Tensor) -> list[Tensor]:
+        """Channels-last stage outputs ``(B, H_i, W_i, C_i)`` (before merging), all stages."""
+        x = self.pos_drop(self.embed(self.patch_embed, x))
+        outs = []
+        for layer in self.layers:
+            for block in layer.blocks:
+                x = self.run_block(block, x)
+            outs.append(x)
+            if layer.downsample is not None:
+                x = self.embed(layer.downsample, x)
+        return outs

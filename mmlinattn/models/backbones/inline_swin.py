@@ -24,7 +24,7 @@ from ..layers import (
     WindowSoftmaxAttention,
     parse_attn_types,
 )
-from .base import InLineBackbone
+from .base import StagedBackbone
 
 __all__ = ['SwinBackbone', 'InLineSwin', 'InLineSwinClassifier', 'InLineSwinStage',
            'convert_swin_checkpoint', 'swin_softmax_attention', 'AttentionFactory', 'SWIN_ARCHS']
@@ -93,7 +93,7 @@ def convert_swin_checkpoint(state_dict: Mapping[str, Tensor]) -> dict[str, Tenso
     return out
 
 
-class SwinBackbone(InLineBackbone):
+class SwinBackbone(StagedBackbone):
     """The Swin layout (patch embedding, four stages of pre-norm blocks, patch merging)
     with the attention of each block chosen by a per-stage letter string.
 
@@ -153,25 +153,6 @@ class SwinBackbone(InLineBackbone):
                                 drop_rate, downsample=i < self.num_stages - 1))
         self._add_out_norms(dims, eps=1e-5)
         self._finish_init()
-
-    def _stem_modules(self) -> list[nn.Module]:
-        return [self.patch_embed]
-
-    def _stage_modules(self, i: int) -> list[nn.Module]:
-        norm = getattr(self, f'norm{i}', None)
-        return [self.layers[i]] + ([norm] if norm is not None else [])
-
-    def forward_stages(self, x: Tensor) -> list[Tensor]:
-        """Channels-last stage outputs ``(B, H_i, W_i, C_i)`` (before merging), all stages."""
-        x = self.pos_drop(self.embed(self.patch_embed, x))
-        outs = []
-        for layer in self.layers:
-            for block in layer.blocks:
-                x = self.run_block(block, x)
-            outs.append(x)
-            if layer.downsample is not None:
-                x = self.embed(layer.downsample, x)
-        return outs
 
 
 class InLineSwin(SwinBackbone):

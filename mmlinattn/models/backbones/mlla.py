@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ...parallel import current_group
 from ..family import BackboneFamily, BenchmarkVariant, ReleasedModel, register_family
 from ..layers import ClassifierHead, MLLABlock, MLLAMerge, MLLAStem
-from .base import InLineBackbone
+from .base import StagedBackbone
 from .inline_swin import convert_swin_checkpoint
 
 __all__ = ['MLLA', 'MLLAClassifier', 'MLLA_ARCHS']
@@ -38,7 +38,7 @@ class MLLAStage(nn.Module):
         self.downsample = MLLAMerge(dim) if downsample else None
 
 
-class MLLA(InLineBackbone):
+class MLLA(StagedBackbone):
     """MLLA backbone for dense prediction.
 
     Args:
@@ -98,27 +98,11 @@ class MLLA(InLineBackbone):
         self._add_out_norms(dims, eps=1e-5)
         self._finish_init()
 
-    def _stem_modules(self) -> list[nn.Module]:
-        return [self.patch_embed]
-
-    def _stage_modules(self, i: int) -> list[nn.Module]:
-        norm = getattr(self, f'norm{i}', None)
-        return [self.layers[i]] + ([norm] if norm is not None else [])
-
     def forward_stages(self, x: Tensor) -> list[Tensor]:
-        """Channels-last stage outputs ``(B, H_i, W_i, C_i)`` (before merging), all stages."""
         if current_group() is not None:
             raise ValueError('MLLA does not support spatial parallelism yet (its depthwise '
                              'convolutions and convolutional merges have no halo exchange)')
-        x = self.pos_drop(self.patch_embed(x))
-        outs = []
-        for layer in self.layers:
-            for block in layer.blocks:
-                x = self.run_block(block, x)
-            outs.append(x)
-            if layer.downsample is not None:
-                x = layer.downsample(x)
-        return outs
+        return super().forward_stages(x)
 
 
 class MLLAClassifier(ClassifierHead, MLLA):
