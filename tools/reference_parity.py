@@ -25,6 +25,7 @@ backbone registers itself in mmdet 2's registry; it is given a stand-in registry
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import types
@@ -41,6 +42,19 @@ from mmlinattn.models.backbones import MLLA, AgentPVT, AgentSwin  # noqa: E402
 DERIVED = DERIVED_BUFFER_SUFFIXES  # what our loaders drop: recomputed, not learned
 
 
+class _FlattenTokens(torch.nn.Module):
+    """Stand-in for einops' ``Rearrange('b c h w -> b (h w) c', ...)`` in the CSwin stems
+    (einops is not a dependency of ours)."""
+
+    def __init__(self, pattern: str, **sizes: int) -> None:
+        super().__init__()
+        if pattern != 'b c h w -> b (h w) c':
+            raise ValueError(f'stand-in Rearrange cannot do {pattern!r}')
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(2).transpose(1, 2)
+
+
 def _register_module(cls=None):
     """mmdet 2's ``@BACKBONES.register_module`` and ``register_module()``: a no-op."""
     return cls if cls is not None else (lambda c: c)
@@ -54,12 +68,17 @@ def load_module(path: Path, name: str) -> types.ModuleType:
         'from ..builder import BACKBONES': 'BACKBONES = _STAND_IN_REGISTRY',
         'from ...utils import get_root_logger': 'get_root_logger = None',
         'from mmcv.runner import _load_checkpoint': '_load_checkpoint = None',
+        'from einops.layers.torch import Rearrange': 'Rearrange = _FlattenTokens',
+        # Their timm registrations would replace ours of the same names (agent_deit_*).
+        '@register_model\n': '',
+        'from .deit import Block': 'from ref_agent_deit_blocks import Block',
     }
     for old, new in edits.items():
         source = source.replace(old, new)
     module = types.ModuleType(name)
     module.__file__ = str(path)
     module._STAND_IN_REGISTRY = types.SimpleNamespace(register_module=_register_module)
+    module._FlattenTokens = _FlattenTokens
     sys.modules[name] = module
     exec(compile(source, str(path), 'exec'), module.__dict__)
     return module
@@ -102,7 +121,40 @@ def released_builders(agent: Path | None, flatten: Path | None, mlla: Path | Non
             out[f'agent_pvt_{size}{name}'] = (f'agent_pvt_{stem}{name}', _pvt(
                 m, f'agent_pvt_{size}', 256 if name else 224, agent_num=[9, 16, 49, 49],
                 attn_type='AAAA', agent_sr_ratios='1111'))
+    if agent is not None:
+        m = load_module(agent / 'agent_transformer' / 'models' / 'agent_cswin.py',
+                        'ref_agent_cswin')
+        a = dict(agent_num=['9', '16', '49', '49'], attn_type='AABB')
+        for size, stem, fn in [('tiny', 't', 'Agent_CSWin_64_24181_tiny_224'),
+                               ('small', 's', 'Agent_CSWin_64_36292_small_224'),
+                               ('base', 'b', 'Agent_CSWin_96_36292_base_224'),
+                               ('base_384', 'b_384', 'Agent_CSWin_96_36292_base_384')]:
+            px = 384 if size.endswith('384') else 224
+            out[f'agent_cswin_{size}'] = (f'agent_cswin_{stem}', _pvt(
+                m, fn, px, la_split_size='96-48-24-12' if px == 384 else '56-28-14-7', **a))
+        load_module(agent / 'agent_transformer' / 'models' / 'deit.py', 'ref_agent_deit_blocks')
+        m = load_module(agent / 'agent_transformer' / 'models' / 'agent_deit.py', 'ref_agent_deit')
+        # Their factories go through timm 0.4's build_model_with_cfg; the model class
+        # with the factories' arguments is the same model.
+        for size, stem, px, dim, heads, agents, layers in [
+                ('tiny', 't', 224, 192, 3, 49, -1), ('small', 's', 224, 384, 6, 49, -1),
+                ('small_448', 's_448', 448, 384, 6, 49, -1), ('base', 'b', 224, 768, 12, 81, 4)]:
+            out[f'agent_deit_{size}'] = (f'agent_deit_{stem}', functools.partial(
+                m.VisionTransformer, img_size=px, patch_size=16, embed_dim=dim, depth=12,
+                num_heads=heads, agent_num=[agents] * 4, agent_layer=layers))
     if flatten is not None:
+        m = load_module(flatten / 'models' / 'flatten_cswin.py', 'ref_flatten_cswin')
+        for size, stem, fn in [('tiny', 't', 'FLatten_CSWin_64_24181_tiny_224'),
+                               ('small', 's', 'FLatten_CSWin_64_24322_small_224'),
+                               ('base', 'b', 'FLatten_CSWin_96_36292_base_224'),
+                               ('base_384', 'b_384', 'FLatten_CSWin_96_36292_base_384')]:
+            px = 384 if size.endswith('384') else 224
+            out[f'flatten_cswin_{size}'] = (f'flatten_cswin_{stem}', _pvt(
+                m, fn, px, attn_type='LLSS',
+                la_split_size='96-48-24-12' if px == 384 else '56-28-14-7'))
+        m = load_module(flatten / 'models' / 'flatten_pvt_v2.py', 'ref_flatten_pvt_v2')
+        out['flatten_pvt_v2_b0'] = ('flatten_pvt_v2_b0', lambda m=m: m.flatten_pvt_v2_b0(
+            attn_type='LLLL', la_sr_ratios='1111'))
         m = load_module(flatten / 'models' / 'flatten_pvt.py', 'ref_flatten_pvt')
         out['flatten_pvt_tiny'] = ('flatten_pvt_t', _pvt(m, 'flatten_pvt_tiny', 224,
                                                          attn_type='LLLL', la_sr_ratios='1111'))

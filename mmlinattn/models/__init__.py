@@ -11,9 +11,13 @@ from .backbones import (
     PVT_ARCHS,
     SWIN_ARCHS,
     VIT_ARCHS,
+    AgentCSwin,
+    AgentDeiT,
     AgentPVT,
     AgentSwin,
+    FLattenCSwin,
     FLattenPVT,
+    FLattenPVTv2,
     FLattenSwin,
     InLineBackbone,
     InLineCSwin,
@@ -60,5 +64,6 @@ __all__ = [
     'BACKBONES', 'REGISTERED_SCOPES', 'FAMILIES', 'BackboneFamily', 'BenchmarkVariant',
     'ReleasedModel', 'detect_family', 'find_family', 'register_family', 'InLineViT',
     'InLineViTClassifier', 'VIT_ARCHS', 'convert_vit_checkpoint', 'chunked_inference',
-    'AgentSwin', 'FLattenSwin', 'AgentPVT', 'FLattenPVT', 'MLLA'
+    'AgentSwin', 'FLattenSwin', 'AgentPVT', 'FLattenPVT', 'MLLA', 'AgentCSwin', 'FLattenCSwin',
+    'AgentDeiT', 'FLattenPVTv2'
 ]

@@ -98,7 +98,7 @@ class FLattenPVTClassifier(ClassifierHead, FLattenPVT):
 
 register_family(BackboneFamily(
     name='flatten_pvt', backbone=FLattenPVT, classifier=FLattenPVTClassifier,
-    key_prefixes=('block1.', ), key_markers=('.attn.positional_encoding', ),
+    key_prefixes=('pos_embed1', ), key_markers=('.attn.positional_encoding', ),
     first_conv='patch_embed1.proj',
     # Only the T model's weights were released; S/M/L are the authors' configs (archs
     # here), without checkpoints.
@@ -106,5 +106,7 @@ register_family(BackboneFamily(
     benchmark=(
         BenchmarkVariant('flatten-pvt-s', 'FLatten-PVT-S, global focused linear attention',
                          (('arch', 'small'), )),
+        BenchmarkVariant('flatten-pvt-s-chunked', 'FLatten-PVT-S, token-chunked inference (2^16 tokens a '
+                         'band)', (('arch', 'small'), ('chunk_tokens', 65536))),
     ),
 ))

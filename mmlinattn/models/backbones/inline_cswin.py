@@ -13,7 +13,7 @@ residual, with taps from the mean of the block input before ``norm1``.
 """
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence, Union
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from timm.layers import DropPath
@@ -39,7 +39,8 @@ from ..layers import (
 )
 from .base import InLineBackbone
 
-__all__ = ['InLineCSwin', 'InLineCSwinClassifier', 'CSwinBlock', 'CSwinBranch',
+__all__ = ['CSwinBackbone', 'InLineCSwin', 'InLineCSwinClassifier', 'CSwinBlock', 'CSwinBranch',
+           'BranchFactory', 'stripe_branches', 'ConvStem', 'ConvMerge',
            'convert_cswin_checkpoint', 'CSWIN_ARCHS']
 
 CSWIN_ARCHS: dict[str, dict] = {
@@ -143,31 +144,41 @@ class CSwinBranch(nn.Module):
         return grid.merge(out + lepe)
 
 
+def stripe_branches(dim: int, num_heads: int, split_size: int, last_stage: bool,
+                    impl: str = 'auto') -> list[CSwinBranch]:
+    """CSwin's softmax attention: two branches over half the channels and heads each,
+    full-height and full-width stripes ``split_size`` across; one branch over the
+    whole map in the last stage."""
+    if last_stage:
+        return [CSwinBranch(dim, num_heads, 'softmax', impl=impl)]
+    return [CSwinBranch(dim // 2, num_heads // 2, 'softmax', (i, split_size), impl=impl)
+            for i in range(2)]
+
+
+#: Builds block ``j`` of stage ``i``'s attention branches from its letter:
+#: ``(letter, i, j, dim, heads, last_stage) -> branches``, each mapping q, k, v
+#: ``(B, H, W, c)`` slices (and the block input's channel mean ``(B, c)``) to
+#: ``(B, H, W, c)``; one branch takes all channels, two take half each.
+BranchFactory = Callable[[str, int, int, int, int, bool], list[nn.Module]]
+
+
 class CSwinBlock(nn.Module):
     """CSwin block: block-level ``qkv`` and ``proj``, one or two attention branches.
 
     ``forward(x: (B, H, W, C)) -> (B, H, W, C)``. Parameter names as released:
-    ``qkv``, ``norm1``, ``proj``, ``attns.{0,1}.{get_v,residual}``, ``mlp``, ``norm2``.
+    ``qkv``, ``norm1``, ``proj``, ``attns.{0,1}.*``, ``mlp``, ``norm2``.
     """
 
-    def __init__(self, dim: int, num_heads: int, letter: str, split_size: int,
-                 last_stage: bool, mlp_ratio: float = 4., qkv_bias: bool = True,
-                 drop: float = 0., drop_path: float = 0., inline_operator: str = 'inline',
-                 kernel: KernelArg = 'default', inline_window: Optional[int] = None,
-                 attn_impl: str = 'auto') -> None:
+    def __init__(self, dim: int, branches: Sequence[nn.Module], mlp_ratio: float = 4.,
+                 qkv_bias: bool = True, drop: float = 0., drop_path: float = 0.) -> None:
         super().__init__()
+        if len(branches) not in (1, 2):
+            raise ValueError(f'a CSwin block has one or two attention branches, got '
+                             f'{len(branches)}')
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.norm1 = nn.LayerNorm(dim)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(drop)
-        if letter == 'I':
-            branches = [CSwinBranch(dim, num_heads, 'inline', operator=inline_operator,
-                                    kernel=kernel, window=inline_window, impl=attn_impl)]
-        elif last_stage:
-            branches = [CSwinBranch(dim, num_heads, 'softmax', impl=attn_impl)]
-        else:
-            branches = [CSwinBranch(dim // 2, num_heads // 2, 'softmax', (i, split_size),
-                                    impl=attn_impl) for i in range(2)]
         self.attns = nn.ModuleList(branches)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
@@ -178,7 +189,8 @@ class CSwinBlock(nn.Module):
         global InLine block; bands of whole windows (with the mean of the whole map
         for the taps) when windowed; None (run whole) for the softmax stripes."""
         branch = self.attns[0]
-        if len(self.attns) != 1 or branch.kind != 'inline' or branch.attention != 'inline':
+        if len(self.attns) != 1 or not isinstance(branch, CSwinBranch) or \
+                branch.kind != 'inline' or branch.attention != 'inline':
             return None
         region = branch.region(*x.shape[1:3])
         if region is not None:
@@ -290,60 +302,47 @@ def convert_cswin_checkpoint(state_dict: Mapping[str, Tensor]) -> dict[str, Tens
     return out
 
 
-class InLineCSwin(InLineBackbone):
-    """InLine-CSwin backbone for dense prediction.
+class CSwinBackbone(InLineBackbone):
+    """The CSwin layout (7x7 stride-4 stem, four stages of CSwin blocks, 3x3 stride-2
+    merges) with each block's attention branches chosen by a per-stage letter string.
 
-    Args:
-        arch: ``'tiny'``, ``'small'``, ``'base'`` or a dict (``embed_dims``,
-            ``depths``, ``num_heads``, ``attn_types``); the named args override it.
-        split_size: stripe width of the softmax stages (7, as released).
-        inline_window: None (default, global) or a window side for the InLine stages.
-        inline_operator: ``'inline'``; ``'linear'`` / ``'softmax'`` make the InLine
-            stages global plain-linear / softmax attention (ablations).
-        kernel: ``phi`` of the InLine stages (``'default'``: identity for InLine).
-        attn_impl: attention implementation (``'auto'``; see
-            :mod:`mmlinattn.ops.implementations`).
-        in_channels, mlp_ratio, qkv_bias, drop_rate, drop_path_rate: as usual.
-        out_indices, out_norm, frozen_stages, with_cp, pretrained, init_cfg:
-            the OpenMMLab backbone contract (see :class:`InLineBackbone`).
+    Subclasses (:class:`InLineCSwin`, ``AgentCSwin``, ``FLattenCSwin``) declare their
+    arch table and letters (``attn_letters``) and pass a :data:`BranchFactory`.
 
     Input ``(B, in_channels, H, W)`` of any size; outputs at strides 4, 8, 16, 32
-    (the 7x7 stride-4 stem, then stride-2 merges) with ``C * 2^i`` channels.
+    with ``C * 2^i`` channels.
     """
 
-    arch_settings = CSWIN_ARCHS
+    #: (linear attention's letter, softmax letter) of ``attn_types``.
+    attn_letters = 'IS'
     convert_checkpoint = staticmethod(convert_cswin_checkpoint)
 
     def __init__(self,
-                 arch: Union[str, dict] = 'tiny',
-                 embed_dims: Optional[int] = None,
-                 depths: Optional[Sequence[int]] = None,
-                 num_heads: Optional[Sequence[int]] = None,
-                 attn_types: Optional[str] = None,
-                 split_size: int = 7,
-                 inline_window: Optional[int] = None,
-                 inline_operator: str = 'inline',
-                 kernel: KernelArg = 'default',
-                 attn_impl: str = 'auto',
-                 in_channels: int = 3,
-                 mlp_ratio: float = 4.,
-                 qkv_bias: bool = True,
-                 drop_rate: float = 0.,
-                 drop_path_rate: float = 0.1,
-                 out_indices: Sequence[int] = (0, 1, 2, 3),
-                 out_norm: bool = True,
-                 frozen_stages: int = -1,
-                 with_cp: bool = False,
-                 chunk_tokens: Optional[int] = None,
-                 pretrained: Optional[str] = None,
-                 init_cfg: Optional[Union[dict, list]] = None) -> None:
+                 make_branches: BranchFactory,
+                 arch: Union[str, dict],
+                 embed_dims: Optional[int],
+                 depths: Optional[Sequence[int]],
+                 num_heads: Optional[Sequence[int]],
+                 attn_types: Optional[str],
+                 in_channels: int,
+                 mlp_ratio: float,
+                 qkv_bias: bool,
+                 drop_rate: float,
+                 drop_path_rate: float,
+                 out_indices: Sequence[int],
+                 out_norm: bool,
+                 frozen_stages: int,
+                 with_cp: bool,
+                 chunk_tokens: Optional[int],
+                 pretrained: Optional[str],
+                 init_cfg: Optional[Union[dict, list]]) -> None:
         setting = self.resolve_arch(arch, embed_dims=embed_dims, depths=depths,
                                     num_heads=num_heads, attn_types=attn_types)
         depths = tuple(setting['depths'])
         heads = tuple(setting['num_heads'])
         super().__init__(len(depths), out_indices, out_norm, frozen_stages, with_cp, pretrained,
                          init_cfg, chunk_tokens)
-        letters = parse_attn_types(setting['attn_types'], depths)
+        letters = parse_attn_types(setting['attn_types'], depths, self.attn_letters)
         dims = [setting['embed_dims'] * 2**i for i in range(self.num_stages)]
         self.num_features = dims
         self.in_channels = in_channels
@@ -351,12 +350,11 @@ class InLineCSwin(InLineBackbone):
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         for i in range(self.num_stages):
             start = sum(depths[:i])
+            last = i == self.num_stages - 1
             blocks = [
-                CSwinBlock(dims[i], heads[i], letters[i][j], split_size,
-                           last_stage=i == self.num_stages - 1, mlp_ratio=mlp_ratio,
-                           qkv_bias=qkv_bias, drop=drop_rate, drop_path=dpr[start + j],
-                           inline_operator=inline_operator, kernel=kernel,
-                           inline_window=inline_window, attn_impl=attn_impl)
+                CSwinBlock(dims[i], make_branches(letters[i][j], i, j, dims[i], heads[i], last),
+                           mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
+                           drop_path=dpr[start + j])
                 for j in range(depths[i])
             ]
             self.add_module(f'stage{i + 1}', nn.ModuleList(blocks))
@@ -364,6 +362,7 @@ class InLineCSwin(InLineBackbone):
                 self.add_module(f'merge{i + 1}', ConvMerge(dims[i], dims[i + 1]))
         self._add_out_norms(dims, eps=1e-5)
         self._finish_init()
+
     def _stem_modules(self) -> list[nn.Module]:
         return [self.stage1_conv_embed]
 
@@ -389,13 +388,74 @@ class InLineCSwin(InLineBackbone):
         return outs
 
 
+class InLineCSwin(CSwinBackbone):
+    """InLine-CSwin backbone for dense prediction.
+
+    Args:
+        arch: ``'tiny'``, ``'small'``, ``'base'`` or a dict (``embed_dims``,
+            ``depths``, ``num_heads``, ``attn_types``); the named args override it.
+        split_size: stripe width of the softmax stages (7, as released).
+        inline_window: None (default, global) or a window side for the InLine stages.
+        inline_operator: ``'inline'``; ``'linear'`` / ``'softmax'`` make the InLine
+            stages global plain-linear / softmax attention (ablations).
+        kernel: ``phi`` of the InLine stages (``'default'``: identity for InLine).
+        attn_impl: attention implementation (``'auto'``; see
+            :mod:`mmlinattn.ops.implementations`).
+        in_channels, mlp_ratio, qkv_bias, drop_rate, drop_path_rate: as usual.
+        out_indices, out_norm, frozen_stages, with_cp, pretrained, init_cfg:
+            the OpenMMLab backbone contract (see :class:`InLineBackbone`).
+
+    Input ``(B, in_channels, H, W)`` of any size; outputs at strides 4, 8, 16, 32
+    (the 7x7 stride-4 stem, then stride-2 merges) with ``C * 2^i`` channels.
+    """
+
+    arch_settings = CSWIN_ARCHS
+
+    def __init__(self,
+                 arch: Union[str, dict] = 'tiny',
+                 embed_dims: Optional[int] = None,
+                 depths: Optional[Sequence[int]] = None,
+                 num_heads: Optional[Sequence[int]] = None,
+                 attn_types: Optional[str] = None,
+                 split_size: int = 7,
+                 inline_window: Optional[int] = None,
+                 inline_operator: str = 'inline',
+                 kernel: KernelArg = 'default',
+                 attn_impl: str = 'auto',
+                 in_channels: int = 3,
+                 mlp_ratio: float = 4.,
+                 qkv_bias: bool = True,
+                 drop_rate: float = 0.,
+                 drop_path_rate: float = 0.1,
+                 out_indices: Sequence[int] = (0, 1, 2, 3),
+                 out_norm: bool = True,
+                 frozen_stages: int = -1,
+                 with_cp: bool = False,
+                 chunk_tokens: Optional[int] = None,
+                 pretrained: Optional[str] = None,
+                 init_cfg: Optional[Union[dict, list]] = None) -> None:
+
+        def make_branches(letter: str, i: int, j: int, dim: int, heads: int,
+                          last_stage: bool) -> list[nn.Module]:
+            if letter == 'I':
+                return [CSwinBranch(dim, heads, 'inline', operator=inline_operator,
+                                    kernel=kernel, window=inline_window, impl=attn_impl)]
+            return stripe_branches(dim, heads, split_size, last_stage, attn_impl)
+
+        super().__init__(make_branches, arch, embed_dims, depths, num_heads, attn_types,
+                         in_channels, mlp_ratio, qkv_bias, drop_rate, drop_path_rate,
+                         out_indices, out_norm, frozen_stages, with_cp, chunk_tokens, pretrained,
+                         init_cfg)
+
+
 class InLineCSwinClassifier(ClassifierHead, InLineCSwin):
     """InLine-CSwin with the reference head: final ``norm`` (eps 1e-5), token mean, ``head``."""
 
 
 register_family(BackboneFamily(
     name='cswin', backbone=InLineCSwin, classifier=InLineCSwinClassifier,
-    key_prefixes=('stage1_conv_embed.', ), first_conv='stage1_conv_embed.0',
+    key_prefixes=('stage1_conv_embed.', ), key_markers=('.attns.0.residual.', ),
+    first_conv='stage1_conv_embed.0',
     released=(
         ReleasedModel('inline_cswin_tiny', 'inline_cswin_t', 'tiny', 0.2),
         ReleasedModel('inline_cswin_small', 'inline_cswin_s', 'small', 0.4),

@@ -14,7 +14,7 @@ pooling) to strides 4, 8, 16, 32, all ``embed_dims`` channels.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,8 @@ from ..layers import (
 )
 from .base import InLineBackbone
 
-__all__ = ['InLineDeiT', 'InLineDeiTClassifier', 'DeiTBlock', 'SimpleFeaturePyramid',
+__all__ = ['DeiTBackbone', 'DeiTAttentionFactory', 'DeiTClassifierHead', 'InLineDeiT',
+           'InLineDeiTClassifier', 'DeiTBlock', 'SimpleFeaturePyramid',
            'convert_deit_checkpoint', 'DEIT_ARCHS']
 
 DEIT_ARCHS: dict[str, dict] = {
@@ -97,64 +98,39 @@ def convert_deit_checkpoint(state_dict: Mapping[str, Tensor]) -> dict[str, Tenso
     return out
 
 
-class InLineDeiT(InLineBackbone):
-    """InLine-DeiT (the released layouts) as a dense-prediction backbone.
+#: Builds block ``i``'s attention: ``(i, dim, heads) -> module`` with
+#: ``forward_tokens(tokens (B, P + h*w, C), (h, w), P)`` (P class tokens).
+DeiTAttentionFactory = Callable[[int, int, int], nn.Module]
 
-    Args:
-        arch: ``'tiny'``, ``'small'``, ``'base'`` or a dict (``embed_dims``,
-            ``depth``, ``num_heads``, ``pretrain_img_size``).
-        in_channels, patch_size (16), mlp_ratio, qkv_bias, drop_rate, drop_path_rate.
-        inline_window: must be None: the class token attends to every patch, so
-            the attention is global (it is accepted so that every family takes
-            the same arguments, and refused with the reason otherwise).
-        inline_operator: ``'inline'``; ``'linear'`` / ``'softmax'`` for ablations.
-        kernel: ``phi`` of the attention (``'default'``: identity for InLine).
-        attn_impl: attention implementation (``'auto'``; see
-            :mod:`mmlinattn.ops.implementations`).
-        out_indices: the blocks whose patch maps are returned (four of them with
-            ``pyramid``), default (3, 5, 7, 11).
-        pyramid: map the four taps to strides 4/8/16/32 (True) or return them
-            all at stride 16 (False; e.g. for UperNet with its own resizing).
-        out_norm: LayerNorm ``norm{i}`` on each tap (the last block's is the
-            released final ``norm``).
-        frozen_stages: -1 none; 0 the patch embedding, class token and position
-            embedding; k also blocks 0..k-1.
-        with_cp, pretrained, init_cfg: the OpenMMLab backbone contract.
 
-    Position embeddings (stored for the arch's pre-training size) are resized
-    bicubically to the input's patch grid; any input size works (padded to a
-    multiple of the patch size).
+class DeiTBackbone(InLineBackbone):
+    """The DeiT layout (patch embedding, class token, position embedding, a stack of
+    pre-norm blocks) with each block's attention from a factory, its tapped patch maps
+    through a simple feature pyramid.
+
+    Subclasses (:class:`InLineDeiT`, ``AgentDeiT``) declare their arch table (with
+    ``embed_dims``, ``depth``, ``num_heads``, ``pretrain_img_size``) and pass a
+    :data:`DeiTAttentionFactory`. The other arguments are :class:`InLineDeiT`'s.
     """
 
-    arch_settings = DEIT_ARCHS
     convert_checkpoint = staticmethod(convert_deit_checkpoint)
 
     def __init__(self,
-                 arch: Union[str, dict] = 'tiny',
-                 in_channels: int = 3,
-                 patch_size: int = 16,
-                 mlp_ratio: float = 4.,
-                 qkv_bias: bool = True,
-                 drop_rate: float = 0.,
-                 drop_path_rate: float = 0.1,
-                 inline_window: Optional[int] = None,
-                 inline_operator: str = 'inline',
-                 kernel: KernelArg = 'default',
-                 attn_impl: str = 'auto',
-                 out_indices: Sequence[int] = (3, 5, 7, 11),
-                 pyramid: bool = True,
-                 out_norm: bool = True,
-                 frozen_stages: int = -1,
-                 with_cp: bool = False,
-                 chunk_tokens: Optional[int] = None,
-                 pretrained: Optional[str] = None,
-                 init_cfg: Optional[Union[dict, list]] = None) -> None:
-        if inline_window is not None:
-            raise ValueError(f'InLineDeiT: inline_window={inline_window} is not possible: the '
-                             'class token attends to every patch token, so InLine-DeiT attends '
-                             'globally; windowed InLine needs a pyramid backbone (InLineSwin, '
-                             'InLinePVT, InLineCSwin)')
-        setting = self.resolve_arch(arch)
+                 make_attention: DeiTAttentionFactory,
+                 setting: dict,
+                 in_channels: int,
+                 patch_size: int,
+                 mlp_ratio: float,
+                 drop_rate: float,
+                 drop_path_rate: float,
+                 out_indices: Sequence[int],
+                 pyramid: bool,
+                 out_norm: bool,
+                 frozen_stages: int,
+                 with_cp: bool,
+                 chunk_tokens: Optional[int],
+                 pretrained: Optional[str],
+                 init_cfg: Optional[Union[dict, list]]) -> None:
         depth, dim = setting['depth'], setting['embed_dims']
         super().__init__(depth, out_indices, out_norm, frozen_stages, with_cp, pretrained,
                          init_cfg, chunk_tokens)
@@ -170,11 +146,8 @@ class InLineDeiT(InLineBackbone):
         self.pos_drop = nn.Dropout(drop_rate)
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList([
-            DeiTBlock(dim, InLineAttention(dim, setting['num_heads'], qkv_layout='qkv',
-                                           operator=inline_operator, kernel=kernel,
-                                           impl=attn_impl, qkv_bias=qkv_bias,
-                                           proj_drop=drop_rate),
-                     mlp_ratio=mlp_ratio, drop=drop_rate, drop_path=dpr[i], norm_eps=1e-6)
+            DeiTBlock(dim, make_attention(i, dim, setting['num_heads']), mlp_ratio=mlp_ratio,
+                      drop=drop_rate, drop_path=dpr[i], norm_eps=1e-6)
             for i in range(depth)
         ])
         self._add_out_norms(self.num_features, eps=1e-6)
@@ -236,8 +209,77 @@ class InLineDeiT(InLineBackbone):
         return tuple(outs)
 
 
-class InLineDeiTClassifier(ClassifierHead, InLineDeiT):
-    """InLine-DeiT with the reference head: final ``norm`` (eps 1e-6), class token, ``head``."""
+class InLineDeiT(DeiTBackbone):
+    """InLine-DeiT (the released layouts) as a dense-prediction backbone.
+
+    Args:
+        arch: ``'tiny'``, ``'small'``, ``'base'`` or a dict (``embed_dims``,
+            ``depth``, ``num_heads``, ``pretrain_img_size``).
+        in_channels, patch_size (16), mlp_ratio, qkv_bias, drop_rate, drop_path_rate.
+        inline_window: must be None: the class token attends to every patch, so
+            the attention is global (it is accepted so that every family takes
+            the same arguments, and refused with the reason otherwise).
+        inline_operator: ``'inline'``; ``'linear'`` / ``'softmax'`` for ablations.
+        kernel: ``phi`` of the attention (``'default'``: identity for InLine).
+        attn_impl: attention implementation (``'auto'``; see
+            :mod:`mmlinattn.ops.implementations`).
+        out_indices: the blocks whose patch maps are returned (four of them with
+            ``pyramid``), default (3, 5, 7, 11).
+        pyramid: map the four taps to strides 4/8/16/32 (True) or return them
+            all at stride 16 (False; e.g. for UperNet with its own resizing).
+        out_norm: LayerNorm ``norm{i}`` on each tap (the last block's is the
+            released final ``norm``).
+        frozen_stages: -1 none; 0 the patch embedding, class token and position
+            embedding; k also blocks 0..k-1.
+        with_cp, pretrained, init_cfg: the OpenMMLab backbone contract.
+
+    Position embeddings (stored for the arch's pre-training size) are resized
+    bicubically to the input's patch grid; any input size works (padded to a
+    multiple of the patch size).
+    """
+
+    arch_settings = DEIT_ARCHS
+
+    def __init__(self,
+                 arch: Union[str, dict] = 'tiny',
+                 in_channels: int = 3,
+                 patch_size: int = 16,
+                 mlp_ratio: float = 4.,
+                 qkv_bias: bool = True,
+                 drop_rate: float = 0.,
+                 drop_path_rate: float = 0.1,
+                 inline_window: Optional[int] = None,
+                 inline_operator: str = 'inline',
+                 kernel: KernelArg = 'default',
+                 attn_impl: str = 'auto',
+                 out_indices: Sequence[int] = (3, 5, 7, 11),
+                 pyramid: bool = True,
+                 out_norm: bool = True,
+                 frozen_stages: int = -1,
+                 with_cp: bool = False,
+                 chunk_tokens: Optional[int] = None,
+                 pretrained: Optional[str] = None,
+                 init_cfg: Optional[Union[dict, list]] = None) -> None:
+        if inline_window is not None:
+            raise ValueError(f'InLineDeiT: inline_window={inline_window} is not possible: the '
+                             'class token attends to every patch token, so InLine-DeiT attends '
+                             'globally; windowed InLine needs a pyramid backbone (InLineSwin, '
+                             'InLinePVT, InLineCSwin)')
+        setting = self.resolve_arch(arch)
+
+        def make_attention(i: int, dim: int, heads: int) -> nn.Module:
+            return InLineAttention(dim, heads, qkv_layout='qkv', operator=inline_operator,
+                                   kernel=kernel, impl=attn_impl, qkv_bias=qkv_bias,
+                                   proj_drop=drop_rate)
+
+        super().__init__(make_attention, setting, in_channels, patch_size, mlp_ratio, drop_rate,
+                         drop_path_rate, out_indices, pyramid, out_norm, frozen_stages, with_cp,
+                         chunk_tokens, pretrained, init_cfg)
+
+
+class DeiTClassifierHead(ClassifierHead):
+    """The released DeiT head for ``Classifier(DeiTClassifierHead, DeiT backbone)``: final
+    ``norm`` (eps 1e-6) on the tokens, the class token, ``head``."""
 
     head_norm_eps = 1e-6
 
@@ -254,9 +296,14 @@ class InLineDeiTClassifier(ClassifierHead, InLineDeiT):
         return x[:, 0]
 
 
+class InLineDeiTClassifier(DeiTClassifierHead, InLineDeiT):
+    """InLine-DeiT with the reference head: final ``norm`` (eps 1e-6), class token, ``head``."""
+
+
 register_family(BackboneFamily(
     name='deit', backbone=InLineDeiT, classifier=InLineDeiTClassifier,
-    key_prefixes=('cls_token', ), first_conv='patch_embed.proj', feature_stride=16,
+    key_prefixes=('cls_token', ), key_markers=('.attn.residual.', ),
+    first_conv='patch_embed.proj', feature_stride=16,
     # The released models' image sides are those of their position embeddings.
     released=(
         ReleasedModel('inline_deit_tiny', 'inline_deit_t', 'tiny', 0.1, 224),

@@ -239,5 +239,8 @@ register_family(BackboneFamily(
                          (('arch', 'small'), )),
         BenchmarkVariant('inline-pvt-s-chunked', 'InLine-PVT-S, token-chunked inference '
                          '(2^16 tokens a band)', (('arch', 'small'), ('chunk_tokens', 65536))),
+        BenchmarkVariant('pvt-s-global-linear', 'the same layout, global plain linear '
+                         'attention (ReLU kernel)',
+                         (('arch', 'small'), ('inline_operator', 'linear'))),
     ),
 ))

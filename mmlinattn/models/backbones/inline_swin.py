@@ -254,6 +254,9 @@ register_family(BackboneFamily(
                          (('arch', 'tiny'), ('inline_window', 56))),
         BenchmarkVariant('swin-t-global-softmax', 'the same layout, global softmax attention '
                          'in stages 1-3', (('arch', 'tiny'), ('inline_operator', 'softmax'))),
+        BenchmarkVariant('swin-t-global-linear', 'the same layout, global plain linear '
+                         'attention (ReLU kernel) in stages 1-3',
+                         (('arch', 'tiny'), ('inline_operator', 'linear'))),
         BenchmarkVariant('swin-t-global-linear', 'the same layout, plain linear attention in '
                          'stages 1-3', (('arch', 'tiny'), ('inline_operator', 'linear'))),
     ),

@@ -1,6 +1,6 @@
 """nn.Modules built on :mod:`mmlinattn.ops`, shared by every backbone."""
-from .agent_attention import AgentAttention, agent_bias_for, stage_agent_shapes
-from .attention import InLineAttention, WindowSoftmaxAttention
+from .agent_attention import AgentAttention, AgentBiasTables, agent_bias_for, stage_agent_shapes
+from .attention import GlobalSoftmaxAttention, InLineAttention, WindowSoftmaxAttention
 from .attn_types import parse_attn_types
 from .block import TransformerBlock, run_block
 from .chunked import (
@@ -17,7 +17,7 @@ from .chunked import (
     row_bands,
 )
 from .embed import PatchEmbed, PatchMerging
-from .focused_attention import FocusedLinearAttention, resize_positional_encoding
+from .focused_attention import FocusedLinearAttention, FocusedTables, resize_positional_encoding
 from .head import ClassifierHead
 from .local_residual import LocalResidual, masked_mean
 from .mlla import ConvNormAct, MLLAAttention, MLLABlock, MLLAMerge, MLLAStem
@@ -34,5 +34,5 @@ __all__ = [
     'conv_out_rows', 'fill_rows', 'linear_slice', 'row_bands', 'window_region', 'AgentAttention',
     'agent_bias_for', 'stage_agent_shapes', 'FocusedLinearAttention',
     'resize_positional_encoding', 'ConvNormAct', 'MLLAAttention', 'MLLABlock', 'MLLAMerge',
-    'MLLAStem'
+    'MLLAStem', 'AgentBiasTables', 'FocusedTables', 'GlobalSoftmaxAttention'
 ]

@@ -15,7 +15,7 @@ from .chunked import SummedAttentionPlan
 from .projection import QKVProjection
 from .regions import check_map, merge_heads, split_heads
 
-__all__ = ['AgentAttention', 'agent_bias_for', 'stage_agent_shapes']
+__all__ = ['AgentAttention', 'AgentBiasTables', 'agent_bias_for', 'stage_agent_shapes']
 
 
 def _resize(t: Tensor, size: tuple[int, int]) -> Tensor:
@@ -60,7 +60,94 @@ def stage_agent_shapes(num_stages: int, agent_shapes: Optional[Sequence[Optional
     return [None if shape is None else tuple(shape) for shape in agent_shapes]
 
 
-class AgentAttention(QKVProjection):
+class AgentBiasTables(nn.Module):
+    """The released bias tables of agent attention and the attention that reads them:
+    the base of every module whose agents attend one map (:class:`AgentAttention`,
+    Agent-CSwin's branch, Agent-DeiT's attention with its class token).
+
+    Subclasses call :meth:`add_agent_biases` in ``__init__``. Tables: ``an_bias``,
+    ``na_bias`` ``(heads, A, 7, 7)``; ``ah_bias``, ``aw_bias``, ``ha_bias``, ``wa_bias``
+    along the ``h0 x w0`` map they were learned on; with ``prefix_tokens``, ``ac_bias``
+    ``(1, heads, A, 1)`` and ``ca_bias`` ``(1, heads, 1, A)`` between the agents and a
+    class token.
+    """
+
+    num_heads: int
+    agent_num: int
+    agent_shape: tuple[int, int]
+
+    def add_agent_biases(self, num_heads: int, agent_num: int, bias_size: tuple[int, int],
+                         agent_shape: Optional[tuple[int, int]] = None,
+                         prefix_tokens: bool = False) -> None:
+        side = math.isqrt(agent_num)
+        if side * side != agent_num:
+            raise ValueError(f'agent_num must be a square (agents pooled on a grid), got '
+                             f'{agent_num}')
+        self.num_heads, self.agent_num = num_heads, agent_num
+        self.agent_shape = tuple(agent_shape) if agent_shape is not None else (side, side)
+        h0, w0 = bias_size
+        self.an_bias = nn.Parameter(torch.zeros(num_heads, agent_num, 7, 7))
+        self.na_bias = nn.Parameter(torch.zeros(num_heads, agent_num, 7, 7))
+        self.ah_bias = nn.Parameter(torch.zeros(1, num_heads, agent_num, h0, 1))
+        self.aw_bias = nn.Parameter(torch.zeros(1, num_heads, agent_num, 1, w0))
+        self.ha_bias = nn.Parameter(torch.zeros(1, num_heads, h0, 1, agent_num))
+        self.wa_bias = nn.Parameter(torch.zeros(1, num_heads, 1, w0, agent_num))
+        tables = [self.an_bias, self.na_bias, self.ah_bias, self.aw_bias, self.ha_bias,
+                  self.wa_bias]
+        if prefix_tokens:
+            self.ac_bias = nn.Parameter(torch.zeros(1, num_heads, agent_num, 1))
+            self.ca_bias = nn.Parameter(torch.zeros(1, num_heads, 1, agent_num))
+            tables += [self.ac_bias, self.ca_bias]
+        for p in tables:
+            trunc_normal_(p, std=.02)
+
+    def biases(self, hw: tuple[int, int], rows: Optional[tuple[int, int]] = None
+               ) -> tuple[Tensor, Tensor]:
+        """``(agent_bias (1, heads, G, N), query_bias (1, heads, N, G))`` for an
+        ``h x w`` map (``rows=(r0, r1)``: its tokens in those rows) and this module's
+        agent grid (G agents)."""
+        g = self.agent_shape
+        agent = agent_bias_for(self.an_bias, hw, g, rows) + agent_bias_for(
+            (self.ah_bias + self.aw_bias)[0], hw, g, rows)
+        query = agent_bias_for(self.na_bias, hw, g, rows) + agent_bias_for(
+            (self.ha_bias + self.wa_bias)[0].permute(0, 3, 1, 2), hw, g, rows)
+        return agent.transpose(1, 2)[None], query[None]
+
+    def prefix_biases(self) -> tuple[Tensor, Tensor]:
+        """``(agents -> class token (1, heads, G, 1), class token -> agents (1, heads, 1, G))``
+        for this module's agent grid (the released tables resized along the agents)."""
+        side = math.isqrt(self.agent_num)
+        heads, g = self.num_heads, self.agent_shape
+
+        def on_grid(t: Tensor) -> Tensor:  # (heads, A) -> (heads, G)
+            return _resize(t.reshape(1, heads, side, side), g).reshape(heads, g[0] * g[1])
+
+        return on_grid(self.ac_bias[0, :, :, 0])[None, :, :, None], \
+            on_grid(self.ca_bias[0, :, 0])[None, :, None]
+
+    def attend_agents(self, q: Tensor, k: Tensor, v: Tensor, hw: tuple[int, int],
+                      num_prefix: int = 0) -> Tensor:
+        """Agent attention of ``q, k, v (B, P + h*w, C)`` (``P = num_prefix`` leading class
+        tokens, then an ``h x w`` map) -> ``(B, P + h*w, C)``, before any local term.
+        The agents are pooled from the map's queries; every query and key takes part."""
+        b, n, c = q.shape
+        h, w = hw
+        agents = pool_agents(q[:, num_prefix:].reshape(b, h, w, c), self.agent_shape)
+        agent_bias, query_bias = self.biases(hw)
+        if num_prefix:
+            if not hasattr(self, 'ac_bias'):
+                raise ValueError(f'{type(self).__name__} has no class-token biases '
+                                 '(prefix_tokens=False) but got num_prefix={num_prefix}')
+            to_cls, from_cls = self.prefix_biases()
+            agent_bias = torch.cat([to_cls.expand(-1, -1, -1, num_prefix), agent_bias], dim=-1)
+            query_bias = torch.cat([from_cls.expand(-1, -1, num_prefix, -1), query_bias], dim=-2)
+        heads = self.num_heads
+        return merge_heads(attention('agent', split_heads(q, heads), split_heads(k, heads),
+                                     split_heads(v, heads), agents=split_heads(agents, heads),
+                                     agent_bias=agent_bias, query_bias=query_bias))
+
+
+class AgentAttention(QKVProjection, AgentBiasTables):
     """Agent attention (:func:`mmlinattn.ops.agent_attention`) over a whole map, plus
     the depthwise convolution of v, with the released parameters.
 
@@ -77,8 +164,11 @@ class AgentAttention(QKVProjection):
         kernel_size: of the depthwise convolution on v (3).
         qkv_bias, proj_drop: as in Swin.
         qkv_layout: ``'qkv'`` (Swin) or ``'q_kv'`` (PVT: ``q`` and ``kv`` Linear layers).
+        prefix_tokens: add the class-token biases ``ac_bias``, ``ca_bias`` (Agent-DeiT;
+            :meth:`forward_tokens` with ``num_prefix``).
 
-    Shapes: ``forward(x: (B, H, W, C)) -> (B, H, W, C)``, any ``H x W``.
+    Shapes: ``forward(x: (B, H, W, C)) -> (B, H, W, C)``, any ``H x W``;
+    ``forward_tokens(tokens: (B, P + h*w, C), (h, w), P) -> (B, P + h*w, C)``.
     Parameters ``qkv`` (or ``q``, ``kv``), ``proj``, ``dwc``, ``an_bias``, ``na_bias``, ``ah_bias``,
     ``aw_bias``, ``ha_bias``, ``wa_bias`` as released.
     """
@@ -92,46 +182,21 @@ class AgentAttention(QKVProjection):
                  kernel_size: int = 3,
                  qkv_bias: bool = True,
                  proj_drop: float = 0.,
-                 qkv_layout: str = 'qkv') -> None:
+                 qkv_layout: str = 'qkv',
+                 prefix_tokens: bool = False) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f'dim {dim} is not divisible by num_heads {num_heads}')
-        side = math.isqrt(agent_num)
-        if side * side != agent_num:
-            raise ValueError(f'agent_num must be a square (agents pooled on a grid), got '
-                             f'{agent_num}')
-        self.dim, self.num_heads, self.agent_num = dim, num_heads, agent_num
-        self.agent_shape = tuple(agent_shape) if agent_shape is not None else (side, side)
-        h0, w0 = bias_size
+        self.dim = dim
         self.add_projections(dim, qkv_layout, qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.dwc = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
-        self.an_bias = nn.Parameter(torch.zeros(num_heads, agent_num, 7, 7))
-        self.na_bias = nn.Parameter(torch.zeros(num_heads, agent_num, 7, 7))
-        self.ah_bias = nn.Parameter(torch.zeros(1, num_heads, agent_num, h0, 1))
-        self.aw_bias = nn.Parameter(torch.zeros(1, num_heads, agent_num, 1, w0))
-        self.ha_bias = nn.Parameter(torch.zeros(1, num_heads, h0, 1, agent_num))
-        self.wa_bias = nn.Parameter(torch.zeros(1, num_heads, 1, w0, agent_num))
-        for p in (self.an_bias, self.na_bias, self.ah_bias, self.aw_bias, self.ha_bias,
-                  self.wa_bias):
-            trunc_normal_(p, std=.02)
+        self.add_agent_biases(num_heads, agent_num, bias_size, agent_shape, prefix_tokens)
 
     def extra_repr(self) -> str:
         return (f'dim={self.dim}, num_heads={self.num_heads}, agents={self.agent_num} -> '
                 f'{self.agent_shape}')
-
-    def biases(self, hw: tuple[int, int], rows: Optional[tuple[int, int]] = None
-               ) -> tuple[Tensor, Tensor]:
-        """``(agent_bias (1, heads, G, N), query_bias (1, heads, N, G))`` for an
-        ``h x w`` map (``rows=(r0, r1)``: its tokens in those rows) and this module's
-        agent grid (G agents)."""
-        g = self.agent_shape
-        agent = agent_bias_for(self.an_bias, hw, g, rows) + agent_bias_for(
-            (self.ah_bias + self.aw_bias)[0], hw, g, rows)
-        query = agent_bias_for(self.na_bias, hw, g, rows) + agent_bias_for(
-            (self.ha_bias + self.wa_bias)[0].permute(0, 3, 1, 2), hw, g, rows)
-        return agent.transpose(1, 2)[None], query[None]
 
     def chunk_plan(self, h: int, w: int) -> SummedAttentionPlan:
         """Token-chunked inference on an ``h x w`` map (:mod:`.chunked`) in three passes
@@ -178,12 +243,26 @@ class AgentAttention(QKVProjection):
             return gathered(self.forward, x)
         b, h, w, c = x.shape
         q, k, v = self.project(x.reshape(b, h * w, c))
-        agents = pool_agents(q.view(b, h, w, c), self.agent_shape)
-        agent_bias, query_bias = self.biases((h, w))
-        heads = self.num_heads
-        out = merge_heads(attention('agent', split_heads(q, heads), split_heads(k, heads),
-                                    split_heads(v, heads), agents=split_heads(agents, heads),
-                                    agent_bias=agent_bias, query_bias=query_bias))
+        out = self.attend_agents(q, k, v, (h, w)).view(b, h, w, c)
         local = self.dwc(v.view(b, h, w, c).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        out = out.view(b, h, w, c) + local
+        return self.proj_drop(self.proj(out + local))
+
+    def forward_tokens(self, tokens: Tensor, hw: tuple[int, int], num_prefix: int = 0) -> Tensor:
+        """Global agent attention over ``num_prefix`` class tokens and an ``h x w`` map
+        (Agent-DeiT): ``(B, P + h*w, C) -> (B, P + h*w, C)``; the depthwise convolution
+        adds to the map's tokens only."""
+        b, n, c = tokens.shape
+        h, w = hw
+        if tokens.dim() != 3 or c != self.dim or n != num_prefix + h * w:
+            raise ValueError(f'expected ({b}, {num_prefix} + {h}*{w}, {self.dim}) tokens, got '
+                             f'{tuple(tokens.shape)}')
+        if current_group() is not None:
+            raise ValueError('agent attention over class and patch tokens cannot be spatially '
+                             'sharded: the agents pool the whole map')
+        q, k, v = self.project(tokens)
+        out = self.attend_agents(q, k, v, hw, num_prefix)
+        local = self.dwc(v[:, num_prefix:].reshape(b, h, w, c).permute(0, 3, 1, 2))
+        out = torch.cat([out[:, :num_prefix],
+                         out[:, num_prefix:] + local.permute(0, 2, 3, 1).reshape(b, h * w, c)],
+                        dim=1)
         return self.proj_drop(self.proj(out))

@@ -41,7 +41,8 @@ from .regions import (
     window_region,
 )
 
-__all__ = ['InLineAttention', 'WindowSoftmaxAttention', 'split_heads', 'merge_heads']
+__all__ = ['InLineAttention', 'WindowSoftmaxAttention', 'GlobalSoftmaxAttention', 'split_heads',
+           'merge_heads']
 
 
 class InLineAttention(QKVProjection):
@@ -325,3 +326,36 @@ class WindowSoftmaxAttention(nn.Module):
         if shift:
             out = torch.roll(out, shifts=(shift, shift), dims=(1, 2))
         return self.proj_drop(self.proj(out[:, :h, :w]))
+
+
+class GlobalSoftmaxAttention(QKVProjection):
+    """ViT's global softmax attention over class and patch tokens (Agent-DeiT-B's last
+    blocks): ``qkv`` and ``proj`` as released, nothing else.
+
+    Shapes: ``forward_tokens(tokens: (B, P + h*w, C), (h, w), P) -> (B, P + h*w, C)``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True,
+                 proj_drop: float = 0.) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f'dim {dim} is not divisible by num_heads {num_heads}')
+        self.dim, self.num_heads = dim, num_heads
+        self.add_projections(dim, 'qkv', qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def extra_repr(self) -> str:
+        return f'dim={self.dim}, num_heads={self.num_heads}'
+
+    def forward_tokens(self, tokens: Tensor, hw: tuple[int, int], num_prefix: int = 0) -> Tensor:
+        if tokens.dim() != 3 or tokens.shape[-1] != self.dim or \
+                tokens.shape[1] != num_prefix + hw[0] * hw[1]:
+            raise ValueError(f'expected ({tokens.shape[0]}, {num_prefix} + {hw[0]}*{hw[1]}, '
+                             f'{self.dim}) tokens, got {tuple(tokens.shape)}')
+        if current_group() is not None:
+            raise ValueError('global softmax attention over class and patch tokens cannot be '
+                             'spatially sharded')
+        q, k, v = self.project(tokens)
+        out = attend_heads('softmax', q, k, v, self.num_heads, None, None, 'auto')
+        return self.proj_drop(self.proj(out))

@@ -19,7 +19,7 @@ from .chunked import SummedAttentionPlan
 from .projection import QKVProjection
 from .regions import check_map, merge_heads, split_heads
 
-__all__ = ['FocusedLinearAttention', 'resize_positional_encoding']
+__all__ = ['FocusedLinearAttention', 'FocusedTables', 'resize_positional_encoding']
 
 
 def resize_positional_encoding(table: Tensor, grid: tuple[int, int],
@@ -41,7 +41,58 @@ def resize_positional_encoding(table: Tensor, grid: tuple[int, int],
     return t.permute(0, 2, 3, 1).reshape(1, hw[0] * hw[1], c)
 
 
-class FocusedLinearAttention(QKVProjection):
+class FocusedTables(nn.Module):
+    """The released parameters of focused linear attention beside its projections, and
+    the attention over one map: the base of :class:`FocusedLinearAttention` and of
+    FLatten-CSwin's branch. Subclasses call :meth:`add_focused_parts` in ``__init__``.
+
+    Parameters: ``dwc`` (one ``head_dim``-channel depthwise filter shared by the
+    heads), ``scale`` ``(1, 1, C)``, ``positional_encoding`` ``(1, gh*gw, C)``.
+    """
+
+    dim: int
+    num_heads: int
+    grid: tuple[int, int]
+    focusing_factor: float
+
+    def add_focused_parts(self, dim: int, num_heads: int, grid: tuple[int, int],
+                          focusing_factor: float, kernel_size: int) -> None:
+        if dim % num_heads:
+            raise ValueError(f'dim {dim} is not divisible by num_heads {num_heads}')
+        head_dim = dim // num_heads
+        self.dim, self.num_heads, self.grid = dim, num_heads, tuple(grid)
+        self.focusing_factor = focusing_factor
+        self.dwc = nn.Conv2d(head_dim, head_dim, kernel_size, padding=kernel_size // 2,
+                             groups=head_dim)
+        self.scale = nn.Parameter(torch.zeros(1, 1, dim))
+        self.positional_encoding = nn.Parameter(torch.zeros(1, grid[0] * grid[1], dim))
+
+    def channel_scale(self) -> Tensor:
+        """``softplus(scale)`` as ``(heads, head_dim)``: the focusing map's divisor."""
+        return F.softplus(self.scale).view(self.num_heads, self.dim // self.num_heads)
+
+    def local(self, v: Tensor) -> Tensor:
+        """The depthwise convolution of the values ``(B, H, W, C)``, one ``head_dim``
+        filter shared by the heads -> ``(B, H, W, C)``."""
+        b, h, w, c = v.shape
+        heads, d = self.num_heads, c // self.num_heads
+        vh = v.view(b, h, w, heads, d).permute(0, 3, 4, 1, 2).reshape(b * heads, d, h, w)
+        return self.dwc(vh).view(b, heads, d, h, w).permute(0, 3, 4, 1, 2).reshape(b, h, w, c)
+
+    def attend_focused(self, q: Tensor, k: Tensor, v: Tensor, hw: tuple[int, int]) -> Tensor:
+        """Focused linear attention of ``q, k, v (B, h*w, C)`` over an ``h x w`` map plus
+        the depthwise convolution of v -> ``(B, h, w, C)``, before any projection."""
+        b, n, c = q.shape
+        h, w = hw
+        heads = self.num_heads
+        k = k + resize_positional_encoding(self.positional_encoding, self.grid, hw)
+        out = merge_heads(attention(
+            'focused', split_heads(q, heads), split_heads(k, heads), split_heads(v, heads),
+            focusing_factor=self.focusing_factor, channel_scale=self.channel_scale()))
+        return out.view(b, h, w, c) + self.local(v.view(b, h, w, c))
+
+
+class FocusedLinearAttention(QKVProjection, FocusedTables):
     """FLatten's focused linear attention (:func:`mmlinattn.ops.focused_linear_attention`)
     over a whole map, with the depthwise convolution of v shared by the heads.
 
@@ -71,34 +122,14 @@ class FocusedLinearAttention(QKVProjection):
                  proj_drop: float = 0.,
                  qkv_layout: str = 'qkv') -> None:
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f'dim {dim} is not divisible by num_heads {num_heads}')
-        head_dim = dim // num_heads
-        self.dim, self.num_heads, self.grid = dim, num_heads, tuple(grid)
-        self.focusing_factor = focusing_factor
+        self.add_focused_parts(dim, num_heads, grid, focusing_factor, kernel_size)
         self.add_projections(dim, qkv_layout, qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.dwc = nn.Conv2d(head_dim, head_dim, kernel_size, padding=kernel_size // 2,
-                             groups=head_dim)
-        self.scale = nn.Parameter(torch.zeros(1, 1, dim))
-        self.positional_encoding = nn.Parameter(torch.zeros(1, grid[0] * grid[1], dim))
 
     def extra_repr(self) -> str:
         return (f'dim={self.dim}, num_heads={self.num_heads}, grid={self.grid}, '
                 f'focusing_factor={self.focusing_factor}')
-
-    def channel_scale(self) -> Tensor:
-        """``softplus(scale)`` as ``(heads, head_dim)``: the focusing map's divisor."""
-        return F.softplus(self.scale).view(self.num_heads, self.dim // self.num_heads)
-
-    def local(self, v: Tensor) -> Tensor:
-        """The depthwise convolution of the values ``(B, H, W, C)``, one ``head_dim``
-        filter shared by the heads -> ``(B, H, W, C)``."""
-        b, h, w, c = v.shape
-        heads, d = self.num_heads, c // self.num_heads
-        vh = v.view(b, h, w, heads, d).permute(0, 3, 4, 1, 2).reshape(b * heads, d, h, w)
-        return self.dwc(vh).view(b, heads, d, h, w).permute(0, 3, 4, 1, 2).reshape(b, h, w, c)
 
     def _forward_sharded(self, x: Tensor, group: SpatialGroup) -> Tensor:
         """This rank's rows ``(B, h, W, C)`` of the map (spatial parallelism): the sums of
@@ -156,11 +187,5 @@ class FocusedLinearAttention(QKVProjection):
         if group is not None:
             return self._forward_sharded(x, group)
         b, h, w, c = x.shape
-        heads = self.num_heads
         q, k, v = self.project(x.reshape(b, h * w, c))
-        k = k + resize_positional_encoding(self.positional_encoding, self.grid, (h, w))
-        out = merge_heads(attention(
-            'focused', split_heads(q, heads), split_heads(k, heads), split_heads(v, heads),
-            focusing_factor=self.focusing_factor, channel_scale=self.channel_scale()))
-        local = self.local(v.view(b, h, w, c))
-        return self.proj_drop(self.proj(out.view(b, h, w, c) + local))
+        return self.proj_drop(self.proj(self.attend_focused(q, k, v, (h, w))))

@@ -1,0 +1,172 @@
+"""The PVT v2 layout (Wang et al., 2022): overlapping patch embeddings, no position
+tables, a depthwise 3x3 convolution inside every MLP, and a LayerNorm closing each
+stage. FLatten-PVTv2 builds on it; its attention comes from a factory, as for the
+other bases.
+
+Parameter names as released: ``patch_embed{i}.{proj,norm}``, ``block{i}.{j}.{norm1,
+attn,norm2,mlp.fc1,mlp.dwconv.dwconv,mlp.fc2}``, ``norm{i}`` (i from 1).
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping, Optional, Sequence, Union
+
+import torch
+from timm.layers import DropPath
+from torch import Tensor, nn
+
+from ...parallel import current_group
+from .base import InLineBackbone
+
+__all__ = ['PVTv2Backbone', 'OverlapPatchEmbed', 'DWConvMlp', 'PVTv2Block',
+           'convert_pvtv2_checkpoint', 'PVTv2AttentionFactory']
+
+#: Builds block ``j`` of stage ``i``'s attention: ``(i, j, dim, heads) -> module`` mapping
+#: ``(B, H, W, C)`` to the same shape.
+PVTv2AttentionFactory = Callable[[int, int, int, int], nn.Module]
+
+
+class OverlapPatchEmbed(nn.Module):
+    """Overlapping strided convolution (7x7 stride 4, or 3x3 stride 2; padding k // 2)
+    and LayerNorm: ``(B, C_in, H, W) -> (B, ceil(H/s), ceil(W/s), C)``."""
+
+    def __init__(self, in_channels: int, embed_dims: int, kernel: int, stride: int) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.proj = nn.Conv2d(in_channels, embed_dims, kernel, stride, kernel // 2)
+        self.norm = nn.LayerNorm(embed_dims)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f'expected an NCHW input with {self.in_channels} channels, got shape '
+                             f'{tuple(x.shape)} (check in_channels / the data pipeline)')
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+class _DWConv(nn.Module):
+    """The released ``dwconv.dwconv``: a depthwise 3x3 convolution on ``(B, H, W, C)``."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+class DWConvMlp(nn.Module):
+    """PVT v2's MLP on a map: ``fc1``, depthwise 3x3, GELU, ``fc2``; ``(B, H, W, C)`` in and out."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.dwconv = _DWConv(hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.dwconv(self.fc1(x))))))
+
+
+class PVTv2Block(nn.Module):
+    """``x + attn(norm1(x))`` then ``x + mlp(norm2(x))`` on ``(B, H, W, C)`` maps, with
+    :class:`DWConvMlp` (LayerNorm eps 1e-6, as released)."""
+
+    def __init__(self, dim: int, attn: nn.Module, mlp_ratio: float, drop: float = 0.,
+                 drop_path: float = 0.) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = attn
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = DWConvMlp(dim, int(dim * mlp_ratio), drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def convert_pvtv2_checkpoint(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Released PVT v2 classification keys -> backbone keys: the ``head`` is dropped (the
+    stage norms ``norm1``-``norm4`` are part of the backbone)."""
+    return {k: v for k, v in state_dict.items() if not k.startswith('head.')}
+
+
+class PVTv2Backbone(InLineBackbone):
+    """The PVT v2 layout with each block's attention from a :data:`PVTv2AttentionFactory`.
+
+    The released stage norms (``norm1``-``norm4``) close every stage, before the next
+    embedding, so they are always applied; ``out_norm`` adds none. Token-chunked
+    inference and spatial parallelism are refused by name: the MLP's depthwise
+    convolution reads neighbouring rows, which the band plans do not give it yet.
+
+    Input ``(B, in_channels, H, W)`` of any size; outputs ``(B, C_i, ceil(H / 4 / 2^i),
+    ceil(W / 4 / 2^i))`` for i in out_indices.
+    """
+
+    convert_checkpoint = staticmethod(convert_pvtv2_checkpoint)
+
+    def __init__(self,
+                 make_attention: PVTv2AttentionFactory,
+                 arch: Union[str, dict],
+                 embed_dims: Optional[Sequence[int]],
+                 depths: Optional[Sequence[int]],
+                 num_heads: Optional[Sequence[int]],
+                 mlp_ratios: Optional[Sequence[float]],
+                 in_channels: int,
+                 drop_rate: float,
+                 drop_path_rate: float,
+                 out_indices: Sequence[int],
+                 frozen_stages: int,
+                 with_cp: bool,
+                 chunk_tokens: Optional[int],
+                 pretrained: Optional[str],
+                 init_cfg: Optional[Union[dict, list]]) -> None:
+        name = type(self).__name__
+        if chunk_tokens is not None:
+            raise ValueError(f'{name} does not support token-chunked inference (chunk_tokens) '
+                             "yet: its MLP's depthwise convolution needs halo rows in the band "
+                             'plans; run it whole or tile the image')
+        setting = self.resolve_arch(arch, embed_dims=embed_dims, depths=depths,
+                                    num_heads=num_heads, mlp_ratios=mlp_ratios)
+        dims = tuple(setting['embed_dims'])
+        depths = tuple(setting['depths'])
+        heads = tuple(setting['num_heads'])
+        ratios = tuple(setting['mlp_ratios'])
+        super().__init__(len(depths), out_indices, False, frozen_stages, with_cp, pretrained,
+                         init_cfg, None)
+        self.num_features = list(dims)
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        for i in range(self.num_stages):
+            self.add_module(f'patch_embed{i + 1}', OverlapPatchEmbed(
+                in_channels if i == 0 else dims[i - 1], dims[i], 7 if i == 0 else 3,
+                4 if i == 0 else 2))
+            start = sum(depths[:i])
+            self.add_module(f'block{i + 1}', nn.ModuleList([
+                PVTv2Block(dims[i], make_attention(i, j, dims[i], heads[i]), ratios[i], drop_rate,
+                           dpr[start + j])
+                for j in range(depths[i])
+            ]))
+            self.add_module(f'norm{i + 1}', nn.LayerNorm(dims[i], eps=1e-6))
+        self._finish_init()
+
+    def _stem_modules(self) -> list[nn.Module]:
+        return [self.patch_embed1]
+
+    def _stage_modules(self, i: int) -> list[nn.Module]:
+        mods = [getattr(self, f'block{i + 1}'), getattr(self, f'norm{i + 1}')]
+        return mods + ([getattr(self, f'patch_embed{i + 1}')] if i > 0 else [])
+
+    def forward_stages(self, x: Tensor) -> list[Tensor]:
+        if current_group() is not None:
+            raise ValueError(f'{type(self).__name__} does not support spatial parallelism yet '
+                             "(its MLP's depthwise convolution would need halo rows)")
+        outs = []
+        for i in range(self.num_stages):
+            x = getattr(self, f'patch_embed{i + 1}')(x)
+            for block in getattr(self, f'block{i + 1}'):
+                x = self.run_block(block, x)
+            x = getattr(self, f'norm{i + 1}')(x)
+            outs.append(x)
+            x = x.permute(0, 3, 1, 2)
+        return outs
