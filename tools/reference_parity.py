@@ -144,14 +144,10 @@ def released_builders(agent: Path | None, flatten: Path | None, mlla: Path | Non
                 num_heads=heads, agent_num=[agents] * 4, agent_layer=layers))
     if flatten is not None:
         m = load_module(flatten / 'models' / 'flatten_cswin.py', 'ref_flatten_cswin')
-        for size, stem, fn in [('tiny', 't', 'FLatten_CSWin_64_24181_tiny_224'),
-                               ('small', 's', 'FLatten_CSWin_64_24322_small_224'),
-                               ('base', 'b', 'FLatten_CSWin_96_36292_base_224'),
-                               ('base_384', 'b_384', 'FLatten_CSWin_96_36292_base_384')]:
-            px = 384 if size.endswith('384') else 224
-            out[f'flatten_cswin_{size}'] = (f'flatten_cswin_{stem}', _pvt(
-                m, fn, px, attn_type='LLSS',
-                la_split_size='96-48-24-12' if px == 384 else '56-28-14-7'))
+        # Only T was released (S and B are configs without weights).
+        out['flatten_cswin_tiny'] = ('flatten_cswin_t', _pvt(
+            m, 'FLatten_CSWin_64_24181_tiny_224', 224, attn_type='LLSS',
+            la_split_size='56-28-14-7'))
         m = load_module(flatten / 'models' / 'flatten_pvt_v2.py', 'ref_flatten_pvt_v2')
         out['flatten_pvt_v2_b0'] = ('flatten_pvt_v2_b0', lambda m=m: m.flatten_pvt_v2_b0(
             attn_type='LLLL', la_sr_ratios='1111'))
@@ -307,6 +303,34 @@ def record_module_outputs(agent: Path, flatten: Path, mlla: Path) -> dict:
     out['focused'] = dict(config=dict(dim=12, num_heads=3, grid=[4, 4], hw=[4, 4]),
                           state_dict={k: _tensor(v) for k, v in attn.state_dict().items()},
                           input=_tensor(x), output=_tensor(y))
+    # DeiT's agent attention: a class token and a 3 x 3 patch map, 4 agents.
+    deit = sys.modules.get('ref_agent_deit')
+    torch.manual_seed(3)
+    attn = deit.AgentAttention(12, num_heads=3, qkv_bias=True, agent_num=4, window=3).eval()
+    x = torch.randn(2, 1 + 9, 12)
+    with torch.no_grad():
+        y = attn(x)
+    out['agent_deit'] = dict(config=dict(dim=12, num_heads=3, agent_num=4, hw=[3, 3]),
+                             state_dict={k: _tensor(v) for k, v in attn.state_dict().items()},
+                             input=_tensor(x), output=_tensor(y))
+    # CSwin's global branches take the block's q, k, v: (3, B, h*w, C) on a 4 x 4 map.
+    for key, module, cls, extra in [('agent_cswin', 'ref_agent_cswin', 'AgentAttention',
+                                     dict(agent_num=4)),
+                                    ('focused_cswin', 'ref_flatten_cswin',
+                                     'FocusedLinearAttention', {})]:
+        torch.manual_seed(4)
+        branch = getattr(sys.modules[module], cls)(8, resolution=4, idx=-1, split_size=4,
+                                                   num_heads=2, **extra)
+        branch.train(False)
+        with torch.no_grad():
+            for name in ('scale', 'positional_encoding'):  # zeros as initialised
+                if isinstance(getattr(branch, name, None), torch.nn.Parameter):
+                    getattr(branch, name).normal_()
+            qkv = torch.randn(3, 2, 16, 8)
+            y = branch(qkv)
+        out[key] = dict(config=dict(dim=8, num_heads=2, hw=[4, 4], **extra),
+                        state_dict={k: _tensor(v) for k, v in branch.state_dict().items()},
+                        input=_tensor(qkv), output=_tensor(y))
     return out
 
 

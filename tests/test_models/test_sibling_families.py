@@ -1,4 +1,5 @@
-"""Agent-Swin/PVT, FLatten-Swin/PVT and MLLA: the authors' released layouts and modules.
+"""Agent-Swin/PVT/CSwin/DeiT, FLatten-Swin/PVT/PVTv2/CSwin and MLLA: the authors' released
+layouts and modules.
 
 The truth is recorded from the authors' own code by ``tools/reference_parity.py``
 (which also compares whole released models with ours, logits within 1e-6): every key
@@ -17,17 +18,24 @@ from mmlinattn.checkpoint import DERIVED_BUFFER_SUFFIXES
 from mmlinattn.models import FAMILIES, detect_family
 from mmlinattn.models.backbones import (
     MLLA,
+    AgentCSwin,
+    AgentDeiT,
     AgentPVT,
     AgentSwin,
     AgentSwinClassifier,
+    FLattenCSwin,
     FLattenPVT,
+    FLattenPVTv2,
     FLattenSwin,
 )
+from mmlinattn.models.backbones.agent_cswin import AgentCSwinBranch
+from mmlinattn.models.backbones.flatten_cswin import FocusedCSwinBranch
 from mmlinattn.models.layers import AgentAttention, FocusedLinearAttention, MLLABlock
 
 DATA = Path(__file__).resolve().parents[1] / 'data'
 DERIVED = DERIVED_BUFFER_SUFFIXES
-SIBLINGS = ('agent_swin', 'flatten_swin', 'agent_pvt', 'flatten_pvt', 'mlla')
+SIBLINGS = ('agent_swin', 'flatten_swin', 'agent_pvt', 'flatten_pvt', 'mlla', 'agent_cswin',
+            'flatten_cswin', 'agent_deit', 'flatten_pvt_v2')
 
 
 @pytest.fixture(scope='module')
@@ -86,6 +94,38 @@ def test_focused_attention_equals_the_authors_module(modules):
     torch.testing.assert_close(out, _tensor(ref['output']), rtol=1e-5, atol=1e-6)
 
 
+def test_agent_deit_attention_with_a_class_token_equals_the_authors(modules):
+    """Their DeiT agent attention: the class token is a key of every agent and a query
+    of the agents, with its own biases; 4 agents over a 3 x 3 patch map."""
+    ref = modules['agent_deit']
+    cfg = ref['config']
+    hw = tuple(cfg['hw'])
+    attn = AgentAttention(cfg['dim'], cfg['num_heads'], cfg['agent_num'], hw,
+                          prefix_tokens=True).eval()
+    attn.load_state_dict({k: _tensor(v) for k, v in ref['state_dict'].items()})
+    with torch.no_grad():
+        out = attn.forward_tokens(_tensor(ref['input']), hw, num_prefix=1)
+    torch.testing.assert_close(out, _tensor(ref['output']), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('key,make', [
+    ('agent_cswin', lambda cfg: AgentCSwinBranch(cfg['dim'], cfg['num_heads'], cfg['agent_num'],
+                                                 tuple(cfg['hw']))),
+    ('focused_cswin', lambda cfg: FocusedCSwinBranch(cfg['dim'], cfg['num_heads'],
+                                                     tuple(cfg['hw']))),
+])
+def test_cswin_branches_equal_the_authors(modules, key, make):
+    """Their CSwin branches on a block's q, k, v over a whole 4 x 4 map (LePE included)."""
+    ref = modules[key]
+    cfg = ref['config']
+    branch = make(cfg).eval()
+    branch.load_state_dict({k: _tensor(v) for k, v in ref['state_dict'].items()})
+    q, k, v = (t.view(t.shape[0], *cfg['hw'], -1) for t in _tensor(ref['input']).unbind(0))
+    with torch.no_grad():
+        out = branch(q, k, v).flatten(1, 2)
+    torch.testing.assert_close(out, _tensor(ref['output']), rtol=1e-5, atol=1e-6)
+
+
 def test_mlla_block_equals_the_authors_downstream_block(modules):
     """Their detection backbone's block at a 3 x 5 map (its RoPE buffer was built for
     4 x 4; the downstream code computes RoPE at run time, as we do)."""
@@ -111,6 +151,7 @@ SMALL = dict(embed_dims=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))
     (AgentPVT, dict(SMALL, embed_dims=(16, 32, 64, 128), mlp_ratios=(2, 2, 2, 2),
                     agent_num=(4, 4, 9, 9))),
     (FLattenPVT, dict(SMALL, embed_dims=(16, 32, 64, 128), mlp_ratios=(2, 2, 2, 2))),
+    (FLattenPVTv2, dict(SMALL, embed_dims=(16, 32, 64, 128), mlp_ratios=(2, 2, 2, 2))),
 ])
 def test_any_input_size(cls, arch):
     """A non-square size that is no multiple of the strides (the release fixes its
@@ -125,6 +166,40 @@ def test_any_input_size(cls, arch):
     assert [tuple(o.shape) for o in outs] == [(1, 16, 19, 26), (1, 32, 10, 13), (1, 64, 5, 7),
                                               (1, 128, 3, 4)]
     assert all(torch.isfinite(o).all() for o in outs)
+
+
+@pytest.mark.parametrize('cls,arch', [
+    (AgentCSwin, dict(SMALL, attn_types='AABB', agent_num=(4, 4, 9, 9))),
+    (FLattenCSwin, dict(SMALL, attn_types='LLSS')),
+])
+def test_cswin_siblings_any_input_size(cls, arch):
+    """CSwin's 7x7 stride-4 stem (padding 2) and stripes at a size the release cannot run."""
+    kwargs = dict(agent_shapes=[(3, 3), (2, 3), None, None]) if cls is AgentCSwin else {}
+    model = cls(arch, pretrain_img_size=64, **kwargs).eval()
+    with torch.no_grad():
+        outs = model(torch.randn(1, 3, 75, 101))
+    assert [tuple(o.shape) for o in outs] == [(1, 16, 19, 25), (1, 32, 10, 13), (1, 64, 5, 7),
+                                              (1, 128, 3, 4)]
+    assert all(torch.isfinite(o).all() for o in outs)
+
+
+def test_agent_deit_any_input_size_and_softmax_blocks():
+    """Agent blocks first, ViT softmax after (Agent-DeiT-B's layout), through the pyramid."""
+    arch = dict(embed_dims=24, depth=4, num_heads=2, pretrain_img_size=64,
+                agent_num=(4, 4, 9, 9), agent_layers=2)
+    model = AgentDeiT(arch, out_indices=(0, 1, 2, 3), agent_shape=(3, 2)).eval()
+    kinds = [type(b.attn).__name__ for b in model.blocks]
+    assert kinds == ['AgentAttention', 'AgentAttention', 'GlobalSoftmaxAttention',
+                     'GlobalSoftmaxAttention']
+    with torch.no_grad():
+        outs = model(torch.randn(1, 3, 75, 101))
+    assert [tuple(o.shape) for o in outs] == [(1, 24, 20, 28), (1, 24, 10, 14), (1, 24, 5, 7),
+                                              (1, 24, 3, 4)]
+
+
+def test_pvtv2_refuses_what_it_cannot_do_by_name():
+    with pytest.raises(ValueError, match='FLattenPVTv2 does not support token-chunked'):
+        FLattenPVTv2('b0', chunk_tokens=4096)
 
 
 def test_released_file_loads_through_init_cfg(tmp_path):
@@ -164,3 +239,23 @@ def test_converter_tells_the_swin_families_apart(tmp_path):
     torch.testing.assert_close(backbone.norm3.weight, src.norm.weight)
     torch.testing.assert_close(backbone.layers[0].blocks[1].attn.positional_encoding,
                                src.layers[0].blocks[1].attn.positional_encoding)
+
+
+@pytest.mark.parametrize('make', [
+    lambda: AgentCSwin(dict(SMALL, attn_types='AABB', agent_num=(4, 4, 9, 9)),
+                       pretrain_img_size=64),
+    lambda: FLattenCSwin(dict(SMALL, attn_types='LLSS'), pretrain_img_size=64),
+    lambda: AgentDeiT(dict(embed_dims=24, depth=4, num_heads=2, pretrain_img_size=64,
+                           agent_num=(4, 4, 9, 9), agent_layers=2), out_indices=(0, 1, 2, 3)),
+], ids=['agent_cswin', 'flatten_cswin', 'agent_deit'])
+def test_chunked_forward_runs_the_sibling_blocks_whole(make):
+    """Chunked inference on the CSwin and DeiT bases: stems, merges and stripes in
+    bands, the agent and focused blocks whole; the result is the ordinary forward's."""
+    model = make().eval()
+    x = torch.randn(1, 3, 75, 101)
+    with torch.no_grad():
+        whole = model(x)
+        model.chunk_tokens = 40
+        chunked = model(x)
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)

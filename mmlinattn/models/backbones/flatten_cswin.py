@@ -1,7 +1,8 @@
 """FLatten-CSwin: CSwin Transformer whose linear stages use focused linear attention
 (FLatten Transformer, Han et al., ICCV 2023), with the released layouts.
 
-Every released model is ``LLSS``: at 224 px the linear stages' split sizes (56, 28;
+The authors released the T model's weights (and configs for S and B, here as archs).
+Every one is ``LLSS``: at 224 px the linear stages' split sizes (56, 28;
 96, 48 at 384 px) equal their maps, so each focused block is one branch over all
 channels and the whole map, as it is here at any size. The ``S`` blocks are CSwin's
 softmax stripes (7; 12 at 384 px). A focused branch adds CSwin's LePE (``get_v``) to
@@ -135,12 +136,10 @@ register_family(BackboneFamily(
     name='flatten_cswin', backbone=FLattenCSwin, classifier=FLattenCSwinClassifier,
     key_prefixes=('stage1_conv_embed.', ), key_markers=('.attns.0.positional_encoding', ),
     first_conv='stage1_conv_embed.0',
+    # Only the T model's weights were released; S and B (and B at 384 px:
+    # pretrain_img_size=384, split_size=12) are the authors' configs, here as archs.
     released=(
         ReleasedModel('flatten_cswin_tiny', 'flatten_cswin_t', 'tiny', 0.2),
-        ReleasedModel('flatten_cswin_small', 'flatten_cswin_s', 'small', 0.4),
-        ReleasedModel('flatten_cswin_base', 'flatten_cswin_b', 'base', 0.5),
-        ReleasedModel('flatten_cswin_base_384', 'flatten_cswin_b_384', 'base', 0.7, 384, 1.0,
-                      (('pretrain_img_size', 384), ('split_size', 12))),
     ),
     benchmark=(
         BenchmarkVariant('flatten-cswin-t', 'FLatten-CSwin-T, global focused linear attention '

@@ -63,10 +63,11 @@ class TransformerBlock(nn.Module):
                    ) -> Optional[Union[InLineBlockParts, BandPlan, SummedAttentionPlan]]:
         """How to run this block token-chunked on ``x`` (:mod:`.chunked`): the
         attention's plan, completed with the block's norms and MLP; None runs whole."""
-        if not hasattr(self.attn, 'chunk_plan'):
-            return None
-        h, w = x.shape[1:3] if x.dim() == 4 else (None, None)
-        plan = self.attn.chunk_plan(h, w) if h is not None else self.attn.chunk_parts()
+        if x.dim() == 4:
+            plan = self.attn.chunk_plan(*x.shape[1:3]) if hasattr(self.attn, 'chunk_plan') \
+                else None
+        else:  # tokens with a class token: global InLine only (its chunk_parts)
+            plan = self.attn.chunk_parts() if hasattr(self.attn, 'chunk_parts') else None
         if isinstance(plan, (InLineBlockParts, SummedAttentionPlan)):
             plan = dataclasses.replace(plan, norm1=self.norm1, norm2=self.norm2, mlp=self.mlp,
                                        drop_path=self.drop_path)
