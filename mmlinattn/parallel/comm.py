@@ -95,6 +95,15 @@ def all_reduce_sum(t: Tensor, g: SpatialGroup) -> Tensor:
     return _AllReduceSum.apply(t, g)
 
 
+def all_reduce_max(t: Tensor, g: SpatialGroup) -> Tensor:
+    """Elementwise maximum of ``t`` over the group, detached (for a softmax's shift,
+    which does not change its value or gradient)."""
+    out = t.detach().clone().contiguous()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX, group=g.group)
+    g.stats.add('all_reduce', out.numel() * out.element_size())
+    return out
+
+
 def summing_over(g: SpatialGroup) -> Callable[[Tensor], Tensor]:
     """``t -> all_reduce_sum(t, g)``: the ``reduce`` argument of the summed attentions
     and of :meth:`~mmlinattn.ops.InLineSums.reduce`."""

@@ -65,6 +65,12 @@ def build_backbone(family: str, **kwargs: Any) -> torch.nn.Module:
         return AgentSwin(arch=dict(embed_dims=16, depths=(1, 1, 1, 2), num_heads=(1, 2, 2, 2),
                                    attn_types='AAAB', agent_num=(4, 4, 4, 4)),
                          pretrain_img_size=64, softmax_window=3, drop_path_rate=0., **kwargs)
+    if family == 'agent_pvt':
+        from mmlinattn.models import AgentPVT
+        return AgentPVT(embed_dims=(16, 32, 40, 48), depths=(1, 1, 1, 1),
+                        num_heads=(1, 2, 2, 2), mlp_ratios=(2, 2, 2, 2), agent_num=(4, 4, 9, 9),
+                        agent_shapes=[(3, 2), (2, 2), (3, 3), None], pretrain_img_size=64,
+                        drop_path_rate=0., **kwargs)
     if family == 'flatten_pvt':
         from mmlinattn.models import FLattenPVT
         return FLattenPVT(embed_dims=(16, 32, 40, 48), depths=(1, 1, 1, 1),
@@ -122,6 +128,9 @@ def _break(what: str) -> None:
     elif what == 'reduce':  # InLine statistics of the local rows only
         import mmlinattn.models.layers.attention as attention
         attention.summing_over = lambda g: (lambda t: t)
+    elif what == 'agent_reduce':  # agents pooled and softmax summed over the local rows only
+        import mmlinattn.models.layers.agent_attention as agent_attention
+        agent_attention.all_reduce_sum = lambda t, g: t
     else:
         raise ValueError(what)
     del parallel

@@ -30,10 +30,19 @@ def test_chunked_inference_on_each_ranks_rows():
 def test_sibling_attentions_sharded():
     """Focused attention split over the ranks (its sums reduced, a 2-row halo for its
     5x5 convolution, the positional encoding resized for each rank's rows); agent
-    attention on the gathered map. Outputs and gradients equal the whole model's."""
+    attention too (each rank's share of the pooled agents and of the agent-to-key
+    softmax reduced, the biases resized for its rows). Outputs and gradients equal the
+    whole model's."""
     run_ranks(2, run_cases, [('backbone_exact', (f, (97, 45)))
                              for f in ('agent_swin', 'flatten_pvt')])
-    run_ranks(3, run_cases, [('backbone_exact', ('flatten_pvt', (161, 38)))])
+    run_ranks(3, run_cases, [('backbone_exact', (f, (161, 38)))
+                             for f in ('flatten_pvt', 'agent_pvt')])
+
+
+def test_dropping_the_agent_reductions_is_caught():
+    with pytest.raises(AssertionError, match='max abs error'):
+        run_ranks(2, run_cases, [('backbone_exact', ('agent_swin', (97, 45), None, 32,
+                                                     'agent_reduce'))])
 
 
 def test_gradient_checkpointing_recomputes_sharded():

@@ -10,7 +10,15 @@ from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
 from ...ops import AgentSums, attention, pool_agents, pool_agents_rows
-from ...parallel import current_group, gathered, resized_rows
+from ...parallel import (
+    SpatialGroup,
+    all_reduce_max,
+    all_reduce_sum,
+    current_group,
+    halo_rows,
+    resized_rows,
+    row_spans,
+)
 from .chunked import SummedAttentionPlan
 from .projection import QKVProjection
 from .regions import check_map, merge_heads, split_heads
@@ -236,11 +244,43 @@ class AgentAttention(QKVProjection, AgentBiasTables):
 
         return SummedAttentionPlan(self.dwc.kernel_size[0] // 2, (pool, keys), attend)
 
+    def _forward_sharded(self, x: Tensor, group: SpatialGroup) -> Tensor:
+        """This rank's rows ``(B, h, W, C)`` of the map (spatial parallelism): each rank's
+        share of the pooled agents is summed over the group; the agent-to-key softmax
+        is shifted by the group's maximum logit and its sums reduced (the value of one
+        softmax over every rank's keys); the queries read out locally; the depthwise
+        convolution reads ``kernel // 2`` rows of each neighbour."""
+        b, h, w, c = x.shape
+        heads = self.num_heads
+        spans = row_spans(h, group)
+        r0, r1 = spans.mine
+        hw = (spans.total, w)
+        group.stats.layers.append((spans.total * w, c))
+        q, k, v = self.project(x.reshape(b, h * w, c))
+        agents = all_reduce_sum(pool_agents_rows(q.view(b, h, w, c), spans.total, r0,
+                                                 self.agent_shape), group)
+        agent_bias, query_bias = self.biases(hw, (r0, r1))
+        scale = (c // heads) ** -0.5
+        dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        a, qh, kh, vh = (split_heads(t, heads).to(dtype) for t in (agents, q, k, v))
+        with torch.autocast(x.device.type, enabled=False):
+            logits = (a * scale) @ kh.transpose(-2, -1) + agent_bias
+            # Any shared shift gives the same softmax; the group's maximum keeps exp() finite.
+            p = torch.exp(logits - all_reduce_max(logits.amax(dim=-1, keepdim=True), group))
+            agent_v = all_reduce_sum(p @ vh, group) / all_reduce_sum(
+                p.sum(dim=-1, keepdim=True), group)
+            weights = ((qh * scale) @ a.transpose(-2, -1) + query_bias).softmax(dim=-1)
+            out = merge_heads(weights @ agent_v).to(x.dtype).view(b, h, w, c)
+        halo = self.dwc.kernel_size[0] // 2
+        local = self.dwc(halo_rows(v.view(b, h, w, c), 1, halo, halo, group)
+                         .permute(0, 3, 1, 2)).permute(0, 2, 3, 1)[:, halo:halo + h]
+        return self.proj_drop(self.proj(out + local))
+
     def forward(self, x: Tensor) -> Tensor:
         check_map(self, x, self.dim)
-        if current_group() is not None:
-            # Agents pool the whole map: each rank attends the gathered map.
-            return gathered(self.forward, x)
+        group = current_group()
+        if group is not None:
+            return self._forward_sharded(x, group)
         b, h, w, c = x.shape
         q, k, v = self.project(x.reshape(b, h * w, c))
         out = self.attend_agents(q, k, v, (h, w)).view(b, h, w, c)
