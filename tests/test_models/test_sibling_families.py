@@ -197,9 +197,52 @@ def test_agent_deit_any_input_size_and_softmax_blocks():
                                               (1, 24, 3, 4)]
 
 
-def test_pvtv2_refuses_what_it_cannot_do_by_name():
-    with pytest.raises(ValueError, match='FLattenPVTv2 does not support token-chunked'):
-        FLattenPVTv2('b0', chunk_tokens=4096)
+@pytest.mark.parametrize('chunk_tokens', [30, 200])
+def test_mlla_chunked_equals_whole(chunk_tokens):
+    """MLLA token-chunked: the stem and merges by rows from a few rows around each band,
+    each block in two passes (its attention's sums, then each band from 4 rows around
+    it). 30 tokens: bands of one row at every stage."""
+    model = MLLA(dict(SMALL, num_heads=(2, 2, 4, 8))).eval()
+    x = torch.randn(1, 3, 75, 101)
+    with torch.no_grad():
+        whole = model(x)
+        model.chunk_tokens = chunk_tokens
+        chunked = model(x)
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=2e-5)
+
+
+def test_mlla_halo_is_needed():
+    """Dropping the rows around each band changes the result (the test can fail)."""
+    from mmlinattn.models.layers import MLLABlock
+    block = MLLABlock(16, 2).eval()
+    x = torch.randn(1, 9, 7, 16)
+    with torch.no_grad():
+        whole = block(x)
+        block.halo = 0
+        banded = block.forward_bands(x, 2)
+    assert not torch.allclose(banded, whole, atol=1e-3)
+
+
+@pytest.mark.parametrize('chunk_tokens', [30, 200])
+def test_pvtv2_chunked_equals_whole(chunk_tokens):
+    """FLatten-PVTv2 token-chunked: overlapping embeddings by rows; each block's focused
+    passes, then each band from one row of attention output around it (the MLP's
+    depthwise convolution)."""
+    model = FLattenPVTv2(dict(SMALL, embed_dims=(16, 32, 64, 128), mlp_ratios=(2, 2, 2, 2)),
+                         pretrain_img_size=64).eval()
+    x = torch.randn(1, 3, 75, 101)
+    banded = []
+    for block in model.block1:
+        block.forward_bands = (lambda f: lambda *a: banded.append(1) or f(*a))(
+            block.forward_bands)
+    with torch.no_grad():
+        whole = model(x)
+        model.chunk_tokens = chunk_tokens
+        chunked = model(x)
+    assert len(banded) == 2  # the blocks ran their own bands, not whole
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=2e-5)
 
 
 def test_released_file_loads_through_init_cfg(tmp_path):

@@ -65,6 +65,15 @@ def build_backbone(family: str, **kwargs: Any) -> torch.nn.Module:
         return AgentSwin(arch=dict(embed_dims=16, depths=(1, 1, 1, 2), num_heads=(1, 2, 2, 2),
                                    attn_types='AAAB', agent_num=(4, 4, 4, 4)),
                          pretrain_img_size=64, softmax_window=3, drop_path_rate=0., **kwargs)
+    if family == 'flatten_pvt_v2':
+        from mmlinattn.models import FLattenPVTv2
+        return FLattenPVTv2(dict(embed_dims=(16, 32, 40, 48), depths=(1, 1, 1, 1),
+                                 num_heads=(1, 2, 2, 2), mlp_ratios=(2, 2, 2, 2)),
+                            pretrain_img_size=64, drop_path_rate=0., **kwargs)
+    if family == 'mlla':
+        from mmlinattn.models import MLLA
+        return MLLA(dict(embed_dims=16, depths=(1, 1, 1, 1), num_heads=(2, 2, 4, 8)),
+                    drop_path_rate=0., **kwargs)
     if family == 'agent_pvt':
         from mmlinattn.models import AgentPVT
         return AgentPVT(embed_dims=(16, 32, 40, 48), depths=(1, 1, 1, 1),

@@ -36,7 +36,17 @@ def test_sibling_attentions_sharded():
     run_ranks(2, run_cases, [('backbone_exact', (f, (97, 45)))
                              for f in ('agent_swin', 'flatten_pvt')])
     run_ranks(3, run_cases, [('backbone_exact', (f, (161, 38)))
-                             for f in ('flatten_pvt', 'agent_pvt')])
+                             for f in ('flatten_pvt', 'agent_pvt', 'flatten_pvt_v2')])
+
+
+def test_mlla_sharded(monkeypatch):
+    """MLLA's blocks on each rank's rows with 4 rows of each neighbour and the attention's
+    sums reduced; stem and merges by rows in eval, on the gathered map while their
+    BatchNorms take batch statistics. In float64: a convolution bias before a
+    BatchNorm has a gradient of zero up to rounding, which float32 leaves at 1e-4."""
+    monkeypatch.setenv('SP_F64', '1')
+    run_ranks(2, run_cases, [('backbone_exact', ('mlla', (97, 45)))])
+    run_ranks(3, run_cases, [('backbone_exact', ('mlla', (161, 38)))])
 
 
 def test_dropping_the_agent_reductions_is_caught():

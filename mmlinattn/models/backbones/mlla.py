@@ -12,7 +12,15 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ...parallel import current_group
+from ...parallel import (
+    current_group,
+    gather_rows,
+    own_rows,
+    row_spans,
+    strided_spans,
+    suspended,
+)
+
 from ..family import BackboneFamily, BenchmarkVariant, ReleasedModel, register_family
 from ..layers import ClassifierHead, MLLABlock, MLLAMerge, MLLAStem
 from .base import StagedBackbone
@@ -52,9 +60,9 @@ class MLLA(StagedBackbone):
             OpenMMLab backbone contract (see :class:`InLineBackbone`).
 
     Input ``(B, in_channels, H, W)`` of any size; output ``(B, C_i, ceil(H / 4 / 2^i),
-    ceil(W / 4 / 2^i))`` maps for i in out_indices. Token-chunked inference and
-    spatial parallelism are not supported yet (its stem and merges are convolution
-    stacks; docs/sibling_attentions.md).
+    ceil(W / 4 / 2^i))`` maps for i in out_indices. Token-chunked inference and spatial
+    parallelism (``chunk_tokens``, :mod:`mmlinattn.parallel`) recompute the stem's,
+    the merges' and each block's few rows around a band (docs/sibling_attentions.md).
     """
 
     arch_settings = MLLA_ARCHS
@@ -77,15 +85,12 @@ class MLLA(StagedBackbone):
                  chunk_tokens: Optional[int] = None,
                  pretrained: Optional[str] = None,
                  init_cfg: Optional[Union[dict, list]] = None) -> None:
-        if chunk_tokens is not None:
-            raise ValueError('MLLA does not support token-chunked inference (chunk_tokens) yet: '
-                             'its stem and merges are convolution stacks without a band plan')
         setting = self.resolve_arch(arch, embed_dims=embed_dims, depths=depths,
                                     num_heads=num_heads)
         depths = tuple(setting['depths'])
         heads = tuple(setting['num_heads'])
         super().__init__(len(depths), out_indices, out_norm, frozen_stages, with_cp, pretrained,
-                         init_cfg, None)
+                         init_cfg, chunk_tokens)
         dims = [setting['embed_dims'] * 2**i for i in range(self.num_stages)]
         self.num_features = dims
         self.patch_embed = MLLAStem(in_channels, dims[0])
@@ -98,11 +103,21 @@ class MLLA(StagedBackbone):
         self._add_out_norms(dims, eps=1e-5)
         self._finish_init()
 
-    def forward_stages(self, x: Tensor) -> list[Tensor]:
-        if current_group() is not None:
-            raise ValueError('MLLA does not support spatial parallelism yet (its depthwise '
-                             'convolutions and convolutional merges have no halo exchange)')
-        return super().forward_stages(x)
+
+    def embed(self, module: nn.Module, x: Tensor) -> Tensor:
+        """The stem or a merge. Spatially sharded while its BatchNorms take batch
+        statistics (training), it runs on the gathered map, so the statistics are the
+        whole map's; otherwise as every embedding (by rows, from a few rows around)."""
+        group = current_group()
+        if group is not None and any(m.training for m in module.modules()
+                                     if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+            axis = module.row_axis
+            spans = row_spans(x.shape[axis], group)
+            full = gather_rows(x, axis, spans, group)
+            with suspended():
+                out = module(full)
+            return own_rows(out, 1, strided_spans(spans, module.row_stride, out.shape[1]))
+        return super().embed(module, x)
 
 
 class MLLAClassifier(ClassifierHead, MLLA):

@@ -14,7 +14,9 @@ import torch
 from timm.layers import DropPath
 from torch import Tensor, nn
 
-from ...parallel import current_group
+from ...parallel import conv2d, current_group
+from ...utils.spill import new_map
+from ..layers import OwnBands, conv2d_rows, conv_out_rows, row_bands
 from .base import InLineBackbone
 
 __all__ = ['PVTv2Backbone', 'OverlapPatchEmbed', 'DWConvMlp', 'PVTv2Block',
@@ -41,6 +43,23 @@ class OverlapPatchEmbed(nn.Module):
                              f'{tuple(x.shape)} (check in_channels / the data pipeline)')
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
+    @property
+    def row_geometry(self) -> tuple[int, int, int, int]:
+        """``(row axis of the input, kernel, stride, padding)`` along the rows."""
+        return 2, self.proj.kernel_size[0], self.proj.stride[0], self.proj.padding[0]
+
+    def rows_out(self, height: int) -> int:
+        return conv_out_rows(self.proj, height)
+
+    def out_rows(self, x: Tensor) -> int:
+        return self.rows_out(x.shape[2])
+
+    def forward_rows(self, x: Tensor, r0: int, r1: int, offset: int = 0,
+                     height: Optional[int] = None) -> Tensor:
+        """Output rows ``[r0, r1)`` of ``forward(x)`` from the input rows they read."""
+        return self.norm(conv2d_rows(self.proj, x, r0, r1, offset=offset, height=height)
+                         .permute(0, 2, 3, 1))
+
 
 class _DWConv(nn.Module):
     """The released ``dwconv.dwconv``: a depthwise 3x3 convolution on ``(B, H, W, C)``."""
@@ -50,6 +69,9 @@ class _DWConv(nn.Module):
         self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
 
     def forward(self, x: Tensor) -> Tensor:
+        group = current_group()
+        if group is not None:  # one halo row of each neighbour
+            return conv2d(self.dwconv, x.permute(0, 3, 1, 2), group).permute(0, 2, 3, 1)
         return self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
@@ -85,6 +107,27 @@ class PVTv2Block(nn.Module):
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
+    def forward_bands(self, x: Tensor, rows: int) -> Tensor:
+        """Token-chunked inference (:class:`~mmlinattn.models.layers.chunked.OwnBands`):
+        the attention's passes over bands (its ``chunk_plan``), then each band's output
+        from the attention's output one row around it (the MLP's 3x3 convolution),
+        which reads the attention's own halo beyond that."""
+        h, w = x.shape[1:3]
+        plan = self.attn.chunk_plan(h, w)
+        for collect in plan.passes:
+            for r0, r1 in row_bands(h, rows):
+                collect(self.norm1(x[:, r0:r1]), r0, r1)
+        out = new_map(x.shape, x.dtype, x.device)
+        for r0, r1 in row_bands(h, rows):
+            a0, a1 = max(0, r0 - 1), min(h, r1 + 1)
+            lo, hi = max(0, a0 - plan.halo), min(h, a1 + plan.halo)
+            x2 = x[:, a0:a1] + self.drop_path(plan.attend(self.norm1(x[:, lo:hi]), lo, a0, a1))
+            out[:, r0:r1] = (x2 + self.drop_path(self.mlp(self.norm2(x2))))[:, r0 - a0:r1 - a0]
+        return out
+
+    def chunk_plan(self, x: Tensor) -> Optional[OwnBands]:
+        return OwnBands(self.forward_bands) if hasattr(self.attn, 'chunk_plan') else None
+
 
 def convert_pvtv2_checkpoint(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Released PVT v2 classification keys -> backbone keys: the ``head`` is dropped (the
@@ -97,8 +140,9 @@ class PVTv2Backbone(InLineBackbone):
 
     The released stage norms (``norm1``-``norm4``) close every stage, before the next
     embedding, so they are always applied; ``out_norm`` adds none. Token-chunked
-    inference and spatial parallelism are refused by name: the MLP's depthwise
-    convolution reads neighbouring rows, which the band plans do not give it yet.
+    inference runs each block's attention passes, then each band from one row of
+    attention output around it (for the MLP's depthwise convolution); spatially
+    sharded, that convolution reads one row of each neighbour.
 
     Input ``(B, in_channels, H, W)`` of any size; outputs ``(B, C_i, ceil(H / 4 / 2^i),
     ceil(W / 4 / 2^i))`` for i in out_indices.
@@ -122,11 +166,6 @@ class PVTv2Backbone(InLineBackbone):
                  chunk_tokens: Optional[int],
                  pretrained: Optional[str],
                  init_cfg: Optional[Union[dict, list]]) -> None:
-        name = type(self).__name__
-        if chunk_tokens is not None:
-            raise ValueError(f'{name} does not support token-chunked inference (chunk_tokens) '
-                             "yet: its MLP's depthwise convolution needs halo rows in the band "
-                             'plans; run it whole or tile the image')
         setting = self.resolve_arch(arch, embed_dims=embed_dims, depths=depths,
                                     num_heads=num_heads, mlp_ratios=mlp_ratios)
         dims = tuple(setting['embed_dims'])
@@ -134,7 +173,7 @@ class PVTv2Backbone(InLineBackbone):
         heads = tuple(setting['num_heads'])
         ratios = tuple(setting['mlp_ratios'])
         super().__init__(len(depths), out_indices, False, frozen_stages, with_cp, pretrained,
-                         init_cfg, None)
+                         init_cfg, chunk_tokens)
         self.num_features = list(dims)
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         for i in range(self.num_stages):
@@ -158,12 +197,9 @@ class PVTv2Backbone(InLineBackbone):
         return mods + ([getattr(self, f'patch_embed{i + 1}')] if i > 0 else [])
 
     def forward_stages(self, x: Tensor) -> list[Tensor]:
-        if current_group() is not None:
-            raise ValueError(f'{type(self).__name__} does not support spatial parallelism yet '
-                             "(its MLP's depthwise convolution would need halo rows)")
         outs = []
         for i in range(self.num_stages):
-            x = getattr(self, f'patch_embed{i + 1}')(x)
+            x = self.embed(getattr(self, f'patch_embed{i + 1}'), x)
             for block in getattr(self, f'block{i + 1}'):
                 x = self.run_block(block, x)
             x = getattr(self, f'norm{i + 1}')(x)

@@ -7,6 +7,7 @@ from .chunked import (
     DEFAULT_CHUNK_TOKENS,
     BandPlan,
     InLineBlockParts,
+    OwnBands,
     band_rows,
     chunked_block,
     chunked_embed,
@@ -34,5 +35,5 @@ __all__ = [
     'conv_out_rows', 'fill_rows', 'linear_slice', 'row_bands', 'window_region', 'AgentAttention',
     'agent_bias_for', 'stage_agent_shapes', 'FocusedLinearAttention',
     'resize_positional_encoding', 'ConvNormAct', 'MLLAAttention', 'MLLABlock', 'MLLAMerge',
-    'MLLAStem', 'AgentBiasTables', 'FocusedTables', 'GlobalSoftmaxAttention'
+    'MLLAStem', 'AgentBiasTables', 'FocusedTables', 'GlobalSoftmaxAttention', 'OwnBands'
 ]

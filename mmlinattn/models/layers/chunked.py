@@ -49,8 +49,8 @@ from ...parallel import (
 from ...utils.spill import new_map
 from .regions import merge_heads, split_heads
 
-__all__ = ['InLineBlockParts', 'BandPlan', 'SummedAttentionPlan', 'row_bands', 'band_rows',
-           'fill_rows', 'conv2d_rows', 'conv_out_rows', 'linear_slice', 'chunked_block',
+__all__ = ['InLineBlockParts', 'BandPlan', 'SummedAttentionPlan', 'OwnBands', 'row_bands',
+           'band_rows', 'fill_rows', 'conv2d_rows', 'conv_out_rows', 'linear_slice', 'chunked_block',
            'chunked_embed', 'DEFAULT_CHUNK_TOKENS']
 
 #: Tokens per band when chunking is switched on without a size (``chunk_tokens=True``
@@ -122,7 +122,16 @@ class SummedAttentionPlan:
     drop_path: nn.Module = field(default_factory=nn.Identity)
 
 
-ChunkPlan = Union[InLineBlockParts, BandPlan, SummedAttentionPlan, None]
+@dataclass
+class OwnBands:
+    """A block that runs its own passes over bands of ``rows`` rows: ``run(x, rows)`` on
+    the whole map ``x (B, h, w, C)`` returns the block's output (MLLA's block, whose
+    local convolutions on both sides of its attention need halos of several rows)."""
+
+    run: Callable[[Tensor, int], Tensor]
+
+
+ChunkPlan = Union[InLineBlockParts, BandPlan, SummedAttentionPlan, OwnBands, None]
 
 
 def band_rows(chunk_tokens: int, width: int, multiple: int = 1) -> int:
@@ -292,6 +301,10 @@ def chunked_block(block: nn.Module, x: Tensor, chunk_tokens: int,
     with shifted windows or stripes) run whole.
     """
     plan = block.chunk_plan(x) if hasattr(block, 'chunk_plan') else None
+    if isinstance(plan, OwnBands) and x.dim() == 4:
+        if current_group() is not None:  # this rank's rows: the block's sharded forward
+            return block(x)
+        return plan.run(x, band_rows(chunk_tokens, x.shape[2]))
     if isinstance(plan, SummedAttentionPlan) and x.dim() == 4:
         if current_group() is not None:  # the attention runs on the gathered map
             return block(x)
