@@ -291,10 +291,16 @@ def test_converter_tells_the_swin_families_apart(tmp_path):
     lambda: AgentDeiT(dict(embed_dims=24, depth=4, num_heads=2, pretrain_img_size=64,
                            agent_num=(4, 4, 9, 9), agent_layers=2), out_indices=(0, 1, 2, 3)),
 ], ids=['agent_cswin', 'flatten_cswin', 'agent_deit'])
-def test_chunked_forward_runs_the_sibling_blocks_whole(make):
+def test_chunked_forward_on_the_cswin_and_deit_bases(make):
     """Chunked inference on the CSwin and DeiT bases: stems, merges and stripes in
-    bands, the agent and focused blocks whole; the result is the ordinary forward's."""
+    bands; the CSwin agent and focused branches in passes over bands with the block's
+    projections (one-row bands at 40 tokens); Agent-DeiT's blocks whole. The result is
+    the ordinary forward's."""
+    from mmlinattn.models.layers import SummedAttentionPlan
     model = make().eval()
+    if hasattr(model, 'stage1'):
+        block = model.stage1[0]
+        assert isinstance(block.chunk_plan(torch.zeros(1, 5, 6, 16)), SummedAttentionPlan)
     x = torch.randn(1, 3, 75, 101)
     with torch.no_grad():
         whole = model(x)

@@ -14,13 +14,14 @@ agent grids.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 from torch import Tensor, nn
 
 from ...parallel import current_group, gathered
 from ..family import BackboneFamily, BenchmarkVariant, ReleasedModel, register_family
 from ..layers import AgentBiasTables, ClassifierHead, stage_agent_shapes
+from ..layers.chunked import SummedAttentionPlan
 from ..layers.regions import check_map
 from .inline_cswin import CSwinBackbone, stripe_branches
 
@@ -62,6 +63,12 @@ class AgentCSwinBranch(AgentBiasTables):
     def extra_repr(self) -> str:
         return (f'dim={self.dim}, num_heads={self.num_heads}, agents={self.agent_num} -> '
                 f'{self.agent_shape}')
+
+    def summed_plan(self, h: int, w: int, project_part: Callable[..., Tensor],
+                    out: Callable[[Tensor], Tensor]) -> SummedAttentionPlan:
+        """Token-chunked inference on an ``h x w`` map with the CSwin block's projections
+        (``project_part``) and ``proj`` (``out``), LePE among the local terms."""
+        return self.agent_plan(h, w, project_part, self.get_v, out)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, x_mean: Optional[Tensor] = None) -> Tensor:
         check_map(self, q, self.dim)

@@ -14,13 +14,14 @@ and resized bilinearly for other maps, as for FLatten-Swin
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 from torch import Tensor, nn
 
 from ...parallel import current_group, gathered
 from ..family import BackboneFamily, BenchmarkVariant, ReleasedModel, register_family
 from ..layers import ClassifierHead, FocusedTables
+from ..layers.chunked import SummedAttentionPlan
 from ..layers.regions import check_map
 from .inline_cswin import CSwinBackbone, stripe_branches
 
@@ -59,6 +60,12 @@ class FocusedCSwinBranch(FocusedTables):
     def extra_repr(self) -> str:
         return (f'dim={self.dim}, num_heads={self.num_heads}, grid={self.grid}, '
                 f'focusing_factor={self.focusing_factor}')
+
+    def summed_plan(self, h: int, w: int, project_part: Callable[..., Tensor],
+                    out: Callable[[Tensor], Tensor]) -> SummedAttentionPlan:
+        """Token-chunked inference on an ``h x w`` map with the CSwin block's projections
+        (``project_part``) and ``proj`` (``out``), LePE among the local terms."""
+        return self.focused_plan(h, w, project_part, out, extra_local=self.get_v)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, x_mean: Optional[Tensor] = None) -> Tensor:
         check_map(self, q, self.dim)

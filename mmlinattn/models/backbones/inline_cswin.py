@@ -13,6 +13,7 @@ residual, with taps from the mean of the block input before ``norm1``.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
@@ -30,6 +31,7 @@ from ..layers import (
     LocalResidual,
     Mlp,
     RegionGrid,
+    SummedAttentionPlan,
     attend_heads,
     conv2d_rows,
     conv_out_rows,
@@ -184,18 +186,27 @@ class CSwinBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
         self.norm2 = nn.LayerNorm(dim)
 
-    def chunk_plan(self, x: Tensor) -> Optional[Union[InLineBlockParts, BandPlan]]:
+    def chunk_plan(self, x: Tensor
+                   ) -> Optional[Union[InLineBlockParts, BandPlan, SummedAttentionPlan]]:
         """Chunked inference (:mod:`mmlinattn.models.layers.chunked`): two passes for a
         global InLine block; bands of whole windows (with the mean of the whole map
-        for the taps) when windowed; None (run whole) for the softmax stripes."""
+        for the taps) when windowed; a branch's own passes when it has a
+        ``summed_plan`` (agent, focused); None (run whole) for the softmax stripes."""
         branch = self.attns[0]
+        c = x.shape[-1]
+        if len(self.attns) == 1 and hasattr(branch, 'summed_plan'):
+            plan = branch.summed_plan(
+                x.shape[1], x.shape[2],
+                lambda t, part, count=1: linear_slice(self.qkv, t, part * c, (part + count) * c),
+                lambda a: self.proj_drop(self.proj(a)))
+            return dataclasses.replace(plan, norm1=self.norm1, norm2=self.norm2, mlp=self.mlp,
+                                       drop_path=self.drop_path)
         if len(self.attns) != 1 or not isinstance(branch, CSwinBranch) or \
                 branch.kind != 'inline' or branch.attention != 'inline':
             return None
         region = branch.region(*x.shape[1:3])
         if region is not None:
             return BandPlan(region[0], dict(x_mean=x.mean(dim=(1, 2))))
-        c = x.shape[-1]
 
         def kv(t: Tensor) -> tuple[Tensor, Tensor]:
             return linear_slice(self.qkv, t, c, 3 * c).unflatten(-1, (2, c)).unbind(-2)

@@ -8,6 +8,7 @@ from .chunked import (
     BandPlan,
     InLineBlockParts,
     OwnBands,
+    SummedAttentionPlan,
     band_rows,
     chunked_block,
     chunked_embed,
@@ -35,5 +36,5 @@ __all__ = [
     'conv_out_rows', 'fill_rows', 'linear_slice', 'row_bands', 'window_region', 'AgentAttention',
     'agent_bias_for', 'stage_agent_shapes', 'FocusedLinearAttention',
     'resize_positional_encoding', 'ConvNormAct', 'MLLAAttention', 'MLLABlock', 'MLLAMerge',
-    'MLLAStem', 'AgentBiasTables', 'FocusedTables', 'GlobalSoftmaxAttention', 'OwnBands'
+    'MLLAStem', 'AgentBiasTables', 'FocusedTables', 'GlobalSoftmaxAttention', 'OwnBands', 'SummedAttentionPlan'
 ]

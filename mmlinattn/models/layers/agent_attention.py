@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -133,6 +133,52 @@ class AgentBiasTables(nn.Module):
         return on_grid(self.ac_bias[0, :, :, 0])[None, :, :, None], \
             on_grid(self.ca_bias[0, :, 0])[None, :, None]
 
+    def agent_plan(self, h: int, w: int, project_part: Callable[..., Tensor],
+                   local: nn.Conv2d, out: Callable[[Tensor], Tensor]) -> SummedAttentionPlan:
+        """Token-chunked inference on an ``h x w`` map (:mod:`.chunked`) in three passes
+        over bands: the pooled agents (each band's share of every cell), the
+        agent-to-key softmax (:class:`~mmlinattn.ops.AgentSums`, online over the
+        bands), then each band's queries, with ``kernel // 2`` halo rows for the
+        depthwise convolution ``local`` of v.
+
+        ``project_part(tokens, part, count=1)`` gives ``count`` of q, k, v from ``part``
+        (0, 1, 2) of normed tokens; ``out`` maps the attention plus ``local`` to the
+        module's output (its ``proj``).
+        """
+        heads = self.num_heads
+        state: dict[str, Tensor] = {}
+        sums = AgentSums()
+
+        def pool(t: Tensor, r0: int, r1: int) -> None:
+            part = pool_agents_rows(project_part(t, 0), h, r0, self.agent_shape)
+            state['agents'] = part if 'agents' not in state else state['agents'] + part
+
+        def keys(t: Tensor, r0: int, r1: int) -> None:
+            c = t.shape[-1]
+            agents = split_heads(state['agents'], heads).float()
+            kv = project_part(t.reshape(t.shape[0], -1, c), 1, 2)
+            k, v = (split_heads(p, heads).float() for p in kv.unflatten(-1, (2, c)).unbind(-2))
+            scale = (c // heads) ** -0.5
+            sums.add((agents * scale) @ k.transpose(-2, -1) + self.biases((h, w), (r0, r1))[0], v)
+
+        def attend(t: Tensor, lo: int, r0: int, r1: int) -> Tensor:
+            b, rows, _, c = t.shape
+            if 'agent_v' not in state:
+                state['agent_v'] = sums.result()
+            agents = split_heads(state['agents'], heads).float()
+            tokens = t.reshape(b, -1, c)
+            q = split_heads(project_part(tokens[:, (r0 - lo) * w:(r1 - lo) * w], 0),
+                            heads).float()
+            scale = (c // heads) ** -0.5
+            query_bias = self.biases((h, w), (r0, r1))[1]
+            weights = ((q * scale) @ agents.transpose(-2, -1) + query_bias).softmax(dim=-1)
+            att = merge_heads(weights @ state['agent_v']).to(t.dtype).view(b, r1 - r0, w, c)
+            v = project_part(tokens, 2).view(b, rows, w, c)
+            near = local(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)[:, r0 - lo:r1 - lo]
+            return out(att + near)
+
+        return SummedAttentionPlan(local.kernel_size[0] // 2, (pool, keys), attend)
+
     def attend_agents(self, q: Tensor, k: Tensor, v: Tensor, hw: tuple[int, int],
                       num_prefix: int = 0) -> Tensor:
         """Agent attention of ``q, k, v (B, P + h*w, C)`` (``P = num_prefix`` leading class
@@ -207,42 +253,10 @@ class AgentAttention(QKVProjection, AgentBiasTables):
                 f'{self.agent_shape}')
 
     def chunk_plan(self, h: int, w: int) -> SummedAttentionPlan:
-        """Token-chunked inference on an ``h x w`` map (:mod:`.chunked`) in three passes
-        over bands: the pooled agents (each band's share of every cell), the
-        agent-to-key softmax (:class:`~mmlinattn.ops.AgentSums`, online over the
-        bands), then each band's queries, with one halo row for the 3x3 convolution."""
-        heads, c = self.num_heads, self.dim
-        scale = (c // heads) ** -0.5
-        state: dict[str, Tensor] = {}
-        sums = AgentSums()
-
-        def pool(t: Tensor, r0: int, r1: int) -> None:
-            part = pool_agents_rows(self.project_part(t, 0), h, r0, self.agent_shape)
-            state['agents'] = part if 'agents' not in state else state['agents'] + part
-
-        def keys(t: Tensor, r0: int, r1: int) -> None:
-            agents = split_heads(state['agents'], heads).float()
-            kv = self.project_part(t.reshape(t.shape[0], -1, c), 1, 2)
-            k, v = (split_heads(p, heads).float() for p in kv.unflatten(-1, (2, c)).unbind(-2))
-            agent_bias = self.biases((h, w), (r0, r1))[0]
-            sums.add((agents * scale) @ k.transpose(-2, -1) + agent_bias, v)
-
-        def attend(t: Tensor, lo: int, r0: int, r1: int) -> Tensor:
-            b, rows = t.shape[:2]
-            if 'agent_v' not in state:
-                state['agent_v'] = sums.result()
-            agents = split_heads(state['agents'], heads).float()
-            tokens = t.reshape(b, -1, c)
-            q = split_heads(self.project_part(tokens[:, (r0 - lo) * w:(r1 - lo) * w], 0),
-                            heads).float()
-            query_bias = self.biases((h, w), (r0, r1))[1]
-            weights = ((q * scale) @ agents.transpose(-2, -1) + query_bias).softmax(dim=-1)
-            out = merge_heads(weights @ state['agent_v']).to(t.dtype).view(b, r1 - r0, w, c)
-            v = self.project_part(tokens, 2).view(b, rows, w, c)
-            local = self.dwc(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)[:, r0 - lo:r1 - lo]
-            return self.proj_drop(self.proj(out + local))
-
-        return SummedAttentionPlan(self.dwc.kernel_size[0] // 2, (pool, keys), attend)
+        """Token-chunked inference on an ``h x w`` map (:meth:`~AgentBiasTables.agent_plan`)
+        with this module's projections, depthwise convolution and ``proj``."""
+        return self.agent_plan(h, w, self.project_part, self.dwc,
+                               lambda a: self.proj_drop(self.proj(a)))
 
     def _forward_sharded(self, x: Tensor, group: SpatialGroup) -> Tensor:
         """This rank's rows ``(B, h, W, C)`` of the map (spatial parallelism): each rank's

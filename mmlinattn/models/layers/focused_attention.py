@@ -1,6 +1,8 @@
 """Focused linear attention (FLatten) over a whole channels-last map, as released."""
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -79,6 +81,45 @@ class FocusedTables(nn.Module):
         vh = v.view(b, h, w, heads, d).permute(0, 3, 4, 1, 2).reshape(b * heads, d, h, w)
         return self.dwc(vh).view(b, heads, d, h, w).permute(0, 3, 4, 1, 2).reshape(b, h, w, c)
 
+    def focused_plan(self, h: int, w: int, project_part: Callable[..., Tensor],
+                     out: Callable[[Tensor], Tensor],
+                     extra_local: Optional[nn.Conv2d] = None) -> SummedAttentionPlan:
+        """Token-chunked inference on an ``h x w`` map (:mod:`.chunked`): pass 1 sums the
+        focused keys and ``K^T V`` band by band (the positional encoding resized row by
+        row), pass 2 reads each band out with a halo of ``kernel // 2`` rows for the
+        depthwise convolution.
+
+        ``project_part(tokens, part, count=1)`` gives q, k or v of normed tokens; ``out``
+        maps the attention plus the local terms to the module's output; ``extra_local``
+        (CSwin's LePE, a depthwise convolution of v no wider than ``dwc``) adds to them.
+        """
+        heads, c = self.num_heads, self.dim
+        sums = InLineSums()
+        table = self.positional_encoding.view(1, *self.grid, c).permute(0, 3, 1, 2)
+
+        def collect(t: Tensor, r0: int, r1: int) -> None:
+            tokens = t.reshape(t.shape[0], -1, c)
+            pe = resized_rows(table, (h, w), r0, r1).permute(0, 2, 3, 1).reshape(1, -1, c)
+            k = focusing_map(split_heads(project_part(tokens, 1) + pe, heads),
+                             self.focusing_factor, self.channel_scale())
+            sums.add(k, split_heads(project_part(tokens, 2), heads))
+
+        def attend(t: Tensor, lo: int, r0: int, r1: int) -> Tensor:
+            b, rows = t.shape[:2]
+            kbar, _, kv = sums.means()
+            tokens = t.reshape(b, -1, c)
+            q = focusing_map(split_heads(project_part(tokens[:, (r0 - lo) * w:
+                                                            (r1 - lo) * w], 0), heads),
+                             self.focusing_factor, self.channel_scale())
+            att = merge_heads((q @ kv) / (q @ kbar.transpose(-2, -1) + 1e-6)).to(t.dtype)
+            v = project_part(tokens, 2).view(b, rows, w, c)
+            near = self.local(v)
+            if extra_local is not None:
+                near = near + extra_local(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            return out(att.view(b, r1 - r0, w, c) + near[:, r0 - lo:r1 - lo])
+
+        return SummedAttentionPlan(self.dwc.kernel_size[0] // 2, (collect, ), attend)
+
     def attend_focused(self, q: Tensor, k: Tensor, v: Tensor, hw: tuple[int, int]) -> Tensor:
         """Focused linear attention of ``q, k, v (B, h*w, C)`` over an ``h x w`` map plus
         the depthwise convolution of v -> ``(B, h, w, C)``, before any projection."""
@@ -152,34 +193,10 @@ class FocusedLinearAttention(QKVProjection, FocusedTables):
         return self.proj_drop(self.proj(out.view(b, h, w, c) + local))
 
     def chunk_plan(self, h: int, w: int) -> SummedAttentionPlan:
-        """Token-chunked inference on an ``h x w`` map (:mod:`.chunked`): pass 1 sums the
-        focused keys and ``K^T V`` band by band (the positional encoding resized row by
-        row), pass 2 reads each band out with a halo of ``kernel // 2`` rows for the
-        depthwise convolution."""
-        heads, c = self.num_heads, self.dim
-        sums = InLineSums()
-        table = self.positional_encoding.view(1, *self.grid, c).permute(0, 3, 1, 2)
-
-        def collect(t: Tensor, r0: int, r1: int) -> None:
-            tokens = t.reshape(t.shape[0], -1, c)
-            pe = resized_rows(table, (h, w), r0, r1).permute(0, 2, 3, 1).reshape(1, -1, c)
-            k = focusing_map(split_heads(self.project_part(tokens, 1) + pe, heads),
-                             self.focusing_factor, self.channel_scale())
-            sums.add(k, split_heads(self.project_part(tokens, 2), heads))
-
-        def attend(t: Tensor, lo: int, r0: int, r1: int) -> Tensor:
-            b, rows = t.shape[:2]
-            kbar, _, kv = sums.means()
-            tokens = t.reshape(b, -1, c)
-            q = focusing_map(split_heads(self.project_part(tokens[:, (r0 - lo) * w:
-                                                                 (r1 - lo) * w], 0), heads),
-                             self.focusing_factor, self.channel_scale())
-            out = merge_heads((q @ kv) / (q @ kbar.transpose(-2, -1) + 1e-6)).to(t.dtype)
-            v = self.project_part(tokens, 2).view(b, rows, w, c)
-            local = self.local(v)[:, r0 - lo:r1 - lo]
-            return self.proj_drop(self.proj(out.view(b, r1 - r0, w, c) + local))
-
-        return SummedAttentionPlan(self.dwc.kernel_size[0] // 2, (collect, ), attend)
+        """Token-chunked inference on an ``h x w`` map (:meth:`~FocusedTables.focused_plan`)
+        with this module's projections and ``proj``."""
+        return self.focused_plan(h, w, self.project_part,
+                                 lambda a: self.proj_drop(self.proj(a)))
 
     def forward(self, x: Tensor) -> Tensor:
         check_map(self, x, self.dim)
