@@ -27,7 +27,11 @@ from mmlinattn.engine.deploy import (
 )
 from mmlinattn.models.backbones import (
     MLLA,
+    AgentCSwin,
+    AgentDeiT,
     AgentSwin,
+    FLattenCSwin,
+    FLattenPVTv2,
     FLattenSwin,
     InLineCSwin,
     InLineDeiT,
@@ -62,13 +66,23 @@ def _backbone(name: str) -> nn.Module:
         return FLattenSwin(depths=(1, 1, 1, 2))
     if name == 'mlla':  # RoPE for the run-time map; odd maps padded before a merge
         return MLLA(depths=(1, 1, 1, 1))
+    if name == 'flatten-pvtv2':  # overlapping embeddings, the MLP's convolution
+        return FLattenPVTv2('b0', depths=(1, 1, 1, 1))
+    if name == 'agent-cswin':
+        return AgentCSwin(depths=(1, 1, 1, 1))
+    if name == 'flatten-cswin':
+        return FLattenCSwin(depths=(1, 1, 1, 1))
+    if name == 'agent-deit':  # the class token's biases; agents pooled from the patches
+        model = AgentDeiT(arch='tiny', out_indices=(0, 1, 2, 3))
+        model.blocks = model.blocks[:4]
+        return model
     model = InLineDeiT(arch='tiny', out_indices=(0, 1, 2, 3))
     model.blocks = model.blocks[:4]
     return model
 
 
 @pytest.mark.parametrize('name', ['pvt', 'pvt-window5', 'swin', 'cswin', 'deit', 'agent-swin',
-                                  'flatten-swin', 'mlla'])
+                                  'flatten-swin', 'mlla', 'agent-deit', 'flatten-pvtv2'])
 def test_backbone_exports_dynamic_and_matches(name: str, tmp_path: Path) -> None:
     graph = BackboneGraph(_backbone(name).eval())
     path = str(tmp_path / f'{name}.onnx')

@@ -135,5 +135,7 @@ register_family(BackboneFamily(
     benchmark=(
         BenchmarkVariant('mlla-t', 'MLLA-T, Mamba-like linear attention with RoPE',
                          (('arch', 'tiny'), )),
+        BenchmarkVariant('mlla-t-chunked', 'MLLA-T, token-chunked inference (2^16 tokens a '
+                         'band)', (('arch', 'tiny'), ('chunk_tokens', 65536))),
     ),
 ))
