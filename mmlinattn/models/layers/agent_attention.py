@@ -21,7 +21,7 @@ from ...parallel import (
 )
 from .chunked import SummedAttentionPlan
 from .projection import QKVProjection
-from .regions import check_map, merge_heads, split_heads
+from .regions import check_map, check_tokens, merge_heads, split_heads
 
 __all__ = ['AgentAttention', 'AgentBiasTables', 'agent_bias_for', 'stage_agent_shapes']
 
@@ -305,11 +305,9 @@ class AgentAttention(QKVProjection, AgentBiasTables):
         """Global agent attention over ``num_prefix`` class tokens and an ``h x w`` map
         (Agent-DeiT): ``(B, P + h*w, C) -> (B, P + h*w, C)``; the depthwise convolution
         adds to the map's tokens only."""
+        check_tokens(self, tokens, hw, num_prefix, self.dim)
         b, n, c = tokens.shape
         h, w = hw
-        if tokens.dim() != 3 or c != self.dim or n != num_prefix + h * w:
-            raise ValueError(f'expected ({b}, {num_prefix} + {h}*{w}, {self.dim}) tokens, got '
-                             f'{tuple(tokens.shape)}')
         if current_group() is not None:
             raise ValueError('agent attention over class and patch tokens cannot be spatially '
                              'sharded: the agents pool the whole map')

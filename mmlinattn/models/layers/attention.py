@@ -36,6 +36,7 @@ from .regions import (
     RegionGrid,
     attend_heads,
     check_map,
+    check_tokens,
     merge_heads,
     split_heads,
     window_region,
@@ -172,10 +173,7 @@ class InLineAttention(QKVProjection):
     def forward_tokens(self, tokens: Tensor, hw: tuple[int, int], num_prefix: int = 0) -> Tensor:
         """Global attention for token sequences with ``num_prefix`` leading non-map tokens
         (DeiT's class token): ``(B, P + h*w, C) -> (B, P + h*w, C)``."""
-        if tokens.dim() != 3 or tokens.shape[-1] != self.dim or \
-                tokens.shape[1] != num_prefix + hw[0] * hw[1]:
-            raise ValueError(f'expected ({tokens.shape[0]}, {num_prefix} + {hw[0]}*{hw[1]}, '
-                             f'{self.dim}) tokens, got {tuple(tokens.shape)}')
+        check_tokens(self, tokens, hw, num_prefix, self.dim)
         group = current_group()
         if group is not None and self.operator not in SUMMED_ATTENTIONS:
             raise ValueError(f'global {self.operator} attention over class and patch tokens '
@@ -349,10 +347,7 @@ class GlobalSoftmaxAttention(QKVProjection):
         return f'dim={self.dim}, num_heads={self.num_heads}'
 
     def forward_tokens(self, tokens: Tensor, hw: tuple[int, int], num_prefix: int = 0) -> Tensor:
-        if tokens.dim() != 3 or tokens.shape[-1] != self.dim or \
-                tokens.shape[1] != num_prefix + hw[0] * hw[1]:
-            raise ValueError(f'expected ({tokens.shape[0]}, {num_prefix} + {hw[0]}*{hw[1]}, '
-                             f'{self.dim}) tokens, got {tuple(tokens.shape)}')
+        check_tokens(self, tokens, hw, num_prefix, self.dim)
         if current_group() is not None:
             raise ValueError('global softmax attention over class and patch tokens cannot be '
                              'spatially sharded')

@@ -24,7 +24,18 @@ from ...ops import (
 )
 from ...ops.inline import KernelArg
 
-__all__ = ['RegionGrid', 'attend_heads', 'check_map', 'split_heads', 'merge_heads', 'window_region']
+__all__ = ['RegionGrid', 'attend_heads', 'check_map', 'check_tokens', 'split_heads', 'merge_heads',
+           'window_region']
+
+
+def check_tokens(module: object, tokens: Tensor, hw: tuple[int, int], num_prefix: int,
+                 dim: int) -> None:
+    """Raise a ValueError naming ``module`` unless ``tokens`` are ``(B, P + h*w, dim)``:
+    ``P = num_prefix`` class tokens, then an ``h x w`` map."""
+    if tokens.dim() != 3 or tokens.shape[-1] != dim or \
+            tokens.shape[1] != num_prefix + hw[0] * hw[1]:
+        raise ValueError(f'{type(module).__name__} expects (B, {num_prefix} + {hw[0]}*{hw[1]}, '
+                         f'{dim}) tokens; got {tuple(tokens.shape)}')
 
 
 def check_map(module: object, x: Tensor, dim: int) -> None:
