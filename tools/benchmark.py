@@ -59,7 +59,13 @@ COMPARISONS = [('inline-swin-t', 'swin-t (mmdet)'), ('inline-swin-t', 'swin-t-gl
                ('inline-pvt-s', 'inline-pvt-s (authors)'),
                ('inline-pvt-t', 'pvtv2-b1 (mmdet)'), ('inline-cswin-t', 'cswin-t-global-softmax'),
                ('inline-deit-s', 'deit-s-global-softmax'), ('inline', 'softmax'),
-               ('inline', 'linear')]
+               ('inline', 'linear'),
+               # The sibling linear attentions on the same layouts (docs/sibling_attentions.md).
+               ('flatten-swin-t', 'swin-t (mmdet)'), ('agent-swin-t', 'swin-t (mmdet)'),
+               ('mlla-t', 'swin-t (mmdet)'), ('inline-swin-t', 'flatten-swin-t'),
+               ('inline-swin-t', 'agent-swin-t'), ('flatten-pvt-s', 'pvt-s (mmdet)'),
+               ('agent-pvt-s', 'pvt-s (mmdet)'), ('inline-pvt-s', 'flatten-pvt-s'),
+               ('inline-pvt-s', 'agent-pvt-s')]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -34,7 +34,8 @@ from .maps import (
 )
 
 __all__ = [
-    'RowSpans', 'all_reduce_max', 'all_reduce_sum', 'fetch_rows', 'gather_rows', 'own_rows', 'row_spans',
+    'RowSpans', 'all_reduce_max', 'all_reduce_sum', 'fetch_rows', 'gather_rows', 'own_rows',
+    'row_spans',
     'gather_rows_to', 'broadcast_tensor', 'summing_over',
     'CommStats', 'SpatialGroup', 'current_group', 'spatial_parallel', 'suspended',
     'batch_norm', 'conv2d', 'global_sum', 'image_bands', 'mean_tokens', 'resize', 'resized_rows',

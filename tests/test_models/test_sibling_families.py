@@ -308,3 +308,36 @@ def test_chunked_forward_on_the_cswin_and_deit_bases(make):
         chunked = model(x)
     for a, b in zip(whole, chunked):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('family', ['agent_cswin', 'flatten_cswin', 'agent_deit',
+                                    'flatten_pvt_v2'])
+def test_released_layout_converts_and_loads_into_the_backbone(family, tmp_path):
+    """A classifier file in the released layout (head included) through
+    ``init_cfg=dict(type='Pretrained')``: the family is found by its keys, the
+    converter maps its final norm, and the backbone's last map is the classifier's."""
+    spec = FAMILIES[family]
+    arch, kwargs = {
+        'agent_cswin': (dict(SMALL, attn_types='AABB', agent_num=(4, 4, 9, 9)),
+                        dict(pretrain_img_size=64)),
+        'flatten_cswin': (dict(SMALL, attn_types='LLSS'), dict(pretrain_img_size=64)),
+        'agent_deit': (dict(embed_dims=24, depth=4, num_heads=2, pretrain_img_size=64,
+                            agent_num=(4, 4, 9, 9), agent_layers=3), {}),
+        'flatten_pvt_v2': (dict(SMALL, embed_dims=(16, 32, 64, 128), mlp_ratios=(2, 2, 2, 2)),
+                           dict(pretrain_img_size=64)),
+    }[family]
+    src = spec.classifier(arch, **kwargs).eval()
+    assert detect_family(list(src.state_dict())) is spec
+    path = tmp_path / f'{family}.pth'
+    torch.save({'model': src.state_dict()}, path)
+    extra = dict(out_indices=(3, ), pyramid=False) if family == 'agent_deit' else {}
+    backbone = spec.backbone(arch, init_cfg=dict(type='Pretrained', checkpoint=str(path)),
+                             **kwargs, **extra)
+    backbone.init_weights()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        out = backbone.eval()(x)[-1].permute(0, 2, 3, 1)
+        want = src.forward_features(x)
+    if family == 'agent_deit':
+        want = want[:, 1:].reshape(out.shape)
+    torch.testing.assert_close(out, want)

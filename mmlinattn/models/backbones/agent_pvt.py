@@ -105,7 +105,8 @@ register_family(BackboneFamily(
     benchmark=(
         BenchmarkVariant('agent-pvt-s', 'Agent-PVT-S, global agent attention (9, 16, 49, 49 '
                          'agents)', (('arch', 'small'), )),
-        BenchmarkVariant('agent-pvt-s-chunked', 'Agent-PVT-S, token-chunked inference (2^16 tokens a '
-                         'band)', (('arch', 'small'), ('chunk_tokens', 65536))),
+        BenchmarkVariant('agent-pvt-s-chunked', 'Agent-PVT-S, token-chunked inference '
+                         '(2^16 tokens a band)',
+                         (('arch', 'small'), ('chunk_tokens', 65536))),
     ),
 ))

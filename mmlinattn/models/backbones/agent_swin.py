@@ -118,7 +118,8 @@ register_family(BackboneFamily(
     benchmark=(
         BenchmarkVariant('agent-swin-t', 'Agent-Swin-T, global agent attention in stages 1-3 '
                          '(9, 16, 49 agents)', (('arch', 'tiny'), )),
-        BenchmarkVariant('agent-swin-t-chunked', 'Agent-Swin-T, token-chunked inference (2^16 tokens a '
-                         'band)', (('arch', 'tiny'), ('chunk_tokens', 65536))),
+        BenchmarkVariant('agent-swin-t-chunked', 'Agent-Swin-T, token-chunked inference '
+                         '(2^16 tokens a band)',
+                         (('arch', 'tiny'), ('chunk_tokens', 65536))),
     ),
 ))

@@ -106,7 +106,8 @@ register_family(BackboneFamily(
     benchmark=(
         BenchmarkVariant('flatten-pvt-s', 'FLatten-PVT-S, global focused linear attention',
                          (('arch', 'small'), )),
-        BenchmarkVariant('flatten-pvt-s-chunked', 'FLatten-PVT-S, token-chunked inference (2^16 tokens a '
-                         'band)', (('arch', 'small'), ('chunk_tokens', 65536))),
+        BenchmarkVariant('flatten-pvt-s-chunked', 'FLatten-PVT-S, token-chunked inference '
+                         '(2^16 tokens a band)',
+                         (('arch', 'small'), ('chunk_tokens', 65536))),
     ),
 ))

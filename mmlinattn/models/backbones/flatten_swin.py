@@ -108,7 +108,8 @@ register_family(BackboneFamily(
     benchmark=(
         BenchmarkVariant('flatten-swin-t', 'FLatten-Swin-T, global focused linear attention '
                          'in stages 1-2', (('arch', 'tiny'), )),
-        BenchmarkVariant('flatten-swin-t-chunked', 'FLatten-Swin-T, token-chunked inference (2^16 tokens a '
-                         'band)', (('arch', 'tiny'), ('chunk_tokens', 65536))),
+        BenchmarkVariant('flatten-swin-t-chunked', 'FLatten-Swin-T, token-chunked inference '
+                         '(2^16 tokens a band)',
+                         (('arch', 'tiny'), ('chunk_tokens', 65536))),
     ),
 ))

@@ -20,7 +20,6 @@ from ...parallel import (
     strided_spans,
     suspended,
 )
-
 from ..family import BackboneFamily, BenchmarkVariant, ReleasedModel, register_family
 from ..layers import ClassifierHead, MLLABlock, MLLAMerge, MLLAStem
 from .base import StagedBackbone

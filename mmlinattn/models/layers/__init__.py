@@ -36,5 +36,6 @@ __all__ = [
     'conv_out_rows', 'fill_rows', 'linear_slice', 'row_bands', 'window_region', 'AgentAttention',
     'agent_bias_for', 'stage_agent_shapes', 'FocusedLinearAttention',
     'resize_positional_encoding', 'ConvNormAct', 'MLLAAttention', 'MLLABlock', 'MLLAMerge',
-    'MLLAStem', 'AgentBiasTables', 'FocusedTables', 'GlobalSoftmaxAttention', 'OwnBands', 'SummedAttentionPlan'
+    'MLLAStem', 'AgentBiasTables', 'FocusedTables', 'GlobalSoftmaxAttention', 'OwnBands',
+    'SummedAttentionPlan'
 ]

@@ -50,8 +50,8 @@ from ...utils.spill import new_map
 from .regions import merge_heads, split_heads
 
 __all__ = ['InLineBlockParts', 'BandPlan', 'SummedAttentionPlan', 'OwnBands', 'row_bands',
-           'band_rows', 'fill_rows', 'conv2d_rows', 'conv_out_rows', 'linear_slice', 'chunked_block',
-           'chunked_embed', 'DEFAULT_CHUNK_TOKENS']
+           'band_rows', 'fill_rows', 'conv2d_rows', 'conv_out_rows', 'linear_slice',
+           'chunked_block', 'chunked_embed', 'DEFAULT_CHUNK_TOKENS']
 
 #: Tokens per band when chunking is switched on without a size (``chunk_tokens=True``
 #: in the tools): 2^16 tokens, a few hundred MiB of temporaries at 64-128 channels.
