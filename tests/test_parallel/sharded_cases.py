@@ -70,6 +70,11 @@ def build_backbone(family: str, **kwargs: Any) -> torch.nn.Module:
         return FLattenPVTv2(dict(embed_dims=(16, 32, 40, 48), depths=(1, 1, 1, 1),
                                  num_heads=(1, 2, 2, 2), mlp_ratios=(2, 2, 2, 2)),
                             pretrain_img_size=64, drop_path_rate=0., **kwargs)
+    if family == 'agent_deit':
+        from mmlinattn.models import AgentDeiT
+        return AgentDeiT(arch=dict(embed_dims=32, depth=4, num_heads=2, pretrain_img_size=64,
+                                   agent_num=(4, 4, 9, 9), agent_layers=4),
+                         out_indices=(0, 1, 2, 3), drop_path_rate=0., **kwargs)
     if family == 'mlla':
         from mmlinattn.models import MLLA
         return MLLA(dict(embed_dims=16, depths=(1, 1, 1, 1), num_heads=(2, 2, 4, 8)),

@@ -31,10 +31,10 @@ def test_sibling_attentions_sharded():
     """Focused attention split over the ranks (its sums reduced, a 2-row halo for its
     5x5 convolution, the positional encoding resized for each rank's rows); agent
     attention too (each rank's share of the pooled agents and of the agent-to-key
-    softmax reduced, the biases resized for its rows). Outputs and gradients equal the
-    whole model's."""
+    softmax reduced, the biases resized for its rows; Agent-DeiT's class token a key on
+    the first rank only). Outputs and gradients equal the whole model's."""
     run_ranks(2, run_cases, [('backbone_exact', (f, (97, 45)))
-                             for f in ('agent_swin', 'flatten_pvt')])
+                             for f in ('agent_swin', 'flatten_pvt', 'agent_deit')])
     run_ranks(3, run_cases, [('backbone_exact', (f, (161, 38)))
                              for f in ('flatten_pvt', 'agent_pvt', 'flatten_pvt_v2')])
 

@@ -258,44 +258,56 @@ class AgentAttention(QKVProjection, AgentBiasTables):
         return self.agent_plan(h, w, self.project_part, self.dwc,
                                lambda a: self.proj_drop(self.proj(a)))
 
-    def _forward_sharded(self, x: Tensor, group: SpatialGroup) -> Tensor:
-        """This rank's rows ``(B, h, W, C)`` of the map (spatial parallelism): each rank's
-        share of the pooled agents is summed over the group; the agent-to-key softmax
-        is shifted by the group's maximum logit and its sums reduced (the value of one
-        softmax over every rank's keys); the queries read out locally; the depthwise
-        convolution reads ``kernel // 2`` rows of each neighbour."""
-        b, h, w, c = x.shape
+    def _attend_sharded(self, tokens: Tensor, hw: tuple[int, int], num_prefix: int,
+                        group: SpatialGroup) -> Tensor:
+        """Agent attention plus the depthwise convolution, before ``proj``, for tokens
+        ``(B, P + h*w, C)``: ``P`` class tokens (the same on every rank), then this
+        rank's ``h`` rows of the map (spatial parallelism). Each rank's share of the
+        pooled agents is summed over the group; the agent-to-key softmax is shifted by
+        the group's largest logit and its sums reduced (one softmax over every rank's
+        keys; the class tokens are keys on the first rank only); the queries read out
+        locally; the convolution reads ``kernel // 2`` rows of each neighbour."""
+        b, n, c = tokens.shape
+        h, w = hw
         heads = self.num_heads
         spans = row_spans(h, group)
         r0, r1 = spans.mine
-        hw = (spans.total, w)
         group.stats.layers.append((spans.total * w, c))
-        q, k, v = self.project(x.reshape(b, h * w, c))
-        agents = all_reduce_sum(pool_agents_rows(q.view(b, h, w, c), spans.total, r0,
-                                                 self.agent_shape), group)
-        agent_bias, query_bias = self.biases(hw, (r0, r1))
+        q, k, v = self.project(tokens)
+        agents = all_reduce_sum(pool_agents_rows(q[:, num_prefix:].reshape(b, h, w, c),
+                                                 spans.total, r0, self.agent_shape), group)
+        agent_bias, query_bias = self.biases((spans.total, w), (r0, r1))
+        if num_prefix:
+            to_cls, from_cls = self.prefix_biases()
+            # Replicated class tokens count once among the keys: on the first rank.
+            to_cls = to_cls if group.first else torch.full_like(to_cls, float('-inf'))
+            agent_bias = torch.cat([to_cls.expand(-1, -1, -1, num_prefix), agent_bias], dim=-1)
+            query_bias = torch.cat([from_cls.expand(-1, -1, num_prefix, -1), query_bias],
+                                   dim=-2)
         scale = (c // heads) ** -0.5
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         a, qh, kh, vh = (split_heads(t, heads).to(dtype) for t in (agents, q, k, v))
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.autocast(tokens.device.type, enabled=False):
             logits = (a * scale) @ kh.transpose(-2, -1) + agent_bias
             # Any shared shift gives the same softmax; the group's maximum keeps exp() finite.
             p = torch.exp(logits - all_reduce_max(logits.amax(dim=-1, keepdim=True), group))
             agent_v = all_reduce_sum(p @ vh, group) / all_reduce_sum(
                 p.sum(dim=-1, keepdim=True), group)
             weights = ((qh * scale) @ a.transpose(-2, -1) + query_bias).softmax(dim=-1)
-            out = merge_heads(weights @ agent_v).to(x.dtype).view(b, h, w, c)
+            out = merge_heads(weights @ agent_v).to(tokens.dtype)
         halo = self.dwc.kernel_size[0] // 2
-        local = self.dwc(halo_rows(v.view(b, h, w, c), 1, halo, halo, group)
-                         .permute(0, 3, 1, 2)).permute(0, 2, 3, 1)[:, halo:halo + h]
-        return self.proj_drop(self.proj(out + local))
+        vmap = v[:, num_prefix:].reshape(b, h, w, c)
+        local = self.dwc(halo_rows(vmap, 1, halo, halo, group).permute(0, 3, 1, 2))
+        local = local.permute(0, 2, 3, 1)[:, halo:halo + h].reshape(b, h * w, c)
+        return torch.cat([out[:, :num_prefix], out[:, num_prefix:] + local], dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
         check_map(self, x, self.dim)
         group = current_group()
-        if group is not None:
-            return self._forward_sharded(x, group)
         b, h, w, c = x.shape
+        if group is not None:
+            out = self._attend_sharded(x.reshape(b, h * w, c), (h, w), 0, group)
+            return self.proj_drop(self.proj(out.view(b, h, w, c)))
         q, k, v = self.project(x.reshape(b, h * w, c))
         out = self.attend_agents(q, k, v, (h, w)).view(b, h, w, c)
         local = self.dwc(v.view(b, h, w, c).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
@@ -308,9 +320,10 @@ class AgentAttention(QKVProjection, AgentBiasTables):
         check_tokens(self, tokens, hw, num_prefix, self.dim)
         b, n, c = tokens.shape
         h, w = hw
-        if current_group() is not None:
-            raise ValueError('agent attention over class and patch tokens cannot be spatially '
-                             'sharded: the agents pool the whole map')
+        group = current_group()
+        if group is not None:  # hw: this rank's rows
+            return self.proj_drop(self.proj(self._attend_sharded(tokens, hw, num_prefix,
+                                                                 group)))
         q, k, v = self.project(tokens)
         out = self.attend_agents(q, k, v, hw, num_prefix)
         local = self.dwc(v[:, num_prefix:].reshape(b, h, w, c).permute(0, 3, 1, 2))
