@@ -37,7 +37,8 @@ def _openmmlab_registries():
 
 def test_the_four_released_families_are_declared():
     assert set(FAMILIES) == {'swin', 'pvt', 'cswin', 'deit', 'agent_swin', 'flatten_swin',
-                             'agent_pvt', 'flatten_pvt', 'mlla'}
+                             'agent_pvt', 'flatten_pvt', 'mlla', 'agent_cswin', 'flatten_cswin',
+                             'agent_deit', 'flatten_pvt_v2'}
     for spec in FAMILIES.values():
         assert MODELS.get(spec.backbone.__name__) is spec.backbone
         for scope, registry in _openmmlab_registries().items():
