@@ -12,6 +12,7 @@ from torch import nn
 
 from mmlinattn.benchmark.memory import MemoryWatch
 from mmlinattn.models.backbones import (
+    AgentDeiT,
     AgentPVT,
     AgentSwin,
     FLattenPVT,
@@ -44,14 +45,16 @@ CASES = {
     'agent-swin': (AgentSwin, dict(depths=(1, 1, 1, 2),
                                    agent_shapes=[(4, 5), (3, 3), (4, 4), None])),
     'agent-pvt': (AgentPVT, dict(arch='tiny', depths=(1, 2, 1, 1))),
+    # Agent attention with a class token: a key of every agent, added to the online
+    # softmax with the first band, and its own readout after the passes.
+    'agent-deit': (AgentDeiT, dict(arch='tiny', out_indices=(0, 1, 2, 3), agent_shape=(3, 4))),
 }
 
 
 def _eval(name: str) -> nn.Module:
     torch.manual_seed(0)
     cls, kwargs = CASES[name]
-    if cls is InLineDeiT:
-        kwargs = dict(kwargs)
+    if cls in (InLineDeiT, AgentDeiT):
         model = cls(**kwargs)
         model.blocks = model.blocks[:4]  # four blocks are enough, and fast
         model.num_stages = 4
@@ -93,6 +96,16 @@ def test_sibling_attentions_run_in_bands(name: str) -> None:
     with torch.no_grad(), chunked_inference(model, 24):
         model(torch.randn(1, 3, 75, 93))
     assert seen and max(s[0] for s in seen) == 1  # one row of the 19x24 map at a time
+
+
+def test_agent_deit_runs_in_bands_with_its_class_token() -> None:
+    model = _eval('agent-deit')
+    seen = []
+    model.blocks[1].mlp.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+    with torch.no_grad(), chunked_inference(model, 6):
+        model(torch.randn(1, 3, 75, 93))  # a 5x6 patch grid
+    # The class token alone, then the grid one 6-token row at a time.
+    assert seen == [(1, 1, 192)] + [(1, 1, 6, 192)] * 5
 
 
 def test_chunking_only_for_inference() -> None:

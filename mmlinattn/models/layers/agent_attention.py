@@ -134,7 +134,8 @@ class AgentBiasTables(nn.Module):
             on_grid(self.ca_bias[0, :, 0])[None, :, None]
 
     def agent_plan(self, h: int, w: int, project_part: Callable[..., Tensor],
-                   local: nn.Conv2d, out: Callable[[Tensor], Tensor]) -> SummedAttentionPlan:
+                   local: nn.Conv2d, out: Callable[[Tensor], Tensor],
+                   prefix: Optional[Tensor] = None) -> SummedAttentionPlan:
         """Token-chunked inference on an ``h x w`` map (:mod:`.chunked`) in three passes
         over bands: the pooled agents (each band's share of every cell), the
         agent-to-key softmax (:class:`~mmlinattn.ops.AgentSums`, online over the
@@ -143,11 +144,17 @@ class AgentBiasTables(nn.Module):
 
         ``project_part(tokens, part, count=1)`` gives ``count`` of q, k, v from ``part``
         (0, 1, 2) of normed tokens; ``out`` maps the attention plus ``local`` to the
-        module's output (its ``proj``).
+        module's output (its ``proj``). ``prefix``: the normed class tokens ``(B, P, C)``
+        (Agent-DeiT), keys of every agent with the ``ac_bias`` table, added to the
+        softmax with the first band; their own output (agents read out with
+        ``ca_bias``, no local term) is the plan's ``attend_prefix()``.
         """
         heads = self.num_heads
         state: dict[str, Tensor] = {}
         sums = AgentSums()
+        if prefix is not None and not hasattr(self, 'ac_bias'):
+            raise ValueError(f'{type(self).__name__} has no class-token biases '
+                             '(prefix_tokens=False) but got prefix tokens')
 
         def pool(t: Tensor, r0: int, r1: int) -> None:
             part = pool_agents_rows(project_part(t, 0), h, r0, self.agent_shape)
@@ -159,6 +166,11 @@ class AgentBiasTables(nn.Module):
             kv = project_part(t.reshape(t.shape[0], -1, c), 1, 2)
             k, v = (split_heads(p, heads).float() for p in kv.unflatten(-1, (2, c)).unbind(-2))
             scale = (c // heads) ** -0.5
+            if prefix is not None and r0 == 0:  # the class tokens: keys once, before row 0
+                kp, vp = (split_heads(p, heads).float() for p in project_part(
+                    prefix, 1, 2).unflatten(-1, (2, c)).unbind(-2))
+                to_cls = self.prefix_biases()[0].expand(-1, -1, -1, prefix.shape[1])
+                sums.add((agents * scale) @ kp.transpose(-2, -1) + to_cls, vp)
             sums.add((agents * scale) @ k.transpose(-2, -1) + self.biases((h, w), (r0, r1))[0], v)
 
         def attend(t: Tensor, lo: int, r0: int, r1: int) -> Tensor:
@@ -177,7 +189,18 @@ class AgentBiasTables(nn.Module):
             near = local(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)[:, r0 - lo:r1 - lo]
             return out(att + near)
 
-        return SummedAttentionPlan(local.kernel_size[0] // 2, (pool, keys), attend)
+        def attend_prefix() -> Tensor:
+            assert prefix is not None
+            c = prefix.shape[-1]
+            agents = split_heads(state['agents'], heads).float()
+            q = split_heads(project_part(prefix, 0), heads).float()
+            from_cls = self.prefix_biases()[1]
+            weights = ((q * (c // heads) ** -0.5) @ agents.transpose(-2, -1) + from_cls
+                       ).softmax(dim=-1)
+            return out(merge_heads(weights @ sums.result()).to(prefix.dtype))
+
+        return SummedAttentionPlan(local.kernel_size[0] // 2, (pool, keys), attend,
+                                   None if prefix is None else attend_prefix)
 
     def attend_agents(self, q: Tensor, k: Tensor, v: Tensor, hw: tuple[int, int],
                       num_prefix: int = 0) -> Tensor:
@@ -248,15 +271,21 @@ class AgentAttention(QKVProjection, AgentBiasTables):
         self.dwc = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
         self.add_agent_biases(num_heads, agent_num, bias_size, agent_shape, prefix_tokens)
 
+    @property
+    def plans_prefix_tokens(self) -> bool:
+        """Whether :meth:`chunk_plan` takes class tokens (it has their biases)."""
+        return hasattr(self, 'ac_bias')
+
     def extra_repr(self) -> str:
         return (f'dim={self.dim}, num_heads={self.num_heads}, agents={self.agent_num} -> '
                 f'{self.agent_shape}')
 
-    def chunk_plan(self, h: int, w: int) -> SummedAttentionPlan:
+    def chunk_plan(self, h: int, w: int, prefix: Optional[Tensor] = None) -> SummedAttentionPlan:
         """Token-chunked inference on an ``h x w`` map (:meth:`~AgentBiasTables.agent_plan`)
-        with this module's projections, depthwise convolution and ``proj``."""
+        with this module's projections, depthwise convolution and ``proj``; ``prefix``:
+        normed class tokens ``(B, P, C)`` before the map (Agent-DeiT)."""
         return self.agent_plan(h, w, self.project_part, self.dwc,
-                               lambda a: self.proj_drop(self.proj(a)))
+                               lambda a: self.proj_drop(self.proj(a)), prefix)
 
     def _attend_sharded(self, tokens: Tensor, hw: tuple[int, int], num_prefix: int,
                         group: SpatialGroup) -> Tensor:

@@ -59,15 +59,21 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
 
-    def chunk_plan(self, x: Tensor
+    def chunk_plan(self, x: Tensor, hw: Optional[tuple[int, int]] = None
                    ) -> Optional[Union[InLineBlockParts, BandPlan, SummedAttentionPlan]]:
         """How to run this block token-chunked on ``x`` (:mod:`.chunked`): the
-        attention's plan, completed with the block's norms and MLP; None runs whole."""
+        attention's plan, completed with the block's norms and MLP; None runs whole.
+        ``x`` is a map ``(B, H, W, C)``, or tokens ``(B, P + h*w, C)`` with ``hw``."""
         if x.dim() == 4:
             plan = self.attn.chunk_plan(*x.shape[1:3]) if hasattr(self.attn, 'chunk_plan') \
                 else None
-        else:  # tokens with a class token: global InLine only (its chunk_parts)
-            plan = self.attn.chunk_parts() if hasattr(self.attn, 'chunk_parts') else None
+        elif hasattr(self.attn, 'chunk_parts'):  # tokens with a class token: global InLine
+            plan = self.attn.chunk_parts()
+        elif getattr(self.attn, 'plans_prefix_tokens', False) and hw is not None:
+            # Agent attention: the class tokens, normed, are keys in its softmax pass.
+            plan = self.attn.chunk_plan(*hw, prefix=self.norm1(x[:, :x.shape[1] - hw[0] * hw[1]]))
+        else:
+            plan = None
         if isinstance(plan, (InLineBlockParts, SummedAttentionPlan)):
             plan = dataclasses.replace(plan, norm1=self.norm1, norm2=self.norm2, mlp=self.mlp,
                                        drop_path=self.drop_path)

@@ -110,12 +110,16 @@ class SummedAttentionPlan:
     attention needs two: its pooled agents, then its keys). ``attend(t, lo, r0, r1)``
     returns the attention's output (after its projection) for rows ``r0:r1`` from the
     normed rows ``lo:hi`` around them. The statistics live in the attention's
-    closures, fresh for each plan. The block fills in its norms, MLP and drop path.
+    closures, fresh for each plan. With prefix tokens (Agent-DeiT's class token, given
+    to the attention when the plan is made), ``attend_prefix()`` returns their
+    attention output ``(B, P, C)`` after the passes. The block fills in its norms,
+    MLP and drop path.
     """
 
     halo: int
     passes: tuple[Callable[[Tensor, int, int], None], ...]
     attend: Callable[[Tensor, int, int, int], Tensor]
+    attend_prefix: Optional[Callable[[], Tensor]] = None
     norm1: nn.Module = field(default_factory=nn.Identity)
     norm2: nn.Module = field(default_factory=nn.Identity)
     mlp: nn.Module = field(default_factory=nn.Identity)
@@ -275,19 +279,35 @@ def _global_inline(parts: InLineBlockParts, x: Tensor, hw: tuple[int, int], num_
     return out
 
 
-def _summed_block(plan: SummedAttentionPlan, x: Tensor, rows: int) -> Tensor:
+def _summed_block(plan: SummedAttentionPlan, x: Tensor, rows: int,
+                  hw: Optional[tuple[int, int]] = None) -> Tensor:
     """The block on the map ``x (B, h, w, C)`` in passes over bands of ``rows`` rows:
     the attention's statistics, then each band's output from its rows and ``halo``
-    rows each side."""
-    h = x.shape[1]
+    rows each side. With ``hw``, ``x`` is tokens ``(B, P + h*w, C)``: ``P`` prefix
+    tokens (which the plan's attention already holds, normed) before the map."""
+    out = new_map(x.shape, x.dtype, x.device)
+    if hw is not None:
+        b, n, c = x.shape
+        num_prefix = n - hw[0] * hw[1]
+        grid, out_grid = (t[:, num_prefix:].view(b, *hw, c) for t in (x, out))
+    else:
+        num_prefix, grid, out_grid = 0, x, out
+    h = grid.shape[1]
     for collect in plan.passes:
         for r0, r1 in row_bands(h, rows):
-            collect(plan.norm1(x[:, r0:r1]), r0, r1)
-    out = new_map(x.shape, x.dtype, x.device)
+            collect(plan.norm1(grid[:, r0:r1]), r0, r1)
+
+    def finish(xc: Tensor) -> Tensor:
+        return xc + plan.drop_path(plan.mlp(plan.norm2(xc)))
+
+    if num_prefix:
+        if plan.attend_prefix is None:
+            raise ValueError('this attention has no plan for prefix tokens')
+        out[:, :num_prefix] = finish(x[:, :num_prefix] + plan.drop_path(plan.attend_prefix()))
     for r0, r1 in row_bands(h, rows):
         lo, hi = max(0, r0 - plan.halo), min(h, r1 + plan.halo)
-        xc = x[:, r0:r1] + plan.drop_path(plan.attend(plan.norm1(x[:, lo:hi]), lo, r0, r1))
-        out[:, r0:r1] = xc + plan.drop_path(plan.mlp(plan.norm2(xc)))
+        out_grid[:, r0:r1] = finish(grid[:, r0:r1] + plan.drop_path(
+            plan.attend(plan.norm1(grid[:, lo:hi]), lo, r0, r1)))
     return out
 
 
@@ -300,15 +320,18 @@ def chunked_block(block: nn.Module, x: Tensor, chunk_tokens: int,
     with ``hw`` (DeiT's class token first). Blocks without a plan (softmax stages
     with shifted windows or stripes) run whole.
     """
-    plan = block.chunk_plan(x) if hasattr(block, 'chunk_plan') else None
+    plan = None
+    if hasattr(block, 'chunk_plan'):
+        plan = block.chunk_plan(x) if hw is None else block.chunk_plan(x, hw=hw)
     if isinstance(plan, OwnBands) and x.dim() == 4:
         if current_group() is not None:  # this rank's rows: the block's sharded forward
             return block(x)
         return plan.run(x, band_rows(chunk_tokens, x.shape[2]))
-    if isinstance(plan, SummedAttentionPlan) and x.dim() == 4:
-        if current_group() is not None:  # the attention runs on the gathered map
-            return block(x)
-        return _summed_block(plan, x, band_rows(chunk_tokens, x.shape[2]))
+    if isinstance(plan, SummedAttentionPlan):
+        if current_group() is not None:  # the block's sharded forward
+            return block(x) if hw is None else block(x, hw=hw)
+        width = x.shape[2] if hw is None else hw[1]
+        return _summed_block(plan, x, band_rows(chunk_tokens, width), hw)
     if isinstance(plan, InLineBlockParts):
         if x.dim() == 4:
             b, h, w, c = x.shape
