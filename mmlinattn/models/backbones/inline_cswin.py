@@ -27,14 +27,13 @@ from ..family import BackboneFamily, BenchmarkVariant, ReleasedModel, register_f
 from ..layers import (
     BandPlan,
     ClassifierHead,
+    ConvRows,
     InLineBlockParts,
     LocalResidual,
     Mlp,
     RegionGrid,
     SummedAttentionPlan,
     attend_heads,
-    conv2d_rows,
-    conv_out_rows,
     linear_slice,
     parse_attn_types,
     window_region,
@@ -251,32 +250,25 @@ class _ToChannelsLast(nn.Module):
         return x.permute(0, 2, 3, 1)
 
 
-class ConvStem(nn.Sequential):
+class ConvStem(ConvRows, nn.Sequential):
     """CSwin's stem: 7x7 stride-4 convolution, channels last, LayerNorm (``0``, ``2``
     as released). ``(B, C_in, H, W) -> (B, H/4, W/4, C)``."""
 
     def __init__(self, in_channels: int, dim: int) -> None:
         super().__init__(nn.Conv2d(in_channels, dim, 7, 4, 2), _ToChannelsLast(), nn.LayerNorm(dim))
 
-    def out_rows(self, x: Tensor) -> int:
-        return conv_out_rows(self[0], x.shape[2])
+    @property
+    def row_conv(self) -> nn.Conv2d:
+        return self[0]
 
-    def rows_out(self, height: int) -> int:
-        return conv_out_rows(self[0], height)
-
-    #: ``(row axis of the input, kernel, stride, padding)`` along the rows.
-    row_geometry = (2, 7, 4, 2)
-
-    def forward_rows(self, x: Tensor, r0: int, r1: int, offset: int = 0,
-                     height: Optional[int] = None) -> Tensor:
-        """Output rows ``[r0, r1)``, from the input rows they read (``x``: the input's
-        rows from ``offset`` of ``height``)."""
-        return self[2](conv2d_rows(self[0], x, r0, r1, offset=offset, height=height)
-                       .permute(0, 2, 3, 1))
+    def after_conv(self, y: Tensor) -> Tensor:
+        return self[2](y)
 
 
-class ConvMerge(nn.Module):
+class ConvMerge(ConvRows, nn.Module):
     """CSwin's stage merge: 3x3 stride-2 convolution then LayerNorm, channels last."""
+
+    channels_last_input = True
 
     def __init__(self, dim: int, dim_out: int) -> None:
         super().__init__()
@@ -286,20 +278,12 @@ class ConvMerge(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
 
-    def out_rows(self, x: Tensor) -> int:
-        return conv_out_rows(self.conv, x.shape[1])
+    @property
+    def row_conv(self) -> nn.Conv2d:
+        return self.conv
 
-    def rows_out(self, height: int) -> int:
-        return conv_out_rows(self.conv, height)
-
-    #: ``(row axis of the input, kernel, stride, padding)`` along the rows.
-    row_geometry = (1, 3, 2, 1)
-
-    def forward_rows(self, x: Tensor, r0: int, r1: int, offset: int = 0,
-                     height: Optional[int] = None) -> Tensor:
-        """Output rows ``[r0, r1)`` of ``forward(x)``, from the input rows they read."""
-        return self.norm(conv2d_rows(self.conv, x.permute(0, 3, 1, 2), r0, r1, offset=offset,
-                                     height=height).permute(0, 2, 3, 1))
+    def after_conv(self, y: Tensor) -> Tensor:
+        return self.norm(y)
 
 
 def convert_cswin_checkpoint(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:

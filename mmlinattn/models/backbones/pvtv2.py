@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ...parallel import conv2d, current_group
 from ...utils.spill import new_map
-from ..layers import OwnBands, conv2d_rows, conv_out_rows, row_bands
+from ..layers import ConvRows, OwnBands, row_bands
 from .base import InLineBackbone
 
 __all__ = ['PVTv2Backbone', 'OverlapPatchEmbed', 'DWConvMlp', 'PVTv2Block',
@@ -27,7 +27,7 @@ __all__ = ['PVTv2Backbone', 'OverlapPatchEmbed', 'DWConvMlp', 'PVTv2Block',
 PVTv2AttentionFactory = Callable[[int, int, int, int], nn.Module]
 
 
-class OverlapPatchEmbed(nn.Module):
+class OverlapPatchEmbed(ConvRows, nn.Module):
     """Overlapping strided convolution (7x7 stride 4, or 3x3 stride 2; padding k // 2)
     and LayerNorm: ``(B, C_in, H, W) -> (B, ceil(H/s), ceil(W/s), C)``."""
 
@@ -44,21 +44,11 @@ class OverlapPatchEmbed(nn.Module):
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
     @property
-    def row_geometry(self) -> tuple[int, int, int, int]:
-        """``(row axis of the input, kernel, stride, padding)`` along the rows."""
-        return 2, self.proj.kernel_size[0], self.proj.stride[0], self.proj.padding[0]
+    def row_conv(self) -> nn.Conv2d:
+        return self.proj
 
-    def rows_out(self, height: int) -> int:
-        return conv_out_rows(self.proj, height)
-
-    def out_rows(self, x: Tensor) -> int:
-        return self.rows_out(x.shape[2])
-
-    def forward_rows(self, x: Tensor, r0: int, r1: int, offset: int = 0,
-                     height: Optional[int] = None) -> Tensor:
-        """Output rows ``[r0, r1)`` of ``forward(x)`` from the input rows they read."""
-        return self.norm(conv2d_rows(self.proj, x, r0, r1, offset=offset, height=height)
-                         .permute(0, 2, 3, 1))
+    def after_conv(self, y: Tensor) -> Tensor:
+        return self.norm(y)
 
 
 class _DWConv(nn.Module):

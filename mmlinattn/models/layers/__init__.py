@@ -18,7 +18,7 @@ from .chunked import (
     linear_slice,
     row_bands,
 )
-from .embed import PatchEmbed, PatchMerging
+from .embed import ConvRows, PatchEmbed, PatchMerging
 from .focused_attention import FocusedLinearAttention, FocusedTables, resize_positional_encoding
 from .head import ClassifierHead
 from .local_residual import LocalResidual, masked_mean
@@ -37,5 +37,5 @@ __all__ = [
     'agent_bias_for', 'stage_agent_shapes', 'FocusedLinearAttention',
     'resize_positional_encoding', 'ConvNormAct', 'MLLAAttention', 'MLLABlock', 'MLLAMerge',
     'MLLAStem', 'AgentBiasTables', 'FocusedTables', 'GlobalSoftmaxAttention', 'OwnBands',
-    'SummedAttentionPlan'
+    'SummedAttentionPlan', 'ConvRows'
 ]

@@ -8,9 +8,53 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...ops import ceil_to, exporting, pad_to_multiple
-from .chunked import conv2d_rows
+from .chunked import conv2d_rows, conv_out_rows
 
-__all__ = ['PatchEmbed', 'PatchMerging']
+__all__ = ['PatchEmbed', 'PatchMerging', 'ConvRows']
+
+
+class ConvRows:
+    """The row interface (token-chunked bands, spatial shards) of a module whose output
+    is one convolution followed by token-wise work (a LayerNorm): CSwin's stem and
+    merges, PVT v2's overlapping embeddings.
+
+    Subclasses give ``row_conv`` (the convolution), ``channels_last_input`` (input
+    ``(B, H, W, C)`` rather than NCHW) and ``after_conv(y)`` for the convolution's
+    output ``y (B, rows, W, C)``.
+    """
+
+    channels_last_input: bool = False
+
+    @property
+    def row_conv(self) -> nn.Conv2d:
+        raise NotImplementedError
+
+    def after_conv(self, y: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def row_geometry(self) -> tuple[int, int, int, int]:
+        """``(row axis of the input, kernel, stride, padding)`` along the rows."""
+        conv = self.row_conv
+        return (1 if self.channels_last_input else 2, conv.kernel_size[0], conv.stride[0],
+                conv.padding[0])
+
+    def rows_out(self, height: int) -> int:
+        """Output rows for ``height`` input rows."""
+        return conv_out_rows(self.row_conv, height)
+
+    def out_rows(self, x: Tensor) -> int:
+        """Output rows for the module's usual input ``x``."""
+        return self.rows_out(x.shape[self.row_geometry[0]])
+
+    def forward_rows(self, x: Tensor, r0: int, r1: int, offset: int = 0,
+                     height: Optional[int] = None) -> Tensor:
+        """Output rows ``[r0, r1)`` of ``forward(x)`` from the input rows they read
+        (``x`` holds the input's rows from ``offset`` of a ``height``-row input)."""
+        if self.channels_last_input:
+            x = x.permute(0, 3, 1, 2)
+        y = conv2d_rows(self.row_conv, x, r0, r1, offset=offset, height=height)
+        return self.after_conv(y.permute(0, 2, 3, 1))
 
 
 class PatchEmbed(nn.Module):
