@@ -257,7 +257,5 @@ register_family(BackboneFamily(
         BenchmarkVariant('swin-t-global-linear', 'the same layout, global plain linear '
                          'attention (ReLU kernel) in stages 1-3',
                          (('arch', 'tiny'), ('inline_operator', 'linear'))),
-        BenchmarkVariant('swin-t-global-linear', 'the same layout, plain linear attention in '
-                         'stages 1-3', (('arch', 'tiny'), ('inline_operator', 'linear'))),
     ),
 ))
