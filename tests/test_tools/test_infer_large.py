@@ -7,6 +7,7 @@ difference (the comparison can fail).
 """
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -114,8 +115,13 @@ def test_infer_large_tool_end_to_end(tmp_path) -> None:
     mask = mmcv.imread(str(out), flag='unchanged')
     assert mask.shape == (150, 230)
     assert "mmseg 'whole' (unchunked)" in proc.stdout
-    whole = proc.stdout.split("mmseg 'whole'")[1]
-    assert 'differing from the whole-image prediction: 0.000% of pixels' in whole.split('\n')[1]
+    whole = proc.stdout.split("mmseg 'whole'")[1].split('\n')[1]
+    differing = re.search(r'differing from the whole-image prediction: ([0-9.]+)% of pixels',
+                          whole)
+    assert differing, whole
+    # The logits agree to 1e-4 (the tests above); with random weights an arg-max tie can
+    # still flip a pixel or two (0.003% each), while a wrong halo or tile flips regions.
+    assert float(differing.group(1)) < 0.01, whole
     assert "mmseg 'slide'" in proc.stdout and 'peak' in proc.stdout
 
 
