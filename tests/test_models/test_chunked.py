@@ -54,12 +54,10 @@ CASES = {
 def _eval(name: str) -> nn.Module:
     torch.manual_seed(0)
     cls, kwargs = CASES[name]
+    model = cls(**kwargs)
     if cls in (InLineDeiT, AgentDeiT):
-        model = cls(**kwargs)
         model.blocks = model.blocks[:4]  # four blocks are enough, and fast
         model.num_stages = 4
-    else:
-        model = cls(**kwargs)
     return model.eval()
 
 

@@ -160,44 +160,43 @@ class AgentBiasTables(nn.Module):
             part = pool_agents_rows(project_part(t, 0), h, r0, self.agent_shape)
             state['agents'] = part if 'agents' not in state else state['agents'] + part
 
+        def heads_of(x: Tensor) -> Tensor:
+            return split_heads(x, heads).float()
+
+        def add_keys(tokens: Tensor, agent_bias: Tensor) -> None:
+            """The keys and values of normed ``tokens (B, n, C)`` into the softmax."""
+            c = tokens.shape[-1]
+            k, v = (heads_of(p) for p in project_part(tokens, 1, 2).unflatten(-1, (2, c))
+                    .unbind(-2))
+            agents = heads_of(state['agents']) * (c // heads) ** -0.5
+            sums.add(agents @ k.transpose(-2, -1) + agent_bias, v)
+
+        def read_out(tokens: Tensor, query_bias: Tensor) -> Tensor:
+            """Attention output ``(B, n, C)`` of the queries of normed ``tokens``."""
+            c = tokens.shape[-1]
+            if 'agent_v' not in state:
+                state['agent_v'] = sums.result()
+            q = heads_of(project_part(tokens, 0)) * (c // heads) ** -0.5
+            weights = (q @ heads_of(state['agents']).transpose(-2, -1) + query_bias).softmax(-1)
+            return merge_heads(weights @ state['agent_v']).to(tokens.dtype)
+
         def keys(t: Tensor, r0: int, r1: int) -> None:
-            c = t.shape[-1]
-            agents = split_heads(state['agents'], heads).float()
-            kv = project_part(t.reshape(t.shape[0], -1, c), 1, 2)
-            k, v = (split_heads(p, heads).float() for p in kv.unflatten(-1, (2, c)).unbind(-2))
-            scale = (c // heads) ** -0.5
             if prefix is not None and r0 == 0:  # the class tokens: keys once, before row 0
-                kp, vp = (split_heads(p, heads).float() for p in project_part(
-                    prefix, 1, 2).unflatten(-1, (2, c)).unbind(-2))
-                to_cls = self.prefix_biases()[0].expand(-1, -1, -1, prefix.shape[1])
-                sums.add((agents * scale) @ kp.transpose(-2, -1) + to_cls, vp)
-            sums.add((agents * scale) @ k.transpose(-2, -1) + self.biases((h, w), (r0, r1))[0], v)
+                add_keys(prefix, self.prefix_biases()[0].expand(-1, -1, -1, prefix.shape[1]))
+            add_keys(t.reshape(t.shape[0], -1, t.shape[-1]), self.biases((h, w), (r0, r1))[0])
 
         def attend(t: Tensor, lo: int, r0: int, r1: int) -> Tensor:
             b, rows, _, c = t.shape
-            if 'agent_v' not in state:
-                state['agent_v'] = sums.result()
-            agents = split_heads(state['agents'], heads).float()
             tokens = t.reshape(b, -1, c)
-            q = split_heads(project_part(tokens[:, (r0 - lo) * w:(r1 - lo) * w], 0),
-                            heads).float()
-            scale = (c // heads) ** -0.5
-            query_bias = self.biases((h, w), (r0, r1))[1]
-            weights = ((q * scale) @ agents.transpose(-2, -1) + query_bias).softmax(dim=-1)
-            att = merge_heads(weights @ state['agent_v']).to(t.dtype).view(b, r1 - r0, w, c)
+            att = read_out(tokens[:, (r0 - lo) * w:(r1 - lo) * w],
+                           self.biases((h, w), (r0, r1))[1]).view(b, r1 - r0, w, c)
             v = project_part(tokens, 2).view(b, rows, w, c)
             near = local(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)[:, r0 - lo:r1 - lo]
             return out(att + near)
 
         def attend_prefix() -> Tensor:
             assert prefix is not None
-            c = prefix.shape[-1]
-            agents = split_heads(state['agents'], heads).float()
-            q = split_heads(project_part(prefix, 0), heads).float()
-            from_cls = self.prefix_biases()[1]
-            weights = ((q * (c // heads) ** -0.5) @ agents.transpose(-2, -1) + from_cls
-                       ).softmax(dim=-1)
-            return out(merge_heads(weights @ sums.result()).to(prefix.dtype))
+            return out(read_out(prefix, self.prefix_biases()[1]))
 
         return SummedAttentionPlan(local.kernel_size[0] // 2, (pool, keys), attend,
                                    None if prefix is None else attend_prefix)
