@@ -289,7 +289,7 @@ def _screenshot(browser: str, page: Path, zoom: float, out: Path) -> np.ndarray:
     subprocess.run([browser, '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic',
                     '--no-first-run', '--disable-background-networking',
                     '--disable-component-update', '--disable-sync',
-                    f'--user-data-dir={out.parent / ("chrome" + str(zoom))}',
+                    f'--user-data-dir={out.parent / ("chrome-" + out.stem)}',
                     '--window-size=800,600', '--virtual-time-budget=8000',
                     f'--screenshot={out}', f'{page.as_uri()}#zoom={zoom}'],
                    check=True, capture_output=True, timeout=120)
@@ -343,13 +343,18 @@ def test_tool_writes_pyramids_and_a_viewer_chromium_shows(tmp_path) -> None:
     y, x = _uniform_label_near(labels, 128, 160, 3)
     expected = (np.array([40, 90, 40], np.float32) * 0.5 + palette[labels[y, x]] * 0.5)[::-1]
     far = _screenshot(browser, page, 1, tmp_path / 'zoom1.png')
-    near = _screenshot(browser, page, 8, tmp_path / 'zoom8.png')
     # At zoom 8 the centre of the view (left of the 220-px side panel) is the middle of
-    # the image; at zoom 1 the image fills the view's width.
-    h, w = near.shape[:2]
-    scale = 8 * (w - 220) / labels.shape[1]  # screen pixels per image pixel
-    spot = near[round(h / 2 + (y + 0.5 - 128) * scale),
-                round((w - 220) / 2 + (x + 0.5 - 160) * scale)].astype(np.float32)
+    # the image; at zoom 1 the image fills the view's width. Under a loaded CPU headless
+    # Chromium can take its screenshot before the overlay's tiles are drawn (the image
+    # alone shows): up to three screenshots, the last one decides.
+    for attempt in range(3):
+        near = _screenshot(browser, page, 8, tmp_path / f'zoom8-{attempt}.png')
+        h, w = near.shape[:2]
+        scale = 8 * (w - 220) / labels.shape[1]  # screen pixels per image pixel
+        spot = near[round(h / 2 + (y + 0.5 - 128) * scale),
+                    round((w - 220) / 2 + (x + 0.5 - 160) * scale)].astype(np.float32)
+        if np.abs(spot - expected).max() < 20:
+            break
     assert np.abs(spot - expected).max() < 20, (spot, expected, (y, x))
     # At zoom 1 the whole image is in view: both the tissue blend and the background.
     assert np.abs(far.reshape(-1, 3).astype(np.float32) - expected).max(axis=1).min() < 20
