@@ -53,7 +53,8 @@ setup(
         'deploy': ['onnx>=1.17', 'onnxruntime>=1.20', 'onnxscript>=0.5'],
         # Gigapixel files: tiled/OME/Geo TIFF in and out (tifffile), whole slides (OpenSlide's
         # library ships in the openslide-bin wheel).
-        'large-images': ['tifffile>=2024.1', 'openslide-python>=1.4', 'openslide-bin>=4.0'],
+        'large-images': ['tifffile>=2024.1', 'openslide-python>=1.4', 'openslide-bin>=4.0',
+                         'shapely>=2.0', 'pyogrio>=0.7'],
     },
     zip_safe=False,
 )

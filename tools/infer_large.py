@@ -53,8 +53,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    'whole slide, or any image cv2 reads)')
     p.add_argument('--synthetic', type=int, nargs=2, metavar=('H', 'W'),
                    help='a random H x W image instead of IMAGE (measurements)')
-    p.add_argument('--out', help='output: .tif/.tiff (pyramidal OME-TIFF) or .png labels '
-                   '(segmenter); .json (COCO-style) or .geojson (detector)')
+    p.add_argument('--out', nargs='+', metavar='PATH',
+                   help='output: .tif/.tiff (pyramidal OME-TIFF) or .png labels (segmenter); a '
+                   'detector writes one or more of .json (COCO results, RLE masks), .geojson '
+                   '(QuPath/GIS), .gpkg (GeoPackage in the source CRS), .sqlite (object store '
+                   'with an R-tree)')
     p.add_argument('--level', type=int, help='pyramid level to read (0 = full resolution)')
     p.add_argument('--mpp', type=float, help='read the level closest to this many microns '
                    'per pixel (the file must state its resolution)')
@@ -81,13 +84,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--chunk-tokens', type=int, default=65536,
                    help='tokens per band of the chunked backbone; 0 runs it unchunked')
     p.add_argument('--tile', type=int, default=2048,
-                   help='image pixels per side of a neck/head tile (multiple of 64)')
+                   help='image pixels per side of a neck/head tile (multiple of 64; of the '
+                   "neck's coarsest stride for a detector)")
     p.add_argument('--halo', type=int, default=256,
                    help='image pixels of context around each tile (multiple of 64; Semantic FPN '
-                   'needs 128, UperNet 64)')
+                   "needs 128, UperNet 64; a detector's neck and heads 256)")
+    p.add_argument('--margin', type=int, default=256,
+                   help='detectors: image pixels beyond its core in which a tile sees objects '
+                   'whole (objects reaching at most this far past the core are exact; larger '
+                   'ones are merged from the parts the tiles see)')
+    p.add_argument('--max-per-tile', type=int, default=None,
+                   help="detectors: detections kept per tile (default the config's max_per_img, "
+                   'which then applies per tile)')
+    p.add_argument('--merge-iou', type=float, default=0.5,
+                   help='detectors: IoU of two parts of a large object inside the window both '
+                   'tiles see for them to be merged')
     p.add_argument('--compare', nargs='+', choices=['whole', 'slide'], default=[],
                    help="also run mmseg's whole-image or sliding-window inference and report "
-                   'how their labels differ from ours')
+                   "how their labels differ from ours (detectors: 'whole', mmdet's heads on the "
+                   'whole pyramid, with the share of its detections ours match)')
     p.add_argument('--slide-crop', type=int, default=512)
     p.add_argument('--slide-stride', type=int, default=341)
     p.add_argument('--no-masks', action='store_true',
@@ -99,6 +114,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error('give either IMAGE or --synthetic H W')
     if args.resume and not args.spill:
         p.error('--resume needs --spill DIR (the interrupted run is kept there)')
+    args.outs = args.out or []
+    args.out = args.outs[0] if args.outs else None
     return args
 
 
@@ -194,49 +211,27 @@ def is_pyramid_path(path: str) -> bool:
     return path.lower().endswith(('.tif', '.tiff'))
 
 
-def detection_records(result: Any, classes: list, polygons: bool) -> list[dict]:
-    """COCO-style records (``bbox`` x, y, w, h in image pixels); with masks an RLE
-    ``segmentation``, or (``polygons``) the outline of the mask's largest part."""
-    import numpy as np
-    inst = result.pred_instances
-    boxes, scores, labels = inst.bboxes.cpu(), inst.scores.cpu(), inst.labels.cpu()
-    masks = inst.masks.cpu().numpy() if 'masks' in inst else None
-    records = []
-    for i in range(len(scores)):
-        x0, y0, x1, y1 = boxes[i].tolist()
-        rec = dict(bbox=[x0, y0, x1 - x0, y1 - y0], score=float(scores[i]),
-                   category_id=int(labels[i]))
-        if classes:
-            rec['category'] = classes[int(labels[i])]
-        if masks is not None and polygons:
-            import cv2
-            contours, _ = cv2.findContours(masks[i].astype(np.uint8), cv2.RETR_EXTERNAL,
-                                           cv2.CHAIN_APPROX_SIMPLE)
-            if contours:
-                largest = max(contours, key=cv2.contourArea)
-                if len(largest) >= 3:
-                    rec['polygon'] = largest[:, 0, :].astype(float).tolist()
-        elif masks is not None:
-            from pycocotools import mask as mask_util
-            rle = mask_util.encode(np.asfortranarray(masks[i].astype('uint8')))
-            rec['segmentation'] = dict(size=rle['size'], counts=rle['counts'].decode())
-        records.append(rec)
-    return records
-
-
-def write_detections(result: Any, classes: list, path: str, reader: Any = None) -> None:
-    """``.geojson``: polygons in map coordinates (GeoTIFF) or level-0 image pixels;
-    otherwise a COCO-style JSON list."""
-    from mmlinattn.rasters import atomic_output, write_geojson
-    geo = path.lower().endswith('.geojson')
-    records = detection_records(result, classes, polygons=geo)
-    if geo:
-        scale = reader.downsample if reader is not None and reader.geo is None else 1.0
-        write_geojson(path, records, getattr(reader, 'geo', None), scale=scale)
-    else:
-        with atomic_output(path) as tmp, open(tmp, 'w') as f:
-            json.dump(records, f)
-    print(f'wrote {path} ({len(records)} detections)')
+def write_detections(result: Any, classes: list, paths: list[str], reader: Any) -> None:
+    """mmdet's whole-image result written to the object files of ``paths`` (each mask
+    cut to its own box first)."""
+    from mmlinattn.engine.tiled_detection import result_objects
+    from mmlinattn.rasters.objects import open_sinks
+    from mmlinattn.rasters.writers import default_palette
+    sinks = open_sinks(paths, classes, default_palette(max(1, len(classes))), reader.height,
+                       reader.width, reader.geo, reader.downsample)
+    try:
+        objects = result_objects(result.pred_instances)
+        for obj in objects:
+            for sink in sinks:
+                sink.add(obj)
+        for sink in sinks:
+            sink.close()
+    except BaseException:
+        for sink in sinks:
+            sink.abort()
+        raise
+    for path in paths:
+        print(f'wrote {path} ({len(objects)} detections)')
 
 
 def spatial_group(device: str) -> Any:
@@ -282,9 +277,6 @@ def _main(args: argparse.Namespace, li: Any, group: Any) -> dict:
     print(reader.describe())
     model, scope = load_model(args.config, args.checkpoint, args.device)
     if group is not None:
-        if scope != 'mmseg':
-            raise ValueError('spatially parallel whole-image inference is for segmenters; run '
-                             'detectors in one process (their heads are not sharded)')
         if args.compare:
             raise ValueError('--compare runs in one process; launch without torchrun')
         import torch.distributed as dist
@@ -299,6 +291,13 @@ def _main(args: argparse.Namespace, li: Any, group: Any) -> dict:
           f'{"; maps spilled to " + args.spill if args.spill else ""}')
     report: dict = dict(image=[h, w], chunk_tokens=chunk, tile=args.tile, halo=args.halo)
     first = group is None or group.first
+    if scope == 'mmseg' and len(args.outs) > 1:
+        raise ValueError('a segmenter writes one --out (.tif/.tiff pyramid or .png labels)')
+    if scope == 'mmdet' and group is not None:
+        raise ValueError('detectors run in one process (spatially parallel detection is not '
+                         'there yet); launch without torchrun')
+    if scope == 'mmdet' and 'slide' in args.compare:
+        raise ValueError("--compare slide is for segmenters; a detector compares with 'whole'")
     if scope == 'mmseg':
         by_regions = not args.in_memory and chunk is not None
         if not by_regions and (args.spill or args.skip_background or args.resume):
@@ -367,24 +366,76 @@ def _main(args: argparse.Namespace, li: Any, group: Any) -> dict:
             print(f'  labels differing from the whole-image prediction: '
                   f'{100 * stats["label_difference"]:.3f}% of pixels')
             report[mode] = stats
-    else:
-        if args.compare:
-            raise ValueError('--compare is for segmenters (mmseg configs)')
+    elif args.in_memory or not chunk:
         if args.spill or args.skip_background or args.overlay or args.viewer or args.resume:
-            raise ValueError('--spill, --resume, --skip-background, --overlay and --viewer are '
-                             'for segmenters; a detector reads the whole image (its heads run on '
-                             'the whole pyramid)')
-        image = whole_image(reader)
-        (result, info), report['ours'] = measured('whole-image detection', args.device, lambda: (
-            li.detect_large(model, image, chunk, args.tile, args.halo, not args.no_masks,
-                            progress_bar('neck', 'tiles'))))
-        report['ours'].update(info)
-        print(f'  backbone {info["backbone_s"]:.1f} s, neck by tiles {info["neck_s"]:.1f} s, '
-              f'heads {info["heads_s"]:.1f} s; {len(result.pred_instances)} detections')
-        if args.out:
-            write_detections(result, list(model.dataset_meta.get('classes', ()))
-                             if getattr(model, 'dataset_meta', None) else [], args.out, reader)
+            raise ValueError('--spill, --resume, --skip-background, --overlay and --viewer read '
+                             'the image by regions: they need the chunked backbone and no '
+                             '--in-memory')
+        result, report['ours'] = _detect_in_memory(args, model, reader)
+        if args.outs:
+            write_detections(result, _classes(model), args.outs, reader)
+    else:
+        report['ours'] = _detect_by_regions(args, model, reader)
+        if 'whole' in args.compare:
+            result, report['whole'] = _detect_in_memory(args, model, reader)
+            from mmlinattn.engine.tiled_detection import match_detections
+            report['whole'].update(match_detections(report['ours'].pop('objects_list'),
+                                                    result.pred_instances))
+            print('  against mmdet on the whole pyramid: {matched:.2%} of its {reference} '
+                  'detections matched (same class, box IoU >= 0.95, score within 1e-3), '
+                  '{extra:.2%} extra'.format(**report['whole']))
+        if args.viewer or args.overlay:
+            raise ValueError('--viewer and --overlay are not written for detectors yet')
     return report
+
+
+def _classes(model: Any) -> list:
+    from mmlinattn.engine.detection_files import detection_classes
+    return detection_classes(model)[0]
+
+
+def _detect_in_memory(args: argparse.Namespace, model: Any, reader: Any) -> tuple[Any, dict]:
+    """mmdet's heads on the whole pyramid of the decoded image (the reference path)."""
+    from mmlinattn.engine import large_image as li
+    image = whole_image(reader)
+    (result, info), stats = measured('whole-image detection (heads on the whole pyramid)',
+                                     args.device, lambda: li.detect_large(
+        model, image, args.chunk_tokens or None, args.tile, args.halo, not args.no_masks,
+        progress_bar('neck', 'tiles')))
+    stats.update(info)
+    print(f'  backbone {info["backbone_s"]:.1f} s, neck by tiles {info["neck_s"]:.1f} s, '
+          f'heads {info["heads_s"]:.1f} s; {len(result.pred_instances)} detections')
+    stats['detections'] = len(result.pred_instances)
+    return result, stats
+
+
+def _detect_by_regions(args: argparse.Namespace, model: Any, reader: Any) -> dict:
+    """The global backbone by bands, neck and heads by tiles, objects streamed out."""
+    from mmlinattn.engine.detection_files import detect_file
+    from mmlinattn.engine.tiled_detection import DetectionTiling
+    if args.no_masks:
+        raise ValueError('--no-masks is for the in-memory path; by regions masks stay local '
+                         '(each over its own box)')
+    tiling = DetectionTiling(args.tile, args.margin, args.halo, args.merge_iou,
+                             args.max_per_tile)
+    print(f'  detection tiles: cores {tiling.tile} px, margin {tiling.margin} px (objects '
+          f'reaching up to this far past a core are seen whole), halo {tiling.halo} px')
+    settings = dict(config=osp.abspath(args.config), checkpoint=args.checkpoint)
+    info, stats = measured('whole-image detection (global backbone, tiled heads)', args.device,
+                           lambda: detect_file(
+        model, reader, args.outs, chunk_tokens=args.chunk_tokens, tiling=tiling,
+        spill=args.spill, resume=args.resume, background=args.skip_background,
+        progress=progress_bar('neck and heads', 'tiles'),
+        blocks_progress=progress_bar('backbone', 'blocks'), settings=settings,
+        keep_objects='whole' in args.compare))
+    stats.update(info)
+    print(f'  backbone {info["backbone_s"]:.1f} s, neck and heads by tiles '
+          f'{info["heads_s"]:.1f} s ({info["tiles"]} tiles), writing {info["write_s"]:.1f} s; '
+          f'{info["objects"]} objects ({info["merged"]} merged from {info["truncated"]} parts '
+          'cut at tile borders)')
+    for path in args.outs:
+        print(f'wrote {path}')
+    return stats
 
 
 if __name__ == '__main__':

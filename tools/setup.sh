@@ -130,7 +130,7 @@ else
 fi
 
 step "6/7 mmlinattn (editable) with its dev, mm, deploy and large-images extras"
-if venv_check 'import mmlinattn, pytest, pytest_timeout, ruff, onnx, onnxruntime, onnxscript, tifffile, openslide' \
+if venv_check 'import mmlinattn, pytest, pytest_timeout, ruff, onnx, onnxruntime, onnxscript, tifffile, openslide, shapely, pyogrio' \
    && [ "$(cd / && "$PY" -c 'import mmlinattn, os; print(os.path.dirname(os.path.dirname(os.path.abspath(mmlinattn.__file__))))' 2>/dev/null)" = "$ROOT" ]; then
   echo "  already installed from $ROOT"
 else

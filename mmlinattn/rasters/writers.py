@@ -7,8 +7,6 @@
   (:data:`METADATA_TAG`), the input's GeoTIFF tags (CRS, transform) kept.
 * :func:`write_overlay_pyramid`: the image with the prediction blended on it, as
   an RGB pyramid of the same layout, read band by band from the image's reader.
-* :func:`write_geojson`: detections as GeoJSON polygons, in pixel or map
-  coordinates.
 
 Everything is written to ``NAME.partial`` and renamed when complete, so a file at
 the output path is always whole.
@@ -26,7 +24,7 @@ import numpy as np
 from .readers import GeoReference, RegionReader
 
 __all__ = ['METADATA_TAG', 'TILE', 'write_label_pyramid', 'write_overlay_pyramid',
-           'write_geojson', 'read_label_metadata', 'default_palette', 'atomic_output',
+           'read_label_metadata', 'default_palette', 'atomic_output',
            'pyramid_shapes']
 
 #: A private TIFF tag holding mmlinattn's JSON metadata (classes, palette, source).
@@ -184,32 +182,3 @@ def read_label_metadata(path: str) -> dict:
         if tag is None:
             raise ValueError(f'{path}: no mmlinattn metadata tag ({METADATA_TAG})')
         return json.loads(tag.value)
-
-
-def write_geojson(path: str, detections: Sequence[dict], geo: Optional[GeoReference] = None,
-                  offset: tuple[float, float] = (0.0, 0.0), scale: float = 1.0) -> None:
-    """Detections (``bbox`` x, y, w, h in image pixels, ``score``, ``category``, optional
-    ``polygon`` [[x, y], ...]) -> a GeoJSON FeatureCollection of polygons: in map
-    coordinates through ``geo``'s transform when given, else in image pixels
-    (``scale`` level-0 pixels per pixel and ``offset`` added, y down)."""
-    def point(x: float, y: float) -> list[float]:
-        x, y = x * scale + offset[0], y * scale + offset[1]
-        if geo is not None and geo.transform is not None:
-            return list(geo.to_map(x, y))
-        return [x, y]
-
-    features = []
-    for det in detections:
-        x, y, bw, bh = det['bbox']
-        ring = det.get('polygon') or [[x, y], [x + bw, y], [x + bw, y + bh], [x, y + bh]]
-        coords = [point(px, py) for px, py in ring]
-        coords.append(coords[0])
-        props = {k: v for k, v in det.items() if k not in ('segmentation', 'polygon')}
-        features.append(dict(type='Feature', geometry=dict(type='Polygon',
-                                                           coordinates=[coords]),
-                             properties=props))
-    collection: dict = dict(type='FeatureCollection', features=features)
-    if geo is not None and geo.crs:
-        collection['crs'] = dict(type='name', properties=dict(name=geo.crs))
-    with atomic_output(path) as tmp, open(tmp, 'w') as f:
-        json.dump(collection, f)

@@ -1,0 +1,228 @@
+"""Whole-image detection of an image file, by regions, into streamed object files.
+
+:func:`detect_file` joins the pieces: a region reader feeds the chunked backbone band
+by band (the global backbone, exact); the neck and heads run tile by tile
+(:mod:`mmlinattn.engine.tiled_detection`); each finished row of tiles is staged as
+JSON lines in the run folder; at the end the staged objects, and the merged large
+objects, are streamed to every output (:mod:`mmlinattn.rasters.objects`). Memory holds
+one row of tiles' objects at a time, whatever their number.
+
+With a spill folder the backbone's maps are memory-mapped files there and the run is
+resumable: the maps are kept when the backbone finishes and every staged row is
+recorded in ``state.json`` after its file is complete, so ``resume=True`` continues
+from the next row of tiles. ``background``: only the tissue's block rows and columns
+are predicted (a compacted image), and the objects are mapped back to the image.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import os.path as osp
+import tempfile
+import time
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..rasters import CompactedReader, RegionReader, kept_pixels, tissue_mask
+from ..rasters.objects import DetectedObject, LocalMask, open_sinks
+from ..rasters.writers import default_palette
+from .large_files import RunFolder, _counting_blocks, _file_digest
+from .large_image import Progress, _features, _image_size, _padded
+from .tiled_detection import (
+    DetectionTiling,
+    check_tileable,
+    merge_truncated,
+    run_detection_tiles,
+)
+
+__all__ = ['detect_file', 'detection_classes']
+
+
+def detection_classes(model: Any) -> tuple[list[str], list[list[int]]]:
+    """The detector's class names and RGB palette (its dataset's, or indices and a fixed
+    palette)."""
+    meta = getattr(model, 'dataset_meta', None) or {}
+    classes = list(meta.get('classes') or ())
+    if not classes:
+        roi = getattr(model, 'roi_head', None)
+        head = roi.bbox_head if roi is not None else model.bbox_head
+        if isinstance(head, torch.nn.ModuleList):  # a cascade: the last stage's
+            head = head[-1]
+        classes = [str(i) for i in range(head.num_classes)]
+    palette = meta.get('palette') or default_palette(len(classes))
+    return classes, [list(map(int, c)) for c in palette][:len(classes)]
+
+
+class _Staging:
+    """Rows of tiles' objects as JSON lines: ``objects/row{y}.jsonl`` (objects owned by
+    a tile) and ``objects/cut{y}.jsonl`` (truncated parts), each complete before the
+    row is recorded done."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = osp.join(folder, 'objects')
+        os.makedirs(self.folder, exist_ok=True)
+
+    def clear(self) -> None:
+        for name in os.listdir(self.folder):
+            os.remove(osp.join(self.folder, name))
+
+    def write(self, kind: str, y: int, objects: Sequence[DetectedObject]) -> None:
+        path = osp.join(self.folder, f'{kind}{y:09d}.jsonl')
+        with open(path + '.partial', 'w') as f:
+            for obj in objects:
+                f.write(json.dumps(obj.to_json()) + '\n')
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + '.partial', path)
+
+    def read(self, kind: str) -> Iterator[DetectedObject]:
+        for name in sorted(os.listdir(self.folder)):
+            if name.startswith(kind) and name.endswith('.jsonl'):
+                with open(osp.join(self.folder, name)) as f:
+                    for line in f:
+                        yield DetectedObject.from_json(json.loads(line))
+
+
+def _uncompact(obj: DetectedObject, rows: np.ndarray, cols: np.ndarray) -> DetectedObject:
+    """An object of the compacted image at its place in the whole image."""
+    def coord(v: float, keep: np.ndarray, end: bool) -> float:
+        i = min(len(keep) - 1, max(0, int(np.ceil(v)) - 1 if end else int(v)))
+        base = float(keep[i])
+        return base + 1 - (np.ceil(v) - v) if end else base + (v - int(v))
+
+    x0, y0, x1, y1 = obj.bbox
+    box = (coord(x0, cols, False), coord(y0, rows, False), coord(x1, cols, True),
+           coord(y1, rows, True))
+    mask = None
+    if obj.mask is not None:
+        m = obj.mask
+        h, w = m.bits.shape
+        ys = rows[max(0, m.y0):min(len(rows), m.y0 + h)]
+        xs = cols[max(0, m.x0):min(len(cols), m.x0 + w)]
+        bits = m.bits[max(0, -m.y0):max(0, -m.y0) + len(ys), max(0, -m.x0):max(0, -m.x0) + len(xs)]
+        if len(ys) and len(xs):
+            full = np.zeros((int(ys[-1] - ys[0]) + 1, int(xs[-1] - xs[0]) + 1), bool)
+            full[np.ix_(ys - ys[0], xs - xs[0])] = bits
+            mask = LocalMask(int(ys[0]), int(xs[0]), full)
+    return DetectedObject(obj.label, obj.score, box, mask, obj.extra)
+
+
+def detect_file(model: Any, reader: RegionReader, outputs: Sequence[str], *,
+                chunk_tokens: int, tiling: Optional[DetectionTiling] = None,
+                spill: Optional[str] = None, resume: bool = False,
+                background: Optional[str] = None, min_spill_bytes: int = 64 * 2**20,
+                progress: Progress = None,
+                blocks_progress: Optional[Callable[[int, int], None]] = None,
+                settings: Optional[dict] = None, keep_objects: bool = False) -> dict:
+    """Detect every object of the image of ``reader`` and write ``outputs`` (by suffix:
+    ``.json`` COCO results, ``.geojson`` QuPath/GIS, ``.gpkg`` GeoPackage, ``.sqlite``
+    an object store). Returns an info dict (timings, tiles, object counts; with
+    ``keep_objects`` also ``objects``: the list, for tests and small images).
+
+    ``spill``: a folder for maps too large for memory and for ``resume``;
+    ``background``: ``'otsu'`` or a mask file (only tissue is predicted);
+    ``settings``: what else must match for ``resume`` (config, weights).
+    A failed run leaves no output file.
+    """
+    check_tileable(model)
+    tiling = tiling or DetectionTiling()
+    if resume and not spill:
+        raise ValueError('--resume needs --spill DIR (the run is kept there)')
+    classes, palette = detection_classes(model)
+    h, w = reader.height, reader.width
+    info: dict = dict(image=[h, w], level=reader.level, mpp=reader.mpp, tile=tiling.tile,
+                      margin=tiling.margin, halo=tiling.halo)
+    src: RegionReader = reader
+    keep = None
+    if background:
+        start = time.perf_counter()
+        mask, scale = tissue_mask(reader, background)
+        keep = kept_pixels(mask, scale, h, w)
+        src = CompactedReader(reader, *keep)
+        info['tissue'] = dict(rows=len(keep[0]), cols=len(keep[1]),
+                              fraction=len(keep[0]) * len(keep[1]) / (h * w),
+                              seconds=time.perf_counter() - start)
+    with contextlib.ExitStack() as stack:
+        if spill:
+            fingerprint = dict(settings or {}, image=_file_digest(reader.path),
+                               level=reader.level, chunk_tokens=chunk_tokens, tile=tiling.tile,
+                               margin=tiling.margin, halo=tiling.halo,
+                               max_per_tile=tiling.max_per_tile, background=background,
+                               task='detection')
+            run: Optional[RunFolder] = RunFolder(spill, fingerprint, resume)
+            folder = spill
+            info['resumed'] = run.resumed
+        else:
+            run = None
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix='mmlinattn-det-'))
+        staging = _Staging(folder)
+        if run is None or not run.resumed:
+            staging.clear()
+        store = stack.enter_context(run.spilling(min_spill_bytes)) if run else None
+        feats = run.load_features() if run is not None else None
+        with torch.no_grad():
+            if feats is None:
+                with _counting_blocks(model, blocks_progress):
+                    x, _, _, feats, stride = _features(model, src, 'mmdet', chunk_tokens, info)
+                del x
+                if run is not None:
+                    run.save_features(feats)
+            else:
+                stride = _padded(_image_size(src)[0]) // feats[0].shape[2]
+                info['backbone_s'] = 0.0
+        counts = dict(objects=0, truncated=0)
+
+        def emit_row(y: int, objects: list[DetectedObject], cut: list[DetectedObject]) -> None:
+            staging.write('row', y, objects)
+            staging.write('cut', y, cut)
+            if run is not None:
+                run.row_done(y)
+
+        info.update(run_detection_tiles(
+            model, feats, stride, (src.height, src.width), tiling, emit_row,
+            run.rows_done() if run is not None else None, progress))
+        del feats
+        if store is not None:
+            info['spill'] = dict(files=store.files, spilled_gib=store.spilled_bytes / 2**30,
+                                 peak_mapped_gib=store.peak_bytes / 2**30)
+        start = time.perf_counter()
+        merged = merge_truncated(list(staging.read('cut')), tiling.merge_iou)
+        counts['truncated'] = sum(o.extra.get('parts', 1) for o in merged)
+        counts['merged'] = len(merged)
+        sinks = open_sinks(outputs, classes, palette, h, w, reader.geo, reader.downsample,
+                           dict(image=osp.basename(reader.path), level=reader.level,
+                                **{k: v for k, v in (settings or {}).items()
+                                   if isinstance(v, str)}))
+        kept: list[DetectedObject] = []
+        try:
+            for obj in _all_objects(staging, merged, keep):
+                counts['objects'] += 1
+                for sink in sinks:
+                    sink.add(obj)
+                if keep_objects:
+                    kept.append(obj)
+            for sink in sinks:
+                sink.close()
+        except BaseException:
+            for sink in sinks:
+                sink.abort()
+            raise
+        info['write_s'] = time.perf_counter() - start
+    info.update(counts)
+    info['decoded_pixels'] = reader.decoded_pixels
+    if keep_objects:
+        info['objects_list'] = kept
+    return info
+
+
+def _all_objects(staging: _Staging, merged: list[DetectedObject],
+                 keep: Optional[tuple[np.ndarray, np.ndarray]]) -> Iterator[DetectedObject]:
+    for obj in staging.read('row'):
+        yield obj if keep is None else _uncompact(obj, *keep)
+    for obj in merged:
+        obj.extra = {k: v for k, v in obj.extra.items() if k in ('parts', )}
+        yield obj if keep is None else _uncompact(obj, *keep)
+

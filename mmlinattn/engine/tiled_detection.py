@@ -1,0 +1,459 @@
+"""Detection and instance segmentation of very large images: a global backbone, tiled heads.
+
+The backbone runs once over the whole image, exactly (token-chunked, by bands), so
+every tile's features see the whole image. The neck and the detector's heads (RPN and
+RoI heads, or a dense head) run tile by tile:
+
+* The image is cut into **cores** of ``tile`` pixels. Around a core, ``margin`` pixels
+  where the objects of the core are seen whole, and around that ``halo`` pixels of
+  features the heads' own convolutions read. The neck runs on the core with
+  ``margin + 2 * halo`` pixels of backbone features around it and is kept on the core
+  with ``margin + halo`` (the **head region**, where its output equals the whole-image
+  neck's when ``halo`` covers the neck's receptive field). The heads run on the head
+  region as if it were an image of its own.
+* **Responsibility**: a detection belongs to the tile whose core holds the centre of
+  its box (cores are half-open, so exactly one tile). An object whose box reaches at
+  most ``margin`` pixels beyond the core lies, with ``halo`` pixels of context, inside
+  the head region: it is seen whole and reported once.
+* **Larger objects** reach the head region's border: their boxes are cut there. Such a
+  truncated detection is kept aside (they are few) and, after all tiles, the parts
+  of one object seen by neighbouring tiles are merged: same class, and their boxes
+  agree (IoU >= ``merge_iou``) inside the window both tiles see. The merged object has
+  the union of the boxes and masks, the best score and ``parts`` > 1.
+* **Budgets are per tile**: the config's ``test_cfg`` (RPN ``nms_pre``/``max_per_img``,
+  RCNN/dense ``max_per_img``) apply to each head region, so the number of detections
+  grows with the number of tiles: a whole-image top-k is meaningless at 10^9 pixels.
+* **Masks** are pasted over each box's own pixels (mmdet's CPU paste, box by box), never
+  at image size: :class:`~mmlinattn.rasters.objects.LocalMask`.
+
+Which heads can be tiled: heads made of convolutions over the neck's maps and of
+RoI features (single-stage detectors with an anchor-based or anchor-free dense head;
+two-stage detectors with an RPN and a standard, cascade, double or dynamic RoI head
+with FCN mask heads). Query-based (DETR, Sparse R-CNN), panoptic and image-sized mask
+heads (SOLO, YOLACT, RTMDet-Ins, PointRend) are refused by name: :func:`check_tileable`.
+
+Units: image pixels of the level read in the public interface (multiples of the
+coarsest stride of the neck, so every level of every crop starts on a whole pixel);
+pixels of the finest backbone map inside.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..rasters.objects import DetectedObject, LocalMask
+from .large_image import SIZE_DIVISOR, Progress, _box, features_given
+
+__all__ = ['DetectionTiling', 'TileRegions', 'check_tileable', 'detection_tiles',
+           'detect_tile', 'merge_truncated', 'neck_strides', 'run_detection_tiles',
+           'result_objects', 'match_detections']
+
+
+@dataclass(frozen=True)
+class DetectionTiling:
+    """``tile``: core side; ``margin``: how far beyond its core a tile sees objects whole;
+    ``halo``: features around the margin for the neck's and heads' receptive fields;
+    all in image pixels. ``merge_iou``: agreement of two parts of a large object inside
+    the window both tiles see. ``max_per_tile``: detections kept per tile (None: the
+    config's ``max_per_img``)."""
+
+    tile: int = 2048
+    margin: int = 256
+    halo: int = 256
+    merge_iou: float = 0.5
+    max_per_tile: Optional[int] = None
+
+    def check(self, divisor: int) -> None:
+        for name in ('tile', 'margin', 'halo'):
+            value = getattr(self, name)
+            if value < (divisor if name == 'tile' else 0) or value % divisor:
+                raise ValueError(f'{name}={value} must be a {"positive " if name == "tile" else ""}'
+                                 f'multiple of {divisor} image pixels (the coarsest stride of '
+                                 'the neck), so that tiles line up with every feature level')
+
+
+@dataclass(frozen=True)
+class TileRegions:
+    """One tile in image pixels: its core ``[y0, y1) x [x0, x1)``, the head region
+    ``head`` and the neck's crop ``crop`` (each ``(y0, y1, x0, x1)``, clipped to the
+    padded image), and its position ``(row, col)`` in the grid of tiles."""
+
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+    head: tuple[int, int, int, int]
+    crop: tuple[int, int, int, int]
+    index: tuple[int, int]
+
+
+def detection_tiles(height: int, width: int, tiling: DetectionTiling,
+                    rows: Optional[tuple[int, int]] = None) -> list[TileRegions]:
+    """The tiles covering a ``height x width`` padded image (only those whose cores start
+    in rows ``[r0, r1)`` when ``rows`` is given), row by row."""
+    t, m, h = tiling.tile, tiling.margin, tiling.halo
+    r0, r1 = rows if rows is not None else (0, height)
+    out = []
+    for i, y0 in enumerate(range(0, height, t)):
+        if not r0 <= y0 < r1:
+            continue
+        for j, x0 in enumerate(range(0, width, t)):
+            y1, x1 = min(height, y0 + t), min(width, x0 + t)
+            head, crop = ((max(0, y0 - d), min(height, y1 + d), max(0, x0 - d),
+                           min(width, x1 + d)) for d in (m + h, m + 2 * h))
+            out.append(TileRegions(y0, y1, x0, x1, head, crop, (i, j)))
+    return out
+
+
+def _is(obj: Any, names: Sequence[str]) -> bool:
+    return any(c.__name__ in names for c in type(obj).__mro__)
+
+
+def check_tileable(model: Any) -> None:
+    """Refuse, naming it, a detector whose heads cannot run tile by tile."""
+    name = type(model).__name__
+    refused = ('DetectionTransformer', 'SingleStageInstanceSegmentor', 'MaskFormer', 'GLIP',
+               'TwoStagePanopticSegmentor', 'SparseRCNN', 'PointRend')
+    if _is(model, refused):
+        raise ValueError(f'{name}: its heads are not local (queries over the whole image, or '
+                         'masks at image size), so they cannot run tile by tile; whole-image '
+                         'detection by regions supports single-stage detectors with dense '
+                         'heads and two-stage detectors with RPN + RoI heads')
+    dense = ('AnchorHead', 'AnchorFreeHead')
+    if _is(model, ('TwoStageDetector', )):
+        rpn, roi = getattr(model, 'rpn_head', None), getattr(model, 'roi_head', None)
+        if rpn is None or not _is(rpn, dense):
+            raise ValueError(f'{name}: the proposal head {type(rpn).__name__} cannot run tile by '
+                             'tile (an anchor-based RPN is needed)')
+        roi_types = ('StandardRoIHead', 'CascadeRoIHead', 'DoubleHeadRoIHead', 'DynamicRoIHead')
+        if type(roi).__name__ not in roi_types or getattr(roi, 'with_semantic', False):
+            raise ValueError(f'{name}: the RoI head {type(roi).__name__} cannot run tile by tile '
+                             f'(supported: {", ".join(roi_types)})')
+        heads = roi.mask_head if isinstance(roi.mask_head, torch.nn.ModuleList) else [
+            roi.mask_head] if getattr(roi, 'with_mask', False) else []
+        for mh in heads:
+            if not _is(mh, ('FCNMaskHead', )) or _is(mh, ('CoarseMaskHead', )):
+                raise ValueError(f'{name}: the mask head {type(mh).__name__} cannot run tile by '
+                                 'tile (an FCN mask head is needed)')
+    elif _is(model, ('SingleStageDetector', )):
+        head = getattr(model, 'bbox_head', None)
+        if head is None or not _is(head, dense) or _is(head, ('RTMDetInsHead', )):
+            raise ValueError(f'{name}: the head {type(head).__name__} cannot run tile by tile '
+                             '(an anchor-based or anchor-free dense head is needed)')
+    else:
+        raise ValueError(f'{name}: not a detector whose heads can run tile by tile')
+    if not getattr(model, 'with_neck', False):
+        raise ValueError(f'{name}: a detector without a neck is not supported by tiles')
+
+
+def neck_strides(model: Any, feats: Sequence[Tensor], stride: int) -> list[int]:
+    """The stride (image pixels) of each of the neck's outputs, from a run on a small
+    zero crop of the backbone's maps."""
+    side = 64  # finest pixels: every usual level (down to 1/64 of it) is a whole map
+    crops = [f.new_zeros(1, f.shape[1], side * f.shape[2] // feats[0].shape[2] or 1,
+                         side * f.shape[3] // feats[0].shape[3] or 1) for f in feats]
+    with torch.no_grad():
+        outs = model.neck(crops)
+    return [stride * side // o.shape[2] for o in outs]
+
+
+@contextlib.contextmanager
+def local_mask_paste(model: Any) -> Iterator[None]:
+    """mmdet's mask heads paste each mask at the image's size; inside this context they
+    return :class:`LocalMasks` (each mask over its box's own pixels, pasted exactly as
+    mmdet pastes on the CPU) instead."""
+    roi = getattr(model, 'roi_head', None)
+    heads = []
+    if roi is not None and getattr(roi, 'with_mask', False):
+        heads = list(roi.mask_head) if isinstance(roi.mask_head, torch.nn.ModuleList) else [
+            roi.mask_head]
+    for mh in heads:
+        mh._predict_by_feat_single = _local_paste(mh)
+    try:
+        yield
+    finally:
+        for mh in heads:
+            del mh._predict_by_feat_single
+
+
+class LocalMasks:
+    """The masks of a tile's detections, each over its box's pixels (``LocalMask`` in the
+    head region's coordinates); indexable like the tensor mmdet would hold."""
+
+    def __init__(self, masks: list[LocalMask]) -> None:
+        self.masks = masks
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    def __getitem__(self, item: Any) -> Any:
+        if isinstance(item, int):
+            return self.masks[item]
+        idx = torch.arange(len(self.masks))[item].tolist()
+        return LocalMasks([self.masks[i] for i in idx])
+
+
+def _local_paste(head: Any) -> Callable[..., LocalMasks]:
+    from mmdet.models.roi_heads.mask_heads.fcn_mask_head import _do_paste_mask
+
+    def paste(mask_preds: Tensor, bboxes: Tensor, labels: Tensor, img_meta: dict,
+              rcnn_test_cfg: Any, rescale: bool = False, activate_map: bool = False
+              ) -> LocalMasks:
+        if rescale or tuple(img_meta.get('scale_factor', (1., 1.))) != (1., 1.):
+            raise ValueError('tiled detection pastes masks at the scale of the image read')
+        img_h, img_w = img_meta['ori_shape'][:2]
+        probs = mask_preds.sigmoid() if not activate_map else bboxes.new_tensor(mask_preds)
+        if not head.class_agnostic:
+            probs = probs[range(len(probs)), labels][:, None]
+        threshold = rcnn_test_cfg.mask_thr_binary
+        out = []
+        for i in range(len(probs)):  # mmdet's CPU paste: one box at a time, its region only
+            m, (ys, xs) = _do_paste_mask(probs[i:i + 1], bboxes[i:i + 1], img_h, img_w,
+                                         skip_empty=True)
+            bits = (m[0] >= threshold).numpy()
+            out.append(LocalMask(int(ys.start), int(xs.start), bits))
+        return LocalMasks(out)
+
+    return paste
+
+
+def _samples(model: Any, head: tuple[int, int, int, int], image_hw: tuple[int, int]) -> list:
+    from mmdet.structures import DetDataSample
+    y0, y1, x0, x1 = head
+    shown = (max(0, min(y1, image_hw[0]) - y0), max(0, min(x1, image_hw[1]) - x0))
+    meta = dict(img_shape=shown, ori_shape=shown, pad_shape=(y1 - y0, x1 - x0),
+                batch_input_shape=(y1 - y0, x1 - x0), scale_factor=(1., 1.))
+    return [DetDataSample(metainfo=meta)]
+
+
+@contextlib.contextmanager
+def per_tile_budget(model: Any, max_per_tile: Optional[int]) -> Iterator[None]:
+    """The config's ``max_per_img`` of the final detections set to ``max_per_tile``."""
+    if max_per_tile is None:
+        yield
+        return
+    cfgs = []
+    roi = getattr(model, 'roi_head', None)
+    if roi is not None:
+        cfgs.append(roi.test_cfg)
+    head = getattr(model, 'bbox_head', None)
+    if head is not None:
+        cfgs.append(head.test_cfg)
+    saved = [c.get('max_per_img') for c in cfgs]
+    for c in cfgs:
+        c['max_per_img'] = max_per_tile
+    try:
+        yield
+    finally:
+        for c, v in zip(cfgs, saved):
+            c['max_per_img'] = v
+
+
+def detect_tile(model: Any, feats: Sequence[Tensor], stride: int, strides: Sequence[int],
+                t: TileRegions, image_hw: tuple[int, int]
+                ) -> tuple[list[DetectedObject], list[DetectedObject]]:
+    """The neck and heads of one tile: its objects (centre in the core, boxes in image
+    pixels) and its truncated detections (boxes cut at the head region's border inside
+    the image, whose box meets the core). ``feats``: the backbone's maps (finest first,
+    ``stride`` image pixels per finest pixel); ``strides``: of the neck's outputs. Run
+    inside :func:`local_mask_paste` and under ``torch.no_grad``."""
+    finest = feats[0]
+    scales = [finest.shape[2] / f.shape[2] for f in feats]
+    cy0, cy1, cx0, cx1 = (v // stride for v in t.crop)
+    crops = [_box(f, cy0, cy1, cx0, cx1, s) for f, s in zip(feats, scales)]
+    outs = model.neck(crops)
+    hy0, hy1, hx0, hx1 = t.head
+    # The neck's outputs on the head region (each level starts on a whole pixel).
+    oy, ox = hy0 - t.crop[0], hx0 - t.crop[2]
+    # Contiguous: mmcv's CPU RoIAlign reads its input as a dense array (a strided view
+    # gives other features, silently).
+    head_feats = [o[:, :, oy // s:-(-(oy + hy1 - hy0) // s),
+                    ox // s:-(-(ox + hx1 - hx0) // s)].contiguous()
+                  for o, s in zip(outs, strides)]
+    samples = _samples(model, t.head, image_hw)
+    with features_given(model, head_feats):
+        result = model.predict(None, samples, rescale=False)[0].pred_instances
+    shown_h, shown_w = samples[0].metainfo['img_shape']
+    boxes = result.bboxes.double() + torch.tensor([hx0, hy0, hx0, hy0], dtype=torch.float64)
+    masks = result.masks if 'masks' in result else None
+    own, cut = [], []
+    eps = 1e-3
+    # A border of the head region inside the image cuts what reaches it.
+    inner = (hx0 > 0, hy0 > 0, hx0 + shown_w < image_hw[1], hy0 + shown_h < image_hw[0])
+    core = (t.y0, t.y1, t.x0, t.x1)
+    for i in range(len(boxes)):
+        x0, y0, x1, y1 = boxes[i].tolist()
+        mask = masks[i].shifted(hy0, hx0) if masks is not None else None
+        obj = DetectedObject(int(result.labels[i]), float(result.scores[i]),
+                             (x0, y0, x1, y1), mask)
+        touches = ((inner[0] and x0 <= hx0 + eps) or (inner[1] and y0 <= hy0 + eps)
+                   or (inner[2] and x1 >= hx0 + shown_w - eps)
+                   or (inner[3] and y1 >= hy0 + shown_h - eps))
+        if touches:
+            if x0 < core[3] and x1 > core[2] and y0 < core[1] and y1 > core[0]:
+                obj.extra = dict(tile=list(t.index), head=list(t.head))
+                cut.append(obj)
+            continue
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        if core[0] <= cy < core[1] and core[2] <= cx < core[3]:
+            own.append(obj)
+    return own, cut
+
+
+def _box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _clip(b: Sequence[float], w: Sequence[int]) -> tuple[float, float, float, float]:
+    """Box ``b`` (x0, y0, x1, y1) cut to window ``w`` (y0, y1, x0, x1)."""
+    return (max(b[0], w[2]), max(b[1], w[0]), min(b[2], w[3]), min(b[3], w[1]))
+
+
+def merge_truncated(parts: list[DetectedObject], merge_iou: float = 0.5
+                    ) -> list[DetectedObject]:
+    """Objects made of the truncated detections of neighbouring tiles: two parts of the
+    same class from different tiles are one object when their boxes, cut to the window
+    both tiles' head regions see, overlap with IoU >= ``merge_iou``. Each object: the
+    union of its parts' boxes and masks, the best score, ``extra['parts']``."""
+    n = len(parts)
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i in range(n):
+        a = parts[i]
+        for j in range(i + 1, n):
+            b = parts[j]
+            if a.label != b.label or a.extra['tile'] == b.extra['tile']:
+                continue
+            ha, hb = a.extra['head'], b.extra['head']
+            shared = (max(ha[0], hb[0]), min(ha[1], hb[1]), max(ha[2], hb[2]), min(ha[3], hb[3]))
+            if shared[0] >= shared[1] or shared[2] >= shared[3]:
+                continue
+            if _box_iou(_clip(a.bbox, shared), _clip(b.bbox, shared)) >= merge_iou:
+                parent[find(j)] = find(i)
+    groups: dict[int, list[DetectedObject]] = {}
+    for i in range(n):
+        groups.setdefault(find(i), []).append(parts[i])
+    merged = []
+    for members in groups.values():
+        box = (min(m.bbox[0] for m in members), min(m.bbox[1] for m in members),
+               max(m.bbox[2] for m in members), max(m.bbox[3] for m in members))
+        best = max(members, key=lambda m: m.score)
+        mask = None
+        if all(m.mask is not None for m in members):
+            y0 = min(m.mask.y0 for m in members)
+            x0 = min(m.mask.x0 for m in members)
+            y1 = max(m.mask.y0 + m.mask.bits.shape[0] for m in members)
+            x1 = max(m.mask.x0 + m.mask.bits.shape[1] for m in members)
+            bits = np.zeros((y1 - y0, x1 - x0), bool)
+            for m in members:
+                h, w = m.mask.bits.shape
+                bits[m.mask.y0 - y0:m.mask.y0 - y0 + h, m.mask.x0 - x0:m.mask.x0 - x0 + w] |= \
+                    m.mask.bits
+            mask = LocalMask(y0, x0, bits)
+        merged.append(DetectedObject(best.label, best.score, box, mask,
+                                     dict(parts=len(members))))
+    return merged
+
+
+def run_detection_tiles(model: Any, feats: Sequence[Tensor], stride: int,
+                        image_hw: tuple[int, int], tiling: DetectionTiling,
+                        emit_row: Callable[[int, list[DetectedObject], list[DetectedObject]],
+                                           None],
+                        rows_done: Optional[set[int]] = None, progress: Progress = None
+                        ) -> dict:
+    """Every tile of the padded image, tile row by tile row, skipping the rows (first
+    image row of each) in ``rows_done``; after each row ``emit_row(row_y0, objects,
+    truncated)``. Returns timings and the number of tiles."""
+    strides = neck_strides(model, feats, stride)
+    tiling.check(max(SIZE_DIVISOR, max(strides)))
+    tiles = detection_tiles(feats[0].shape[2] * stride, feats[0].shape[3] * stride, tiling)
+    done = rows_done or set()
+    count = sum(1 for t in tiles if t.y0 in done)
+    start = time.perf_counter()
+    with torch.no_grad(), local_mask_paste(model), per_tile_budget(model, tiling.max_per_tile):
+        row: list[TileRegions] = []
+        for k, t in enumerate(tiles):
+            if t.y0 in done:
+                continue
+            row.append(t)
+            if k + 1 < len(tiles) and tiles[k + 1].y0 == t.y0:
+                continue
+            objects: list[DetectedObject] = []
+            truncated: list[DetectedObject] = []
+            for tr in row:
+                own, cut = detect_tile(model, feats, stride, strides, tr, image_hw)
+                objects += own
+                truncated += cut
+                count += 1
+                if progress is not None:
+                    progress(count, len(tiles))
+            emit_row(t.y0, objects, truncated)
+            row = []
+    return dict(heads_s=time.perf_counter() - start, tiles=len(tiles))
+
+
+def result_objects(instances: Any) -> list[DetectedObject]:
+    """mmdet's predicted instances of a whole image as objects, each mask cut to the
+    pixels of its own box (the reference path's masks are image-sized)."""
+    boxes = instances.bboxes.double().cpu()
+    masks = instances.masks.cpu() if 'masks' in instances else None
+    out = []
+    for i in range(len(boxes)):
+        x0, y0, x1, y1 = boxes[i].tolist()
+        mask = None
+        if masks is not None:
+            ys, xs = torch.nonzero(masks[i], as_tuple=True)
+            if len(ys):
+                top, left = int(ys.min()), int(xs.min())
+                mask = LocalMask(top, left, masks[i][top:int(ys.max()) + 1,
+                                                     left:int(xs.max()) + 1].numpy().astype(bool))
+            else:
+                mask = LocalMask(0, 0, np.zeros((0, 0), bool))
+        out.append(DetectedObject(int(instances.labels[i]), float(instances.scores[i]),
+                                  (x0, y0, x1, y1), mask))
+    return out
+
+
+def match_detections(ours: Sequence[DetectedObject], reference: Any, iou: float = 0.95,
+                     score_tol: float = 1e-3) -> dict:
+    """How many of the reference detections (mmdet instances or objects) ours match
+    one to one (same class, box IoU >= ``iou``, scores within ``score_tol``), greedily
+    by the reference's score: ``matched`` and ``extra`` as shares of the reference's
+    count, and the counts."""
+    ref = reference if isinstance(reference, (list, tuple)) else result_objects(reference)
+    used = [False] * len(ours)
+    by_label: dict[int, list[int]] = {}
+    for j, o in enumerate(ours):
+        by_label.setdefault(o.label, []).append(j)
+    matched = 0
+    for r in sorted(ref, key=lambda o: -o.score):
+        best, best_iou = None, iou
+        for j in by_label.get(r.label, []):
+            if used[j] or abs(ours[j].score - r.score) > score_tol:
+                continue
+            v = _box_iou(ours[j].bbox, r.bbox)
+            if v >= best_iou:
+                best, best_iou = j, v
+        if best is not None:
+            used[best] = True
+            matched += 1
+    n = max(1, len(ref))
+    return dict(reference=len(ref), ours=len(ours), matched_count=matched,
+                matched=matched / n if ref else 1.0,
+                extra=(len(ours) - matched) / n if ref else float(len(ours) > 0))

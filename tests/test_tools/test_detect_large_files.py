@@ -1,0 +1,362 @@
+"""Detection of large images by regions: global backbone, tiled heads, streamed objects.
+
+The reference for the tiles is mmdet's own prediction on the whole pyramid of the
+same padded image. With non-maximum suppression off and budgets larger than the
+number of candidates, every detection of the whole image whose box lies within the
+margin of the tile holding its centre must be found exactly once by the tiles (same
+class, same box, same score, same mask), and nothing else but cut parts: a wrong
+responsibility rule (both copies kept) or a tile shifted by a pixel fails here.
+Object files are read back with independent readers (pycocotools, shapely, sqlite3,
+pyogrio).
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pycocotools_mask = pytest.importorskip('pycocotools.mask')
+shapely = pytest.importorskip('shapely')
+
+from mmlinattn.rasters.objects import (  # noqa: E402
+    DetectedObject,
+    GeoJsonSink,
+    LocalMask,
+    ObjectStore,
+    image_rle,
+    mask_polygon,
+    query_objects,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+DET_CFG = REPO / 'configs/tiny/mask-rcnn_inline-pvt-t_fpn_300i_tiny-coco.py'
+
+
+def _random_mask(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    bits = rng.random((h, w)) < 0.5
+    bits[:, rng.integers(0, w)] = True  # a full column: runs that join across columns
+    return bits
+
+
+def test_image_rle_equals_pycocotools_on_the_whole_bitmap() -> None:
+    rng = np.random.default_rng(0)
+    H, W = 37, 53
+    for y0, x0, h, w in [(3, 5, 9, 11), (0, 0, 37, 4), (30, 50, 12, 9), (-2, -3, 6, 7),
+                         (0, 10, 37, 20), (36, 52, 1, 1)]:
+        bits = _random_mask(rng, h, w)
+        whole = np.zeros((H, W), np.uint8)
+        ys, xs = slice(max(0, y0), min(H, y0 + h)), slice(max(0, x0), min(W, x0 + w))
+        whole[ys, xs] = bits[ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0]
+        expected = pycocotools_mask.encode(np.asfortranarray(whole))
+        got = image_rle(LocalMask(y0, x0, bits), H, W)
+        assert got['counts'] == expected['counts'].decode(), (y0, x0, h, w)
+        assert np.array_equal(pycocotools_mask.decode(dict(size=[H, W], counts=got['counts'])
+                                                       ), whole)
+    empty = image_rle(LocalMask(4, 4, np.zeros((3, 3), bool)), H, W)
+    assert pycocotools_mask.area(dict(size=[H, W], counts=empty['counts'])) == 0
+
+
+def test_mask_polygon_is_valid_keeps_holes_and_covers_the_mask() -> None:
+    bits = np.zeros((40, 50), bool)
+    bits[5:35, 5:45] = True
+    bits[15:25, 15:30] = False  # a hole
+    bits[2, 48] = True  # a lone pixel: a second part
+    geom = mask_polygon(LocalMask(100, 200, bits))
+    assert geom.is_valid and geom.geom_type == 'MultiPolygon'
+    outer = max(geom.geoms, key=lambda g: g.area)
+    assert len(outer.interiors) == 1
+    # Vertices at pixel centres: the outline of a block of n pixels spans n - 1.
+    assert outer.bounds == (205.5, 105.5, 244.5, 134.5)
+    # The hole's outline runs through the foreground pixels around it (11 x 16 between
+    # centres), its four corners cut diagonally (half a pixel each).
+    assert abs(outer.area - (29 * 39 - (11 * 16 - 4 * 0.5))) < 1e-6
+
+
+def _objects(n: int, seed: int = 0) -> list[DetectedObject]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        x0, y0 = rng.uniform(0, 900, 2)
+        w, h = rng.uniform(3, 60, 2)
+        bits = np.ones((int(np.ceil(y0 + h)) - int(y0), int(np.ceil(x0 + w)) - int(x0)), bool)
+        out.append(DetectedObject(int(rng.integers(0, 3)), float(rng.random()),
+                                  (x0, y0, x0 + w, y0 + h), LocalMask(int(y0), int(x0), bits)))
+    return out
+
+
+def test_object_store_answers_region_class_and_score_queries_through_the_rtree(tmp_path
+                                                                               ) -> None:
+    path = str(tmp_path / 'objects.sqlite')
+    objects = _objects(2000)
+    store = ObjectStore(path, ['a', 'b', 'c'], 1000, 1000)
+    for o in objects:
+        store.add(o)
+    store.close()
+    region = (100, 200, 300, 260)
+    got = sorted(r['id'] for r in query_objects(path, region, classes=['b'], min_score=0.3))
+    expected = sorted(i + 1 for i, o in enumerate(objects)
+                      if o.label == 1 and o.score >= 0.3 and o.bbox[0] <= region[2]
+                      and o.bbox[2] >= region[0] and o.bbox[1] <= region[3]
+                      and o.bbox[3] >= region[1])
+    assert got == expected and len(got) > 3
+    db = sqlite3.connect(path)
+    plan = ' '.join(str(r) for r in db.execute(
+        'EXPLAIN QUERY PLAN SELECT o.id FROM objects o JOIN objects_rtree r ON r.id = o.id '
+        'WHERE r.minx <= 1 AND r.maxx >= 0 AND r.miny <= 1 AND r.maxy >= 0'))
+    assert 'VIRTUAL TABLE INDEX' in plan  # the R-tree answers, not a scan of every object
+    for _, wkt in db.execute('SELECT id, polygon FROM objects LIMIT 50'):
+        assert shapely.from_wkt(wkt).is_valid
+
+
+def test_geojson_for_qupath_and_geopackage_in_the_source_crs(tmp_path) -> None:
+    from mmlinattn.rasters import GeoReference
+    from mmlinattn.rasters.objects import GeoPackageSink
+    objects = _objects(20, seed=1)
+    gj = tmp_path / 'objects.geojson'
+    sink = GeoJsonSink(str(gj), ['a', 'b', 'c'], [[255, 0, 0], [0, 255, 0], [0, 0, 255]],
+                       scale=2.0)
+    for o in objects:
+        sink.add(o)
+    sink.close()
+    data = json.loads(gj.read_text())
+    assert len(data['features']) == 20
+    f0 = data['features'][0]
+    props = f0['properties']
+    assert props['objectType'] == 'detection'
+    assert props['classification']['name'] == ['a', 'b', 'c'][objects[0].label]
+    assert props['measurements']['score'] == pytest.approx(objects[0].score)
+    geom = shapely.geometry.shape(f0['geometry'])
+    assert geom.is_valid
+    # Level-0 pixels: twice the coordinates read; within half a pixel of the box.
+    x0, y0, x1, y1 = (2 * v for v in objects[0].bbox)
+    bx = geom.bounds
+    assert x0 - 1 <= bx[0] and bx[2] <= x1 + 1 and y0 - 1 <= bx[1] and bx[3] <= y1 + 1
+
+    pyogrio = pytest.importorskip('pyogrio')
+    geo = GeoReference([], (10.0, 0.0, 500000.0, 0.0, -10.0, 4000000.0), 'EPSG:32633')
+    gp = tmp_path / 'objects.gpkg'
+    sink = GeoPackageSink(str(gp), ['a', 'b', 'c'], geo)
+    for o in objects:
+        sink.add(o)
+    sink.close()
+    info = pyogrio.read_info(str(gp))
+    assert info['features'] == 20 and '32633' in info['crs']
+    _, _, wkb, fields = pyogrio.raw.read(str(gp))
+    first = shapely.from_wkb(wkb[0])
+    ox0, oy0, ox1, oy1 = objects[0].bbox
+    mx0, my1 = geo.to_map(ox0, oy0)
+    mx1, my0 = geo.to_map(ox1, oy1)
+    b = first.bounds
+    assert mx0 - 10 <= b[0] and b[2] <= mx1 + 10 and my0 - 10 <= b[1] and b[3] <= my1 + 10
+    assert list(fields[0][:3]) == [['a', 'b', 'c'][o.label] for o in objects[:3]]
+
+
+# -- the detector ---------------------------------------------------------------------------
+
+mmdet = pytest.importorskip('mmdet.models', reason='mmdet with a compiled mmcv is needed')
+
+SMALL = dict(model=dict(
+    neck=dict(out_channels=32),
+    rpn_head=dict(in_channels=32, feat_channels=32, anchor_generator=dict(ratios=[1.0])),
+    roi_head=dict(
+        bbox_roi_extractor=dict(out_channels=32),
+        bbox_head=dict(in_channels=32, fc_out_channels=64, num_classes=2),
+        mask_roi_extractor=dict(out_channels=32),
+        mask_head=dict(in_channels=32, conv_out_channels=16, num_classes=2)),
+    # No suppression and budgets above the number of candidates: the whole image's
+    # detections and the tiles' are then comparable one by one.
+    test_cfg=dict(rpn=dict(nms_pre=-1, max_per_img=10**6, nms=dict(iou_threshold=1.0),
+                           min_bbox_size=0),
+                  rcnn=dict(score_thr=0.8, nms=dict(iou_threshold=1.0), max_per_img=10**6,
+                            mask_thr_binary=0.5))))
+
+
+@pytest.fixture(scope='module')
+def detector():
+    from mmlinattn.engine.build import build_from_config
+    torch.manual_seed(0)
+    model, _ = build_from_config(str(DET_CFG), SMALL)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    with torch.no_grad():
+        # No box regression: every detection is an anchor, so a detection lies within
+        # the margin exactly when everything it was computed from does (random
+        # regressions would move boxes anywhere). The scores and masks still come from
+        # the RoI features of the tile.
+        for conv in (model.rpn_head.rpn_reg, model.roi_head.bbox_head.fc_reg):
+            conv.weight.zero_()
+            conv.bias.zero_()
+        # Scores and mask probabilities spread out, away from thresholds (0.8, 0.5).
+        model.roi_head.bbox_head.fc_cls.weight.mul_(30)
+        model.roi_head.mask_head.conv_logits.weight.mul_(30)
+    return model.eval()
+
+
+def _image(h: int, w: int) -> torch.Tensor:
+    return torch.randint(0, 256, (3, h, w), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(1))
+
+
+def _whole(model, image):
+    from mmlinattn.engine.large_image import detect_large
+    from mmlinattn.engine.tiled_detection import result_objects
+    result, _ = detect_large(model, image, chunk_tokens=None, tile=64, halo=64, masks=True)
+    return result_objects(result.pred_instances)
+
+
+def _tiled(model, image, tiling):
+    from mmlinattn.engine.detection_files import detect_file
+    from mmlinattn.rasters import ArrayReader
+    reader = ArrayReader(image.permute(1, 2, 0).numpy().copy(), '<test>')
+    return detect_file(model, reader, [], chunk_tokens=48, tiling=tiling, keep_objects=True)
+
+
+def _inside_margin(o: DetectedObject, tile: int, margin: int, h: int, w: int) -> bool:
+    """The box lies within ``margin`` of the core holding its centre (or the image)."""
+    cx, cy = (o.bbox[0] + o.bbox[2]) / 2, (o.bbox[1] + o.bbox[3]) / 2
+    y0, x0 = int(cy // tile) * tile, int(cx // tile) * tile
+    return (o.bbox[0] >= max(0, x0 - margin) and o.bbox[2] <= min(w, x0 + tile + margin)
+            and o.bbox[1] >= max(0, y0 - margin) and o.bbox[3] <= min(h, y0 + tile + margin))
+
+
+def _key(o: DetectedObject) -> tuple:
+    """Anchors' boxes are exact multiples of a quarter pixel: a key for one object."""
+    return (o.label, ) + tuple(round(v * 4) for v in o.bbox)
+
+
+def _by_key(objects: list[DetectedObject]) -> dict:
+    out: dict = {}
+    for o in objects:
+        out.setdefault(_key(o), []).append(o)
+    return out
+
+
+def test_tiles_find_every_whole_image_detection_once_with_its_mask(detector) -> None:
+    from mmlinattn.engine.tiled_detection import DetectionTiling
+    h, w = 190, 260
+    image = _image(h, w)
+    whole = _whole(detector, image)
+    info = _tiled(detector, image, DetectionTiling(tile=128, margin=64, halo=128))
+    ours = info['objects_list']
+    safe = _by_key([o for o in whole if _inside_margin(o, 128, 64, h, w)])
+    assert len(safe) > 500 and len(whole) > sum(map(len, safe.values()))
+    found, every = _by_key(ours), _by_key(whole)
+    for key in safe:
+        got = [o for o in found.get(key, []) if 'parts' not in o.extra]
+        # As often as the whole image has it (anchors clipped at the image's corners can
+        # coincide): a seam neither loses nor doubles it.
+        assert len(got) == len(every[key]), (key, len(got), len(every[key]))
+        for g, r in zip(sorted(got, key=lambda o: o.score), sorted(every[key],
+                                                                   key=lambda o: o.score)):
+            assert g.score == pytest.approx(r.score, abs=1e-4)
+            assert np.array_equal(_full(g.mask, h, w), _full(r.mask, h, w))
+    # The rest of ours: objects of the whole image too (reaching past the margin), or
+    # merged from the parts the tiles saw of an object larger than a tile's view.
+    rest = [o for key, objs in found.items() if key not in safe for o in objs]
+    assert all(_key(o) in every or o.extra.get('parts', 0) >= 1 for o in rest)
+    assert info['objects'] == len(ours)
+
+
+def _full(m: LocalMask, h: int, w: int) -> np.ndarray:
+    out = np.zeros((h + 64, w + 64), bool)
+    out[m.y0:m.y0 + m.bits.shape[0], m.x0:m.x0 + m.bits.shape[1]] = m.bits
+    return out[:h, :w]
+
+
+def test_two_tile_sizes_give_the_same_objects(detector) -> None:
+    from mmlinattn.engine.tiled_detection import DetectionTiling
+    h, w = 190, 260
+    image = _image(h, w)
+    a = _tiled(detector, image, DetectionTiling(tile=128, margin=64, halo=128))['objects_list']
+    b = _tiled(detector, image, DetectionTiling(tile=192, margin=64, halo=128))['objects_list']
+    small = _by_key([o for o in a if _inside_margin(o, 128, 64, h, w)
+                     and _inside_margin(o, 192, 64, h, w)])
+    in_b = _by_key(b)
+    assert len(small) > 500
+    for key, objs in small.items():
+        assert sorted(o.score for o in objs) == pytest.approx(
+            sorted(o.score for o in in_b.get(key, [])), abs=1e-4), key
+
+
+def test_heads_that_cannot_be_tiled_are_refused_by_name(detector) -> None:
+    from mmlinattn.engine.tiled_detection import DetectionTiling, check_tileable
+    check_tileable(detector)
+    saved = detector.roi_head.mask_head
+    try:
+        class PointHead(torch.nn.Module):
+            pass
+        detector.roi_head.mask_head = PointHead()
+        with pytest.raises(ValueError, match='mask head PointHead'):
+            check_tileable(detector)
+    finally:
+        detector.roi_head.mask_head = saved
+    with pytest.raises(ValueError, match='multiple of 64'):
+        _tiled(detector, _image(64, 64), DetectionTiling(tile=100))
+
+
+def _tiff(path: Path, image: torch.Tensor) -> None:
+    tifffile = pytest.importorskip('tifffile')
+    rgb = image.permute(1, 2, 0).numpy()[..., ::-1].copy()
+    tifffile.imwrite(str(path), rgb, tile=(64, 64), photometric='rgb')
+
+
+def _tool(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / 'tools/infer_large.py'), str(DET_CFG),
+                           'none', *args], capture_output=True, text=True, timeout=600)
+
+
+def test_tool_writes_every_object_file_resumes_and_leaves_nothing_on_failure(tmp_path
+                                                                            ) -> None:
+    image = tmp_path / 'scene.tif'
+    _tiff(image, _image(190, 260))
+    outs = [str(tmp_path / n) for n in ('dets.json', 'dets.geojson', 'dets.sqlite')]
+    spill = tmp_path / 'run'
+    common = [str(image), '--tile', '128', '--margin', '64', '--halo', '128',
+              '--chunk-tokens', '48', '--spill', str(spill)]
+    proc = _tool(*common, '--out', *outs)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = json.loads(Path(outs[0]).read_text())
+    features = json.loads(Path(outs[1]).read_text())['features']
+    rows = list(query_objects(outs[2]))
+    assert len(records) == len(features) == len(rows)
+    for r in records:
+        assert r['bbox'][0] + r['bbox'][2] <= 260 + 1e-3
+        if 'segmentation' in r:
+            assert r['segmentation']['size'] == [190, 260]
+    # Resuming a finished run redoes nothing and writes the same objects.
+    proc = _tool(*common, '--resume', '--out', outs[0])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(Path(outs[0]).read_text()) == records
+    assert 'backbone 0.0 s' in proc.stdout
+    # A refused output: nothing written, not even the outputs named before it.
+    bad = [str(tmp_path / 'other.json'), str(tmp_path / 'other.txt')]
+    proc = _tool(str(image), '--tile', '128', '--chunk-tokens', '48', '--out', *bad)
+    assert proc.returncode != 0 and 'other.txt' in proc.stderr
+    assert not any(p.name.startswith('other') for p in tmp_path.iterdir())
+
+
+def test_an_image_without_objects_gives_valid_empty_files(detector, tmp_path) -> None:
+    from mmlinattn.engine.detection_files import detect_file
+    from mmlinattn.engine.tiled_detection import DetectionTiling
+    from mmlinattn.rasters import ArrayReader
+    saved = detector.roi_head.test_cfg.score_thr
+    detector.roi_head.test_cfg.score_thr = 1.01
+    try:
+        reader = ArrayReader(np.zeros((130, 150, 3), np.uint8), '<empty>')
+        outs = [str(tmp_path / n) for n in ('e.json', 'e.geojson', 'e.sqlite')]
+        info = detect_file(detector, reader, outs, chunk_tokens=48,
+                           tiling=DetectionTiling(tile=64, margin=64, halo=64))
+    finally:
+        detector.roi_head.test_cfg.score_thr = saved
+    assert info['objects'] == 0
+    assert json.loads(Path(outs[0]).read_text()) == []
+    assert json.loads(Path(outs[1]).read_text())['features'] == []
+    assert list(query_objects(outs[2])) == []
