@@ -293,9 +293,6 @@ def _main(args: argparse.Namespace, li: Any, group: Any) -> dict:
     first = group is None or group.first
     if scope == 'mmseg' and len(args.outs) > 1:
         raise ValueError('a segmenter writes one --out (.tif/.tiff pyramid or .png labels)')
-    if scope == 'mmdet' and group is not None:
-        raise ValueError('detectors run in one process (spatially parallel detection is not '
-                         'there yet); launch without torchrun')
     if scope == 'mmdet' and 'slide' in args.compare:
         raise ValueError("--compare slide is for segmenters; a detector compares with 'whole'")
     if scope == 'mmseg':
@@ -367,6 +364,9 @@ def _main(args: argparse.Namespace, li: Any, group: Any) -> dict:
                   f'{100 * stats["label_difference"]:.3f}% of pixels')
             report[mode] = stats
     elif args.in_memory or not chunk:
+        if group is not None:
+            raise ValueError('spatially parallel detection reads the file by regions (no '
+                             '--in-memory, a chunked backbone)')
         if args.spill or args.skip_background or args.overlay or args.viewer or args.resume:
             raise ValueError('--spill, --resume, --skip-background, --overlay and --viewer read '
                              'the image by regions: they need the chunked backbone and no '
@@ -375,7 +375,7 @@ def _main(args: argparse.Namespace, li: Any, group: Any) -> dict:
         if args.outs:
             write_detections(result, _classes(model), args.outs, reader)
     else:
-        report['ours'] = _detect_by_regions(args, model, reader)
+        report['ours'] = _detect_by_regions(args, model, reader, group)
         if 'whole' in args.compare:
             result, report['whole'] = _detect_in_memory(args, model, reader)
             from mmlinattn.engine.tiled_detection import match_detections
@@ -409,7 +409,8 @@ def _detect_in_memory(args: argparse.Namespace, model: Any, reader: Any) -> tupl
     return result, stats
 
 
-def _detect_by_regions(args: argparse.Namespace, model: Any, reader: Any) -> dict:
+def _detect_by_regions(args: argparse.Namespace, model: Any, reader: Any, group: Any = None
+                       ) -> dict:
     """The global backbone by bands, neck and heads by tiles, objects streamed out."""
     from mmlinattn.engine.detection_files import detect_file
     from mmlinattn.engine.tiled_detection import DetectionTiling
@@ -427,8 +428,12 @@ def _detect_by_regions(args: argparse.Namespace, model: Any, reader: Any) -> dic
         spill=args.spill, resume=args.resume, background=args.skip_background,
         progress=progress_bar('neck and heads', 'tiles'),
         blocks_progress=progress_bar('backbone', 'blocks'), settings=settings,
-        keep_objects='whole' in args.compare))
+        keep_objects='whole' in args.compare, group=group))
     stats.update(info)
+    if group is not None and not group.first:
+        print(f'  rank {group.rank}: backbone {info["backbone_s"]:.1f} s, its tiles '
+              f'{info["heads_s"]:.1f} s; rank 0 writes the objects')
+        return stats
     print(f'  backbone {info["backbone_s"]:.1f} s, neck and heads by tiles '
           f'{info["heads_s"]:.1f} s ({info["tiles"]} tiles), writing {info["write_s"]:.1f} s; '
           f'{info["objects"]} objects ({info["merged"]} merged from {info["truncated"]} parts '

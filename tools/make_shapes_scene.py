@@ -12,8 +12,9 @@ the categories of ``make_tiny_dataset.py coco``: discs are ``person``, rectangle
 knows (radius 26-45 px on the same textured background), laid on a jittered grid so
 that none overlap:
 
-* about a third of them are centred within one radius of a seam of ``--tile`` (the
-  tiles of ``tools/infer_large.py --tile``), so they cross it;
+* most of those in the cells along a seam of ``--tile`` (the tiles of
+  ``tools/infer_large.py --tile``) are centred within half a radius of it, so they
+  cross it;
 * ``--large`` shapes of radius 300-400 px, larger than the default margin (256 px),
   which no tile sees whole.
 
@@ -65,7 +66,7 @@ def _layout(h: int, w: int, tile: int, large: int, rng: np.random.Generator
                 continue
             cy, cx = (gy + 0.5) * cell, (gx + 0.5) * cell
             r = rng.uniform(26, 45)
-            if rng.random() < 0.33:  # onto the nearest seam, across it
+            if rng.random() < 0.7:  # near a seam: onto it, across it
                 sy, sx = round(cy / tile) * tile, round(cx / tile) * tile
                 if 0 < sy < h and abs(sy - cy) < cell:
                     cy = sy + rng.uniform(-0.5, 0.5) * r

@@ -25,12 +25,16 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
+from torch import Tensor
 
+from .. import parallel as sp
+from ..models.backbones.base import chunked_inference
+from ..parallel import SpatialGroup
 from ..rasters import CompactedReader, RegionReader, kept_pixels, tissue_mask
 from ..rasters.objects import DetectedObject, LocalMask, open_sinks
 from ..rasters.writers import default_palette
 from .large_files import RunFolder, _counting_blocks, _file_digest
-from .large_image import Progress, _features, _image_size, _padded
+from .large_image import SIZE_DIVISOR, Progress, _features, _padded, row_source
 from .tiled_detection import (
     DetectionTiling,
     check_tileable,
@@ -116,7 +120,8 @@ def detect_file(model: Any, reader: RegionReader, outputs: Sequence[str], *,
                 background: Optional[str] = None, min_spill_bytes: int = 64 * 2**20,
                 progress: Progress = None,
                 blocks_progress: Optional[Callable[[int, int], None]] = None,
-                settings: Optional[dict] = None, keep_objects: bool = False) -> dict:
+                settings: Optional[dict] = None, keep_objects: bool = False,
+                group: Optional[SpatialGroup] = None) -> dict:
     """Detect every object of the image of ``reader`` and write ``outputs`` (by suffix:
     ``.json`` COCO results, ``.geojson`` QuPath/GIS, ``.gpkg`` GeoPackage, ``.sqlite``
     an object store). Returns an info dict (timings, tiles, object counts; with
@@ -125,6 +130,11 @@ def detect_file(model: Any, reader: RegionReader, outputs: Sequence[str], *,
     ``spill``: a folder for maps too large for memory and for ``resume``;
     ``background``: ``'otsu'`` or a mask file (only tissue is predicted);
     ``settings``: what else must match for ``resume`` (config, weights).
+    ``group``: spatial parallelism: every rank passes a reader of the same file, runs
+    the backbone on its band of rows, fetches its neighbours' feature rows that its
+    tiles' crops need and predicts the tiles whose cores start in its band; the
+    group's first rank writes the outputs (with ``spill``, a folder every rank sees,
+    ranks stage their objects there; without, they are gathered).
     A failed run leaves no output file.
     """
     check_tileable(model)
@@ -151,29 +161,31 @@ def detect_file(model: Any, reader: RegionReader, outputs: Sequence[str], *,
                                level=reader.level, chunk_tokens=chunk_tokens, tile=tiling.tile,
                                margin=tiling.margin, halo=tiling.halo,
                                max_per_tile=tiling.max_per_tile, background=background,
-                               task='detection')
-            run: Optional[RunFolder] = RunFolder(spill, fingerprint, resume)
-            folder = spill
+                               task='detection', ranks=1 if group is None else group.size)
+            rank_folder = spill if group is None else osp.join(spill, f'rank{group.rank}')
+            run: Optional[RunFolder] = RunFolder(rank_folder, fingerprint, resume)
+            folder = spill  # objects are staged where every rank's are (rows are disjoint)
             info['resumed'] = run.resumed
         else:
             run = None
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix='mmlinattn-det-'))
         staging = _Staging(folder)
-        if run is None or not run.resumed:
+        if (run is None or not run.resumed) and (group is None or group.first):
             staging.clear()
         store = stack.enter_context(run.spilling(min_spill_bytes)) if run else None
         feats = run.load_features() if run is not None else None
         with torch.no_grad():
             if feats is None:
                 with _counting_blocks(model, blocks_progress):
-                    x, _, _, feats, stride = _features(model, src, 'mmdet', chunk_tokens, info)
-                del x
+                    feats, stride = _backbone(model, src, chunk_tokens, group, info)
                 if run is not None:
                     run.save_features(feats)
             else:
-                stride = _padded(_image_size(src)[0]) // feats[0].shape[2]
+                stride = _band_stride(src, feats, group)
                 info['backbone_s'] = 0.0
-        counts = dict(objects=0, truncated=0)
+            band = None
+            if group is not None:
+                feats, band = _with_neighbour_rows(feats, stride, src.height, tiling, group)
 
         def emit_row(y: int, objects: list[DetectedObject], cut: list[DetectedObject]) -> None:
             staging.write('row', y, objects)
@@ -183,11 +195,17 @@ def detect_file(model: Any, reader: RegionReader, outputs: Sequence[str], *,
 
         info.update(run_detection_tiles(
             model, feats, stride, (src.height, src.width), tiling, emit_row,
-            run.rows_done() if run is not None else None, progress))
+            run.rows_done() if run is not None else None, progress, band))
         del feats
         if store is not None:
             info['spill'] = dict(files=store.files, spilled_gib=store.spilled_bytes / 2**30,
                                  peak_mapped_gib=store.peak_bytes / 2**30)
+        if group is not None:
+            _gather_staged(staging, spill is not None, group)
+            if not group.first:
+                info['decoded_pixels'] = reader.decoded_pixels
+                return info
+        counts = dict(objects=0, truncated=0)
         start = time.perf_counter()
         merged = merge_truncated(list(staging.read('cut')), tiling.merge_iou)
         counts['truncated'] = sum(o.extra.get('parts', 1) for o in merged)
@@ -216,6 +234,80 @@ def detect_file(model: Any, reader: RegionReader, outputs: Sequence[str], *,
     if keep_objects:
         info['objects_list'] = kept
     return info
+
+
+def _backbone(model: Any, src: RegionReader, chunk_tokens: int,
+              group: Optional[SpatialGroup], info: dict) -> tuple[tuple[Tensor, ...], int]:
+    """The backbone's maps of the whole image (or of this rank's band) and the finest
+    stride."""
+    if group is None:
+        x, _, _, feats, stride = _features(model, src, 'mmdet', chunk_tokens, info)
+        return feats, stride
+    start = time.perf_counter()
+    bands = sp.image_bands(_padded(src.height), group.size, SIZE_DIVISOR)
+    a, b = bands[group.rank]
+    x, _ = row_source(model, src, chunk_tokens, bands)
+    with chunked_inference(model, chunk_tokens), sp.spatial_parallel(group):
+        feats = model.backbone(x)
+    info['backbone_s'] = time.perf_counter() - start
+    return feats, (b - a) // feats[0].shape[2]
+
+
+def _band_stride(src: RegionReader, feats: Sequence[Tensor],
+                 group: Optional[SpatialGroup]) -> int:
+    hp = _padded(src.height)
+    if group is None:
+        return hp // feats[0].shape[2]
+    a, b = sp.image_bands(hp, group.size, SIZE_DIVISOR)[group.rank]
+    return (b - a) // feats[0].shape[2]
+
+
+def _with_neighbour_rows(feats: Sequence[Tensor], stride: int, height: int,
+                         tiling: DetectionTiling, group: SpatialGroup
+                         ) -> tuple[list[Tensor], tuple[int, int, int, int]]:
+    """Each rank's maps extended to the rows its tiles' neck crops read (fetched from
+    the neighbours), and its ``band`` for :func:`run_detection_tiles`."""
+    hp = _padded(height)
+    bands = sp.image_bands(hp, group.size, SIZE_DIVISOR)
+    reach = tiling.margin + 2 * tiling.halo
+    needs = []  # image rows each rank's crops read
+    for a, b in bands:
+        starts = [y for y in range(0, hp, tiling.tile) if a <= y < b]
+        if starts:
+            needs.append((max(0, starts[0] - reach),
+                          min(hp, starts[-1] + tiling.tile + reach)))
+        else:
+            needs.append((a, a))
+    finest_rows = feats[0].shape[2]
+    out = []
+    for f in feats:
+        per = stride * finest_rows // f.shape[2]  # image rows per row of this level
+        spans = sp.row_spans(f.shape[2], group)
+        level_needs = [(lo // per, -(-hi // per)) for lo, hi in needs]
+        out.append(sp.fetch_rows(f, 2, spans, level_needs, group).contiguous())
+    a, b = bands[group.rank]
+    return out, (a, b, needs[group.rank][0], hp)
+
+
+def _gather_staged(staging: _Staging, shared: bool, group: SpatialGroup) -> None:
+    """Every rank's staged rows in the first rank's staging folder: already there when
+    the folder is shared (``--spill``), else sent as text."""
+    import torch.distributed as dist
+    if shared:
+        dist.barrier(group=group.group)
+        return
+    mine = {}
+    for name in sorted(os.listdir(staging.folder)):
+        if name.endswith('.jsonl'):
+            with open(osp.join(staging.folder, name)) as f:
+                mine[name] = f.read()
+    gathered: list = [None] * group.size if group.first else None
+    dist.gather_object(mine, gathered, dst=group.global_rank(0), group=group.group)
+    if group.first:
+        for files in gathered[1:]:
+            for name, text in files.items():
+                with open(osp.join(staging.folder, name), 'w') as f:
+                    f.write(text)
 
 
 def _all_objects(staging: _Staging, merged: list[DetectedObject],

@@ -205,7 +205,7 @@ def _local_paste(head: Any) -> Callable[..., LocalMasks]:
     def paste(mask_preds: Tensor, bboxes: Tensor, labels: Tensor, img_meta: dict,
               rcnn_test_cfg: Any, rescale: bool = False, activate_map: bool = False
               ) -> LocalMasks:
-        if rescale or tuple(img_meta.get('scale_factor', (1., 1.))) != (1., 1.):
+        if tuple(img_meta.get('scale_factor', (1., 1.))) != (1., 1.):
             raise ValueError('tiled detection pastes masks at the scale of the image read')
         img_h, img_w = img_meta['ori_shape'][:2]
         probs = mask_preds.sigmoid() if not activate_map else bboxes.new_tensor(mask_preds)
@@ -256,17 +256,19 @@ def per_tile_budget(model: Any, max_per_tile: Optional[int]) -> Iterator[None]:
 
 
 def detect_tile(model: Any, feats: Sequence[Tensor], stride: int, strides: Sequence[int],
-                t: TileRegions, image_hw: tuple[int, int]
+                t: TileRegions, image_hw: tuple[int, int], row0: int = 0
                 ) -> tuple[list[DetectedObject], list[DetectedObject]]:
     """The neck and heads of one tile: its objects (centre in the core, boxes in image
     pixels) and its truncated detections (boxes cut at the head region's border inside
     the image, whose box meets the core). ``feats``: the backbone's maps (finest first,
-    ``stride`` image pixels per finest pixel); ``strides``: of the neck's outputs. Run
+    ``stride`` image pixels per finest pixel), holding the image rows from ``row0`` (a
+    rank's band with its neighbours' rows); ``strides``: of the neck's outputs. Run
     inside :func:`local_mask_paste` and under ``torch.no_grad``."""
     finest = feats[0]
     scales = [finest.shape[2] / f.shape[2] for f in feats]
     cy0, cy1, cx0, cx1 = (v // stride for v in t.crop)
-    crops = [_box(f, cy0, cy1, cx0, cx1, s) for f, s in zip(feats, scales)]
+    r0 = row0 // stride
+    crops = [_box(f, cy0 - r0, cy1 - r0, cx0, cx1, s) for f, s in zip(feats, scales)]
     outs = model.neck(crops)
     hy0, hy1, hx0, hx1 = t.head
     # The neck's outputs on the head region (each level starts on a whole pixel).
@@ -375,14 +377,18 @@ def run_detection_tiles(model: Any, feats: Sequence[Tensor], stride: int,
                         image_hw: tuple[int, int], tiling: DetectionTiling,
                         emit_row: Callable[[int, list[DetectedObject], list[DetectedObject]],
                                            None],
-                        rows_done: Optional[set[int]] = None, progress: Progress = None
-                        ) -> dict:
+                        rows_done: Optional[set[int]] = None, progress: Progress = None,
+                        band: Optional[tuple[int, int, int, int]] = None) -> dict:
     """Every tile of the padded image, tile row by tile row, skipping the rows (first
     image row of each) in ``rows_done``; after each row ``emit_row(row_y0, objects,
-    truncated)``. Returns timings and the number of tiles."""
+    truncated)``. ``band=(a, b, row0, height)``: only the tiles whose cores start in
+    image rows ``[a, b)`` of a padded image ``height`` rows high, ``feats`` holding
+    its rows from ``row0`` (spatial ranks). Returns timings and the number of tiles."""
     strides = neck_strides(model, feats, stride)
     tiling.check(max(SIZE_DIVISOR, max(strides)))
-    tiles = detection_tiles(feats[0].shape[2] * stride, feats[0].shape[3] * stride, tiling)
+    a, b, row0, height = band if band is not None else (0, feats[0].shape[2] * stride, 0,
+                                                        feats[0].shape[2] * stride)
+    tiles = detection_tiles(height, feats[0].shape[3] * stride, tiling, (a, b))
     done = rows_done or set()
     count = sum(1 for t in tiles if t.y0 in done)
     start = time.perf_counter()
@@ -397,7 +403,7 @@ def run_detection_tiles(model: Any, feats: Sequence[Tensor], stride: int,
             objects: list[DetectedObject] = []
             truncated: list[DetectedObject] = []
             for tr in row:
-                own, cut = detect_tile(model, feats, stride, strides, tr, image_hw)
+                own, cut = detect_tile(model, feats, stride, strides, tr, image_hw, row0)
                 objects += own
                 truncated += cut
                 count += 1
@@ -412,12 +418,14 @@ def result_objects(instances: Any) -> list[DetectedObject]:
     """mmdet's predicted instances of a whole image as objects, each mask cut to the
     pixels of its own box (the reference path's masks are image-sized)."""
     boxes = instances.bboxes.double().cpu()
-    masks = instances.masks.cpu() if 'masks' in instances else None
+    masks = instances.masks if 'masks' in instances else None
     out = []
     for i in range(len(boxes)):
         x0, y0, x1, y1 = boxes[i].tolist()
         mask = None
-        if masks is not None:
+        if isinstance(masks, LocalMasks):  # pasted over the box (local_mask_paste)
+            mask = masks[i]
+        elif masks is not None:
             ys, xs = torch.nonzero(masks[i], as_tuple=True)
             if len(ys):
                 top, left = int(ys.min()), int(xs.min())
