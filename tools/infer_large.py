@@ -375,6 +375,9 @@ def _main(args: argparse.Namespace, li: Any, group: Any) -> dict:
         if args.outs:
             write_detections(result, _classes(model), args.outs, reader)
     else:
+        if args.overlay:
+            raise ValueError('--overlay is for segmenters; a detector draws its objects with '
+                             '--viewer DIR')
         report['ours'] = _detect_by_regions(args, model, reader, group)
         if 'whole' in args.compare:
             result, report['whole'] = _detect_in_memory(args, model, reader)
@@ -384,8 +387,6 @@ def _main(args: argparse.Namespace, li: Any, group: Any) -> dict:
             print('  against mmdet on the whole pyramid: {matched:.2%} of its {reference} '
                   'detections matched (same class, box IoU >= 0.95, score within 1e-3), '
                   '{extra:.2%} extra'.format(**report['whole']))
-        if args.viewer or args.overlay:
-            raise ValueError('--viewer and --overlay are not written for detectors yet')
     return report
 
 
@@ -428,7 +429,7 @@ def _detect_by_regions(args: argparse.Namespace, model: Any, reader: Any, group:
         spill=args.spill, resume=args.resume, background=args.skip_background,
         progress=progress_bar('neck and heads', 'tiles'),
         blocks_progress=progress_bar('backbone', 'blocks'), settings=settings,
-        keep_objects='whole' in args.compare, group=group))
+        keep_objects='whole' in args.compare, group=group, viewer=args.viewer))
     stats.update(info)
     if group is not None and not group.first:
         print(f'  rank {group.rank}: backbone {info["backbone_s"]:.1f} s, its tiles '
@@ -438,7 +439,7 @@ def _detect_by_regions(args: argparse.Namespace, model: Any, reader: Any, group:
           f'{info["heads_s"]:.1f} s ({info["tiles"]} tiles), writing {info["write_s"]:.1f} s; '
           f'{info["objects"]} objects ({info["merged"]} merged from {info["truncated"]} parts '
           'cut at tile borders)')
-    for path in args.outs:
+    for path in args.outs + ([osp.join(args.viewer, 'index.html')] if args.viewer else []):
         print(f'wrote {path}')
     return stats
 

@@ -31,7 +31,7 @@ from .. import parallel as sp
 from ..models.backbones.base import chunked_inference
 from ..parallel import SpatialGroup
 from ..rasters import CompactedReader, RegionReader, kept_pixels, tissue_mask
-from ..rasters.objects import DetectedObject, LocalMask, open_sinks
+from ..rasters.objects import DetectedObject, LocalMask, check_outputs, open_sinks
 from ..rasters.writers import default_palette
 from .large_files import RunFolder, _counting_blocks, _file_digest
 from .large_image import SIZE_DIVISOR, Progress, _features, _padded, row_source
@@ -121,10 +121,11 @@ def detect_file(model: Any, reader: RegionReader, outputs: Sequence[str], *,
                 progress: Progress = None,
                 blocks_progress: Optional[Callable[[int, int], None]] = None,
                 settings: Optional[dict] = None, keep_objects: bool = False,
-                group: Optional[SpatialGroup] = None) -> dict:
+                group: Optional[SpatialGroup] = None, viewer: Optional[str] = None) -> dict:
     """Detect every object of the image of ``reader`` and write ``outputs`` (by suffix:
     ``.json`` COCO results, ``.geojson`` QuPath/GIS, ``.gpkg`` GeoPackage, ``.sqlite``
-    an object store). Returns an info dict (timings, tiles, object counts; with
+    an object store) and, with ``viewer`` (a folder), a deep-zoom page drawing them over
+    the image. Returns an info dict (timings, tiles, object counts; with
     ``keep_objects`` also ``objects``: the list, for tests and small images).
 
     ``spill``: a folder for maps too large for memory and for ``resume``;
@@ -138,6 +139,7 @@ def detect_file(model: Any, reader: RegionReader, outputs: Sequence[str], *,
     A failed run leaves no output file.
     """
     check_tileable(model)
+    check_outputs(outputs)
     tiling = tiling or DetectionTiling()
     if resume and not spill:
         raise ValueError('--resume needs --spill DIR (the run is kept there)')
@@ -213,7 +215,7 @@ def detect_file(model: Any, reader: RegionReader, outputs: Sequence[str], *,
         sinks = open_sinks(outputs, classes, palette, h, w, reader.geo, reader.downsample,
                            dict(image=osp.basename(reader.path), level=reader.level,
                                 **{k: v for k, v in (settings or {}).items()
-                                   if isinstance(v, str)}))
+                                   if isinstance(v, str)}), viewer, reader)
         kept: list[DetectedObject] = []
         try:
             for obj in _all_objects(staging, merged, keep):

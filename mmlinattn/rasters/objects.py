@@ -11,6 +11,8 @@ to one or more sinks, each written to ``NAME.partial`` and renamed when complete
   ``classification`` with name and colour, the score in ``measurements``), in image
   pixels of level 0, or in map coordinates for a GeoTIFF (its CRS named).
 * :class:`GeoPackageSink`: a GeoPackage layer in the source CRS, through pyogrio (GDAL).
+* :class:`ViewerSink`: a deep-zoom page (OpenSeadragon, no server) with the outlines
+  and boxes over the image, coloured by class, and a score slider.
 * :class:`ObjectStore`: SQLite with an R-tree, queried by :func:`query_objects` (objects
   in a region, of some classes, above a score) without reading every object.
 
@@ -33,8 +35,8 @@ import numpy as np
 from .readers import GeoReference
 
 __all__ = ['LocalMask', 'DetectedObject', 'image_rle', 'mask_polygon', 'ObjectSink',
-           'CocoJsonSink', 'GeoJsonSink', 'GeoPackageSink', 'ObjectStore', 'query_objects',
-           'open_sinks', 'SINK_SUFFIXES']
+           'CocoJsonSink', 'GeoJsonSink', 'GeoPackageSink', 'ObjectStore', 'ViewerSink',
+           'query_objects', 'open_sinks', 'check_outputs', 'SINK_SUFFIXES']
 
 
 @dataclass
@@ -401,6 +403,57 @@ class ObjectStore(ObjectSink):
             self.db = None
 
 
+class ViewerSink(ObjectSink):
+    """A viewer folder: ``objects.js`` streamed (each object's class, score, box and
+    outline, simplified to half a pixel), and at the end the image's Deep Zoom pyramid
+    and ``index.html`` (:func:`~mmlinattn.rasters.viewer.write_object_viewer`). The
+    folder is built as ``NAME.partial`` and renamed when complete."""
+
+    def __init__(self, folder: str, reader: Any, classes: Sequence[str],
+                 palette: Sequence[Sequence[int]], title: str = 'mmlinattn objects') -> None:
+        import shutil
+        super().__init__(folder)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        os.makedirs(self.tmp)
+        self.reader, self.classes, self.palette, self.title = reader, classes, palette, title
+        self.f = open(osp.join(self.tmp, 'objects.js'), 'w')  # noqa: SIM115 (closed by close)
+        self.f.write('window.OBJECTS = [')
+
+    def add(self, obj: DetectedObject) -> None:
+        from shapely.geometry import MultiPolygon
+        ring: list = []
+        if obj.mask is not None:
+            geom = mask_polygon(obj.mask)
+            if geom is not None:
+                if isinstance(geom, MultiPolygon):
+                    geom = max(geom.geoms, key=lambda g: g.area)
+                coords = np.asarray(geom.exterior.simplify(0.5).coords)[:-1]
+                ring = np.round(coords, 1).reshape(-1).tolist()
+        x0, y0, x1, y1 = (round(v, 1) for v in obj.bbox)
+        item = [obj.label, round(obj.score, 4), x0, y0, x1, y1, ring]
+        self.f.write((',\n' if self.count else '\n') + json.dumps(item))
+        super().add(obj)
+
+    def _finish(self) -> None:
+        if not self.f.closed:
+            self.f.write('\n];\n')
+            self.f.close()
+            from .viewer import write_object_viewer
+            write_object_viewer(self.tmp, self.reader, self.classes, self.palette, self.title)
+
+    def close(self) -> None:
+        import shutil
+        self._finish()
+        shutil.rmtree(self.path, ignore_errors=True)
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        import shutil
+        if not self.f.closed:
+            self.f.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
 def query_objects(path: str, region: Optional[tuple[float, float, float, float]] = None,
                   classes: Optional[Iterable[str]] = None, min_score: Optional[float] = None
                   ) -> Iterator[dict]:
@@ -437,12 +490,24 @@ def query_objects(path: str, region: Optional[tuple[float, float, float, float]]
 SINK_SUFFIXES = ('.json', '.geojson', '.gpkg', '.sqlite', '.db')
 
 
+def check_outputs(paths: Sequence[str]) -> None:
+    """Refuse, before any work, an output whose suffix no sink writes."""
+    for path in paths:
+        if not path.lower().endswith(SINK_SUFFIXES):
+            raise ValueError(f'{path}: a detector writes {", ".join(SINK_SUFFIXES)}')
+
+
 def open_sinks(paths: Sequence[str], classes: Sequence[str], palette: Sequence[Sequence[int]],
                height: int, width: int, geo: Optional[GeoReference] = None,
-               downsample: float = 1.0, meta: Optional[dict] = None) -> list[ObjectSink]:
-    """One sink per output path, chosen by its suffix (see :data:`SINK_SUFFIXES`)."""
+               downsample: float = 1.0, meta: Optional[dict] = None,
+               viewer: Optional[str] = None, reader: Any = None) -> list[ObjectSink]:
+    """One sink per output path, chosen by its suffix (see :data:`SINK_SUFFIXES`), and
+    a :class:`ViewerSink` for ``viewer`` (a folder; needs the image's ``reader``)."""
     sinks: list[ObjectSink] = []
     try:
+        if viewer:
+            sinks.append(ViewerSink(viewer, reader, classes, palette,
+                                    (meta or {}).get('image', 'mmlinattn objects')))
         for path in paths:
             low = path.lower()
             scale = downsample if geo is None else 1.0

@@ -321,9 +321,12 @@ def test_tool_writes_every_object_file_resumes_and_leaves_nothing_on_failure(tmp
     spill = tmp_path / 'run'
     common = [str(image), '--tile', '128', '--margin', '64', '--halo', '128',
               '--chunk-tokens', '48', '--spill', str(spill)]
-    proc = _tool(*common, '--out', *outs)
+    proc = _tool(*common, '--out', *outs, '--viewer', str(tmp_path / 'viewer'))
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = json.loads(Path(outs[0]).read_text())
+    js = (tmp_path / 'viewer/objects.js').read_text()
+    assert (tmp_path / 'viewer/index.html').exists()
+    assert len(json.loads(js[js.index('['):js.rindex(']') + 1])) == len(records)
     features = json.loads(Path(outs[1]).read_text())['features']
     rows = list(query_objects(outs[2]))
     assert len(records) == len(features) == len(rows)
@@ -399,3 +402,65 @@ def test_two_spatial_ranks_give_the_same_objects_as_one_process(detector, tmp_pa
     assert sorted(map(key, a)) == sorted(map(key, b))
     scores_a = {key(r): r['score'] for r in a}
     assert all(abs(scores_a[key(r)] - r['score']) < 1e-4 for r in b)
+
+
+def test_object_viewer_draws_outlines_by_class_and_the_score_slider_hides(tmp_path) -> None:
+    """The viewer page in headless Chromium: a class-0 object's outline in its colour
+    where the object's edge is, a low-scoring class-1 box shown at score 0 and hidden at
+    ``#score=0.5``."""
+    import os
+    import shutil
+
+    from mmlinattn.rasters import ArrayReader
+    from mmlinattn.rasters.objects import ViewerSink
+    reader = ArrayReader(np.full((256, 320, 3), 128, np.uint8), '<grey>')
+    bits = np.ones((128, 128), bool)
+    sink = ViewerSink(str(tmp_path / 'viewer'), reader, ['a', 'b'], [[255, 0, 0], [0, 0, 255]])
+    sink.add(DetectedObject(0, 0.9, (96.0, 64.0, 224.0, 192.0), LocalMask(64, 96, bits)))
+    sink.add(DetectedObject(1, 0.2, (20.0, 20.0, 60.0, 60.0)))
+    sink.close()
+    page = tmp_path / 'viewer/index.html'
+    assert page.exists() and (tmp_path / 'viewer/objects.js').exists()
+    assert not (tmp_path / 'viewer.partial').exists()
+    browser = shutil.which('chromium') or shutil.which('chromium-browser')
+    if browser is None:
+        if os.environ.get('MMLINATTN_REQUIRE_CHROMIUM'):
+            pytest.fail('MMLINATTN_REQUIRE_CHROMIUM is set but no Chromium is on PATH')
+        pytest.skip('no Chromium here: the page is written but not looked at')
+    import cv2
+
+    def shot(fragment: str, name: str) -> np.ndarray:
+        out = tmp_path / f'{name}.png'
+        subprocess.run([browser, '--headless', '--no-sandbox', '--disable-gpu',
+                        '--no-first-run', '--disable-background-networking',
+                        '--disable-component-update', '--disable-sync',
+                        f'--user-data-dir={tmp_path / ("chrome-" + name)}',
+                        '--window-size=800,600', '--virtual-time-budget=8000',
+                        f'--screenshot={out}', f'{page.as_uri()}#{fragment}'],
+                       check=True, capture_output=True, timeout=120)
+        return cv2.imread(str(out)).astype(int)
+
+    def where(img: np.ndarray, bgr: tuple) -> tuple:
+        view = img[:, :580].copy()
+        view[:150, 430:] = 128  # OpenSeadragon's navigator (its view rectangle is red)
+        ys, xs = np.nonzero(np.abs(view - np.array(bgr)).max(axis=2) < 70)
+        return (xs.min(), ys.min(), xs.max(), ys.max()) if len(xs) else None
+
+    for attempt in range(3):  # a loaded CPU can shoot before the canvas is drawn
+        all_ = shot('zoom=1&score=0', f'all{attempt}')
+        if where(all_, (0, 0, 255)) is not None:
+            break
+    red, blue = where(all_, (0, 0, 255)), where(all_, (255, 0, 0))
+    assert red is not None and blue is not None, (red, blue)
+    # The outline runs through the pixel centres 96.5 ... 223.5: 127 image pixels
+    # (screen pixels per image pixel from it; about 2 at zoom 1).
+    s = (red[2] - red[0]) / 127
+    assert 1.5 < s < 2.5 and abs((red[3] - red[1]) - 127 * s) < 6
+    assert abs((blue[2] - blue[0]) - 40 * s) < 6 and abs((blue[3] - blue[1]) - 40 * s) < 6
+    # Where the objects are relative to each other, in image pixels times the scale.
+    assert abs((blue[0] - red[0]) - (20 - 96.5) * s) < 6
+    assert abs((blue[1] - red[1]) - (20 - 64.5) * s) < 6
+    middle = all_[(red[1] + red[3]) // 2, (red[0] + red[2]) // 2]
+    assert np.abs(middle - 128).max() < 30  # an outline, not a fill: the image shows
+    high = shot('zoom=1&score=0.5', 'high')
+    assert where(high, (0, 0, 255)) is not None and where(high, (255, 0, 0)) is None
