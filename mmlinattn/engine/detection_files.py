@@ -141,6 +141,7 @@ def detect_file(model: Any, reader: RegionReader, outputs: Sequence[str], *,
     check_tileable(model)
     check_outputs(outputs)
     tiling = tiling or DetectionTiling()
+    tiling.check(SIZE_DIVISOR)  # before any work; the neck's own stride once it is known
     if resume and not spill:
         raise ValueError('--resume needs --spill DIR (the run is kept there)')
     classes, palette = detection_classes(model)

@@ -464,3 +464,38 @@ def test_object_viewer_draws_outlines_by_class_and_the_score_slider_hides(tmp_pa
     assert np.abs(middle - 128).max() < 30  # an outline, not a fill: the image shows
     high = shot('zoom=1&score=0.5', 'high')
     assert where(high, (0, 0, 255)) is not None and where(high, (255, 0, 0)) is None
+
+
+def test_background_skipped_objects_land_where_they_are_in_the_slide(detector, tmp_path
+                                                                     ) -> None:
+    """With a tissue mask covering the right half, the compacted image is that half:
+    the objects equal those of the half alone, moved to their place in the image."""
+    import cv2
+
+    from mmlinattn.engine.detection_files import detect_file
+    from mmlinattn.engine.tiled_detection import DetectionTiling
+    from mmlinattn.rasters import ArrayReader
+    image = _image(190, 384).permute(1, 2, 0).numpy().copy()
+    mask = np.zeros((190, 384), np.uint8)
+    mask[:, 192:] = 255
+    cv2.imwrite(str(tmp_path / 'tissue.png'), mask)
+    tiling = DetectionTiling(tile=128, margin=64, halo=128)
+    skipped = detect_file(detector, ArrayReader(image, '<slide>'), [], chunk_tokens=48,
+                          tiling=tiling, background=str(tmp_path / 'tissue.png'),
+                          keep_objects=True)
+    assert skipped['tissue']['cols'] == 192
+    half = detect_file(detector, ArrayReader(image[:, 192:].copy(), '<half>'), [],
+                       chunk_tokens=48, tiling=tiling, keep_objects=True)
+    got = sorted((o.label, ) + tuple(round(v * 4) for v in o.bbox) for o in
+                 skipped['objects_list'])
+    expected = sorted((o.label, round((o.bbox[0] + 192) * 4), round(o.bbox[1] * 4),
+                       round((o.bbox[2] + 192) * 4), round(o.bbox[3] * 4))
+                      for o in half['objects_list'])
+    assert got == expected and len(got) > 100
+    moved = {(o.label, ) + tuple(round(v * 4) for v in o.bbox): o for o in
+             skipped['objects_list']}
+    for o in half['objects_list'][:50]:
+        m = moved[(o.label, round((o.bbox[0] + 192) * 4), round(o.bbox[1] * 4),
+                   round((o.bbox[2] + 192) * 4), round(o.bbox[3] * 4))].mask
+        assert (m.y0, m.x0 - 192) == (o.mask.y0, o.mask.x0)
+        assert np.array_equal(m.bits, o.mask.bits)
