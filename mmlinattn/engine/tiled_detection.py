@@ -135,8 +135,7 @@ def check_tileable(model: Any) -> None:
         if type(roi).__name__ not in roi_types or getattr(roi, 'with_semantic', False):
             raise ValueError(f'{name}: the RoI head {type(roi).__name__} cannot run tile by tile '
                              f'(supported: {", ".join(roi_types)})')
-        heads = roi.mask_head if isinstance(roi.mask_head, torch.nn.ModuleList) else [
-            roi.mask_head] if getattr(roi, 'with_mask', False) else []
+        heads = _mask_heads(roi)
         for mh in heads:
             if not _is(mh, ('FCNMaskHead', )) or _is(mh, ('CoarseMaskHead', )):
                 raise ValueError(f'{name}: the mask head {type(mh).__name__} cannot run tile by '
@@ -163,16 +162,20 @@ def neck_strides(model: Any, feats: Sequence[Tensor], stride: int) -> list[int]:
     return [stride * side // o.shape[2] for o in outs]
 
 
+def _mask_heads(roi: Any) -> list:
+    """The mask heads of a RoI head (every stage's for a cascade), or none."""
+    if roi is None or not getattr(roi, 'with_mask', False):
+        return []
+    head = roi.mask_head
+    return list(head) if isinstance(head, torch.nn.ModuleList) else [head]
+
+
 @contextlib.contextmanager
 def local_mask_paste(model: Any) -> Iterator[None]:
     """mmdet's mask heads paste each mask at the image's size; inside this context they
     return :class:`LocalMasks` (each mask over its box's own pixels, pasted exactly as
     mmdet pastes on the CPU) instead."""
-    roi = getattr(model, 'roi_head', None)
-    heads = []
-    if roi is not None and getattr(roi, 'with_mask', False):
-        heads = list(roi.mask_head) if isinstance(roi.mask_head, torch.nn.ModuleList) else [
-            roi.mask_head]
+    heads = _mask_heads(getattr(model, 'roi_head', None))
     for mh in heads:
         mh._predict_by_feat_single = _local_paste(mh)
     try:
@@ -208,7 +211,7 @@ def _local_paste(head: Any) -> Callable[..., LocalMasks]:
         if tuple(img_meta.get('scale_factor', (1., 1.))) != (1., 1.):
             raise ValueError('tiled detection pastes masks at the scale of the image read')
         img_h, img_w = img_meta['ori_shape'][:2]
-        probs = mask_preds.sigmoid() if not activate_map else bboxes.new_tensor(mask_preds)
+        probs = mask_preds.sigmoid() if not activate_map else mask_preds.to(bboxes)
         if not head.class_agnostic:
             probs = probs[range(len(probs)), labels][:, None]
         threshold = rcnn_test_cfg.mask_thr_binary

@@ -499,3 +499,63 @@ def test_background_skipped_objects_land_where_they_are_in_the_slide(detector, t
                    round((o.bbox[2] + 192) * 4), round(o.bbox[3] * 4))].mask
         assert (m.y0, m.x0 - 192) == (o.mask.y0, o.mask.x0)
         assert np.array_equal(m.bits, o.mask.bits)
+
+
+FAMILY = {
+    'retinanet': ('configs/detection/inline_pvt/retinanet_inline-pvt-t_fpn_1x_coco.py',
+                  dict(model=dict(backbone=dict(init_cfg=None), test_cfg=dict(
+                      score_thr=0.0, nms_pre=200, max_per_img=30)))),
+    'faster-rcnn': ('configs/detection/inline_pvt/faster-rcnn_inline-pvt-s_fpn_1x_coco.py',
+                    dict(model=dict(backbone=dict(init_cfg=None, arch='tiny'), test_cfg=dict(
+                        rpn=dict(nms_pre=200, max_per_img=100),
+                        rcnn=dict(score_thr=0.0, max_per_img=30))))),
+    'cascade-mask-rcnn': (
+        'configs/detection/inline_swin/cascade-mask-rcnn_inline-swin-t_fpn_ms-crop-3x_coco.py',
+        dict(model=dict(backbone=dict(init_cfg=None, depths=(1, 1, 1, 1)), test_cfg=dict(
+            rpn=dict(nms_pre=200, max_per_img=100),
+            rcnn=dict(score_thr=0.0, max_per_img=30))))),
+}
+
+
+@pytest.mark.parametrize('family', sorted(FAMILY))
+def test_every_kind_of_detector_runs_by_tiles(family: str) -> None:
+    """RetinaNet (a dense head to P7: tiles in 128 px), Faster R-CNN and Cascade Mask
+    R-CNN (masks of the last stage, pasted over their boxes) from the shipped configs."""
+    from mmlinattn.engine.build import build_from_config
+    from mmlinattn.engine.detection_files import detect_file
+    from mmlinattn.engine.tiled_detection import DetectionTiling
+    from mmlinattn.rasters import ArrayReader
+    config, options = FAMILY[family]
+    torch.manual_seed(0)
+    model, _ = build_from_config(str(REPO / config), options)
+    model.eval()
+    reader = ArrayReader(_image(200, 260).permute(1, 2, 0).numpy().copy(), '<image>')
+    if family == 'retinanet':
+        with pytest.raises(ValueError, match='multiple of 128'):
+            detect_file(model, reader, [], chunk_tokens=48,
+                        tiling=DetectionTiling(tile=64, margin=64, halo=64))
+    info = detect_file(model, reader, [], chunk_tokens=48, keep_objects=True,
+                       tiling=DetectionTiling(tile=128, margin=128, halo=128))
+    objs = info['objects_list']
+    assert info['tiles'] == 6 and len(objs) > 10
+    for o in objs:
+        x0, y0, x1, y1 = o.bbox
+        assert 0 <= x0 <= x1 <= 260 and 0 <= y0 <= y1 <= 200
+        assert (o.mask is not None) == (family == 'cascade-mask-rcnn')
+        if o.mask is not None:  # over its box's pixels (and mmdet's one-pixel border)
+            assert o.mask.bits.shape[0] <= y1 - y0 + 4 and o.mask.bits.shape[1] <= x1 - x0 + 4
+
+
+def test_a_query_based_detector_is_refused_by_name(tmp_path) -> None:
+    from mmdet.registry import MODELS
+    from mmengine.config import Config
+
+    from mmlinattn.engine.tiled_detection import check_tileable
+    (tmp_path / 'detr.py').write_text("_base_ = 'mmdet::detr/detr_r50_8xb2-150e_coco.py'\n")
+    cfg = Config.fromfile(str(tmp_path / 'detr.py'))
+    cfg.model.backbone.init_cfg = None
+    cfg.model.backbone.depth = 18
+    cfg.model.neck.in_channels = [512]
+    model = MODELS.build(cfg.model)
+    with pytest.raises(ValueError, match='DETR: its heads are not local'):
+        check_tileable(model)
