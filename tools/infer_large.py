@@ -94,8 +94,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    'whole (objects reaching at most this far past the core are exact; larger '
                    'ones are merged from the parts the tiles see)')
     p.add_argument('--max-per-tile', type=int, default=None,
-                   help="detectors: detections kept per tile (default the config's max_per_img, "
-                   'which then applies per tile)')
+                   help="detectors: detections kept per tile (default the config's max_per_img "
+                   'times the budget scale)')
+    p.add_argument('--budget-scale', type=float, default=None,
+                   help="detectors: each tile's proposal and detection budgets are the "
+                   "config's times this (default: the head region's area over a 1333 x 800 "
+                   'image, between 1 and 8)')
     p.add_argument('--merge-iou', type=float, default=0.5,
                    help='detectors: IoU of two parts of a large object inside the window both '
                    'tiles see for them to be merged')
@@ -419,7 +423,7 @@ def _detect_by_regions(args: argparse.Namespace, model: Any, reader: Any, group:
         raise ValueError('--no-masks is for the in-memory path; by regions masks stay local '
                          '(each over its own box)')
     tiling = DetectionTiling(args.tile, args.margin, args.halo, args.merge_iou,
-                             args.max_per_tile)
+                             args.max_per_tile, args.budget_scale)
     print(f'  detection tiles: cores {tiling.tile} px, margin {tiling.margin} px (objects '
           f'reaching up to this far past a core are seen whole), halo {tiling.halo} px')
     settings = dict(config=osp.abspath(args.config), checkpoint=args.checkpoint)
@@ -438,7 +442,8 @@ def _detect_by_regions(args: argparse.Namespace, model: Any, reader: Any, group:
     print(f'  backbone {info["backbone_s"]:.1f} s, neck and heads by tiles '
           f'{info["heads_s"]:.1f} s ({info["tiles"]} tiles), writing {info["write_s"]:.1f} s; '
           f'{info["objects"]} objects ({info["merged"]} merged from {info["truncated"]} parts '
-          'cut at tile borders)')
+          'cut at tile borders); budgets per tile: '
+          + ', '.join(f'{k} {v}' for k, v in info['budgets'].items()))
     for path in args.outs + ([osp.join(args.viewer, 'index.html')] if args.viewer else []):
         print(f'wrote {path}')
     return stats

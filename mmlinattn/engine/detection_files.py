@@ -163,7 +163,8 @@ def detect_file(model: Any, reader: RegionReader, outputs: Sequence[str], *,
             fingerprint = dict(settings or {}, image=_file_digest(reader.path),
                                level=reader.level, chunk_tokens=chunk_tokens, tile=tiling.tile,
                                margin=tiling.margin, halo=tiling.halo,
-                               max_per_tile=tiling.max_per_tile, background=background,
+                               max_per_tile=tiling.max_per_tile,
+                               budget_scale=tiling.budget_scale, background=background,
                                task='detection', ranks=1 if group is None else group.size)
             rank_folder = spill if group is None else osp.join(spill, f'rank{group.rank}')
             run: Optional[RunFolder] = RunFolder(rank_folder, fingerprint, resume)

@@ -21,7 +21,8 @@ RoI heads, or a dense head) run tile by tile:
   agree (IoU >= ``merge_iou``) inside the window both tiles see. The merged object has
   the union of the boxes and masks, the best score and ``parts`` > 1.
 * **Budgets are per tile**: the config's ``test_cfg`` (RPN ``nms_pre``/``max_per_img``,
-  RCNN/dense ``max_per_img``) apply to each head region, so the number of detections
+  RCNN/dense ``max_per_img``) apply to each head region, scaled by its area over a
+  1333 x 800 image (at most 8x, :func:`budget_scale`), so the number of detections
   grows with the number of tiles: a whole-image top-k is meaningless at 10^9 pixels.
 * **Masks** are pasted over each box's own pixels (mmdet's CPU paste, box by box), never
   at image size: :class:`~mmlinattn.rasters.objects.LocalMask`.
@@ -61,13 +62,17 @@ class DetectionTiling:
     ``halo``: features around the margin for the neck's and heads' receptive fields;
     all in image pixels. ``merge_iou``: agreement of two parts of a large object inside
     the window both tiles see. ``max_per_tile``: detections kept per tile (None: the
-    config's ``max_per_img``)."""
+    config's ``max_per_img`` times the budget scale). ``budget_scale``: the config's
+    proposal and detection budgets are multiplied by this for each tile (None: by the
+    head region's area over a 1333 x 800 image, between 1 and 8; see
+    :func:`budget_scale`)."""
 
     tile: int = 2048
     margin: int = 256
     halo: int = 256
     merge_iou: float = 0.5
     max_per_tile: Optional[int] = None
+    budget_scale: Optional[float] = None
 
     def check(self, divisor: int) -> None:
         for name in ('tile', 'margin', 'halo'):
@@ -235,27 +240,51 @@ def _samples(model: Any, head: tuple[int, int, int, int], image_hw: tuple[int, i
     return [DetDataSample(metainfo=meta)]
 
 
+#: The image area (pixels) the configs' budgets are meant for: COCO's 1333 x 800 test scale.
+BUDGET_AREA = 1333 * 800
+#: The most a tile's budgets are scaled (each proposal costs the RoI head's work).
+MAX_BUDGET_SCALE = 8.0
+
+
+def budget_scale(tiling: DetectionTiling) -> float:
+    """How many times the config's budgets a tile gets (``tiling.budget_scale``, or the
+    area of a whole head region over :data:`BUDGET_AREA`, between 1 and
+    :data:`MAX_BUDGET_SCALE`)."""
+    if tiling.budget_scale is not None:
+        return float(tiling.budget_scale)
+    side = tiling.tile + 2 * (tiling.margin + tiling.halo)
+    return min(MAX_BUDGET_SCALE, max(1.0, side * side / BUDGET_AREA))
+
+
 @contextlib.contextmanager
-def per_tile_budget(model: Any, max_per_tile: Optional[int]) -> Iterator[None]:
-    """The config's ``max_per_img`` of the final detections set to ``max_per_tile``."""
-    if max_per_tile is None:
-        yield
-        return
-    cfgs = []
+def per_tile_budget(model: Any, tiling: DetectionTiling) -> Iterator[dict]:
+    """The config's budgets for one head region: the RPN's (or a dense head's)
+    ``nms_pre`` and ``max_per_img`` and the final ``max_per_img`` times
+    :func:`budget_scale`; the final one set to ``tiling.max_per_tile`` when given.
+    Yields the budgets in force."""
+    scale = budget_scale(tiling)
+    changes = []  # (cfg, name, key, new value)
+    rpn = getattr(model, 'rpn_head', None)
     roi = getattr(model, 'roi_head', None)
-    if roi is not None:
-        cfgs.append(roi.test_cfg)
     head = getattr(model, 'bbox_head', None)
-    if head is not None:
-        cfgs.append(head.test_cfg)
-    saved = [c.get('max_per_img') for c in cfgs]
-    for c in cfgs:
-        c['max_per_img'] = max_per_tile
+    if rpn is not None:
+        for key in ('nms_pre', 'max_per_img'):
+            if rpn.test_cfg.get(key, 0) > 0:
+                changes.append((rpn.test_cfg, 'rpn ' + key, key, int(rpn.test_cfg[key] * scale)))
+    final = roi.test_cfg if roi is not None else head.test_cfg if head is not None else None
+    if head is not None and final.get('nms_pre', 0) > 0:
+        changes.append((final, 'nms_pre', 'nms_pre', int(final['nms_pre'] * scale)))
+    if final is not None and final.get('max_per_img', 0) > 0:
+        changes.append((final, 'max_per_img', 'max_per_img',
+                        tiling.max_per_tile or int(final['max_per_img'] * scale)))
+    saved = [(cfg, key, cfg[key]) for cfg, _, key, _ in changes]
+    for cfg, _, key, value in changes:
+        cfg[key] = value
     try:
-        yield
+        yield {name: value for _, name, _, value in changes}
     finally:
-        for c, v in zip(cfgs, saved):
-            c['max_per_img'] = v
+        for cfg, key, value in saved:
+            cfg[key] = value
 
 
 def detect_tile(model: Any, feats: Sequence[Tensor], stride: int, strides: Sequence[int],
@@ -395,7 +424,8 @@ def run_detection_tiles(model: Any, feats: Sequence[Tensor], stride: int,
     done = rows_done or set()
     count = sum(1 for t in tiles if t.y0 in done)
     start = time.perf_counter()
-    with torch.no_grad(), local_mask_paste(model), per_tile_budget(model, tiling.max_per_tile):
+    with torch.no_grad(), local_mask_paste(model), \
+            per_tile_budget(model, tiling) as budgets:
         row: list[TileRegions] = []
         for k, t in enumerate(tiles):
             if t.y0 in done:
@@ -414,7 +444,7 @@ def run_detection_tiles(model: Any, feats: Sequence[Tensor], stride: int,
                     progress(count, len(tiles))
             emit_row(t.y0, objects, truncated)
             row = []
-    return dict(heads_s=time.perf_counter() - start, tiles=len(tiles))
+    return dict(heads_s=time.perf_counter() - start, tiles=len(tiles), budgets=budgets)
 
 
 def result_objects(instances: Any) -> list[DetectedObject]:

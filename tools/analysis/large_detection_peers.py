@@ -18,7 +18,7 @@ The same trained detector, four ways, one after the other in this process:
   0.25 overlap, merged by NMS at IoU 0.25 (``mmdet.utils.large_image``), boxes only
   (its masks are image-sized bitmaps, one per instance).
 * ``whole``: mmdet's heads on the whole image's pyramid (the reference where it fits;
-  its budgets scaled to the number of tiles, masks pasted over their boxes).
+  its budgets those of all the tiles of ours together, masks pasted over their boxes).
 
 For each: time, peak memory in use, COCO AP (bbox, and segm where masks are kept) on
 the scene's ground truth, recall at a score threshold for objects crossing a seam of
@@ -85,18 +85,25 @@ def run_ours(model: Any, reader: Any, args: argparse.Namespace) -> list[Detected
 
 def run_whole(model: Any, reader: Any, args: argparse.Namespace) -> list[DetectedObject]:
     from mmlinattn.engine.large_image import detect_large
-    from mmlinattn.engine.tiled_detection import local_mask_paste, result_objects
-    tiles = max(1, round(reader.height * reader.width / args.tile ** 2))
+    from mmlinattn.engine.tiled_detection import (
+        DetectionTiling,
+        budget_scale,
+        local_mask_paste,
+        result_objects,
+    )
+    # The budgets of ours over the whole image: its tiles' number times each one's scale.
+    tiles = max(1, round(reader.height * reader.width / args.tile ** 2) * budget_scale(
+        DetectionTiling(args.tile, args.margin, args.halo)))
     roi, rpn = model.roi_head.test_cfg, model.rpn_head.test_cfg
     saved = (roi.max_per_img, rpn.nms_pre, rpn.max_per_img)
-    roi.max_per_img, rpn.nms_pre, rpn.max_per_img = (v * tiles for v in saved)
+    roi.max_per_img, rpn.nms_pre, rpn.max_per_img = (int(v * tiles) for v in saved)
     try:
         image = torch.from_numpy(_bgr(reader)).permute(2, 0, 1).contiguous()
         with local_mask_paste(model):
             result, _ = detect_large(model, image, 65536, args.tile, args.halo, masks=True)
     finally:
         roi.max_per_img, rpn.nms_pre, rpn.max_per_img = saved
-    print(f'  whole: budgets x{tiles} (the tiles of ours)')
+    print(f'  whole: budgets x{tiles:.1f} (those of the tiles of ours)')
     return result_objects(result.pred_instances)
 
 
@@ -243,8 +250,13 @@ def coco_ap(gt: dict, objs: list[DetectedObject], h: int, w: int, segm: bool) ->
         with contextlib.redirect_stdout(io.StringIO()):
             ev.evaluate()
             ev.accumulate()
-            ev.summarize()
-        out[kind] = dict(AP=float(ev.stats[0]), AP50=float(ev.stats[1]), AP75=float(ev.stats[2]))
+        # From the precision table (summarize() reads AP at 100 detections, whatever
+        # maxDets says): all areas, the last maxDets.
+        prec = ev.eval['precision'][:, :, :, 0, -1]  # IoU thresholds x recall x classes
+
+        def mean(p: np.ndarray) -> float:
+            return float(p[p > -1].mean()) if (p > -1).any() else 0.0
+        out[kind] = dict(AP=mean(prec), AP50=mean(prec[0]), AP75=mean(prec[5]))
     return out
 
 
@@ -307,6 +319,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument('--tile', type=int, default=2048)
     p.add_argument('--margin', type=int, default=256)
     p.add_argument('--halo', type=int, default=256)
+    p.add_argument('--second-tile', type=int,
+                   help="also run ours with cores of this size and match its objects with "
+                   "the first run's (same class, box IoU >= 0.95, score within 1e-3)")
     p.add_argument('--score-thr', type=float, default=0.3,
                    help='detections counted for recall, duplicates and splits')
     p.add_argument('--report', help='write the figures as JSON here')
@@ -348,6 +363,14 @@ def main(argv: list[str] | None = None) -> dict:
         from mmlinattn.engine.tiled_detection import match_detections
         report['ours_vs_whole'] = match_detections(kept['ours'], kept['whole'])
         print('ours vs whole: ' + json.dumps(report['ours_vs_whole']))
+    if args.second_tile and 'ours' in kept:
+        from mmlinattn.engine.tiled_detection import match_detections
+        other = argparse.Namespace(**dict(vars(args), tile=args.second_tile))
+        objs, seconds, _ = measured(lambda: run_ours(model, reader, other))
+        report['second_tile'] = dict(tile=args.second_tile, seconds=seconds,
+                                     **match_detections(objs, kept['ours']))
+        print(f'ours with {args.second_tile} px tiles vs {args.tile} px: '
+              + json.dumps(report['second_tile']))
     print(table(report))
     if args.report:
         with open(args.report, 'w') as f:
