@@ -18,7 +18,8 @@ The same trained detector, four ways, one after the other in this process:
   0.25 overlap, merged by NMS at IoU 0.25 (``mmdet.utils.large_image``), boxes only
   (its masks are image-sized bitmaps, one per instance).
 * ``whole``: mmdet's heads on the whole image's pyramid (the reference where it fits;
-  its budgets those of all the tiles of ours together, masks pasted over their boxes).
+  its budgets scaled to the density of those of ours: a tile's budget for each head
+  region's area; masks pasted over their boxes).
 
 For each: time, peak memory in use, COCO AP (bbox, and segm where masks are kept) on
 the scene's ground truth, recall at a score threshold for objects crossing a seam of
@@ -91,9 +92,10 @@ def run_whole(model: Any, reader: Any, args: argparse.Namespace) -> list[Detecte
         local_mask_paste,
         result_objects,
     )
-    # The budgets of ours over the whole image: its tiles' number times each one's scale.
-    tiles = max(1, round(reader.height * reader.width / args.tile ** 2) * budget_scale(
-        DetectionTiling(args.tile, args.margin, args.halo)))
+    # The budgets of ours at the same density: a tile's for each head region's area.
+    tiling = DetectionTiling(args.tile, args.margin, args.halo)
+    side = args.tile + 2 * (args.margin + args.halo)
+    tiles = max(1.0, reader.height * reader.width / side ** 2) * budget_scale(tiling)
     roi, rpn = model.roi_head.test_cfg, model.rpn_head.test_cfg
     saved = (roi.max_per_img, rpn.nms_pre, rpn.max_per_img)
     roi.max_per_img, rpn.nms_pre, rpn.max_per_img = (int(v * tiles) for v in saved)
@@ -103,7 +105,7 @@ def run_whole(model: Any, reader: Any, args: argparse.Namespace) -> list[Detecte
             result, _ = detect_large(model, image, 65536, args.tile, args.halo, masks=True)
     finally:
         roi.max_per_img, rpn.nms_pre, rpn.max_per_img = saved
-    print(f'  whole: budgets x{tiles:.1f} (those of the tiles of ours)')
+    print(f'  whole: budgets x{tiles:.1f} (the density of those of ours)')
     return result_objects(result.pred_instances)
 
 
@@ -362,15 +364,22 @@ def main(argv: list[str] | None = None) -> dict:
     if 'ours' in kept and 'whole' in kept:
         from mmlinattn.engine.tiled_detection import match_detections
         report['ours_vs_whole'] = match_detections(kept['ours'], kept['whole'])
-        print('ours vs whole: ' + json.dumps(report['ours_vs_whole']))
+        sure = [[o for o in kept[k] if o.score >= args.score_thr] for k in ('ours', 'whole')]
+        report['ours_vs_whole_above_thr'] = match_detections(*sure)
+        print('ours vs whole: ' + json.dumps(report['ours_vs_whole']) + f'; scoring >= '
+              f'{args.score_thr}: ' + json.dumps(report['ours_vs_whole_above_thr']))
     if args.second_tile and 'ours' in kept:
         from mmlinattn.engine.tiled_detection import match_detections
         other = argparse.Namespace(**dict(vars(args), tile=args.second_tile))
         objs, seconds, _ = measured(lambda: run_ours(model, reader, other))
         report['second_tile'] = dict(tile=args.second_tile, seconds=seconds,
                                      **match_detections(objs, kept['ours']))
+        report['second_tile_above_thr'] = match_detections(
+            [o for o in objs if o.score >= args.score_thr],
+            [o for o in kept['ours'] if o.score >= args.score_thr])
         print(f'ours with {args.second_tile} px tiles vs {args.tile} px: '
-              + json.dumps(report['second_tile']))
+              + json.dumps(report['second_tile']) + '; scoring >= thr: '
+              + json.dumps(report['second_tile_above_thr']))
     print(table(report))
     if args.report:
         with open(args.report, 'w') as f:
