@@ -78,7 +78,8 @@ def run_ours(model: Any, reader: Any, args: argparse.Namespace) -> list[Detected
     from mmlinattn.engine.detection_files import detect_file
     from mmlinattn.engine.tiled_detection import DetectionTiling
     info = detect_file(model, reader, [], chunk_tokens=65536, keep_objects=True,
-                       tiling=DetectionTiling(args.tile, args.margin, args.halo))
+                       tiling=DetectionTiling(args.tile, args.margin, args.halo,
+                                              budget_scale=args.budget_scale))
     print(f'  ours: {info["tiles"]} tiles, {info["objects"]} objects ({info["merged"]} merged '
           f'from {info["truncated"]} cut parts)')
     return info['objects_list']
@@ -93,7 +94,7 @@ def run_whole(model: Any, reader: Any, args: argparse.Namespace) -> list[Detecte
         result_objects,
     )
     # The budgets of ours at the same density: a tile's for each head region's area.
-    tiling = DetectionTiling(args.tile, args.margin, args.halo)
+    tiling = DetectionTiling(args.tile, args.margin, args.halo, budget_scale=args.budget_scale)
     side = args.tile + 2 * (args.margin + args.halo)
     tiles = max(1.0, reader.height * reader.width / side ** 2) * budget_scale(tiling)
     roi, rpn = model.roi_head.test_cfg, model.rpn_head.test_cfg
@@ -321,6 +322,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument('--tile', type=int, default=2048)
     p.add_argument('--margin', type=int, default=256)
     p.add_argument('--halo', type=int, default=256)
+    p.add_argument('--budget-scale', type=float,
+                   help="ours: the tiles' budgets (see infer_large.py --budget-scale); the "
+                   'whole image gets the same density')
     p.add_argument('--second-tile', type=int,
                    help="also run ours with cores of this size and match its objects with "
                    "the first run's (same class, box IoU >= 0.95, score within 1e-3)")
