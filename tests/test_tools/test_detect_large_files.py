@@ -559,3 +559,29 @@ def test_a_query_based_detector_is_refused_by_name(tmp_path) -> None:
     model = MODELS.build(cfg.model)
     with pytest.raises(ValueError, match='DETR: its heads are not local'):
         check_tileable(model)
+
+
+def test_parts_of_a_large_object_seen_by_neighbouring_tiles_are_merged_once() -> None:
+    """Two tiles each see part of one large disc (cut at their head regions' borders):
+    one object with the union of their boxes and masks; a part of another class, and
+    a part that disagrees inside the shared window, stay apart."""
+    from mmlinattn.engine.tiled_detection import merge_truncated
+    yy, xx = np.mgrid[0:400, 0:700]
+    disc = (yy - 200) ** 2 / 200 ** 2 + (xx - 350) ** 2 / 350 ** 2 <= 1  # at (100, 300)
+
+    def part(x0: int, x1: int, tile: tuple, head: list, label: int = 0) -> DetectedObject:
+        bits = disc[:, x0 - 300:x1 - 300]
+        return DetectedObject(label, 0.9 if tile == (0, 0) else 0.8,
+                              (float(x0), 100.0, float(x1), 500.0), LocalMask(100, x0, bits),
+                              dict(tile=list(tile), head=head))
+    a = part(300, 768, (0, 0), [0, 1024, 0, 768])  # tile 0 sees up to x = 768
+    b = part(512, 1000, (0, 1), [0, 1024, 512, 1536])  # tile 1 from x = 512
+    other = part(512, 1000, (0, 1), [0, 1024, 512, 1536], label=1)
+    elsewhere = DetectedObject(0, 0.7, (600.0, 700.0, 760.0, 900.0), None,
+                               dict(tile=[0, 1], head=[0, 1024, 512, 1536]))
+    merged = merge_truncated([a, b, other, elsewhere])
+    assert len(merged) == 3
+    whole = next(o for o in merged if o.extra['parts'] == 2)
+    assert whole.bbox == (300.0, 100.0, 1000.0, 500.0) and whole.score == 0.9
+    assert whole.mask.bits.shape == (400, 700) and np.array_equal(whole.mask.bits, disc)
+    assert sorted(o.extra['parts'] for o in merged) == [1, 1, 2]
