@@ -215,25 +215,17 @@ def is_pyramid_path(path: str) -> bool:
     return path.lower().endswith(('.tif', '.tiff'))
 
 
-def write_detections(result: Any, classes: list, paths: list[str], reader: Any) -> None:
+def write_detections(result: Any, model: Any, paths: list[str], reader: Any) -> None:
     """mmdet's whole-image result written to the object files of ``paths`` (each mask
-    cut to its own box first)."""
+    cut to its own box first), in the model's classes and colours."""
+    from mmlinattn.engine.detection_files import detection_classes
     from mmlinattn.engine.tiled_detection import result_objects
-    from mmlinattn.rasters.objects import open_sinks
-    from mmlinattn.rasters.writers import default_palette
-    sinks = open_sinks(paths, classes, default_palette(max(1, len(classes))), reader.height,
-                       reader.width, reader.geo, reader.downsample)
-    try:
-        objects = result_objects(result.pred_instances)
-        for obj in objects:
-            for sink in sinks:
-                sink.add(obj)
-        for sink in sinks:
-            sink.close()
-    except BaseException:
-        for sink in sinks:
-            sink.abort()
-        raise
+    from mmlinattn.rasters.objects import open_sinks, write_objects
+    classes, palette = detection_classes(model)
+    sinks = open_sinks(paths, classes, palette, reader.height, reader.width, reader.geo,
+                       reader.downsample)
+    objects = result_objects(result.pred_instances)
+    write_objects(sinks, objects)
     for path in paths:
         print(f'wrote {path} ({len(objects)} detections)')
 
@@ -377,7 +369,7 @@ def _main(args: argparse.Namespace, li: Any, group: Any) -> dict:
                              '--in-memory')
         result, report['ours'] = _detect_in_memory(args, model, reader)
         if args.outs:
-            write_detections(result, _classes(model), args.outs, reader)
+            write_detections(result, model, args.outs, reader)
     else:
         if args.overlay:
             raise ValueError('--overlay is for segmenters; a detector draws its objects with '
@@ -392,11 +384,6 @@ def _main(args: argparse.Namespace, li: Any, group: Any) -> dict:
                   'detections matched (same class, box IoU >= 0.95, score within 1e-3), '
                   '{extra:.2%} extra'.format(**report['whole']))
     return report
-
-
-def _classes(model: Any) -> list:
-    from mmlinattn.engine.detection_files import detection_classes
-    return detection_classes(model)[0]
 
 
 def _detect_in_memory(args: argparse.Namespace, model: Any, reader: Any) -> tuple[Any, dict]:

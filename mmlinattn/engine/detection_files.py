@@ -30,10 +30,16 @@ from torch import Tensor
 from .. import parallel as sp
 from ..models.backbones.base import chunked_inference
 from ..parallel import SpatialGroup
-from ..rasters import CompactedReader, RegionReader, kept_pixels, tissue_mask
-from ..rasters.objects import DetectedObject, LocalMask, check_outputs, open_sinks
+from ..rasters import RegionReader
+from ..rasters.objects import (
+    DetectedObject,
+    LocalMask,
+    check_outputs,
+    open_sinks,
+    write_objects,
+)
 from ..rasters.writers import default_palette
-from .large_files import RunFolder, _counting_blocks, _file_digest
+from .large_files import RunFolder, _counting_blocks, _file_digest, compact_background
 from .large_image import SIZE_DIVISOR, Progress, _features, _padded, row_source
 from .tiled_detection import (
     DetectionTiling,
@@ -148,16 +154,7 @@ def detect_file(model: Any, reader: RegionReader, outputs: Sequence[str], *,
     h, w = reader.height, reader.width
     info: dict = dict(image=[h, w], level=reader.level, mpp=reader.mpp, tile=tiling.tile,
                       margin=tiling.margin, halo=tiling.halo)
-    src: RegionReader = reader
-    keep = None
-    if background:
-        start = time.perf_counter()
-        mask, scale = tissue_mask(reader, background)
-        keep = kept_pixels(mask, scale, h, w)
-        src = CompactedReader(reader, *keep)
-        info['tissue'] = dict(rows=len(keep[0]), cols=len(keep[1]),
-                              fraction=len(keep[0]) * len(keep[1]) / (h * w),
-                              seconds=time.perf_counter() - start)
+    src, keep = compact_background(reader, background, info)
     with contextlib.ExitStack() as stack:
         if spill:
             fingerprint = dict(settings or {}, image=_file_digest(reader.path),
@@ -219,19 +216,14 @@ def detect_file(model: Any, reader: RegionReader, outputs: Sequence[str], *,
                                 **{k: v for k, v in (settings or {}).items()
                                    if isinstance(v, str)}), viewer, reader)
         kept: list[DetectedObject] = []
-        try:
+
+        def counted() -> Iterator[DetectedObject]:
             for obj in _all_objects(staging, merged, keep):
                 counts['objects'] += 1
-                for sink in sinks:
-                    sink.add(obj)
                 if keep_objects:
                     kept.append(obj)
-            for sink in sinks:
-                sink.close()
-        except BaseException:
-            for sink in sinks:
-                sink.abort()
-            raise
+                yield obj
+        write_objects(sinks, counted())
         info['write_s'] = time.perf_counter() - start
     info.update(counts)
     info['decoded_pixels'] = reader.decoded_pixels

@@ -50,7 +50,7 @@ from ..utils.spill import (
 )
 from .large_image import Progress, Resumable, segment_large
 
-__all__ = ['FileOutputs', 'RunFolder', 'segment_file', 'label_dtype']
+__all__ = ['FileOutputs', 'RunFolder', 'segment_file', 'label_dtype', 'compact_background']
 
 
 @dataclass
@@ -185,16 +185,7 @@ def segment_file(model: Any, reader: RegionReader, outputs: FileOutputs, *,
     h, w = reader.height, reader.width
     info: dict = dict(image=[h, w], level=reader.level, mpp=reader.mpp)
 
-    src: RegionReader = reader
-    keep = None
-    if background:
-        start = time.perf_counter()
-        mask, scale = tissue_mask(reader, background)
-        keep = kept_pixels(mask, scale, h, w)
-        src = CompactedReader(reader, *keep)
-        info['tissue'] = dict(rows=len(keep[0]), cols=len(keep[1]),
-                              fraction=len(keep[0]) * len(keep[1]) / (h * w),
-                              seconds=time.perf_counter() - start)
+    src, keep = compact_background(reader, background, info)
     dtype = label_dtype(len(classes), nodata if keep is not None else None)
 
     run = None
@@ -245,6 +236,24 @@ def segment_file(model: Any, reader: RegionReader, outputs: FileOutputs, *,
     info['write_s'] = time.perf_counter() - start
     info['decoded_pixels'] = reader.decoded_pixels
     return labels, info
+
+
+def compact_background(reader: RegionReader, background: Optional[str], info: dict
+                       ) -> tuple[RegionReader, Optional[tuple[np.ndarray, np.ndarray]]]:
+    """The reader of what is predicted and the kept rows and columns: with
+    ``background`` (``'otsu'`` or a mask file) only the tissue's block rows and columns
+    (a :class:`CompactedReader`, its counts and time in ``info['tissue']``), else the
+    image itself and None."""
+    if not background:
+        return reader, None
+    h, w = reader.height, reader.width
+    start = time.perf_counter()
+    mask, scale = tissue_mask(reader, background)
+    keep = kept_pixels(mask, scale, h, w)
+    info['tissue'] = dict(rows=len(keep[0]), cols=len(keep[1]),
+                          fraction=len(keep[0]) * len(keep[1]) / (h * w),
+                          seconds=time.perf_counter() - start)
+    return CompactedReader(reader, *keep), keep
 
 
 def _shared_labels(run: RunFolder, spill: str, shape: tuple[int, int], dtype: torch.dtype,

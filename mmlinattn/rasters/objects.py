@@ -36,7 +36,7 @@ from .readers import GeoReference
 
 __all__ = ['LocalMask', 'DetectedObject', 'image_rle', 'mask_polygon', 'ObjectSink',
            'CocoJsonSink', 'GeoJsonSink', 'GeoPackageSink', 'ObjectStore', 'ViewerSink',
-           'query_objects', 'open_sinks', 'check_outputs', 'SINK_SUFFIXES']
+           'query_objects', 'open_sinks', 'check_outputs', 'write_objects', 'SINK_SUFFIXES']
 
 
 @dataclass
@@ -234,6 +234,21 @@ class ObjectSink:
         self._finish()
         os.replace(self.tmp, self.path)
 
+    # A JSON file written item by item: ``head``, the items comma-separated, ``tail``.
+    def _open(self, head: str) -> None:
+        self.f = open(self.tmp, 'w')  # noqa: SIM115 (closed by close/abort)
+        self.f.write(head)
+
+    def _item(self, item: Any) -> None:
+        self.f.write((',\n' if self.count else '\n') + json.dumps(item))
+
+    def _close(self, tail: str) -> None:
+        if not self.f.closed:
+            self.f.write(tail)
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
+
     def abort(self) -> None:
         with contextlib.suppress(Exception):
             self._finish()
@@ -249,8 +264,7 @@ class CocoJsonSink(ObjectSink):
                  image_id: int = 0) -> None:
         super().__init__(path)
         self.classes, self.height, self.width, self.image_id = classes, height, width, image_id
-        self.f = open(self.tmp, 'w')  # noqa: SIM115 (closed by close/abort)
-        self.f.write('[')
+        self._open('[')
 
     def add(self, obj: DetectedObject) -> None:
         x0, y0, x1, y1 = obj.bbox
@@ -261,15 +275,11 @@ class CocoJsonSink(ObjectSink):
         if obj.mask is not None:
             rec['segmentation'] = image_rle(obj.mask, self.height, self.width)
         rec.update(obj.extra)
-        self.f.write((',\n' if self.count else '\n') + json.dumps(rec))
+        self._item(rec)
         super().add(obj)
 
     def _finish(self) -> None:
-        if not self.f.closed:
-            self.f.write('\n]\n')
-            self.f.flush()
-            os.fsync(self.f.fileno())
-            self.f.close()
+        self._close('\n]\n')
 
 
 class GeoJsonSink(ObjectSink):
@@ -284,11 +294,10 @@ class GeoJsonSink(ObjectSink):
         super().__init__(path)
         self.classes, self.palette, self.geo, self.scale = classes, palette, geo, scale
         self.object_type = object_type
-        self.f = open(self.tmp, 'w')  # noqa: SIM115 (closed by close/abort)
         head: dict = dict(type='FeatureCollection')
         if geo is not None and geo.crs:
             head['crs'] = dict(type='name', properties=dict(name=geo.crs))
-        self.f.write(json.dumps(head)[:-1] + ', "features": [')
+        self._open(json.dumps(head)[:-1] + ', "features": [')
 
     def add(self, obj: DetectedObject) -> None:
         from shapely.geometry import mapping
@@ -298,16 +307,11 @@ class GeoJsonSink(ObjectSink):
         props = dict(objectType=self.object_type,
                      classification=dict(name=name, color=colour),
                      measurements=dict(score=obj.score), **obj.extra)
-        feature = dict(type='Feature', geometry=mapping(geom), properties=props)
-        self.f.write((',\n' if self.count else '\n') + json.dumps(feature))
+        self._item(dict(type='Feature', geometry=mapping(geom), properties=props))
         super().add(obj)
 
     def _finish(self) -> None:
-        if not self.f.closed:
-            self.f.write('\n]}\n')
-            self.f.flush()
-            os.fsync(self.f.fileno())
-            self.f.close()
+        self._close('\n]}\n')
 
 
 class GeoPackageSink(ObjectSink):
@@ -488,6 +492,21 @@ def query_objects(path: str, region: Optional[tuple[float, float, float, float]]
 
 #: Output suffixes a detector's ``--out`` may name, and what writes them.
 SINK_SUFFIXES = ('.json', '.geojson', '.gpkg', '.sqlite', '.db')
+
+
+def write_objects(sinks: Sequence[ObjectSink], objects: Iterable[DetectedObject]) -> None:
+    """Every object to every sink, then each file completed; on any failure every sink
+    is aborted (nothing half-written is left under a final name)."""
+    try:
+        for obj in objects:
+            for sink in sinks:
+                sink.add(obj)
+        for sink in sinks:
+            sink.close()
+    except BaseException:
+        for sink in sinks:
+            sink.abort()
+        raise
 
 
 def check_outputs(paths: Sequence[str]) -> None:
