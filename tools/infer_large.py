@@ -93,11 +93,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help='detectors: image pixels beyond its core in which a tile sees objects '
                    'whole (objects reaching at most this far past the core are exact; larger '
                    'ones are merged from the parts the tiles see)')
+    p.add_argument('--proposal-thr', type=float, default=0.05,
+                   help='detectors: budgets by score, every proposal whose objectness reaches '
+                   "this and every detection above the config's score_thr are kept, so tiles "
+                   'give the whole image\'s detections (default 0.05)')
+    p.add_argument('--count-budgets', action='store_true',
+                   help="detectors: the config's budgets by count instead (RPN nms_pre and "
+                   'max_per_img, max_per_img), each tile\'s scaled by --budget-scale')
     p.add_argument('--max-per-tile', type=int, default=None,
-                   help="detectors: detections kept per tile (default the config's max_per_img "
-                   'times the budget scale)')
+                   help="detectors: the most detections kept per tile (default: the config's "
+                   'max_per_img times the budget scale)')
     p.add_argument('--budget-scale', type=float, default=None,
-                   help="detectors: each tile's proposal and detection budgets are the "
+                   help="detectors: each tile's caps (by score) or budgets (by count) are the "
                    "config's times this (default: the head region's area over a 1333 x 800 "
                    'image, between 1 and 8)')
     p.add_argument('--merge-iou', type=float, default=0.5,
@@ -387,13 +394,19 @@ def _main(args: argparse.Namespace, li: Any, group: Any) -> dict:
 
 
 def _detect_in_memory(args: argparse.Namespace, model: Any, reader: Any) -> tuple[Any, dict]:
-    """mmdet's heads on the whole pyramid of the decoded image (the reference path)."""
+    """mmdet's heads on the whole pyramid of the decoded image (the reference path), with
+    the budgets of the tiles: by score, or by count at their density."""
     from mmlinattn.engine import large_image as li
+    from mmlinattn.engine.tiled_detection import detection_budgets
     image = whole_image(reader)
-    (result, info), stats = measured('whole-image detection (heads on the whole pyramid)',
-                                     args.device, lambda: li.detect_large(
-        model, image, args.chunk_tokens or None, args.tile, args.halo, not args.no_masks,
-        progress_bar('neck', 'tiles')))
+    side = args.tile + 2 * (args.margin + args.halo)
+    regions = max(1.0, reader.height * reader.width / side ** 2)
+    with detection_budgets(model, _tiling(args), regions) as budgets:
+        (result, info), stats = measured(
+            'whole-image detection (heads on the whole pyramid)', args.device,
+            lambda: li.detect_large(model, image, args.chunk_tokens or None, args.tile,
+                                    args.halo, not args.no_masks, progress_bar('neck', 'tiles')))
+    budgets.pop('reached')
     stats.update(info)
     print(f'  backbone {info["backbone_s"]:.1f} s, neck by tiles {info["neck_s"]:.1f} s, '
           f'heads {info["heads_s"]:.1f} s; {len(result.pred_instances)} detections')
@@ -401,16 +414,21 @@ def _detect_in_memory(args: argparse.Namespace, model: Any, reader: Any) -> tupl
     return result, stats
 
 
+def _tiling(args: argparse.Namespace) -> Any:
+    from mmlinattn.engine.tiled_detection import DetectionTiling
+    return DetectionTiling(args.tile, args.margin, args.halo, args.merge_iou,
+                           args.max_per_tile, args.budget_scale,
+                           None if args.count_budgets else args.proposal_thr)
+
+
 def _detect_by_regions(args: argparse.Namespace, model: Any, reader: Any, group: Any = None
                        ) -> dict:
     """The global backbone by bands, neck and heads by tiles, objects streamed out."""
     from mmlinattn.engine.detection_files import detect_file
-    from mmlinattn.engine.tiled_detection import DetectionTiling
     if args.no_masks:
         raise ValueError('--no-masks is for the in-memory path; by regions masks stay local '
                          '(each over its own box)')
-    tiling = DetectionTiling(args.tile, args.margin, args.halo, args.merge_iou,
-                             args.max_per_tile, args.budget_scale)
+    tiling = _tiling(args)
     print(f'  detection tiles: cores {tiling.tile} px, margin {tiling.margin} px (objects '
           f'reaching up to this far past a core are seen whole), halo {tiling.halo} px')
     settings = dict(config=osp.abspath(args.config), checkpoint=args.checkpoint)
@@ -431,6 +449,11 @@ def _detect_by_regions(args: argparse.Namespace, model: Any, reader: Any, group:
           f'{info["objects"]} objects ({info["merged"]} merged from {info["truncated"]} parts '
           'cut at tile borders); budgets per tile: '
           + ', '.join(f'{k} {v}' for k, v in info['budgets'].items()))
+    bound = {k: v for k, v in info['budget_reached'].items() if v}
+    if bound:
+        print('  caps reached ({}): where a cap binds, a tile keeps its top-k and the tiles '
+              'may differ from the whole image; raise --budget-scale or --proposal-thr'
+              .format(', '.join(f'{k} in {v} tile(s)' for k, v in bound.items())))
     for path in args.outs + ([osp.join(args.viewer, 'index.html')] if args.viewer else []):
         print(f'wrote {path}')
     return stats

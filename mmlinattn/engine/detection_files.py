@@ -161,7 +161,8 @@ def detect_file(model: Any, reader: RegionReader, outputs: Sequence[str], *,
                                level=reader.level, chunk_tokens=chunk_tokens, tile=tiling.tile,
                                margin=tiling.margin, halo=tiling.halo,
                                max_per_tile=tiling.max_per_tile,
-                               budget_scale=tiling.budget_scale, background=background,
+                               budget_scale=tiling.budget_scale,
+                               proposal_thr=tiling.proposal_thr, background=background,
                                task='detection', ranks=1 if group is None else group.size)
             rank_folder = spill if group is None else osp.join(spill, f'rank{group.rank}')
             run: Optional[RunFolder] = RunFolder(rank_folder, fingerprint, resume)

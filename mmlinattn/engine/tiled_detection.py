@@ -20,10 +20,13 @@ RoI heads, or a dense head) run tile by tile:
   of one object seen by neighbouring tiles are merged: same class, and their boxes
   agree (IoU >= ``merge_iou``) inside the window both tiles see. The merged object has
   the union of the boxes and masks, the best score and ``parts`` > 1.
-* **Budgets are per tile**: the config's ``test_cfg`` (RPN ``nms_pre``/``max_per_img``,
-  RCNN/dense ``max_per_img``) apply to each head region, scaled by its area over a
-  1333 x 800 image (at most 8x, :func:`budget_scale`), so the number of detections
-  grows with the number of tiles: a whole-image top-k is meaningless at 10^9 pixels.
+* **Budgets by score**: a whole-image top-k is meaningless at 10^9 pixels, and a top-k
+  per tile depends on what else the tile holds. By default every proposal whose
+  objectness reaches ``proposal_thr`` and every detection above the config's
+  ``score_thr`` is kept, up to caps (the config's budgets scaled by a head region's
+  area, which bound memory): what a tile keeps then depends only on what it sees, and
+  tiles give the whole image's detections wherever no cap binds (a binding cap is
+  reported). Budgets by count (mmdet's top-k) remain an option: :func:`detection_budgets`.
 * **Masks** are pasted over each box's own pixels (mmdet's CPU paste, box by box), never
   at image size: :class:`~mmlinattn.rasters.objects.LocalMask`.
 
@@ -51,7 +54,8 @@ from torch import Tensor
 from ..rasters.objects import DetectedObject, LocalMask
 from .large_image import SIZE_DIVISOR, Progress, _box, features_given
 
-__all__ = ['DetectionTiling', 'TileRegions', 'check_tileable', 'detection_tiles',
+__all__ = ['DetectionTiling', 'TileRegions', 'check_tileable', 'detection_budgets',
+           'detection_tiles',
            'detect_tile', 'merge_truncated', 'neck_strides', 'run_detection_tiles',
            'result_objects', 'match_detections']
 
@@ -61,11 +65,12 @@ class DetectionTiling:
     """``tile``: core side; ``margin``: how far beyond its core a tile sees objects whole;
     ``halo``: features around the margin for the neck's and heads' receptive fields;
     all in image pixels. ``merge_iou``: agreement of two parts of a large object inside
-    the window both tiles see. ``max_per_tile``: detections kept per tile (None: the
-    config's ``max_per_img`` times the budget scale). ``budget_scale``: the config's
-    proposal and detection budgets are multiplied by this for each tile (None: by the
-    head region's area over a 1333 x 800 image, between 1 and 8; see
-    :func:`budget_scale`)."""
+    the window both tiles see. ``max_per_tile``: the most detections a tile keeps (None:
+    the config's ``max_per_img`` times the budget scale). ``proposal_thr``: budgets by
+    score, every proposal whose objectness reaches it (None: budgets by count; see
+    :func:`detection_budgets`). ``budget_scale``: the config's proposal and detection
+    budgets, the caps of a tile, are multiplied by this (None: by the head region's area
+    over a 1333 x 800 image, between 1 and 8; see :func:`budget_scale`)."""
 
     tile: int = 2048
     margin: int = 256
@@ -73,6 +78,7 @@ class DetectionTiling:
     merge_iou: float = 0.5
     max_per_tile: Optional[int] = None
     budget_scale: Optional[float] = None
+    proposal_thr: Optional[float] = 0.05
 
     def check(self, divisor: int) -> None:
         for name in ('tile', 'margin', 'halo'):
@@ -242,13 +248,16 @@ def _samples(model: Any, head: tuple[int, int, int, int], image_hw: tuple[int, i
 
 #: The image area (pixels) the configs' budgets are meant for: COCO's 1333 x 800 test scale.
 BUDGET_AREA = 1333 * 800
-#: The most a tile's budgets are scaled (each proposal costs the RoI head's work).
+#: The most a tile's count budgets are scaled (each proposal costs the RoI head's work).
 MAX_BUDGET_SCALE = 8.0
+#: With budgets by score, how many times its count budget a level's candidates before
+#: suppression may reach (a guard against a model that scores everything).
+PRE_NMS_FACTOR = 8
 
 
 def budget_scale(tiling: DetectionTiling) -> float:
-    """How many times the config's budgets a tile gets (``tiling.budget_scale``, or the
-    area of a whole head region over :data:`BUDGET_AREA`, between 1 and
+    """How many times the config's count budgets a tile gets (``tiling.budget_scale``,
+    or the area of a whole head region over :data:`BUDGET_AREA`, between 1 and
     :data:`MAX_BUDGET_SCALE`)."""
     if tiling.budget_scale is not None:
         return float(tiling.budget_scale)
@@ -256,46 +265,97 @@ def budget_scale(tiling: DetectionTiling) -> float:
     return min(MAX_BUDGET_SCALE, max(1.0, side * side / BUDGET_AREA))
 
 
+def _keep_scoring(head: Any, thr: float, reached: list) -> Callable[..., Any]:
+    """The RPN's post-processing with the proposals scoring below ``thr`` dropped first.
+    Greedy suppression visits boxes by falling score, so the proposals it keeps among
+    those scoring ``>= thr`` do not depend on the lower ones: the rule is local. Notes
+    in ``reached`` when a level's candidates were cut before all scoring ``>= thr``
+    were in, and when the proposals fill ``max_per_img``."""
+    post = head._bbox_post_process
+
+    def post_process(results: Any, cfg: Any, *args: Any, **kwargs: Any) -> Any:
+        above = results.scores >= thr
+        if len(results):
+            per_level = torch.bincount(results.level_ids)
+            full = torch.bincount(results.level_ids[above], minlength=len(per_level))
+            if bool(((per_level >= cfg.nms_pre) & (full == per_level)).any()):
+                reached.append('candidates')
+        out = post(results[above], cfg, *args, **kwargs)
+        if len(out) >= cfg.max_per_img:
+            reached.append('proposals')
+        return out
+    return post_process
+
+
 @contextlib.contextmanager
-def per_tile_budget(model: Any, tiling: DetectionTiling) -> Iterator[dict]:
-    """The config's budgets for one head region: the RPN's (or a dense head's)
-    ``nms_pre`` and ``max_per_img`` and the final ``max_per_img`` times
-    :func:`budget_scale`; the final one set to ``tiling.max_per_tile`` when given.
-    Yields the budgets in force."""
-    scale = budget_scale(tiling)
-    changes = []  # (cfg, name, key, new value)
+def detection_budgets(model: Any, tiling: DetectionTiling, regions: float = 1.0
+                      ) -> Iterator[dict]:
+    """The budgets of one head region (``regions``: of an image worth that many head
+    regions, for the whole-image reference). Yields the budgets in force, with
+    ``reached``: a list that gets an entry each time a cap binds.
+
+    The caps are the config's budgets (RPN or dense head ``nms_pre`` per level, RPN
+    ``max_per_img``, final ``max_per_img``) times :func:`budget_scale` and ``regions``;
+    the final one ``tiling.max_per_tile`` when given. They bound the heads' memory.
+
+    * By score (``tiling.proposal_thr`` set, the default): the RPN keeps every proposal
+      whose objectness reaches ``proposal_thr`` (candidates per level up to
+      :data:`PRE_NMS_FACTOR` times the cap), and the final detections are those above
+      the config's ``score_thr``: what a region keeps then depends only on what it
+      sees, so tiles give the whole image's detections, as long as no cap binds
+      (``reached`` says when one does).
+    * By count (``proposal_thr=None``): the top-k of the caps, as mmdet does for a
+      whole image. A top-k depends on the rest of the region, so tiles and the whole
+      image differ wherever one binds."""
     rpn = getattr(model, 'rpn_head', None)
     roi = getattr(model, 'roi_head', None)
     head = getattr(model, 'bbox_head', None)
-    if rpn is not None:
-        for key in ('nms_pre', 'max_per_img'):
-            if rpn.test_cfg.get(key, 0) > 0:
-                changes.append((rpn.test_cfg, 'rpn ' + key, key, int(rpn.test_cfg[key] * scale)))
     final = roi.test_cfg if roi is not None else head.test_cfg if head is not None else None
-    if head is not None and final.get('nms_pre', 0) > 0:
-        changes.append((final, 'nms_pre', 'nms_pre', int(final['nms_pre'] * scale)))
+    by_score = tiling.proposal_thr is not None
+    scale = budget_scale(tiling) * regions
+    pre = PRE_NMS_FACTOR if by_score else 1
+    changes = []  # (cfg, shown name, key, new value)
+    candidates = rpn.test_cfg if rpn is not None else final if head is not None else None
+    if candidates is not None and candidates.get('nms_pre', 0) > 0:
+        changes.append((candidates, 'candidates per level', 'nms_pre',
+                        int(candidates['nms_pre'] * scale * pre)))
+    if rpn is not None and rpn.test_cfg.get('max_per_img', 0) > 0:
+        changes.append((rpn.test_cfg, 'proposals', 'max_per_img',
+                        int(rpn.test_cfg['max_per_img'] * scale)))
     if final is not None and final.get('max_per_img', 0) > 0:
-        changes.append((final, 'max_per_img', 'max_per_img',
+        changes.append((final, 'detections', 'max_per_img',
                         tiling.max_per_tile or int(final['max_per_img'] * scale)))
     saved = [(cfg, key, cfg[key]) for cfg, _, key, _ in changes]
     for cfg, _, key, value in changes:
         cfg[key] = value
+    reached: list = []
+    shown: dict = dict(rule='by score' if by_score else 'by count')
+    if by_score:
+        if rpn is not None:
+            rpn._bbox_post_process = _keep_scoring(rpn, tiling.proposal_thr, reached)
+            shown['objectness >='] = tiling.proposal_thr
+        shown['score >='] = final.get('score_thr', 0.0) if final is not None else 0.0
+    shown.update({name: value for _, name, _, value in changes})
     try:
-        yield {name: value for _, name, _, value in changes}
+        yield dict(shown, reached=reached)
     finally:
+        if by_score and rpn is not None:
+            del rpn._bbox_post_process
         for cfg, key, value in saved:
             cfg[key] = value
 
 
 def detect_tile(model: Any, feats: Sequence[Tensor], stride: int, strides: Sequence[int],
-                t: TileRegions, image_hw: tuple[int, int], row0: int = 0
+                t: TileRegions, image_hw: tuple[int, int], row0: int = 0,
+                reached: Optional[list] = None
                 ) -> tuple[list[DetectedObject], list[DetectedObject]]:
     """The neck and heads of one tile: its objects (centre in the core, boxes in image
     pixels) and its truncated detections (boxes cut at the head region's border inside
     the image, whose box meets the core). ``feats``: the backbone's maps (finest first,
     ``stride`` image pixels per finest pixel), holding the image rows from ``row0`` (a
-    rank's band with its neighbours' rows); ``strides``: of the neck's outputs. Run
-    inside :func:`local_mask_paste` and under ``torch.no_grad``."""
+    rank's band with its neighbours' rows); ``strides``: of the neck's outputs;
+    ``reached`` gets ``'detections'`` when the final budget binds. Run inside
+    :func:`local_mask_paste`, :func:`detection_budgets` and under ``torch.no_grad``."""
     finest = feats[0]
     scales = [finest.shape[2] / f.shape[2] for f in feats]
     cy0, cy1, cx0, cx1 = (v // stride for v in t.crop)
@@ -313,6 +373,9 @@ def detect_tile(model: Any, feats: Sequence[Tensor], stride: int, strides: Seque
     samples = _samples(model, t.head, image_hw)
     with features_given(model, head_feats):
         result = model.predict(None, samples, rescale=False)[0].pred_instances
+    final = model.roi_head if getattr(model, 'roi_head', None) is not None else model.bbox_head
+    if reached is not None and len(result) >= final.test_cfg.get('max_per_img', 10**12) > 0:
+        reached.append('detections')
     shown_h, shown_w = samples[0].metainfo['img_shape']
     boxes = result.bboxes.double() + torch.tensor([hx0, hy0, hx0, hy0], dtype=torch.float64)
     masks = result.masks if 'masks' in result else None
@@ -425,7 +488,7 @@ def run_detection_tiles(model: Any, feats: Sequence[Tensor], stride: int,
     count = sum(1 for t in tiles if t.y0 in done)
     start = time.perf_counter()
     with torch.no_grad(), local_mask_paste(model), \
-            per_tile_budget(model, tiling) as budgets:
+            detection_budgets(model, tiling) as budgets:
         row: list[TileRegions] = []
         for k, t in enumerate(tiles):
             if t.y0 in done:
@@ -436,7 +499,8 @@ def run_detection_tiles(model: Any, feats: Sequence[Tensor], stride: int,
             objects: list[DetectedObject] = []
             truncated: list[DetectedObject] = []
             for tr in row:
-                own, cut = detect_tile(model, feats, stride, strides, tr, image_hw, row0)
+                own, cut = detect_tile(model, feats, stride, strides, tr, image_hw, row0,
+                                       budgets['reached'])
                 objects += own
                 truncated += cut
                 count += 1
@@ -444,7 +508,10 @@ def run_detection_tiles(model: Any, feats: Sequence[Tensor], stride: int,
                     progress(count, len(tiles))
             emit_row(t.y0, objects, truncated)
             row = []
-    return dict(heads_s=time.perf_counter() - start, tiles=len(tiles), budgets=budgets)
+    reached = budgets.pop('reached')
+    return dict(heads_s=time.perf_counter() - start, tiles=len(tiles), budgets=budgets,
+                budget_reached={k: reached.count(k)
+                                for k in ('candidates', 'proposals', 'detections')})
 
 
 def result_objects(instances: Any) -> list[DetectedObject]:

@@ -206,9 +206,15 @@ def _image(h: int, w: int) -> torch.Tensor:
 
 
 def _whole(model, image):
+    """mmdet's heads on the whole image's pyramid, with the tiles' budgets by score."""
     from mmlinattn.engine.large_image import detect_large
-    from mmlinattn.engine.tiled_detection import result_objects
-    result, _ = detect_large(model, image, chunk_tokens=None, tile=64, halo=64, masks=True)
+    from mmlinattn.engine.tiled_detection import (
+        DetectionTiling,
+        detection_budgets,
+        result_objects,
+    )
+    with detection_budgets(model, DetectionTiling()):
+        result, _ = detect_large(model, image, chunk_tokens=None, tile=64, halo=64, masks=True)
     return result_objects(result.pred_instances)
 
 
@@ -284,6 +290,56 @@ def test_two_tile_sizes_give_the_same_objects(detector) -> None:
     for key, objs in small.items():
         assert sorted(o.score for o in objs) == pytest.approx(
             sorted(o.score for o in in_b.get(key, [])), abs=1e-4), key
+
+
+def test_budgets_by_score_keep_the_suppressed_proposals_above_the_threshold(detector) -> None:
+    """By score, the RPN's proposals are greedy suppression (per level, IoU 0.7) over
+    the anchors whose objectness reaches the threshold, computed here from the RPN's
+    raw outputs: the rule depends on nothing the region does not see. A cap that binds
+    is reported, and the config is as it was afterwards."""
+    from mmcv.ops import nms
+
+    from mmlinattn.engine.tiled_detection import DetectionTiling, detection_budgets
+    rpn = detector.rpn_head
+    torch.manual_seed(3)
+    feats = [torch.randn(1, 32, 64 // 2**i, 96 // 2**i) for i in range(5)]
+    meta = dict(img_shape=(256, 384), ori_shape=(256, 384), pad_shape=(256, 384),
+                scale_factor=(1., 1.))
+    before = dict(rpn.test_cfg)
+    rpn.test_cfg.nms = dict(type='nms', iou_threshold=0.7)
+    try:
+        with torch.no_grad():
+            scores, deltas = rpn(feats)
+            thr = 0.6
+            with detection_budgets(detector, DetectionTiling(proposal_thr=thr)) as budgets:
+                got = rpn.predict_by_feat(scores, deltas, batch_img_metas=[meta],
+                                          rescale=False)[0]
+            assert budgets['rule'] == 'by score' and not budgets['reached']
+            priors = rpn.prior_generator.grid_priors([s.shape[-2:] for s in scores], device='cpu')
+            want = []
+            for s, d, p in zip(scores, deltas, priors):
+                s = s[0].permute(1, 2, 0).reshape(-1).sigmoid()
+                boxes = rpn.bbox_coder.decode(p, d[0].permute(1, 2, 0).reshape(-1, 4),
+                                              max_shape=(256, 384))
+                keep = s >= thr
+                dets, _ = nms(boxes[keep], s[keep], 0.7)
+                want.append(dets)
+            want = torch.cat(want)
+            want = want[want[:, 4].argsort(descending=True)]
+            assert 50 < len(got) < (torch.cat([s.reshape(-1) for s in scores]).sigmoid()
+                                    >= thr).sum()
+            assert torch.allclose(got.scores, want[:, 4])
+            assert torch.allclose(got.bboxes, want[:, :4])
+            # A cap below what the rule keeps binds, and says so.
+            with detection_budgets(detector, DetectionTiling(proposal_thr=thr,
+                                                             budget_scale=1.0)) as budgets:
+                rpn.test_cfg.max_per_img = 10
+                capped = rpn.predict_by_feat(scores, deltas, batch_img_metas=[meta],
+                                             rescale=False)[0]
+            assert len(capped) == 10 and budgets['reached'] == ['proposals']
+    finally:
+        rpn.test_cfg.nms = before['nms']
+    assert dict(rpn.test_cfg) == before and '_bbox_post_process' not in vars(rpn)
 
 
 def test_heads_that_cannot_be_tiled_are_refused_by_name(detector) -> None:

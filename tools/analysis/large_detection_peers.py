@@ -18,8 +18,9 @@ The same trained detector, four ways, one after the other in this process:
   0.25 overlap, merged by NMS at IoU 0.25 (``mmdet.utils.large_image``), boxes only
   (its masks are image-sized bitmaps, one per instance).
 * ``whole``: mmdet's heads on the whole image's pyramid (the reference where it fits;
-  its budgets scaled to the density of those of ours: a tile's budget for each head
-  region's area; masks pasted over their boxes).
+  with the budgets of ours: by score, or with ``--count-budgets`` scaled to the density
+  of those of ours, a tile's budget for each head region's area; masks pasted over
+  their boxes).
 
 For each: time, peak memory in use, COCO AP (bbox, and segm where masks are kept) on
 the scene's ground truth, recall at a score threshold for objects crossing a seam of
@@ -74,39 +75,37 @@ def predict_array(model: Any, bgr: np.ndarray) -> Any:
         return model.predict(x, samples, rescale=True)[0].pred_instances
 
 
+def _tiling(args: argparse.Namespace) -> Any:
+    from mmlinattn.engine.tiled_detection import DetectionTiling
+    return DetectionTiling(args.tile, args.margin, args.halo, budget_scale=args.budget_scale,
+                           proposal_thr=None if args.count_budgets else args.proposal_thr)
+
+
 def run_ours(model: Any, reader: Any, args: argparse.Namespace) -> list[DetectedObject]:
     from mmlinattn.engine.detection_files import detect_file
-    from mmlinattn.engine.tiled_detection import DetectionTiling
     info = detect_file(model, reader, [], chunk_tokens=65536, keep_objects=True,
-                       tiling=DetectionTiling(args.tile, args.margin, args.halo,
-                                              budget_scale=args.budget_scale))
+                       tiling=_tiling(args))
     print(f'  ours: {info["tiles"]} tiles, {info["objects"]} objects ({info["merged"]} merged '
-          f'from {info["truncated"]} cut parts)')
+          f'from {info["truncated"]} cut parts); budgets {info["budgets"]}, reached '
+          f'{info["budget_reached"]}')
     return info['objects_list']
 
 
 def run_whole(model: Any, reader: Any, args: argparse.Namespace) -> list[DetectedObject]:
     from mmlinattn.engine.large_image import detect_large
     from mmlinattn.engine.tiled_detection import (
-        DetectionTiling,
-        budget_scale,
+        detection_budgets,
         local_mask_paste,
         result_objects,
     )
-    # The budgets of ours at the same density: a tile's for each head region's area.
-    tiling = DetectionTiling(args.tile, args.margin, args.halo, budget_scale=args.budget_scale)
+    # The same budgets as ours: by score, or by count at the same density (a tile's
+    # budget for each head region's area).
     side = args.tile + 2 * (args.margin + args.halo)
-    tiles = max(1.0, reader.height * reader.width / side ** 2) * budget_scale(tiling)
-    roi, rpn = model.roi_head.test_cfg, model.rpn_head.test_cfg
-    saved = (roi.max_per_img, rpn.nms_pre, rpn.max_per_img)
-    roi.max_per_img, rpn.nms_pre, rpn.max_per_img = (int(v * tiles) for v in saved)
-    try:
-        image = torch.from_numpy(_bgr(reader)).permute(2, 0, 1).contiguous()
-        with local_mask_paste(model):
-            result, _ = detect_large(model, image, 65536, args.tile, args.halo, masks=True)
-    finally:
-        roi.max_per_img, rpn.nms_pre, rpn.max_per_img = saved
-    print(f'  whole: budgets x{tiles:.1f} (the density of those of ours)')
+    regions = max(1.0, reader.height * reader.width / side ** 2)
+    image = torch.from_numpy(_bgr(reader)).permute(2, 0, 1).contiguous()
+    with local_mask_paste(model), detection_budgets(model, _tiling(args), regions) as budgets:
+        result, _ = detect_large(model, image, 65536, args.tile, args.halo, masks=True)
+    print(f'  whole: budgets {budgets}')
     return result_objects(result.pred_instances)
 
 
@@ -322,9 +321,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument('--tile', type=int, default=2048)
     p.add_argument('--margin', type=int, default=256)
     p.add_argument('--halo', type=int, default=256)
+    p.add_argument('--proposal-thr', type=float, default=0.05,
+                   help='ours and whole: budgets by score, every proposal whose objectness '
+                   'reaches this (see infer_large.py)')
+    p.add_argument('--count-budgets', action='store_true',
+                   help="ours and whole: the config's budgets by count instead, a tile's "
+                   'scaled by its area (see infer_large.py --budget-scale); the whole image '
+                   'gets the same density')
     p.add_argument('--budget-scale', type=float,
-                   help="ours: the tiles' budgets (see infer_large.py --budget-scale); the "
-                   'whole image gets the same density')
+                   help='with --count-budgets: the factor of a tile (infer_large.py '
+                   '--budget-scale)')
     p.add_argument('--second-tile', type=int,
                    help="also run ours with cores of this size and match its objects with "
                    "the first run's (same class, box IoU >= 0.95, score within 1e-3)")
