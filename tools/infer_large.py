@@ -107,6 +107,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="detectors: each tile's caps (by score) or budgets (by count) are the "
                    "config's times this (default: the head region's area over a 1333 x 800 "
                    'image, between 1 and 8)')
+    p.add_argument('--coarse', type=int, default=0, metavar='F',
+                   help='detectors: also detect on the image read F times coarser; objects '
+                   'larger than 2 x --margin come from that pass (seen whole up to 2F x margin, '
+                   "and within the detector's sizes), smaller ones from the full resolution, "
+                   'and full-resolution detections mostly inside a large object of their '
+                   'class are dropped as its fragments (default 0: no coarse pass)')
     p.add_argument('--merge-iou', type=float, default=0.5,
                    help='detectors: IoU of two parts of a large object inside the window both '
                    'tiles see for them to be merged')
@@ -418,7 +424,7 @@ def _tiling(args: argparse.Namespace) -> Any:
     from mmlinattn.engine.tiled_detection import DetectionTiling
     return DetectionTiling(args.tile, args.margin, args.halo, args.merge_iou,
                            args.max_per_tile, args.budget_scale,
-                           None if args.count_budgets else args.proposal_thr)
+                           None if args.count_budgets else args.proposal_thr, args.coarse)
 
 
 def _detect_by_regions(args: argparse.Namespace, model: Any, reader: Any, group: Any = None
@@ -449,6 +455,11 @@ def _detect_by_regions(args: argparse.Namespace, model: Any, reader: Any, group:
           f'{info["objects"]} objects ({info["merged"]} merged from {info["truncated"]} parts '
           'cut at tile borders); budgets per tile: '
           + ', '.join(f'{k} {v}' for k, v in info['budgets'].items()))
+    if 'coarse' in info:
+        print('  coarse pass: {factor}x coarser ({image[0]} x {image[1]} px, {tiles} tiles) '
+              'in {seconds:.1f} s: {objects} objects larger than the margin; {replaced} '
+              'full-resolution detections larger than the margin and {fragments} fragments '
+              'of large objects dropped'.format(**info['coarse']))
     bound = {k: v for k, v in info['budget_reached'].items() if v}
     if bound:
         print('  caps reached ({}): where a cap binds, a tile keeps its top-k and the tiles '

@@ -16,6 +16,7 @@ are predicted (a compacted image), and the objects are mapped back to the image.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import os.path as osp
@@ -30,7 +31,7 @@ from torch import Tensor
 from .. import parallel as sp
 from ..models.backbones.base import chunked_inference
 from ..parallel import SpatialGroup
-from ..rasters import RegionReader
+from ..rasters import DownsampledReader, RegionReader
 from ..rasters.objects import (
     DetectedObject,
     LocalMask,
@@ -43,9 +44,11 @@ from .large_files import RunFolder, _counting_blocks, _file_digest, compact_back
 from .large_image import SIZE_DIVISOR, Progress, _features, _padded, row_source
 from .tiled_detection import (
     DetectionTiling,
+    LargeObjects,
     check_tileable,
     merge_truncated,
     run_detection_tiles,
+    upscaled,
 )
 
 __all__ = ['detect_file', 'detection_classes']
@@ -154,6 +157,12 @@ def detect_file(model: Any, reader: RegionReader, outputs: Sequence[str], *,
     h, w = reader.height, reader.width
     info: dict = dict(image=[h, w], level=reader.level, mpp=reader.mpp, tile=tiling.tile,
                       margin=tiling.margin, halo=tiling.halo)
+    large = None
+    if tiling.coarse > 1:
+        large = _coarse_pass(model, reader, tiling, info, chunk_tokens=chunk_tokens,
+                             spill=osp.join(spill, 'coarse') if spill else None,
+                             resume=resume, background=background, settings=settings,
+                             group=group, min_spill_bytes=min_spill_bytes)
     src, keep = compact_background(reader, background, info)
     with contextlib.ExitStack() as stack:
         if spill:
@@ -162,7 +171,8 @@ def detect_file(model: Any, reader: RegionReader, outputs: Sequence[str], *,
                                margin=tiling.margin, halo=tiling.halo,
                                max_per_tile=tiling.max_per_tile,
                                budget_scale=tiling.budget_scale,
-                               proposal_thr=tiling.proposal_thr, background=background,
+                               proposal_thr=tiling.proposal_thr, coarse=tiling.coarse,
+                               background=background,
                                task='detection', ranks=1 if group is None else group.size)
             rank_folder = spill if group is None else osp.join(spill, f'rank{group.rank}')
             run: Optional[RunFolder] = RunFolder(rank_folder, fingerprint, resume)
@@ -219,13 +229,15 @@ def detect_file(model: Any, reader: RegionReader, outputs: Sequence[str], *,
         kept: list[DetectedObject] = []
 
         def counted() -> Iterator[DetectedObject]:
-            for obj in _all_objects(staging, merged, keep):
+            for obj in _all_objects(staging, merged, keep, large):
                 counts['objects'] += 1
                 if keep_objects:
                     kept.append(obj)
                 yield obj
         write_objects(sinks, counted())
         info['write_s'] = time.perf_counter() - start
+        if large is not None:
+            info['coarse'].update(replaced=large.replaced, fragments=large.fragments)
     info.update(counts)
     info['decoded_pixels'] = reader.decoded_pixels
     if keep_objects:
@@ -308,10 +320,35 @@ def _gather_staged(staging: _Staging, shared: bool, group: SpatialGroup) -> None
 
 
 def _all_objects(staging: _Staging, merged: list[DetectedObject],
-                 keep: Optional[tuple[np.ndarray, np.ndarray]]) -> Iterator[DetectedObject]:
-    for obj in staging.read('row'):
-        yield obj if keep is None else _uncompact(obj, *keep)
-    for obj in merged:
-        obj.extra = {k: v for k, v in obj.extra.items() if k in ('parts', )}
-        yield obj if keep is None else _uncompact(obj, *keep)
+                 keep: Optional[tuple[np.ndarray, np.ndarray]],
+                 large: Optional[LargeObjects] = None) -> Iterator[DetectedObject]:
+    """The tiles' objects, then the merged parts of large ones, at their place in the
+    image; with a coarse pass, those the fine pass keeps and then the large ones."""
+    def fine() -> Iterator[DetectedObject]:
+        for obj in staging.read('row'):
+            yield obj if keep is None else _uncompact(obj, *keep)
+        for obj in merged:
+            obj.extra = {k: v for k, v in obj.extra.items() if k in ('parts', )}
+            yield obj if keep is None else _uncompact(obj, *keep)
+    for obj in fine():
+        if large is None or large.keeps(obj):
+            yield obj
+    if large is not None:
+        yield from large.objects
+
+
+def _coarse_pass(model: Any, reader: RegionReader, tiling: DetectionTiling, info: dict,
+                 **kwargs: Any) -> LargeObjects:
+    """The objects larger than the margin, from the same detector on the image read
+    ``tiling.coarse`` times coarser (by regions too, with the same tiles), in pixels
+    of the level read."""
+    factor = tiling.coarse
+    start = time.perf_counter()
+    sub = detect_file(model, DownsampledReader(reader, factor), [], keep_objects=True,
+                      tiling=dataclasses.replace(tiling, coarse=0), **kwargs)
+    large = LargeObjects([upscaled(o, factor) for o in sub.get('objects_list', [])],
+                         2 * tiling.margin)
+    info['coarse'] = dict(factor=factor, image=sub['image'], tiles=sub['tiles'],
+                          seconds=time.perf_counter() - start, objects=len(large.objects))
+    return large
 

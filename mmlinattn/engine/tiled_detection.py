@@ -20,6 +20,13 @@ RoI heads, or a dense head) run tile by tile:
   of one object seen by neighbouring tiles are merged: same class, and their boxes
   agree (IoU >= ``merge_iou``) inside the window both tiles see. The merged object has
   the union of the boxes and masks, the best score and ``parts`` > 1.
+* **A coarse pass** (``coarse=F``) is the other answer for large objects, and for
+  objects larger than what the detector was trained on: the same detector on the image
+  read ``F`` times coarser, where an object of ``2 * F * margin`` pixels is seen whole.
+  Objects larger than ``2 * margin`` (what the tiles see whole wherever it lies) come
+  from that pass, the rest from the fine one, and
+  a fine detection mostly inside a large object of its class is dropped as its
+  fragment (:class:`LargeObjects`).
 * **Budgets by score**: a whole-image top-k is meaningless at 10^9 pixels, and a top-k
   per tile depends on what else the tile holds. By default every proposal whose
   objectness reaches ``proposal_thr`` and every detection above the config's
@@ -57,6 +64,7 @@ from .large_image import SIZE_DIVISOR, Progress, _box, features_given
 __all__ = ['DetectionTiling', 'TileRegions', 'check_tileable', 'detection_budgets',
            'detection_tiles',
            'detect_tile', 'merge_truncated', 'neck_strides', 'run_detection_tiles',
+           'LargeObjects', 'upscaled',
            'result_objects', 'match_detections']
 
 
@@ -70,7 +78,9 @@ class DetectionTiling:
     score, every proposal whose objectness reaches it (None: budgets by count; see
     :func:`detection_budgets`). ``budget_scale``: the config's proposal and detection
     budgets, the caps of a tile, are multiplied by this (None: by the head region's area
-    over a 1333 x 800 image, between 1 and 8; see :func:`budget_scale`)."""
+    over a 1333 x 800 image, between 1 and 8; see :func:`budget_scale`). ``coarse``: a
+    second pass ``coarse`` times coarser finds the objects larger than ``2 * margin``
+    (0: none; see :class:`LargeObjects`)."""
 
     tile: int = 2048
     margin: int = 256
@@ -79,6 +89,7 @@ class DetectionTiling:
     max_per_tile: Optional[int] = None
     budget_scale: Optional[float] = None
     proposal_thr: Optional[float] = 0.05
+    coarse: int = 0
 
     def check(self, divisor: int) -> None:
         for name in ('tile', 'margin', 'halo'):
@@ -250,9 +261,11 @@ def _samples(model: Any, head: tuple[int, int, int, int], image_hw: tuple[int, i
 BUDGET_AREA = 1333 * 800
 #: The most a tile's count budgets are scaled (each proposal costs the RoI head's work).
 MAX_BUDGET_SCALE = 8.0
-#: With budgets by score, how many times its count budget a level's candidates before
-#: suppression may reach (a guard against a model that scores everything).
+#: With budgets by score, how many times their count budgets a level's candidates before
+#: suppression and the proposals after it may reach (guards against a model that scores
+#: everything; the RoI head holds 50 KB of features a proposal).
 PRE_NMS_FACTOR = 8
+PROPOSALS_FACTOR = 4
 
 
 def budget_scale(tiling: DetectionTiling) -> float:
@@ -300,7 +313,8 @@ def detection_budgets(model: Any, tiling: DetectionTiling, regions: float = 1.0
 
     * By score (``tiling.proposal_thr`` set, the default): the RPN keeps every proposal
       whose objectness reaches ``proposal_thr`` (candidates per level up to
-      :data:`PRE_NMS_FACTOR` times the cap), and the final detections are those above
+      :data:`PRE_NMS_FACTOR` times the cap, proposals up to :data:`PROPOSALS_FACTOR`
+      times the cap), and the final detections are those above
       the config's ``score_thr``: what a region keeps then depends only on what it
       sees, so tiles give the whole image's detections, as long as no cap binds
       (``reached`` says when one does).
@@ -321,7 +335,8 @@ def detection_budgets(model: Any, tiling: DetectionTiling, regions: float = 1.0
                         int(candidates['nms_pre'] * scale * pre)))
     if rpn is not None and rpn.test_cfg.get('max_per_img', 0) > 0:
         changes.append((rpn.test_cfg, 'proposals', 'max_per_img',
-                        int(rpn.test_cfg['max_per_img'] * scale)))
+                        int(rpn.test_cfg['max_per_img'] * scale
+                            * (PROPOSALS_FACTOR if by_score else 1))))
     if final is not None and final.get('max_per_img', 0) > 0:
         changes.append((final, 'detections', 'max_per_img',
                         tiling.max_per_tile or int(final['max_per_img'] * scale)))
@@ -565,3 +580,85 @@ def match_detections(ours: Sequence[DetectedObject], reference: Any, iou: float 
     return dict(reference=len(ref), ours=len(ours), matched_count=matched,
                 matched=matched / n if ref else 1.0,
                 extra=(len(ours) - matched) / n if ref else float(len(ours) > 0))
+
+
+# -- the coarse pass for objects larger than the margin ----------------------------------
+
+def upscaled(obj: DetectedObject, factor: int) -> DetectedObject:
+    """An object found ``factor`` times coarser, in the pixels of the level read (its
+    mask's pixels repeated ``factor x factor``)."""
+    box = tuple(v * factor for v in obj.bbox)
+    mask = None
+    if obj.mask is not None:
+        m = obj.mask
+        bits = np.repeat(np.repeat(m.bits, factor, 0), factor, 1)
+        mask = LocalMask(m.y0 * factor, m.x0 * factor, bits)
+    return DetectedObject(obj.label, obj.score, box, mask,  # type: ignore[arg-type]
+                          dict(obj.extra, coarse=factor))
+
+
+def _side(obj: DetectedObject) -> float:
+    return max(obj.bbox[2] - obj.bbox[0], obj.bbox[3] - obj.bbox[1])
+
+
+def _inside_share(small: DetectedObject, large: DetectedObject) -> float:
+    """The share of ``small`` inside ``large``: of its mask's pixels when both have
+    masks, else of its box's area."""
+    a, b = small.bbox, large.bbox
+    if small.mask is not None and large.mask is not None and small.mask.bits.any():
+        s, g = small.mask, large.mask
+        y0, x0 = max(s.y0, g.y0), max(s.x0, g.x0)
+        y1 = min(s.y0 + s.bits.shape[0], g.y0 + g.bits.shape[0])
+        x1 = min(s.x0 + s.bits.shape[1], g.x0 + g.bits.shape[1])
+        if y0 >= y1 or x0 >= x1:
+            return 0.0
+        both = (s.bits[y0 - s.y0:y1 - s.y0, x0 - s.x0:x1 - s.x0]
+                & g.bits[y0 - g.y0:y1 - g.y0, x0 - g.x0:x1 - g.x0])
+        return float(both.sum()) / float(s.bits.sum())
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    area = (a[2] - a[0]) * (a[3] - a[1])
+    return ix * iy / area if area > 0 else 0.0
+
+
+class LargeObjects:
+    """The objects of a coarse pass that are larger than ``split`` pixels (their longer
+    side, in pixels of the level read), and the rule that joins them with the fine
+    pass: a fine detection is kept when its longer side is at most ``split`` (tiles see
+    it whole) and no large object of its class holds more than ``inside`` of it (else
+    it is a fragment of that object, which the detector saw cut by its field of view).
+    Indexed by cells of ``cell`` pixels."""
+
+    def __init__(self, coarse: Sequence[DetectedObject], split: float, inside: float = 0.5,
+                 cell: int = 1024) -> None:
+        self.objects = [o for o in coarse if _side(o) > split]
+        self.split, self.inside, self.cell = split, inside, cell
+        self.grid: dict[tuple[int, int], list[int]] = {}
+        for i, o in enumerate(self.objects):
+            for key in self._cells(o):
+                self.grid.setdefault(key, []).append(i)
+        self.replaced = self.fragments = 0
+
+    def _cells(self, o: DetectedObject) -> Iterator[tuple[int, int]]:
+        c = self.cell
+        for cy in range(int(o.bbox[1] // c), int(o.bbox[3] // c) + 1):
+            for cx in range(int(o.bbox[0] // c), int(o.bbox[2] // c) + 1):
+                yield cy, cx
+
+    def keeps(self, obj: DetectedObject) -> bool:
+        """Whether a fine detection stays (counted in ``replaced`` or ``fragments``
+        when not)."""
+        if _side(obj) > self.split:
+            self.replaced += 1
+            return False
+        seen: set[int] = set()
+        for key in self._cells(obj):
+            for i in self.grid.get(key, ()):
+                if i in seen:
+                    continue
+                seen.add(i)
+                big = self.objects[i]
+                if big.label == obj.label and _inside_share(obj, big) > self.inside:
+                    self.fragments += 1
+                    return False
+        return True

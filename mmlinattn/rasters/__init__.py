@@ -19,6 +19,7 @@ from .readers import (
     DEFAULT_MAX_RATIO,
     ArrayReader,
     CompactedReader,
+    DownsampledReader,
     GeoReference,
     ImageFileError,
     OpenSlideReader,
@@ -38,7 +39,8 @@ from .writers import (
 )
 
 __all__ = [
-    'DEFAULT_MAX_PIXELS', 'DEFAULT_MAX_RATIO', 'ArrayReader', 'CompactedReader', 'GeoReference',
+    'DEFAULT_MAX_PIXELS', 'DEFAULT_MAX_RATIO', 'ArrayReader', 'CompactedReader',
+    'DownsampledReader', 'GeoReference',
     'ImageFileError', 'OpenSlideReader', 'RegionReader', 'TiffReader', 'kept_rectangles',
     'open_image',
     'kept_pixels', 'otsu_tissue', 'tissue_mask', 'write_viewer', 'atomic_output',

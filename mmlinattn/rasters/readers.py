@@ -25,7 +25,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 __all__ = ['ImageFileError', 'GeoReference', 'RegionReader', 'ArrayReader', 'TiffReader',
-           'OpenSlideReader', 'CompactedReader', 'kept_rectangles',
+           'OpenSlideReader', 'CompactedReader', 'DownsampledReader', 'kept_rectangles',
            'open_image', 'DEFAULT_MAX_PIXELS',
            'DEFAULT_MAX_RATIO', 'CV2_SUFFIXES']
 
@@ -492,6 +492,48 @@ class CompactedReader(RegionReader):
         for (ra, rb, ca, cb), (sy0, sy1, sx0, sx1) in kept_rectangles(rows, cols):
             out[ra:rb, ca:cb] = self.inner.read(sy0, sy1, sx0, sx1)
         return out
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class DownsampledReader(RegionReader):
+    """``reader`` read ``factor`` times coarser: each pixel the mean of a ``factor x
+    factor`` block of the level read (the last row and column of blocks repeat the
+    image's edge). For a coarse pass over a file at any level, pyramid or not."""
+
+    def __init__(self, reader: RegionReader, factor: int) -> None:
+        if factor < 1 or int(factor) != factor:
+            raise ValueError(f'a downsampling factor is a positive integer, got {factor}')
+        factor = int(factor)
+        super().__init__(reader.path, [(-(-reader.height // factor),
+                                        -(-reader.width // factor))])
+        self.inner, self.factor = reader, factor
+        self.mpp = reader.mpp * factor if reader.mpp else None
+        self.geo = reader.geo.at_level(factor) if reader.geo is not None else None
+
+    @property
+    def decoded_pixels(self) -> int:  # type: ignore[override]
+        return self.inner.decoded_pixels
+
+    @decoded_pixels.setter
+    def decoded_pixels(self, value: int) -> None:
+        pass
+
+    def _read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        f = self.factor
+        if y0 == y1 or x0 == x1:
+            return np.zeros((y1 - y0, x1 - x0, 3), np.uint8)
+        a = self.inner.read(y0 * f, min(self.inner.height, y1 * f),
+                            x0 * f, min(self.inner.width, x1 * f))
+        a = np.pad(a, ((0, (y1 - y0) * f - a.shape[0]), (0, (x1 - x0) * f - a.shape[1]),
+                       (0, 0)), mode='edge')
+        blocks = a.reshape(y1 - y0, f, x1 - x0, f, 3).astype(np.float32).mean((1, 3))
+        return np.rint(blocks).astype(np.uint8)
+
+    def thumbnail(self, max_side: int = 2048) -> tuple[np.ndarray, float]:
+        thumb, scale = self.inner.thumbnail(max_side)
+        return thumb, scale / self.factor
 
     def close(self) -> None:
         self.inner.close()

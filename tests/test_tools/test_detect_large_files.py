@@ -376,9 +376,10 @@ def test_tool_writes_every_object_file_resumes_and_leaves_nothing_on_failure(tmp
     outs = [str(tmp_path / n) for n in ('dets.json', 'dets.geojson', 'dets.sqlite')]
     spill = tmp_path / 'run'
     common = [str(image), '--tile', '128', '--margin', '64', '--halo', '128',
-              '--chunk-tokens', '48', '--spill', str(spill)]
+              '--chunk-tokens', '48', '--spill', str(spill), '--coarse', '2']
     proc = _tool(*common, '--out', *outs, '--viewer', str(tmp_path / 'viewer'))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'coarse pass: 2x coarser (95 x 130 px' in proc.stdout
     records = json.loads(Path(outs[0]).read_text())
     js = (tmp_path / 'viewer/objects.js').read_text()
     assert (tmp_path / 'viewer/index.html').exists()
@@ -641,3 +642,70 @@ def test_parts_of_a_large_object_seen_by_neighbouring_tiles_are_merged_once() ->
     assert whole.bbox == (300.0, 100.0, 1000.0, 500.0) and whole.score == 0.9
     assert whole.mask.bits.shape == (400, 700) and np.array_equal(whole.mask.bits, disc)
     assert sorted(o.extra['parts'] for o in merged) == [1, 1, 2]
+
+
+# -- the coarse pass ------------------------------------------------------------------------
+
+def test_downsampled_reader_gives_block_means_and_repeats_the_edge() -> None:
+    from mmlinattn.rasters import ArrayReader, DownsampledReader
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (21, 34, 3), dtype=np.uint8)
+    d = DownsampledReader(ArrayReader(a), 4)
+    assert (d.height, d.width) == (6, 9)
+    got = d.read(1, 6, 2, 9)
+    padded = np.pad(a, ((0, 3), (0, 2), (0, 0)), mode='edge').astype(np.float64)
+    want = torch.nn.functional.avg_pool2d(torch.from_numpy(padded).permute(2, 0, 1), 4)
+    want = np.rint(want.permute(1, 2, 0).numpy()[1:6, 2:9]).astype(np.uint8)
+    assert np.array_equal(got, want)
+    with pytest.raises(ValueError, match='positive integer'):
+        DownsampledReader(ArrayReader(a), 0)
+
+
+def test_large_objects_replace_their_fragments_and_the_fine_pass_keeps_the_rest() -> None:
+    from mmlinattn.engine.tiled_detection import LargeObjects, upscaled
+    ring = np.zeros((40, 40), bool)  # a coarse ring: its hole holds other objects
+    ring[:, :6] = ring[:, -6:] = ring[:6] = ring[-6:] = True
+    big = upscaled(DetectedObject(0, 0.9, (10.0, 10.0, 50.0, 50.0), LocalMask(10, 10, ring)),
+                   8)
+    assert big.bbox == (80.0, 80.0, 400.0, 400.0) and big.mask.y0 == 80
+    assert big.mask.bits.shape == (320, 320) and big.mask.bits[:48, :48].all()
+    small = DetectedObject(0, 0.5, (0.0, 0.0, 20.0, 20.0))  # coarse, under the split
+    large = LargeObjects([big, small], split=256)
+    assert large.objects == [big]
+
+    def fine(label: int, y0: int, x0: int, side: int = 30) -> DetectedObject:
+        return DetectedObject(label, 0.8, (float(x0), float(y0), float(x0 + side),
+                                           float(y0 + side)),
+                              LocalMask(y0, x0, np.ones((side, side), bool)))
+    on_ring = fine(0, 85, 200)  # on the ring, its class: a fragment
+    in_hole = fine(0, 200, 200)  # inside the box but in the hole: an object of its own
+    other_class = fine(1, 85, 200)
+    outside = fine(0, 500, 500)
+    too_big = fine(0, 1000, 1000, side=300)  # the coarse pass is responsible for it
+    kept = [o for o in (on_ring, in_hole, other_class, outside, too_big) if large.keeps(o)]
+    assert kept == [in_hole, other_class, outside]
+    assert (large.fragments, large.replaced) == (1, 1)
+
+
+def test_a_coarse_pass_gives_the_objects_larger_than_the_margin(detector) -> None:
+    """Objects larger than twice the margin are those of the same detector on the image
+    read twice coarser, at their place; the rest are the full-resolution pass's minus
+    the fragments of those."""
+    from mmlinattn.engine.detection_files import detect_file
+    from mmlinattn.engine.tiled_detection import DetectionTiling, LargeObjects, upscaled
+    from mmlinattn.rasters import ArrayReader, DownsampledReader
+    array = _image(192, 256).permute(1, 2, 0).numpy().copy()
+    tiling = DetectionTiling(tile=128, margin=64, halo=128)
+    info = _tiled(detector, torch.from_numpy(array).permute(2, 0, 1),
+                  DetectionTiling(tile=128, margin=64, halo=128, coarse=2))
+    fine = _tiled(detector, torch.from_numpy(array).permute(2, 0, 1), tiling)['objects_list']
+    coarse = detect_file(detector, DownsampledReader(ArrayReader(array), 2), [],
+                         chunk_tokens=48, tiling=tiling, keep_objects=True)['objects_list']
+    large = LargeObjects([upscaled(o, 2) for o in coarse], 2 * 64)
+    want = [o for o in fine if large.keeps(o)] + large.objects
+    got = info['objects_list']
+    assert len(large.objects) > 10 and info['coarse']['objects'] == len(large.objects)
+    assert info['coarse']['image'] == [96, 128] and large.fragments > 0
+    assert [(o.label, o.bbox) for o in got] == [(o.label, o.bbox) for o in want]
+    assert all(max(o.bbox[2] - o.bbox[0], o.bbox[3] - o.bbox[1]) <= 128 or
+               o.extra.get('coarse') == 2 for o in got)

@@ -9,7 +9,9 @@
 The same trained detector, four ways, one after the other in this process:
 
 * ``ours``: the global backbone by bands, neck and heads by tiles with a margin, one
-  responsible tile per object (``tools/infer_large.py`` by regions).
+  responsible tile per object (``tools/infer_large.py`` by regions); with ``--coarse F``
+  also ``ours-coarse``: the same with a pass ``F`` times coarser for objects larger than
+  the margin.
 * ``sahi``: SAHI's ``get_sliced_prediction`` with its defaults (automatic slice size,
   0.2 overlap, a standard whole-image pass added, greedy non-maximum merging on
   intersection over smaller at 0.5, confidence 0.3), each slice predicted by the same
@@ -47,7 +49,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
 from mmlinattn.rasters.objects import DetectedObject, image_rle  # noqa: E402
 
-METHODS = ('ours', 'sahi', 'mmdet-demo', 'whole')
+METHODS = ('ours', 'ours-coarse', 'sahi', 'mmdet-demo', 'whole')
 
 
 def measured(fn: Callable[[], Any]) -> tuple[Any, float, float]:
@@ -75,19 +77,22 @@ def predict_array(model: Any, bgr: np.ndarray) -> Any:
         return model.predict(x, samples, rescale=True)[0].pred_instances
 
 
-def _tiling(args: argparse.Namespace) -> Any:
+def _tiling(args: argparse.Namespace, coarse: int = 0) -> Any:
     from mmlinattn.engine.tiled_detection import DetectionTiling
     return DetectionTiling(args.tile, args.margin, args.halo, budget_scale=args.budget_scale,
-                           proposal_thr=None if args.count_budgets else args.proposal_thr)
+                           proposal_thr=None if args.count_budgets else args.proposal_thr,
+                           coarse=coarse)
 
 
-def run_ours(model: Any, reader: Any, args: argparse.Namespace) -> list[DetectedObject]:
+def run_ours(model: Any, reader: Any, args: argparse.Namespace, coarse: int = 0
+             ) -> list[DetectedObject]:
     from mmlinattn.engine.detection_files import detect_file
     info = detect_file(model, reader, [], chunk_tokens=65536, keep_objects=True,
-                       tiling=_tiling(args))
+                       tiling=_tiling(args, coarse))
     print(f'  ours: {info["tiles"]} tiles, {info["objects"]} objects ({info["merged"]} merged '
           f'from {info["truncated"]} cut parts); budgets {info["budgets"]}, reached '
-          f'{info["budget_reached"]}')
+          f'{info["budget_reached"]}' + (f'; coarse pass {info["coarse"]}' if 'coarse' in info
+                                         else ''))
     return info['objects_list']
 
 
@@ -194,6 +199,7 @@ def run_mmdet_demo(model: Any, reader: Any, args: argparse.Namespace) -> list[De
 
 RUNNERS = dict(ours=run_ours, whole=run_whole, sahi=run_sahi)
 RUNNERS['mmdet-demo'] = run_mmdet_demo
+RUNNERS['ours-coarse'] = lambda model, reader, args: run_ours(model, reader, args, args.coarse)
 
 
 # -- measures ---------------------------------------------------------------------------
@@ -317,7 +323,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument('checkpoint')
     p.add_argument('scene', help='a tiled TIFF from tools/make_shapes_scene.py')
     p.add_argument('--gt', help='its ground truth (default: the scene with .json)')
-    p.add_argument('--methods', nargs='+', choices=METHODS, default=list(METHODS))
+    p.add_argument('--methods', nargs='+', choices=METHODS,
+                   help='default: all (ours-coarse with --coarse)')
     p.add_argument('--tile', type=int, default=2048)
     p.add_argument('--margin', type=int, default=256)
     p.add_argument('--halo', type=int, default=256)
@@ -331,6 +338,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument('--budget-scale', type=float,
                    help='with --count-budgets: the factor of a tile (infer_large.py '
                    '--budget-scale)')
+    p.add_argument('--coarse', type=int, default=0, metavar='F',
+                   help="also 'ours-coarse': ours with a coarse pass F times coarser for "
+                   'objects larger than twice the margin (infer_large.py --coarse)')
     p.add_argument('--second-tile', type=int,
                    help="also run ours with cores of this size and match its objects with "
                    "the first run's (same class, box IoU >= 0.95, score within 1e-3)")
@@ -356,7 +366,10 @@ def main(argv: list[str] | None = None) -> dict:
                         margin=args.margin, halo=args.halo, score_thr=args.score_thr,
                         methods={})
     kept: dict = {}
-    for name in args.methods:
+    methods = args.methods or [m for m in METHODS if m != 'ours-coarse' or args.coarse]
+    if 'ours-coarse' in methods and not args.coarse:
+        p.error('ours-coarse needs --coarse F')
+    for name in methods:
         print(f'{name} ...', flush=True)
         try:
             run = RUNNERS[name]
