@@ -113,6 +113,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "and within the detector's sizes), smaller ones from the full resolution, "
                    'and full-resolution detections mostly inside a large object of their '
                    'class are dropped as its fragments (default 0: no coarse pass)')
+    p.add_argument('--nested-ios', type=float, default=0.5,
+                   help='detectors: drop a detection more than this share of whose box lies '
+                   'inside a better-scoring one of its class (two detections of one object '
+                   "that mmdet's IoU suppression keeps); 1 keeps them (default 0.5)")
     p.add_argument('--merge-iou', type=float, default=0.5,
                    help='detectors: IoU of two parts of a large object inside the window both '
                    'tiles see for them to be merged')
@@ -413,6 +417,8 @@ def _detect_in_memory(args: argparse.Namespace, model: Any, reader: Any) -> tupl
             lambda: li.detect_large(model, image, args.chunk_tokens or None, args.tile,
                                     args.halo, not args.no_masks, progress_bar('neck', 'tiles')))
     budgets.pop('reached')
+    from mmlinattn.engine.tiled_detection import suppress_nested
+    result.pred_instances = suppress_nested(result.pred_instances, args.nested_ios)
     stats.update(info)
     print(f'  backbone {info["backbone_s"]:.1f} s, neck by tiles {info["neck_s"]:.1f} s, '
           f'heads {info["heads_s"]:.1f} s; {len(result.pred_instances)} detections')
@@ -424,7 +430,8 @@ def _tiling(args: argparse.Namespace) -> Any:
     from mmlinattn.engine.tiled_detection import DetectionTiling
     return DetectionTiling(args.tile, args.margin, args.halo, args.merge_iou,
                            args.max_per_tile, args.budget_scale,
-                           None if args.count_budgets else args.proposal_thr, args.coarse)
+                           None if args.count_budgets else args.proposal_thr, args.coarse,
+                           args.nested_ios)
 
 
 def _detect_by_regions(args: argparse.Namespace, model: Any, reader: Any, group: Any = None

@@ -20,6 +20,11 @@ RoI heads, or a dense head) run tile by tile:
   of one object seen by neighbouring tiles are merged: same class, and their boxes
   agree (IoU >= ``merge_iou``) inside the window both tiles see. The merged object has
   the union of the boxes and masks, the best score and ``parts`` > 1.
+* **Nested detections**: Mask R-CNN's per-class suppression compares boxes by IoU and
+  keeps a small box inside a large one of the same class, two detections of one
+  object. A detection more than ``nested_ios`` of whose box lies inside a kept,
+  better-scoring one of its class is dropped (:func:`suppress_nested`), in each head
+  region before responsibility, as on the whole image.
 * **A coarse pass** (``coarse=F``) is the other answer for large objects, and for
   objects larger than what the detector was trained on: the same detector on the image
   read ``F`` times coarser, where an object of ``2 * F * margin`` pixels is seen whole.
@@ -64,7 +69,7 @@ from .large_image import SIZE_DIVISOR, Progress, _box, features_given
 __all__ = ['DetectionTiling', 'TileRegions', 'check_tileable', 'detection_budgets',
            'detection_tiles',
            'detect_tile', 'merge_truncated', 'neck_strides', 'run_detection_tiles',
-           'LargeObjects', 'upscaled',
+           'LargeObjects', 'upscaled', 'suppress_nested',
            'result_objects', 'match_detections']
 
 
@@ -80,7 +85,9 @@ class DetectionTiling:
     budgets, the caps of a tile, are multiplied by this (None: by the head region's area
     over a 1333 x 800 image, between 1 and 8; see :func:`budget_scale`). ``coarse``: a
     second pass ``coarse`` times coarser finds the objects larger than ``2 * margin``
-    (0: none; see :class:`LargeObjects`)."""
+    (0: none; see :class:`LargeObjects`). ``nested_ios``: a detection more than this
+    share of whose box lies inside a better-scoring one of its class is dropped (None:
+    kept; see :func:`suppress_nested`)."""
 
     tile: int = 2048
     margin: int = 256
@@ -90,6 +97,7 @@ class DetectionTiling:
     budget_scale: Optional[float] = None
     proposal_thr: Optional[float] = 0.05
     coarse: int = 0
+    nested_ios: Optional[float] = 0.5
 
     def check(self, divisor: int) -> None:
         for name in ('tile', 'margin', 'halo'):
@@ -222,6 +230,10 @@ class LocalMasks:
             return self.masks[item]
         idx = torch.arange(len(self.masks))[item].tolist()
         return LocalMasks([self.masks[i] for i in idx])
+
+    def cat(self, parts: Sequence[LocalMasks]) -> LocalMasks:
+        """``parts`` joined (how mmengine's ``InstanceData`` indexes such fields)."""
+        return LocalMasks([m for p in parts for m in p.masks])
 
 
 def _local_paste(head: Any) -> Callable[..., LocalMasks]:
@@ -360,16 +372,42 @@ def detection_budgets(model: Any, tiling: DetectionTiling, regions: float = 1.0
             cfg[key] = value
 
 
+def suppress_nested(instances: Any, ios: Optional[float]) -> Any:
+    """``instances`` (mmdet's, of one image or head region) without the detections more
+    than ``ios`` of whose box lies inside the box of a better-scoring detection of the
+    same class that is kept (greedy, by falling score; ``None``: all kept). Mask R-CNN's
+    per-class suppression compares boxes by IoU, which keeps a small box nested in a
+    large one: two detections of one object. The rule reads only boxes that overlap, so
+    a tile applies it as the whole image would."""
+    if ios is None or len(instances) < 2:
+        return instances
+    order = torch.argsort(instances.scores, descending=True, stable=True)
+    b, labels = instances.bboxes.double()[order], instances.labels[order]
+    area = (b[:, 2:] - b[:, :2]).clamp(min=0).prod(-1)
+    nested = torch.zeros(len(b), len(b), dtype=torch.bool)
+    for r in range(0, len(b), 1024):  # rows in blocks: a boolean n x n at most
+        lt = torch.maximum(b[r:r + 1024, None, :2], b[None, :, :2])
+        rb = torch.minimum(b[r:r + 1024, None, 2:], b[None, :, 2:])
+        inter = (rb - lt).clamp(min=0).prod(-1)
+        nested[r:r + 1024] = ((inter > ios * area[r:r + 1024, None])
+                              & (labels[r:r + 1024, None] == labels[None, :]))
+    keep = torch.ones(len(b), dtype=torch.bool)
+    for i in range(1, len(b)):  # i dropped when nested in a kept, better-scoring one
+        keep[i] = not bool((nested[i, :i] & keep[:i]).any())
+    return instances[order[keep].sort().values]
+
+
 def detect_tile(model: Any, feats: Sequence[Tensor], stride: int, strides: Sequence[int],
                 t: TileRegions, image_hw: tuple[int, int], row0: int = 0,
-                reached: Optional[list] = None
+                reached: Optional[list] = None, nested_ios: Optional[float] = 0.5
                 ) -> tuple[list[DetectedObject], list[DetectedObject]]:
     """The neck and heads of one tile: its objects (centre in the core, boxes in image
     pixels) and its truncated detections (boxes cut at the head region's border inside
     the image, whose box meets the core). ``feats``: the backbone's maps (finest first,
     ``stride`` image pixels per finest pixel), holding the image rows from ``row0`` (a
     rank's band with its neighbours' rows); ``strides``: of the neck's outputs;
-    ``reached`` gets ``'detections'`` when the final budget binds. Run inside
+    ``reached`` gets ``'detections'`` when the final budget binds; ``nested_ios``: see
+    :func:`suppress_nested`. Run inside
     :func:`local_mask_paste`, :func:`detection_budgets` and under ``torch.no_grad``."""
     finest = feats[0]
     scales = [finest.shape[2] / f.shape[2] for f in feats]
@@ -391,6 +429,7 @@ def detect_tile(model: Any, feats: Sequence[Tensor], stride: int, strides: Seque
     final = model.roi_head if getattr(model, 'roi_head', None) is not None else model.bbox_head
     if reached is not None and len(result) >= final.test_cfg.get('max_per_img', 10**12) > 0:
         reached.append('detections')
+    result = suppress_nested(result, nested_ios)
     shown_h, shown_w = samples[0].metainfo['img_shape']
     boxes = result.bboxes.double() + torch.tensor([hx0, hy0, hx0, hy0], dtype=torch.float64)
     masks = result.masks if 'masks' in result else None
@@ -515,7 +554,7 @@ def run_detection_tiles(model: Any, feats: Sequence[Tensor], stride: int,
             truncated: list[DetectedObject] = []
             for tr in row:
                 own, cut = detect_tile(model, feats, stride, strides, tr, image_hw, row0,
-                                       budgets['reached'])
+                                       budgets['reached'], tiling.nested_ios)
                 objects += own
                 truncated += cut
                 count += 1

@@ -250,7 +250,8 @@ def test_tiles_find_every_whole_image_detection_once_with_its_mask(detector) -> 
     h, w = 190, 260
     image = _image(h, w)
     whole = _whole(detector, image)
-    info = _tiled(detector, image, DetectionTiling(tile=128, margin=64, halo=128))
+    info = _tiled(detector, image, DetectionTiling(tile=128, margin=64, halo=128,
+                                                   nested_ios=None))
     ours = info['objects_list']
     safe = _by_key([o for o in whole if _inside_margin(o, 128, 64, h, w)])
     assert len(safe) > 500 and len(whole) > sum(map(len, safe.values()))
@@ -281,8 +282,10 @@ def test_two_tile_sizes_give_the_same_objects(detector) -> None:
     from mmlinattn.engine.tiled_detection import DetectionTiling
     h, w = 190, 260
     image = _image(h, w)
-    a = _tiled(detector, image, DetectionTiling(tile=128, margin=64, halo=128))['objects_list']
-    b = _tiled(detector, image, DetectionTiling(tile=192, margin=64, halo=128))['objects_list']
+    a = _tiled(detector, image, DetectionTiling(tile=128, margin=64, halo=128,
+                                                nested_ios=None))['objects_list']
+    b = _tiled(detector, image, DetectionTiling(tile=192, margin=64, halo=128,
+                                                nested_ios=None))['objects_list']
     small = _by_key([o for o in a if _inside_margin(o, 128, 64, h, w)
                      and _inside_margin(o, 192, 64, h, w)])
     in_b = _by_key(b)
@@ -340,6 +343,30 @@ def test_budgets_by_score_keep_the_suppressed_proposals_above_the_threshold(dete
     finally:
         rpn.test_cfg.nms = before['nms']
     assert dict(rpn.test_cfg) == before and '_bbox_post_process' not in vars(rpn)
+
+
+def test_nested_detections_of_a_class_are_dropped_greedily_by_score() -> None:
+    from mmengine.structures import InstanceData
+
+    from mmlinattn.engine.tiled_detection import suppress_nested
+    boxes = [[0, 0, 100, 100],  # A, the best
+             [10, 10, 40, 40],  # inside A: dropped
+             [10, 10, 40, 40],  # inside A, another class: kept
+             [60, 0, 160, 100],  # B: 40% of it inside A: kept
+             [80, 20, 95, 35],  # inside A and B: dropped (A is kept)
+             [120, 10, 150, 40],  # inside B only: dropped
+             [150, 150, 200, 200]]  # alone
+    inst = InstanceData(bboxes=torch.tensor(boxes, dtype=torch.float32),
+                        scores=torch.tensor([0.9, 0.5, 0.5, 0.8, 0.7, 0.3, 0.1]),
+                        labels=torch.tensor([0, 0, 1, 0, 0, 0, 0]))
+    kept = suppress_nested(inst, 0.5)
+    assert kept.bboxes.tolist() == [boxes[i] for i in (0, 2, 3, 6)]
+    # Greedy: a box nested only in a dropped one stays.
+    chain = InstanceData(bboxes=torch.tensor([[0, 0, 100, 100], [50, 0, 110, 100],
+                                              [102, 0, 110, 10]], dtype=torch.float32),
+                         scores=torch.tensor([0.9, 0.8, 0.7]), labels=torch.tensor([0, 0, 0]))
+    assert suppress_nested(chain, 0.5).scores.tolist() == pytest.approx([0.9, 0.7])
+    assert len(suppress_nested(inst, None)) == len(inst) == len(suppress_nested(inst, 1.0))
 
 
 def test_heads_that_cannot_be_tiled_are_refused_by_name(detector) -> None:
@@ -452,7 +479,7 @@ def test_two_spatial_ranks_give_the_same_objects_as_one_process(detector, tmp_pa
     assert one.returncode == 0, one.stderr[-3000:]
     a = json.loads((tmp_path / 'one.json').read_text())
     b = json.loads((tmp_path / 'two.json').read_text())
-    assert len(a) == len(b) > 100
+    assert len(a) == len(b) > 30
 
     def key(r: dict) -> tuple:
         return (r['category_id'], ) + tuple(round(v * 4) for v in r['bbox'])
@@ -536,7 +563,7 @@ def test_background_skipped_objects_land_where_they_are_in_the_slide(detector, t
     mask = np.zeros((190, 384), np.uint8)
     mask[:, 192:] = 255
     cv2.imwrite(str(tmp_path / 'tissue.png'), mask)
-    tiling = DetectionTiling(tile=128, margin=64, halo=128)
+    tiling = DetectionTiling(tile=128, margin=64, halo=128, nested_ios=None)
     skipped = detect_file(detector, ArrayReader(image, '<slide>'), [], chunk_tokens=48,
                           tiling=tiling, background=str(tmp_path / 'tissue.png'),
                           keep_objects=True)
@@ -695,9 +722,9 @@ def test_a_coarse_pass_gives_the_objects_larger_than_the_margin(detector) -> Non
     from mmlinattn.engine.tiled_detection import DetectionTiling, LargeObjects, upscaled
     from mmlinattn.rasters import ArrayReader, DownsampledReader
     array = _image(192, 256).permute(1, 2, 0).numpy().copy()
-    tiling = DetectionTiling(tile=128, margin=64, halo=128)
+    tiling = DetectionTiling(tile=128, margin=64, halo=128, nested_ios=None)
     info = _tiled(detector, torch.from_numpy(array).permute(2, 0, 1),
-                  DetectionTiling(tile=128, margin=64, halo=128, coarse=2))
+                  DetectionTiling(tile=128, margin=64, halo=128, coarse=2, nested_ios=None))
     fine = _tiled(detector, torch.from_numpy(array).permute(2, 0, 1), tiling)['objects_list']
     coarse = detect_file(detector, DownsampledReader(ArrayReader(array), 2), [],
                          chunk_tokens=48, tiling=tiling, keep_objects=True)['objects_list']

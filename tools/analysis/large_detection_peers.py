@@ -81,7 +81,7 @@ def _tiling(args: argparse.Namespace, coarse: int = 0) -> Any:
     from mmlinattn.engine.tiled_detection import DetectionTiling
     return DetectionTiling(args.tile, args.margin, args.halo, budget_scale=args.budget_scale,
                            proposal_thr=None if args.count_budgets else args.proposal_thr,
-                           coarse=coarse)
+                           coarse=coarse, nested_ios=args.nested_ios)
 
 
 def run_ours(model: Any, reader: Any, args: argparse.Namespace, coarse: int = 0
@@ -102,6 +102,7 @@ def run_whole(model: Any, reader: Any, args: argparse.Namespace) -> list[Detecte
         detection_budgets,
         local_mask_paste,
         result_objects,
+        suppress_nested,
     )
     # The same budgets as ours: by score, or by count at the same density (a tile's
     # budget for each head region's area).
@@ -111,7 +112,7 @@ def run_whole(model: Any, reader: Any, args: argparse.Namespace) -> list[Detecte
     with local_mask_paste(model), detection_budgets(model, _tiling(args), regions) as budgets:
         result, _ = detect_large(model, image, 65536, args.tile, args.halo, masks=True)
     print(f'  whole: budgets {budgets}')
-    return result_objects(result.pred_instances)
+    return result_objects(suppress_nested(result.pred_instances, args.nested_ios))
 
 
 def _instances_objects(inst: Any, dx: int = 0, dy: int = 0) -> list[DetectedObject]:
@@ -338,6 +339,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument('--budget-scale', type=float,
                    help='with --count-budgets: the factor of a tile (infer_large.py '
                    '--budget-scale)')
+    p.add_argument('--nested-ios', type=float, default=0.5,
+                   help='ours and whole: nested detections dropped (infer_large.py '
+                   '--nested-ios; 1 keeps them)')
     p.add_argument('--coarse', type=int, default=0, metavar='F',
                    help="also 'ours-coarse': ours with a coarse pass F times coarser for "
                    'objects larger than twice the margin (infer_large.py --coarse)')
