@@ -114,9 +114,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    'and full-resolution detections mostly inside a large object of their '
                    'class are dropped as its fragments (default 0: no coarse pass)')
     p.add_argument('--nested-ios', type=float, default=0.5,
-                   help='detectors: drop a detection more than this share of whose box lies '
-                   'inside a better-scoring one of its class (two detections of one object '
-                   "that mmdet's IoU suppression keeps); 1 keeps them (default 0.5)")
+                   help='detectors: drop a detection nested with a better-scoring one of its '
+                   'class, more than this share of the smaller box inside the other (two '
+                   "detections of one object that mmdet's IoU suppression keeps); 1 keeps "
+                   'them (default 0.5)')
     p.add_argument('--merge-iou', type=float, default=0.5,
                    help='detectors: IoU of two parts of a large object inside the window both '
                    'tiles see for them to be merged')

@@ -22,9 +22,10 @@ RoI heads, or a dense head) run tile by tile:
   the union of the boxes and masks, the best score and ``parts`` > 1.
 * **Nested detections**: Mask R-CNN's per-class suppression compares boxes by IoU and
   keeps a small box inside a large one of the same class, two detections of one
-  object. A detection more than ``nested_ios`` of whose box lies inside a kept,
-  better-scoring one of its class is dropped (:func:`suppress_nested`), in each head
-  region before responsibility, as on the whole image.
+  object. A detection nested with a kept, better-scoring one of its class (more than
+  ``nested_ios`` of the smaller box inside the other) is dropped
+  (:func:`suppress_nested`), in each head region before responsibility, as on the
+  whole image.
 * **A coarse pass** (``coarse=F``) is the other answer for large objects, and for
   objects larger than what the detector was trained on: the same detector on the image
   read ``F`` times coarser, where an object of ``2 * F * margin`` pixels is seen whole.
@@ -85,9 +86,9 @@ class DetectionTiling:
     budgets, the caps of a tile, are multiplied by this (None: by the head region's area
     over a 1333 x 800 image, between 1 and 8; see :func:`budget_scale`). ``coarse``: a
     second pass ``coarse`` times coarser finds the objects larger than ``2 * margin``
-    (0: none; see :class:`LargeObjects`). ``nested_ios``: a detection more than this
-    share of whose box lies inside a better-scoring one of its class is dropped (None:
-    kept; see :func:`suppress_nested`)."""
+    (0: none; see :class:`LargeObjects`). ``nested_ios``: a detection nested with a
+    better-scoring one of its class (more than this share of the smaller box inside the
+    other) is dropped (None: kept; see :func:`suppress_nested`)."""
 
     tile: int = 2048
     margin: int = 256
@@ -373,12 +374,12 @@ def detection_budgets(model: Any, tiling: DetectionTiling, regions: float = 1.0
 
 
 def suppress_nested(instances: Any, ios: Optional[float]) -> Any:
-    """``instances`` (mmdet's, of one image or head region) without the detections more
-    than ``ios`` of whose box lies inside the box of a better-scoring detection of the
-    same class that is kept (greedy, by falling score; ``None``: all kept). Mask R-CNN's
-    per-class suppression compares boxes by IoU, which keeps a small box nested in a
-    large one: two detections of one object. The rule reads only boxes that overlap, so
-    a tile applies it as the whole image would."""
+    """``instances`` (mmdet's, of one image or head region) without the detections that
+    are nested with a better-scoring kept detection of the same class: more than ``ios``
+    of the smaller of the two boxes inside the other (greedy, by falling score; ``None``
+    or 1: all kept). Mask R-CNN's per-class suppression compares boxes by IoU, which
+    keeps a small box nested in a large one: two detections of one object. The rule
+    reads only boxes that overlap, so a tile applies it as the whole image would."""
     if ios is None or len(instances) < 2:
         return instances
     order = torch.argsort(instances.scores, descending=True, stable=True)
@@ -389,7 +390,8 @@ def suppress_nested(instances: Any, ios: Optional[float]) -> Any:
         lt = torch.maximum(b[r:r + 1024, None, :2], b[None, :, :2])
         rb = torch.minimum(b[r:r + 1024, None, 2:], b[None, :, 2:])
         inter = (rb - lt).clamp(min=0).prod(-1)
-        nested[r:r + 1024] = ((inter > ios * area[r:r + 1024, None])
+        smaller = torch.minimum(area[r:r + 1024, None], area[None, :])
+        nested[r:r + 1024] = ((inter > ios * smaller)
                               & (labels[r:r + 1024, None] == labels[None, :]))
     keep = torch.ones(len(b), dtype=torch.bool)
     for i in range(1, len(b)):  # i dropped when nested in a kept, better-scoring one

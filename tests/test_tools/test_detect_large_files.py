@@ -355,12 +355,14 @@ def test_nested_detections_of_a_class_are_dropped_greedily_by_score() -> None:
              [60, 0, 160, 100],  # B: 40% of it inside A: kept
              [80, 20, 95, 35],  # inside A and B: dropped (A is kept)
              [120, 10, 150, 40],  # inside B only: dropped
-             [150, 150, 200, 200]]  # alone
+             [150, 150, 200, 200],  # alone
+             [300, 300, 400, 400],  # holds a better one: dropped
+             [320, 320, 340, 340]]
     inst = InstanceData(bboxes=torch.tensor(boxes, dtype=torch.float32),
-                        scores=torch.tensor([0.9, 0.5, 0.5, 0.8, 0.7, 0.3, 0.1]),
-                        labels=torch.tensor([0, 0, 1, 0, 0, 0, 0]))
+                        scores=torch.tensor([0.9, 0.5, 0.5, 0.8, 0.7, 0.3, 0.1, 0.2, 0.6]),
+                        labels=torch.tensor([0, 0, 1, 0, 0, 0, 0, 0, 0]))
     kept = suppress_nested(inst, 0.5)
-    assert kept.bboxes.tolist() == [boxes[i] for i in (0, 2, 3, 6)]
+    assert kept.bboxes.tolist() == [boxes[i] for i in (0, 2, 3, 6, 8)]
     # Greedy: a box nested only in a dropped one stays.
     chain = InstanceData(bboxes=torch.tensor([[0, 0, 100, 100], [50, 0, 110, 100],
                                               [102, 0, 110, 10]], dtype=torch.float32),
