@@ -466,15 +466,11 @@ class OpenSlideReader(RegionReader):
         self.slide.close()
 
 
-class CompactedReader(RegionReader):
-    """The rows and columns of ``reader`` that ``keep_rows``/``keep_cols`` (ascending
-    pixel indices) select, read as one smaller image: whole-slide background removed."""
+class _ReaderView(RegionReader):
+    """A view of another reader, ``inner``: it counts the pixels ``inner`` decodes and
+    closes it."""
 
-    def __init__(self, reader: RegionReader, keep_rows: np.ndarray, keep_cols: np.ndarray
-                 ) -> None:
-        super().__init__(reader.path, [(len(keep_rows), len(keep_cols))])
-        self.inner, self.rows, self.cols = reader, keep_rows, keep_cols
-        self.mpp = reader.mpp
+    inner: RegionReader
 
     @property
     def decoded_pixels(self) -> int:  # type: ignore[override]
@@ -483,6 +479,20 @@ class CompactedReader(RegionReader):
     @decoded_pixels.setter
     def decoded_pixels(self, value: int) -> None:
         pass
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class CompactedReader(_ReaderView):
+    """The rows and columns of ``reader`` that ``keep_rows``/``keep_cols`` (ascending
+    pixel indices) select, read as one smaller image: whole-slide background removed."""
+
+    def __init__(self, reader: RegionReader, keep_rows: np.ndarray, keep_cols: np.ndarray
+                 ) -> None:
+        super().__init__(reader.path, [(len(keep_rows), len(keep_cols))])
+        self.inner, self.rows, self.cols = reader, keep_rows, keep_cols
+        self.mpp = reader.mpp
 
     def _read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         out = np.zeros((y1 - y0, x1 - x0, 3), np.uint8)
@@ -493,11 +503,9 @@ class CompactedReader(RegionReader):
             out[ra:rb, ca:cb] = self.inner.read(sy0, sy1, sx0, sx1)
         return out
 
-    def close(self) -> None:
-        self.inner.close()
 
 
-class DownsampledReader(RegionReader):
+class DownsampledReader(_ReaderView):
     """``reader`` read ``factor`` times coarser: each pixel the mean of a ``factor x
     factor`` block of the level read (the last row and column of blocks repeat the
     image's edge). For a coarse pass over a file at any level, pyramid or not."""
@@ -511,14 +519,6 @@ class DownsampledReader(RegionReader):
         self.inner, self.factor = reader, factor
         self.mpp = reader.mpp * factor if reader.mpp else None
         self.geo = reader.geo.at_level(factor) if reader.geo is not None else None
-
-    @property
-    def decoded_pixels(self) -> int:  # type: ignore[override]
-        return self.inner.decoded_pixels
-
-    @decoded_pixels.setter
-    def decoded_pixels(self, value: int) -> None:
-        pass
 
     def _read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         f = self.factor
@@ -535,8 +535,6 @@ class DownsampledReader(RegionReader):
         thumb, scale = self.inner.thumbnail(max_side)
         return thumb, scale / self.factor
 
-    def close(self) -> None:
-        self.inner.close()
 
 
 def _runs(idx: np.ndarray) -> list[tuple[int, int]]:
