@@ -68,6 +68,7 @@ from ..rasters.objects import DetectedObject, LocalMask
 from .large_image import SIZE_DIVISOR, Progress, _box, features_given
 
 __all__ = ['DetectionTiling', 'TileRegions', 'check_tileable', 'detection_budgets',
+           'threaded_roi_pooling',
            'detection_tiles',
            'detect_tile', 'merge_truncated', 'neck_strides', 'run_detection_tiles',
            'LargeObjects', 'upscaled', 'suppress_nested',
@@ -199,6 +200,31 @@ def _mask_heads(roi: Any) -> list:
         return []
     head = roi.mask_head
     return list(head) if isinstance(head, torch.nn.ModuleList) else [head]
+
+
+@contextlib.contextmanager
+def threaded_roi_pooling(model: Any) -> Iterator[int]:
+    """Inside this context the model's average RoIAlign layers (mmcv's, one core) pool
+    their regions on every core (:func:`~mmlinattn.ops.roi_align.threaded_roi_align`:
+    the same values, bit for bit). Yields how many layers it took over."""
+    from mmcv.ops import RoIAlign
+
+    from ..ops.roi_align import threaded_roi_align
+    layers = [m for m in model.modules()
+              if isinstance(m, RoIAlign) and m.pool_mode == 'avg' and not m.use_torchvision]
+
+    def pooled(layer: Any) -> Callable[[Tensor, Tensor], Tensor]:
+        def forward(feats: Tensor, rois: Tensor) -> Tensor:
+            return threaded_roi_align(feats, rois, layer.output_size, layer.spatial_scale,
+                                      layer.sampling_ratio, layer.aligned)
+        return forward
+    for layer in layers:
+        layer.forward = pooled(layer)
+    try:
+        yield len(layers)
+    finally:
+        for layer in layers:
+            del layer.forward
 
 
 @contextlib.contextmanager
@@ -401,7 +427,8 @@ def suppress_nested(instances: Any, ios: Optional[float]) -> Any:
 
 def detect_tile(model: Any, feats: Sequence[Tensor], stride: int, strides: Sequence[int],
                 t: TileRegions, image_hw: tuple[int, int], row0: int = 0,
-                reached: Optional[list] = None, nested_ios: Optional[float] = 0.5
+                reached: Optional[list] = None, nested_ios: Optional[float] = 0.5,
+                timings: Optional[dict] = None
                 ) -> tuple[list[DetectedObject], list[DetectedObject]]:
     """The neck and heads of one tile: its objects (centre in the core, boxes in image
     pixels) and its truncated detections (boxes cut at the head region's border inside
@@ -409,14 +436,27 @@ def detect_tile(model: Any, feats: Sequence[Tensor], stride: int, strides: Seque
     ``stride`` image pixels per finest pixel), holding the image rows from ``row0`` (a
     rank's band with its neighbours' rows); ``strides``: of the neck's outputs;
     ``reached`` gets ``'detections'`` when the final budget binds; ``nested_ios``: see
-    :func:`suppress_nested`. Run inside
+    :func:`suppress_nested`; ``timings``: seconds spent reading the crops (``read_s``),
+    in the neck (``neck_s``) and in the heads (``heads_s``) and
+    sorting their objects (``objects_s``) are added to it. Run inside
     :func:`local_mask_paste`, :func:`detection_budgets` and under ``torch.no_grad``."""
+    clock = [time.perf_counter()]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        if timings is not None:
+            timings[name] = timings.get(name, 0.0) + now - clock[0]
+        clock[0] = now
     finest = feats[0]
     scales = [finest.shape[2] / f.shape[2] for f in feats]
     cy0, cy1, cx0, cx1 = (v // stride for v in t.crop)
     r0 = row0 // stride
-    crops = [_box(f, cy0 - r0, cy1 - r0, cx0, cx1, s) for f, s in zip(feats, scales)]
+    # Copied once: the maps may be memory-mapped files, read here page by page.
+    crops = [_box(f, cy0 - r0, cy1 - r0, cx0, cx1, s).contiguous()
+             for f, s in zip(feats, scales)]
+    lap('read_s')
     outs = model.neck(crops)
+    lap('neck_s')
     hy0, hy1, hx0, hx1 = t.head
     # The neck's outputs on the head region (each level starts on a whole pixel).
     oy, ox = hy0 - t.crop[0], hx0 - t.crop[2]
@@ -428,6 +468,7 @@ def detect_tile(model: Any, feats: Sequence[Tensor], stride: int, strides: Seque
     samples = _samples(model, t.head, image_hw)
     with features_given(model, head_feats):
         result = model.predict(None, samples, rescale=False)[0].pred_instances
+    lap('heads_s')
     final = model.roi_head if getattr(model, 'roi_head', None) is not None else model.bbox_head
     if reached is not None and len(result) >= final.test_cfg.get('max_per_img', 10**12) > 0:
         reached.append('detections')
@@ -456,6 +497,7 @@ def detect_tile(model: Any, feats: Sequence[Tensor], stride: int, strides: Seque
         cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
         if core[0] <= cy < core[1] and core[2] <= cx < core[3]:
             own.append(obj)
+    lap('objects_s')
     return own, cut
 
 
@@ -543,7 +585,8 @@ def run_detection_tiles(model: Any, feats: Sequence[Tensor], stride: int,
     done = rows_done or set()
     count = sum(1 for t in tiles if t.y0 in done)
     start = time.perf_counter()
-    with torch.no_grad(), local_mask_paste(model), \
+    timings: dict = {}
+    with torch.no_grad(), local_mask_paste(model), threaded_roi_pooling(model), \
             detection_budgets(model, tiling) as budgets:
         row: list[TileRegions] = []
         for k, t in enumerate(tiles):
@@ -556,7 +599,7 @@ def run_detection_tiles(model: Any, feats: Sequence[Tensor], stride: int,
             truncated: list[DetectedObject] = []
             for tr in row:
                 own, cut = detect_tile(model, feats, stride, strides, tr, image_hw, row0,
-                                       budgets['reached'], tiling.nested_ios)
+                                       budgets['reached'], tiling.nested_ios, timings)
                 objects += own
                 truncated += cut
                 count += 1
@@ -566,6 +609,7 @@ def run_detection_tiles(model: Any, feats: Sequence[Tensor], stride: int,
             row = []
     reached = budgets.pop('reached')
     return dict(heads_s=time.perf_counter() - start, tiles=len(tiles), budgets=budgets,
+                tile_s={k: round(v, 2) for k, v in timings.items()},
                 budget_reached={k: reached.count(k)
                                 for k in ('candidates', 'proposals', 'detections')})
 

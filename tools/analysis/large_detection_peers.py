@@ -103,13 +103,15 @@ def run_whole(model: Any, reader: Any, args: argparse.Namespace) -> list[Detecte
         local_mask_paste,
         result_objects,
         suppress_nested,
+        threaded_roi_pooling,
     )
     # The same budgets as ours: by score, or by count at the same density (a tile's
     # budget for each head region's area).
     side = args.tile + 2 * (args.margin + args.halo)
     regions = max(1.0, reader.height * reader.width / side ** 2)
     image = torch.from_numpy(_bgr(reader)).permute(2, 0, 1).contiguous()
-    with local_mask_paste(model), detection_budgets(model, _tiling(args), regions) as budgets:
+    with local_mask_paste(model), threaded_roi_pooling(model), \
+            detection_budgets(model, _tiling(args), regions) as budgets:
         result, _ = detect_large(model, image, 65536, args.tile, args.halo, masks=True)
     print(f'  whole: budgets {budgets}')
     return result_objects(suppress_nested(result.pred_instances, args.nested_ios))
