@@ -31,7 +31,8 @@ def keep_freed_memory(top_pad: int = 256 * 2**20) -> bool:
     try:
         libc = ctypes.CDLL(path)
         mallopt = libc.mallopt
-        libc.gnu_get_libc_version  # glibc only: other C libraries' mallopt differ
+        if not hasattr(libc, 'gnu_get_libc_version'):  # other C libraries' mallopt differ
+            return False
     except (OSError, AttributeError, TypeError):
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
