@@ -202,11 +202,18 @@ def measured(label: str, device: str, fn: Callable[[], Any]) -> tuple[Any, dict]
     return out, stats
 
 
+#: Set when this process keeps freed memory in its heap (see ``__main__``).
+KEEP_FREED_MEMORY = False
+
+
 def progress_bar(label: str, unit: str) -> Callable[[int, int], None]:
     """``update(done, total)``: one line redrawn with the count, the rate and the time left."""
     start: list = []
 
     def update(done: int, total: int) -> None:
+        if KEEP_FREED_MEMORY:  # between tiles and blocks: the heap's fragments go back
+            from mmlinattn.utils.heap import trim_freed_memory
+            trim_freed_memory()
         now = time.perf_counter()
         if not start:
             start.extend([now, done - 1 if done else 0])
@@ -490,5 +497,5 @@ if __name__ == '__main__':
         # A process of its own: its heap may keep what it frees (the tests call main()
         # in theirs, where it must not).
         from mmlinattn.utils.heap import keep_freed_memory
-        keep_freed_memory()
+        KEEP_FREED_MEMORY = keep_freed_memory()
     main()

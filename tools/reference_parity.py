@@ -11,8 +11,8 @@ The authors' repositories are not dependencies: clone them anywhere and point at
 
 For every released model it builds the authors' classifier with random weights, loads
 the same weights into ours (timm) and compares the logits at the released size; for
-Agent-Swin-T and MLLA-T also the authors' downstream (detection) backbone at a
-non-square size.
+Agent-Swin-T, Agent-PVT-S and MLLA-T also the authors' downstream (detection) backbone
+at 320 x 480, 448 x 672 and 333 x 517 (window padding, odd sides).
 With ``--record DIR`` it writes ``sibling_state_dicts.json`` (every key and shape of
 each released layout) and ``sibling_reference_outputs.json`` (tiny attention modules
 of the authors' code: their weights, an input and the output), which
@@ -203,6 +203,12 @@ def compare_classifier(name: str, build, batch: int = 1) -> tuple[float, dict]:
     return err, layout
 
 
+#: Input sizes of the downstream comparisons: stage maps that are no multiple of the
+#: 7x7 windows (320 x 480: 10 x 15 at stride 32), multiples of them (448 x 672), and odd
+#: sides (333 x 517: strides that do not divide them; PVT drops the remainder).
+DOWNSTREAM_SIZES = ((320, 480), (448, 672), (333, 517))
+
+
 def compare_agent_downstream(agent: Path, size: tuple[int, int] = (448, 672)) -> list[float]:
     """The authors' Agent-Swin-T detection backbone (9-12-14-7 agents) and ours at a
     non-square size: the relative error of each output map."""
@@ -334,6 +340,31 @@ def record_module_outputs(agent: Path, flatten: Path, mlla: Path) -> dict:
     return out
 
 
+def record_window_blocks(agent: Path) -> dict:
+    """The authors' Agent-Swin detection block with window softmax attention
+    (``attn_type='B'``, window 4) at maps that are no multiple of the window (padded and
+    attended) and one that fits in a window (shifted all the same)."""
+    down = sys.modules.get('ref_agent_swin_downstream') or load_module(
+        agent / 'downstream' / 'detection' / 'mmdet' / 'models' / 'backbones' / 'agent_swin.py',
+        'ref_agent_swin_downstream')
+    out = {}
+    for key, hw, shift in [('agent_swin_window_block_5x7', (5, 7), 2),
+                           ('agent_swin_window_block_3x3', (3, 3), 2),
+                           ('agent_swin_window_block_5x7_unshifted', (5, 7), 0)]:
+        torch.manual_seed(5)
+        block = down.SwinTransformerBlock(12, input_resolution=(4, 4), num_heads=3,
+                                          window_size=4, shift_size=shift, attn_type='B')
+        block.eval()
+        with torch.no_grad():
+            block.attn.relative_position_bias_table.normal_()  # zeros as initialised
+            x = torch.randn(2, hw[0] * hw[1], 12)
+            y = block(x, hw)
+        out[key] = dict(config=dict(dim=12, num_heads=3, window=4, shift=shift, hw=list(hw)),
+                        state_dict={k: _tensor(v) for k, v in block.state_dict().items()},
+                        input=_tensor(x), output=_tensor(y))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--agent', type=Path, help='a clone of LeapLabTHU/Agent-Attention')
@@ -352,24 +383,27 @@ def main() -> None:
         err, layouts[stem] = compare_classifier(name, build)
         print(f'{name:24s} logits relative error {err:.2e}  '
               f'({layouts[stem]["params"] / 1e6:.1f} M parameters)', flush=True)
+    downstream = []
     if args.agent is not None:
-        errs = compare_agent_downstream(args.agent)
-        print('agent_swin_tiny downstream (448 x 672, agents 9-12-14-7): maps relative error '
-              + ', '.join(f'{e:.2e}' for e in errs))
-        errs = compare_agent_pvt_downstream(args.agent)
-        print('agent_pvt_small downstream (448 x 672, agents 12-16-28-28): maps relative error '
-              + ', '.join(f'{e:.2e}' for e in errs))
+        downstream += [('agent_swin_tiny (agents 9-12-14-7)', compare_agent_downstream,
+                        args.agent),
+                       ('agent_pvt_small (agents 12-16-28-28)', compare_agent_pvt_downstream,
+                        args.agent)]
     if args.mlla is not None:
-        errs = compare_mlla_downstream(args.mlla)
-        print('mlla_tiny downstream (450 x 670: odd maps): maps relative error '
-              + ', '.join(f'{e:.2e}' for e in errs))
+        downstream.append(('mlla_tiny', compare_mlla_downstream, args.mlla))
+    for name, compare, root in downstream:
+        for size in DOWNSTREAM_SIZES:
+            errs = compare(root, size)
+            print(f'{name} downstream at {size[0]} x {size[1]}: maps relative error '
+                  + ', '.join(f'{e:.2e}' for e in errs), flush=True)
     if args.record is not None:
         if None in (args.agent, args.flatten, args.mlla):
             parser.error('--record needs --agent, --flatten and --mlla')
         args.record.mkdir(parents=True, exist_ok=True)
         (args.record / 'sibling_state_dicts.json').write_text(json.dumps(layouts, indent=0))
         (args.record / 'sibling_reference_outputs.json').write_text(
-            json.dumps(record_module_outputs(args.agent, args.flatten, args.mlla)))
+            json.dumps(dict(record_module_outputs(args.agent, args.flatten, args.mlla),
+                            **record_window_blocks(args.agent))))
         print(f'wrote {args.record}/sibling_state_dicts.json and sibling_reference_outputs.json')
 
 

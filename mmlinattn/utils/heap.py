@@ -12,8 +12,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+from typing import Optional
 
-__all__ = ['keep_freed_memory']
+__all__ = ['keep_freed_memory', 'trim_freed_memory']
 
 # mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -40,3 +41,36 @@ def keep_freed_memory(top_pad: int = 256 * 2**20) -> bool:
     ok &= mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
     ok &= mallopt(_M_TOP_PAD, top_pad) == 1
     return bool(ok)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        'arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks', 'fsmblks', 'uordblks',
+        'fordblks', 'keepcost')]
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> Optional[ctypes.CDLL]:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+    except OSError:
+        return None
+    if not hasattr(libc, 'mallinfo2') or not hasattr(libc, 'malloc_trim'):
+        return None  # not glibc >= 2.33
+    libc.mallinfo2.restype = _MallInfo2
+    libc.mallinfo2.argtypes = []
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    return libc
+
+
+def trim_freed_memory(keep_bytes: int = 2**30) -> bool:
+    """Give the heap's free pages back to the system when more than ``keep_bytes`` of
+    it are free (``malloc_trim``). A heap that keeps what it frees fragments as map
+    sizes change (a band, a border tile, an interior one); called between units of work
+    this bounds the resident size to the memory in use plus ``keep_bytes``. Returns
+    whether it trimmed."""
+    libc = _libc()
+    if libc is None or libc.mallinfo2().fordblks <= keep_bytes:
+        return False
+    libc.malloc_trim(0)
+    return True

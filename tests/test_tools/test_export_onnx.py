@@ -29,6 +29,7 @@ from mmlinattn.models.backbones import (
     MLLA,
     AgentCSwin,
     AgentDeiT,
+    AgentPVT,
     AgentSwin,
     FLattenCSwin,
     FLattenPVTv2,
@@ -62,6 +63,8 @@ def _backbone(name: str) -> nn.Module:
         return InLineCSwin(depths=(1, 1, 1, 1))
     if name == 'agent-swin':  # agents pooled and biases resized for the run-time map
         return AgentSwin(depths=(1, 1, 1, 2))
+    if name == 'agent-pvt':  # unpadded strided embeddings: odd sizes lose their remainder
+        return AgentPVT(depths=(1, 1, 1, 1))
     if name == 'flatten-swin':  # positional encodings resized for the run-time map
         return FLattenSwin(depths=(1, 1, 1, 2))
     if name == 'mlla':  # RoPE for the run-time map; odd maps padded before a merge
@@ -82,6 +85,7 @@ def _backbone(name: str) -> nn.Module:
 
 
 @pytest.mark.parametrize('name', ['pvt', 'pvt-window5', 'swin', 'cswin', 'deit', 'agent-swin',
+                                  'agent-pvt',
                                   'flatten-swin', 'mlla', 'agent-deit', 'flatten-pvtv2'])
 def test_backbone_exports_dynamic_and_matches(name: str, tmp_path: Path) -> None:
     graph = BackboneGraph(_backbone(name).eval())

@@ -93,6 +93,9 @@ class AgentCSwin(CSwinBackbone):
         pretrain_img_size: the classification size; the biases are stored for the
             stage maps at it (56, 28 at 224).
         split_size: stripe width of the ``B`` stages (7; 12 at 384 px).
+        pad_mask: the padding of stripes masked (True, default: no detector of this
+            family was released) or attended (False); see
+            :class:`~mmlinattn.models.backbones.inline_cswin.CSwinBranch`.
         Other arguments as :class:`~mmlinattn.models.backbones.InLineCSwin`.
 
     Input ``(B, in_channels, H, W)`` of any size; outputs at strides 4, 8, 16, 32
@@ -112,6 +115,7 @@ class AgentCSwin(CSwinBackbone):
                  agent_shapes: Optional[Sequence[Optional[Sequence[int]]]] = None,
                  pretrain_img_size: int = 224,
                  split_size: int = 7,
+                 pad_mask: bool = True,
                  attn_impl: str = 'auto',
                  in_channels: int = 3,
                  mlp_ratio: float = 4.,
@@ -133,7 +137,7 @@ class AgentCSwin(CSwinBackbone):
             if letter == 'A':
                 side = pretrain_img_size // (4 * 2**i)
                 return [AgentCSwinBranch(dim, heads, agents[i], (side, side), shapes[i])]
-            return stripe_branches(dim, heads, split_size, last_stage, attn_impl)
+            return stripe_branches(dim, heads, split_size, last_stage, attn_impl, pad_mask)
 
         super().__init__(make_branches, arch, embed_dims, depths, num_heads, attn_types,
                          in_channels, mlp_ratio, qkv_bias, drop_rate, drop_path_rate,

@@ -49,6 +49,10 @@ class AgentPVT(PVTBackbone):
     """
 
     arch_settings = AGENT_PVT_ARCHS
+    # The authors' detection and segmentation backbones embed with unpadded strided
+    # convolutions: an input side that is not a multiple of a stride loses its last
+    # rows and columns (a 333 x 517 image gives 83 x 129 stage-1 maps, not 84 x 130).
+    patch_remainder = 'drop'
 
     def __init__(self,
                  arch: Union[str, dict] = 'tiny',

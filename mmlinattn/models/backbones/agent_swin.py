@@ -12,7 +12,7 @@ in their configs), and the biases resized to the map and to the agent grid.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 from torch import nn
 
@@ -46,6 +46,11 @@ class AgentSwin(SwinBackbone):
             stage maps at it (56, 28, 14, 7 at 224).
         kernel_size: of the depthwise convolution on v (3).
         softmax_window: window of the ``B`` blocks (7).
+        pad_mask: False (default) as the authors' detection and segmentation backbones
+            compute the ``B`` blocks: the windows' zero padding is attended and every
+            other block shifted at every map size, so their released detectors give
+            their features; True masks the padding (see
+            :class:`~mmlinattn.models.layers.WindowSoftmaxAttention`).
         Other arguments as :class:`~mmlinattn.models.backbones.InLineSwin`.
 
     Input ``(B, in_channels, H, W)`` of any size; output ``(B, C_i, H_i, W_i)`` maps
@@ -70,6 +75,7 @@ class AgentSwin(SwinBackbone):
                  mlp_ratio: float = 4.,
                  qkv_bias: bool = True,
                  softmax_window: int = 7,
+                 pad_mask: bool = False,
                  drop_rate: float = 0.,
                  attn_drop_rate: float = 0.,
                  drop_path_rate: float = 0.1,
@@ -89,7 +95,7 @@ class AgentSwin(SwinBackbone):
                 return AgentAttention(dim, heads, agents[i], (side, side), shapes[i], kernel_size,
                                       qkv_bias, drop_rate)
             return swin_softmax_attention(dim, heads, softmax_window, j, qkv_bias,
-                                          attn_drop_rate, drop_rate)
+                                          attn_drop_rate, drop_rate, pad_mask)
 
         super().__init__(make_attention, arch, embed_dims, depths, num_heads, attn_types,
                          in_channels, patch_size, mlp_ratio, drop_rate, drop_path_rate,
@@ -98,7 +104,13 @@ class AgentSwin(SwinBackbone):
 
 
 class AgentSwinClassifier(ClassifierHead, AgentSwin):
-    """Agent-Swin with the released head: final ``norm``, token mean, ``head``."""
+    """Agent-Swin with the released head: final ``norm``, token mean, ``head``. Its
+    ``B`` blocks follow the released classifiers (``pad_mask=True``: a map within one
+    window, as stage 4 at 224 px, is attended unshifted)."""
+
+    def __init__(self, arch: Union[str, dict] = 'tiny', num_classes: int = 1000,
+                 pad_mask: bool = True, **kwargs: Any) -> None:
+        super().__init__(arch, num_classes, pad_mask=pad_mask, **kwargs)
 
 
 register_family(BackboneFamily(

@@ -88,6 +88,9 @@ class FLattenCSwin(CSwinBackbone):
             stored for the stage maps at it (56, 28 at 224).
         focusing_factor: ``p`` (3); kernel_size: of ``dwc`` (5).
         split_size: stripe width of the ``S`` stages (7; 12 at 384 px).
+        pad_mask: the padding of stripes masked (True, default: no detector of this
+            family was released) or attended (False); see
+            :class:`~mmlinattn.models.backbones.inline_cswin.CSwinBranch`.
         Other arguments as :class:`~mmlinattn.models.backbones.InLineCSwin`.
 
     Input ``(B, in_channels, H, W)`` of any size; outputs at strides 4, 8, 16, 32
@@ -107,6 +110,7 @@ class FLattenCSwin(CSwinBackbone):
                  focusing_factor: float = 3.,
                  kernel_size: int = 5,
                  split_size: int = 7,
+                 pad_mask: bool = True,
                  attn_impl: str = 'auto',
                  in_channels: int = 3,
                  mlp_ratio: float = 4.,
@@ -127,7 +131,7 @@ class FLattenCSwin(CSwinBackbone):
                 side = pretrain_img_size // (4 * 2**i)
                 return [FocusedCSwinBranch(dim, heads, (side, side), focusing_factor,
                                            kernel_size)]
-            return stripe_branches(dim, heads, split_size, last_stage, attn_impl)
+            return stripe_branches(dim, heads, split_size, last_stage, attn_impl, pad_mask)
 
         super().__init__(make_branches, arch, embed_dims, depths, num_heads, attn_types,
                          in_channels, mlp_ratio, qkv_bias, drop_rate, drop_path_rate,

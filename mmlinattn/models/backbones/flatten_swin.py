@@ -42,6 +42,9 @@ class FLattenSwin(SwinBackbone):
         focusing_factor: ``p`` of the focusing map (3).
         kernel_size: of the depthwise convolution on v (5).
         softmax_window: window of the ``S`` blocks (7).
+        pad_mask: the padding of those windows masked (True) or attended (False; see
+            :class:`~mmlinattn.models.layers.WindowSoftmaxAttention`); no FLatten detector
+            was released, so the padding-invariant rule is the default.
         Other arguments as :class:`~mmlinattn.models.backbones.InLineSwin`.
 
     Input ``(B, in_channels, H, W)`` of any size; output ``(B, C_i, H_i, W_i)`` maps
@@ -65,6 +68,7 @@ class FLattenSwin(SwinBackbone):
                  mlp_ratio: float = 4.,
                  qkv_bias: bool = True,
                  softmax_window: int = 7,
+                 pad_mask: bool = True,
                  drop_rate: float = 0.,
                  attn_drop_rate: float = 0.,
                  drop_path_rate: float = 0.1,
@@ -82,7 +86,7 @@ class FLattenSwin(SwinBackbone):
                 return FocusedLinearAttention(dim, heads, (side, side), focusing_factor,
                                               kernel_size, qkv_bias, drop_rate)
             return swin_softmax_attention(dim, heads, softmax_window, j, qkv_bias,
-                                          attn_drop_rate, drop_rate)
+                                          attn_drop_rate, drop_rate, pad_mask)
 
         super().__init__(make_attention, arch, embed_dims, depths, num_heads, attn_types,
                          in_channels, patch_size, mlp_ratio, drop_rate, drop_path_rate,

@@ -67,15 +67,17 @@ class CSwinBranch(nn.Module):
         kernel: ``phi`` of an ``'inline'`` branch (``'default'``: the operator's own).
         window: an ``'inline'`` branch's window side (None: the whole map).
         impl: the attention implementation (``'auto'``).
+        pad_mask: maps not divisible by the stripe or window are zero-padded (q, k and v);
+            the padding is masked out of the attention and the local residual (True) or
+            attended like the map's own tokens (False).
 
-    ``forward(q, k, v: (B, H, W, dim), x_mean: (B, dim)) -> (B, H, W, dim)``;
-    maps not divisible by the stripe or window are padded and the padding masked.
+    ``forward(q, k, v: (B, H, W, dim), x_mean: (B, dim)) -> (B, H, W, dim)``.
     """
 
     def __init__(self, dim: int, num_heads: int, kind: str,
                  stripe: Optional[tuple[int, int]] = None, operator: str = 'inline',
                  kernel: KernelArg = 'default', window: Optional[int] = None,
-                 impl: str = 'auto') -> None:
+                 impl: str = 'auto', pad_mask: bool = True) -> None:
         super().__init__()
         if kind not in ('inline', 'softmax'):
             raise ValueError(f"kind must be 'inline' or 'softmax', got {kind!r}")
@@ -91,11 +93,13 @@ class CSwinBranch(nn.Module):
         self.impl = impl
         self.stripe = stripe
         self.window = window
+        self.pad_mask = pad_mask
         self.get_v = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
         self.residual = LocalResidual(dim, num_heads) if kind == 'inline' else None
 
     def extra_repr(self) -> str:
-        return f'kind={self.kind}, stripe={self.stripe}, window={self.window}'
+        return (f'kind={self.kind}, stripe={self.stripe}, window={self.window}, '
+                f'pad_mask={self.pad_mask}')
 
     def region(self, h: int, w: int) -> Optional[tuple[Optional[int], Optional[int]]]:
         """The attended region for an ``h x w`` map (None: the whole map; a stripe spans
@@ -129,31 +133,31 @@ class CSwinBranch(nn.Module):
             return gathered(lambda q, k, v: self.forward(q, k, v, x_mean), q, k, v)
         b, h, w, c = q.shape
         grid = RegionGrid(b, h, w, self.region(h, w), q.device)
-        q, k, v = (grid.split(t) for t in (q, k, v))  # (B*nR, wh, ww, c)
-        if grid.valid is not None:
-            v = v * grid.valid[..., None].to(v.dtype)  # zeros outside the map: its border
+        q, k, v = (grid.split(t) for t in (q, k, v))  # (B*nR, wh, ww, c), zero-padded
+        valid = grid.valid if self.pad_mask else None
         # LePE: depthwise 3x3 on v within each region (zero padding at region borders).
         lepe = self.get_v(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         nr, wh, ww = v.shape[:3]
         out = attend_heads(self.attention, q.reshape(nr, wh * ww, c), k.reshape(nr, wh * ww, c),
-                           v.reshape(nr, wh * ww, c), self.num_heads, grid.mask, self.kernel,
+                           v.reshape(nr, wh * ww, c), self.num_heads,
+                           grid.mask if self.pad_mask else None, self.kernel,
                            self.impl).view(nr, wh, ww, c)
         if self.residual is not None:
             # Taps from the mean of the block input (before norm1), as released.
             taps_from = x_mean.repeat_interleave(grid.num_regions, dim=0)
-            out = out + self.residual(v, taps_from, grid.valid)
+            out = out + self.residual(v, taps_from, valid)
         return grid.merge(out + lepe)
 
 
 def stripe_branches(dim: int, num_heads: int, split_size: int, last_stage: bool,
-                    impl: str = 'auto') -> list[CSwinBranch]:
+                    impl: str = 'auto', pad_mask: bool = True) -> list[CSwinBranch]:
     """CSwin's softmax attention: two branches over half the channels and heads each,
     full-height and full-width stripes ``split_size`` across; one branch over the
-    whole map in the last stage."""
+    whole map in the last stage. ``pad_mask``: see :class:`CSwinBranch`."""
     if last_stage:
         return [CSwinBranch(dim, num_heads, 'softmax', impl=impl)]
-    return [CSwinBranch(dim // 2, num_heads // 2, 'softmax', (i, split_size), impl=impl)
-            for i in range(2)]
+    return [CSwinBranch(dim // 2, num_heads // 2, 'softmax', (i, split_size), impl=impl,
+                        pad_mask=pad_mask) for i in range(2)]
 
 
 #: Builds block ``j`` of stage ``i``'s attention branches from its letter:
@@ -391,6 +395,10 @@ class InLineCSwin(CSwinBackbone):
             ``depths``, ``num_heads``, ``attn_types``); the named args override it.
         split_size: stripe width of the softmax stages (7, as released).
         inline_window: None (default, global) or a window side for the InLine stages.
+        pad_mask: stripes and windows of maps that are not a multiple of their side are
+            zero-padded; True (default) masks the padding out of the attention and the
+            local terms, False attends it (no CSwin-based detector was released; the
+            padding-invariant rule is ours).
         inline_operator: ``'inline'``; ``'linear'`` / ``'softmax'`` make the InLine
             stages global plain-linear / softmax attention (ablations).
         kernel: ``phi`` of the InLine stages (``'default'``: identity for InLine).
@@ -413,6 +421,7 @@ class InLineCSwin(CSwinBackbone):
                  num_heads: Optional[Sequence[int]] = None,
                  attn_types: Optional[str] = None,
                  split_size: int = 7,
+                 pad_mask: bool = True,
                  inline_window: Optional[int] = None,
                  inline_operator: str = 'inline',
                  kernel: KernelArg = 'default',
@@ -434,8 +443,9 @@ class InLineCSwin(CSwinBackbone):
                           last_stage: bool) -> list[nn.Module]:
             if letter == 'I':
                 return [CSwinBranch(dim, heads, 'inline', operator=inline_operator,
-                                    kernel=kernel, window=inline_window, impl=attn_impl)]
-            return stripe_branches(dim, heads, split_size, last_stage, attn_impl)
+                                    kernel=kernel, window=inline_window, impl=attn_impl,
+                                    pad_mask=pad_mask)]
+            return stripe_branches(dim, heads, split_size, last_stage, attn_impl, pad_mask)
 
         super().__init__(make_branches, arch, embed_dims, depths, num_heads, attn_types,
                          in_channels, mlp_ratio, qkv_bias, drop_rate, drop_path_rate,

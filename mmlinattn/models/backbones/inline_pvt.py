@@ -69,6 +69,10 @@ class PVTBackbone(InLineBackbone):
 
     convert_checkpoint = staticmethod(convert_pvt_checkpoint)
     pos_embed_interpolation = 'bilinear'  # as forward resizes them (reference behaviour)
+    #: Sides that are not a multiple of a patch embedding's stride: ``'pad'`` (ceil) or
+    #: ``'drop'`` (floor: PVT's released detection code); see
+    #: :class:`~mmlinattn.models.layers.PatchEmbed`.
+    patch_remainder: str = 'pad'
 
     def __init__(self,
                  make_attention: PVTAttentionFactory,
@@ -105,7 +109,8 @@ class PVTBackbone(InLineBackbone):
             self.pos_grids.append(grid)
             self.add_module(f'patch_embed{i + 1}',
                             PatchEmbed(in_channels if i == 0 else dims[i - 1], dims[i],
-                                       4 if i == 0 else 2, norm_eps=1e-5))
+                                       4 if i == 0 else 2, norm_eps=1e-5,
+                                       remainder=self.patch_remainder))
             pos = nn.Parameter(torch.zeros(1, grid[0] * grid[1], dims[i]))
             trunc_normal_(pos, std=.02)
             self.register_parameter(f'pos_embed{i + 1}', pos)

@@ -67,12 +67,13 @@ class InLineSwinStage(nn.Module):
 
 
 def swin_softmax_attention(dim: int, num_heads: int, window: int, block: int,
-                           qkv_bias: bool, attn_drop: float, proj_drop: float) -> nn.Module:
+                           qkv_bias: bool, attn_drop: float, proj_drop: float,
+                           pad_mask: bool = True) -> nn.Module:
     """Swin's window softmax attention for block ``block`` of a stage: every other
-    block shifted by half a window."""
+    block shifted by half a window; ``pad_mask``: see :class:`WindowSoftmaxAttention`."""
     return WindowSoftmaxAttention(dim, num_heads, window_size=window,
                                   shift_size=window // 2 if block % 2 else 0, qkv_bias=qkv_bias,
-                                  attn_drop=attn_drop, proj_drop=proj_drop)
+                                  attn_drop=attn_drop, proj_drop=proj_drop, pad_mask=pad_mask)
 
 
 def convert_swin_checkpoint(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -171,6 +172,11 @@ class InLineSwin(SwinBackbone):
         inline_window: None (default) for global InLine attention over each
             whole map; an int for non-overlapping windows of that side.
         softmax_window: window side of the softmax blocks (7).
+        pad_mask: windows of maps that are not a multiple of their side are zero-padded;
+            True (default) masks the padding out (features that do not depend on how far
+            a map is from a multiple of the window; a map within one window unshifted);
+            False attends it and shifts at every size, as MMDetection's Swin does. No
+            InLine detector was released, so ours follow the padding-invariant rule.
         inline_operator: ``'inline'``; ``'linear'`` or ``'softmax'`` turn the
             InLine stages into plain linear / global softmax attention (ablations).
         kernel: ``phi`` of the InLine stages (``'default'``: identity for InLine).
@@ -201,6 +207,7 @@ class InLineSwin(SwinBackbone):
                  qkv_bias: bool = True,
                  inline_window: Optional[int] = None,
                  softmax_window: int = 7,
+                 pad_mask: bool = True,
                  inline_operator: str = 'inline',
                  kernel: KernelArg = 'default',
                  attn_impl: str = 'auto',
@@ -219,9 +226,9 @@ class InLineSwin(SwinBackbone):
             if letter == 'I':
                 return InLineAttention(dim, heads, qkv_layout='qkv', window_size=inline_window,
                                        operator=inline_operator, kernel=kernel, impl=attn_impl,
-                                       qkv_bias=qkv_bias, proj_drop=drop_rate)
+                                       qkv_bias=qkv_bias, proj_drop=drop_rate, pad_mask=pad_mask)
             return swin_softmax_attention(dim, heads, softmax_window, j, qkv_bias,
-                                          attn_drop_rate, drop_rate)
+                                          attn_drop_rate, drop_rate, pad_mask)
 
         super().__init__(make_attention, arch, embed_dims, depths, num_heads, attn_types,
                          in_channels, patch_size, mlp_ratio, drop_rate, drop_path_rate,

@@ -55,8 +55,8 @@ class InLineAttention(QKVProjection):
         qkv_layout: ``'qkv'`` (one Linear split as [q | k | v], Swin/DeiT) or
             ``'q_kv'`` (a ``q`` Linear and a ``kv`` Linear split [k | v], PVT).
         window_size: None for global attention over the whole map; an int for
-            non-overlapping windows (the map is padded to a multiple and the
-            padding masked). A map no larger than the window is one window.
+            non-overlapping windows (the map is zero-padded to a multiple). A map no
+            larger than the window is one window.
         operator: the attention, ``'inline'`` (default), ``'linear'``
             (division-normalised, non-injective) or ``'softmax'`` (global), with
             the same parameters (ablations).
@@ -67,6 +67,9 @@ class InLineAttention(QKVProjection):
         local_residual: add the 3x3 local term (``residual.*`` parameters).
         qkv_bias: bias of the projections.
         proj_drop: dropout after the output projection.
+        pad_mask: in windows, the padding is masked out of the attention, the means and
+            the local term (True), or its tokens (zeros before the projections) take
+            part like any other (False, as MMDetection's Swin treats its padding).
 
     Shapes: ``forward(x: (B, H, W, C)) -> (B, H, W, C)``.
     """
@@ -81,7 +84,8 @@ class InLineAttention(QKVProjection):
                  impl: str = 'auto',
                  local_residual: bool = True,
                  qkv_bias: bool = True,
-                 proj_drop: float = 0.) -> None:
+                 proj_drop: float = 0.,
+                 pad_mask: bool = True) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f'dim {dim} is not divisible by num_heads {num_heads}')
@@ -93,6 +97,7 @@ class InLineAttention(QKVProjection):
         self.dim = dim
         self.num_heads = num_heads
         self.window_size = window_size
+        self.pad_mask = pad_mask
         self.operator = operator
         self.kernel = resolve_kernel(operator, kernel)
         self.impl = impl
@@ -200,7 +205,8 @@ class InLineAttention(QKVProjection):
         grid = RegionGrid(b, h, w, self.region(h, w), x.device)
         regions = grid.split(x)
         rb, rh, rw = regions.shape[:3]
-        out = self.attend_tokens(regions.reshape(rb, rh * rw, c), (rh, rw), grid.valid)
+        out = self.attend_tokens(regions.reshape(rb, rh * rw, c), (rh, rw),
+                                 grid.valid if self.pad_mask else None)
         return self.proj_drop(self.proj(grid.merge(out.view(rb, rh, rw, c))))
 
 
@@ -213,13 +219,13 @@ def relative_position_index(window_size: int) -> Tensor:
 
 
 def shifted_window_mask(hp: int, wp: int, h: int, w: int, window_size: int, shift: int,
-                        device: torch.device) -> Optional[Tensor]:
+                        device: torch.device, pad_mask: bool = True) -> Optional[Tensor]:
     """Additive ``(nW, ws*ws, ws*ws)`` mask for one (padded, rolled) map, or None.
 
-    -100 between tokens of different cyclic-shift regions (Swin's value) and
-    towards keys in the bottom/right padding; 0 elsewhere.
+    -100 between tokens of different cyclic-shift regions (Swin's value) and, with
+    ``pad_mask``, towards keys in the bottom/right padding; 0 elsewhere.
     """
-    if shift == 0 and (hp, wp) == (h, w) and not exporting():
+    if shift == 0 and (not pad_mask or (hp, wp) == (h, w)) and not exporting():
         return None
     region = torch.zeros(1, hp, wp, 1, device=device)
     if shift > 0:
@@ -228,23 +234,32 @@ def shifted_window_mask(hp: int, wp: int, h: int, w: int, window_size: int, shif
             for wsl in (slice(0, -window_size), slice(-window_size, -shift), slice(-shift, None)):
                 region[:, hs, wsl] = cnt
                 cnt += 1
-    # Padding is rolled with the map, so build it unrolled and roll it the same way.
-    pad = (~valid_mask(1, h, w, hp, wp, device))[..., None].float()
-    if shift > 0:
-        pad = torch.roll(pad, shifts=(-shift, -shift), dims=(1, 2))
     n = window_size * window_size
     region = window_partition(region, window_size).reshape(-1, n)
-    pad = window_partition(pad, window_size).reshape(-1, n)
-    mask = (region[:, None, :] != region[:, :, None]) | (pad[:, None, :] > 0)
+    mask = region[:, None, :] != region[:, :, None]
+    if pad_mask:
+        # Padding is rolled with the map, so build it unrolled and roll it the same way.
+        pad = (~valid_mask(1, h, w, hp, wp, device))[..., None].float()
+        if shift > 0:
+            pad = torch.roll(pad, shifts=(-shift, -shift), dims=(1, 2))
+        pad = window_partition(pad, window_size).reshape(-1, n)
+        mask = mask | (pad[:, None, :] > 0)
     return mask.float() * -100.0
 
 
 class WindowSoftmaxAttention(nn.Module):
     """Swin's (shifted) window softmax attention with relative position bias.
 
-    Any map size: the map is padded to a multiple of the window, the padding is
-    masked, and the cyclic-shift mask is built for the actual size. A map that
-    fits in one window is attended unshifted, as the reference does.
+    Any map size: the map is zero-padded at the bottom and right to a multiple of the
+    window and the cyclic-shift mask is built for the padded size. Two rules for the
+    padding (``pad_mask``):
+
+    * ``True``: the padded keys are masked, so a token's output does not depend on how
+      far the map is from a multiple of the window, and a map that fits in one window
+      is attended unshifted, as Swin's classifiers do.
+    * ``False``: every query attends the padded (zero) tokens and every other block is
+      shifted whatever the map's size, as MMDetection's Swin and the authors' Agent-Swin
+      detection and segmentation code compute it.
 
     Shapes: ``forward(x: (B, H, W, C)) -> (B, H, W, C)``. Parameters
     ``qkv``, ``proj``, ``relative_position_bias_table`` as in Swin.
@@ -257,7 +272,8 @@ class WindowSoftmaxAttention(nn.Module):
                  shift_size: int = 0,
                  qkv_bias: bool = True,
                  attn_drop: float = 0.,
-                 proj_drop: float = 0.) -> None:
+                 proj_drop: float = 0.,
+                 pad_mask: bool = True) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f'dim {dim} is not divisible by num_heads {num_heads}')
@@ -267,6 +283,7 @@ class WindowSoftmaxAttention(nn.Module):
         self.num_heads = num_heads
         self.window_size = window_size
         self.shift_size = shift_size
+        self.pad_mask = pad_mask
         self.attn_drop = attn_drop
         self.relative_position_bias_table = nn.Parameter(
             torch.zeros((2 * window_size - 1)**2, num_heads))
@@ -280,7 +297,7 @@ class WindowSoftmaxAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f'dim={self.dim}, num_heads={self.num_heads}, window={self.window_size}, '
-                f'shift={self.shift_size}')
+                f'shift={self.shift_size}, pad_mask={self.pad_mask}')
 
     def forward(self, x: Tensor) -> Tensor:
         check_map(self, x, self.dim)
@@ -290,6 +307,8 @@ class WindowSoftmaxAttention(nn.Module):
             return gathered(self.forward, x)
         h, w = x.shape[1:3]
         ws = self.window_size
+        if not self.pad_mask:  # the downstream rule: shifted at every size
+            return self.attend(x, self.shift_size)
         # A map within one window is attended unshifted. Under a dynamic export this
         # test is a guard: a size range on both sides of it fails the export (loudly).
         return self.attend(x, self.shift_size if (h > ws or w > ws) else 0)
@@ -314,7 +333,7 @@ class WindowSoftmaxAttention(nn.Module):
         q, k, v = qkv.reshape(3, b, nw * heads, n, c // heads).unbind(0)
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         bias = bias.view(n, n, heads).permute(2, 0, 1)  # heads, N, N
-        mask = shifted_window_mask(hp, wp, h, w, ws, shift, x.device)
+        mask = shifted_window_mask(hp, wp, h, w, ws, shift, x.device, self.pad_mask)
         bias = bias[None] + mask[:, None] if mask is not None else bias.expand(nw, -1, -1, -1)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias.reshape(nw * heads, n, n).to(q.dtype),

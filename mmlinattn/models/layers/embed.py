@@ -58,18 +58,24 @@ class ConvRows:
 
 
 class PatchEmbed(nn.Module):
-    """Strided convolution + LayerNorm: ``(B, C_in, H, W)`` -> ``(B, ceil(H/p), ceil(W/p), C)``.
+    """Strided convolution + LayerNorm: ``(B, C_in, H, W)`` -> ``(B, H', W', C)``.
 
-    Inputs whose sides are not multiples of the patch size are zero-padded at
-    the bottom/right first, so any size works. Parameters ``proj``, ``norm``
-    (``norm=False``: no normalisation, as ViT/DeiT).
+    Sides that are not multiples of the patch size ``p``: with ``remainder='pad'``
+    they are zero-padded at the bottom/right first (``H' = ceil(H / p)``, as Swin's and
+    MMDetection's patch embeddings); with ``'drop'`` the last ``H mod p`` rows and
+    columns are left out (``H' = floor(H / p)``, an unpadded strided convolution, as
+    PVT's released detection backbones). Parameters ``proj``, ``norm`` (``norm=False``:
+    no normalisation, as ViT/DeiT).
     """
 
     def __init__(self, in_channels: int, embed_dims: int, patch_size: int,
-                 norm_eps: float = 1e-5, norm: bool = True) -> None:
+                 norm_eps: float = 1e-5, norm: bool = True, remainder: str = 'pad') -> None:
         super().__init__()
+        if remainder not in ('pad', 'drop'):
+            raise ValueError(f"remainder must be 'pad' or 'drop', got {remainder!r}")
         self.in_channels = in_channels
         self.patch_size = patch_size
+        self.remainder = remainder
         self.proj = nn.Conv2d(in_channels, embed_dims, kernel_size=patch_size, stride=patch_size)
         self.norm = nn.LayerNorm(embed_dims, eps=norm_eps) if norm else nn.Identity()
 
@@ -79,7 +85,10 @@ class PatchEmbed(nn.Module):
                              f'{tuple(x.shape)} (check in_channels / the data pipeline)')
         p = self.patch_size
         h, w = x.shape[-2:]
-        if exporting() or h % p or w % p:  # the export graph pads at every size
+        if self.remainder == 'drop':
+            if exporting() or h % p or w % p:  # the export graph crops at every size
+                x = x[:, :, :h // p * p, :w // p * p]
+        elif exporting() or h % p or w % p:  # the export graph pads at every size
             x = F.pad(x, (0, ceil_to(w, p) - w, 0, ceil_to(h, p) - h))
         # Channels-last in, channels-last out: the (B, H, W, C) view of the result is
         # contiguous, so neither the convolution nor the norm copies a layout.
@@ -87,11 +96,13 @@ class PatchEmbed(nn.Module):
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
     def out_rows(self, x: Tensor) -> int:
-        """Output rows for an NCHW input ``x``: ``ceil(H / p)``."""
+        """Output rows for an NCHW input ``x``: ``ceil(H / p)`` (``floor`` with ``'drop'``)."""
         return self.rows_out(x.shape[2])
 
     def rows_out(self, height: int) -> int:
-        """Output rows for ``height`` input rows: ``ceil(H / p)``."""
+        """Output rows for ``height`` input rows: ``ceil(H / p)`` (``floor`` with ``'drop'``)."""
+        if self.remainder == 'drop':
+            return height // self.patch_size
         return -(-height // self.patch_size)
 
     @property
@@ -103,8 +114,10 @@ class PatchEmbed(nn.Module):
                      height: Optional[int] = None) -> Tensor:
         """Output rows ``[r0, r1)`` of ``forward(x)`` from input rows ``[r0 p, r1 p)``
         (chunked inference, spatial bands: ``x`` holds the rows from ``offset`` of a
-        ``height``-row input); ``(B, r1 - r0, ceil(W / p), C)``."""
+        ``height``-row input); ``(B, r1 - r0, W', C)``."""
         p = self.patch_size
+        if self.remainder == 'drop':
+            x = x[..., :x.shape[3] // p * p]
         out = conv2d_rows(self.proj, x, r0, r1, pad_right=ceil_to(x.shape[3], p) - x.shape[3],
                           channels_last=True, offset=offset, height=height)
         return self.norm(out.permute(0, 2, 3, 1))
