@@ -206,8 +206,10 @@ def measured(label: str, device: str, fn: Callable[[], Any]) -> tuple[Any, dict]
 KEEP_FREED_MEMORY = False
 
 
-def progress_bar(label: str, unit: str) -> Callable[[int, int], None]:
-    """``update(done, total)``: one line redrawn with the count, the rate and the time left."""
+def progress_bar(label: str, unit: str, pixels: int = 0) -> Callable[[int, int], None]:
+    """``update(done, total)``: one line redrawn with the count, the time left and, for a
+    job over ``pixels`` image pixels (each unit a share of them), the throughput in
+    Mpx/s."""
     start: list = []
 
     def update(done: int, total: int) -> None:
@@ -221,7 +223,10 @@ def progress_bar(label: str, unit: str) -> Callable[[int, int], None]:
         rate = (done - start[1]) / elapsed if elapsed > 0 else 0.0
         left = (total - done) / rate if rate > 0 else float('nan')
         end = '\n' if done >= total else ''
-        print(f'\r{label}: {done}/{total} {unit}, {elapsed:.0f} s, '
+        speed = ''
+        if pixels and elapsed > 0 and done > start[1]:
+            speed = f', {pixels / 1e6 * (done - start[1]) / total / elapsed:.3f} Mpx/s'
+        print(f'\r{label}: {done}/{total} {unit}, {elapsed:.0f} s{speed}, '
               f'{f"{left:.0f} s left" if left == left else "..."}   ', end=end, flush=True)
     return update
 
@@ -326,7 +331,8 @@ def _main(args: argparse.Namespace, li: Any, group: Any) -> dict:
             raise ValueError('--spill, --resume and --skip-background read the image by regions: '
                              'they need the chunked backbone and no --in-memory')
         image = None if by_regions else whole_image(reader)
-        tiles = progress_bar('neck and head', 'tiles')
+        share = h * w // (group.size if group is not None else 1)
+        tiles = progress_bar('neck and head', 'tiles', share)
         if by_regions:
             from mmlinattn.engine.large_files import FileOutputs, segment_file
             pyramid = args.out if args.out and is_pyramid_path(args.out) else None
@@ -337,7 +343,7 @@ def _main(args: argparse.Namespace, li: Any, group: Any) -> dict:
                 model, reader, outputs, chunk_tokens=chunk, tile=args.tile, halo=args.halo,
                 spill=args.spill, resume=args.resume, background=args.skip_background,
                 nodata=args.nodata, progress=tiles,
-                blocks_progress=progress_bar('backbone', 'blocks'), group=group,
+                blocks_progress=progress_bar('backbone', 'blocks', share), group=group,
                 settings=settings))
             for key in ('tissue', 'spill', 'resumed', 'write_s', 'viewer_page'):
                 if key in info:
@@ -458,12 +464,13 @@ def _detect_by_regions(args: argparse.Namespace, model: Any, reader: Any, group:
     print(f'  detection tiles: cores {tiling.tile} px, margin {tiling.margin} px (objects '
           f'reaching up to this far past a core are seen whole), halo {tiling.halo} px')
     settings = dict(config=osp.abspath(args.config), checkpoint=args.checkpoint)
+    share = reader.height * reader.width // (group.size if group is not None else 1)
     info, stats = measured('whole-image detection (global backbone, tiled heads)', args.device,
                            lambda: detect_file(
         model, reader, args.outs, chunk_tokens=args.chunk_tokens, tiling=tiling,
         spill=args.spill, resume=args.resume, background=args.skip_background,
-        progress=progress_bar('neck and heads', 'tiles'),
-        blocks_progress=progress_bar('backbone', 'blocks'), settings=settings,
+        progress=progress_bar('neck and heads', 'tiles', share),
+        blocks_progress=progress_bar('backbone', 'blocks', share), settings=settings,
         keep_objects='whole' in args.compare, group=group, viewer=args.viewer))
     stats.update(info)
     if group is not None and not group.first:

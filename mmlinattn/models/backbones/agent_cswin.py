@@ -139,10 +139,13 @@ class AgentCSwin(CSwinBackbone):
                 return [AgentCSwinBranch(dim, heads, agents[i], (side, side), shapes[i])]
             return stripe_branches(dim, heads, split_size, last_stage, attn_impl, pad_mask)
 
-        super().__init__(make_branches, arch, embed_dims, depths, num_heads, attn_types,
-                         in_channels, mlp_ratio, qkv_bias, drop_rate, drop_path_rate,
-                         out_indices, out_norm, frozen_stages, with_cp, chunk_tokens, pretrained,
-                         init_cfg)
+        super().__init__(make_branches=make_branches, arch=arch, embed_dims=embed_dims,
+                         depths=depths, num_heads=num_heads, attn_types=attn_types,
+                         in_channels=in_channels, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                         drop_rate=drop_rate, drop_path_rate=drop_path_rate,
+                         out_indices=out_indices, out_norm=out_norm, frozen_stages=frozen_stages,
+                         with_cp=with_cp, chunk_tokens=chunk_tokens, pretrained=pretrained,
+                         init_cfg=init_cfg)
 
 
 class AgentCSwinClassifier(ClassifierHead, AgentCSwin):

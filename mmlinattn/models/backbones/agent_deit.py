@@ -100,9 +100,11 @@ class AgentDeiT(DeiTBackbone):
                                       qkv_bias, drop_rate, prefix_tokens=True)
             return GlobalSoftmaxAttention(dim, heads, qkv_bias, drop_rate)
 
-        super().__init__(make_attention, setting, in_channels, patch_size, mlp_ratio, drop_rate,
-                         drop_path_rate, out_indices, pyramid, out_norm, frozen_stages, with_cp,
-                         chunk_tokens, pretrained, init_cfg)
+        super().__init__(make_attention=make_attention, setting=setting, in_channels=in_channels,
+                         patch_size=patch_size, mlp_ratio=mlp_ratio, drop_rate=drop_rate,
+                         drop_path_rate=drop_path_rate, out_indices=out_indices, pyramid=pyramid,
+                         out_norm=out_norm, frozen_stages=frozen_stages, with_cp=with_cp,
+                         chunk_tokens=chunk_tokens, pretrained=pretrained, init_cfg=init_cfg)
 
 
 class AgentDeiTClassifier(DeiTClassifierHead, AgentDeiT):

@@ -83,9 +83,13 @@ class AgentPVT(PVTBackbone):
             return AgentAttention(dim, heads, agents[i], (side, side), shapes[i], kernel_size,
                                   qkv_bias, drop_rate, qkv_layout='q_kv')
 
-        super().__init__(make_attention, arch, embed_dims, depths, num_heads, mlp_ratios,
-                         in_channels, pretrain_img_size, drop_rate, drop_path_rate, out_indices,
-                         out_norm, frozen_stages, with_cp, chunk_tokens, pretrained, init_cfg)
+        super().__init__(make_attention=make_attention, arch=arch, embed_dims=embed_dims,
+                         depths=depths, num_heads=num_heads, mlp_ratios=mlp_ratios,
+                         in_channels=in_channels, pretrain_img_size=pretrain_img_size,
+                         drop_rate=drop_rate, drop_path_rate=drop_path_rate,
+                         out_indices=out_indices, out_norm=out_norm, frozen_stages=frozen_stages,
+                         with_cp=with_cp, chunk_tokens=chunk_tokens, pretrained=pretrained,
+                         init_cfg=init_cfg)
 
 
 class AgentPVTClassifier(ClassifierHead, AgentPVT):

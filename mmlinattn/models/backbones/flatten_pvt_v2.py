@@ -78,9 +78,12 @@ class FLattenPVTv2(PVTv2Backbone):
             return FocusedLinearAttention(dim, heads, (side, side), focusing_factor,
                                           kernel_size, qkv_bias, drop_rate, qkv_layout='q_kv')
 
-        super().__init__(make_attention, arch, embed_dims, depths, num_heads, mlp_ratios,
-                         in_channels, drop_rate, drop_path_rate, out_indices, frozen_stages,
-                         with_cp, chunk_tokens, pretrained, init_cfg)
+        super().__init__(make_attention=make_attention, arch=arch, embed_dims=embed_dims,
+                         depths=depths, num_heads=num_heads, mlp_ratios=mlp_ratios,
+                         in_channels=in_channels, drop_rate=drop_rate,
+                         drop_path_rate=drop_path_rate, out_indices=out_indices,
+                         frozen_stages=frozen_stages, with_cp=with_cp, chunk_tokens=chunk_tokens,
+                         pretrained=pretrained, init_cfg=init_cfg)
 
 
 class FLattenPVTv2Classifier(ClassifierHead, FLattenPVTv2):

@@ -88,10 +88,13 @@ class FLattenSwin(SwinBackbone):
             return swin_softmax_attention(dim, heads, softmax_window, j, qkv_bias,
                                           attn_drop_rate, drop_rate, pad_mask)
 
-        super().__init__(make_attention, arch, embed_dims, depths, num_heads, attn_types,
-                         in_channels, patch_size, mlp_ratio, drop_rate, drop_path_rate,
-                         out_indices, out_norm, frozen_stages, with_cp, chunk_tokens, pretrained,
-                         init_cfg)
+        super().__init__(make_attention=make_attention, arch=arch, embed_dims=embed_dims,
+                         depths=depths, num_heads=num_heads, attn_types=attn_types,
+                         in_channels=in_channels, patch_size=patch_size, mlp_ratio=mlp_ratio,
+                         drop_rate=drop_rate, drop_path_rate=drop_path_rate,
+                         out_indices=out_indices, out_norm=out_norm, frozen_stages=frozen_stages,
+                         with_cp=with_cp, chunk_tokens=chunk_tokens, pretrained=pretrained,
+                         init_cfg=init_cfg)
 
 
 class FLattenSwinClassifier(ClassifierHead, FLattenSwin):

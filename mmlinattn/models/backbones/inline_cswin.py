@@ -318,6 +318,7 @@ class CSwinBackbone(InLineBackbone):
 
     def __init__(self,
                  make_branches: BranchFactory,
+                 *,
                  arch: Union[str, dict],
                  embed_dims: Optional[int],
                  depths: Optional[Sequence[int]],
@@ -339,8 +340,9 @@ class CSwinBackbone(InLineBackbone):
                                     num_heads=num_heads, attn_types=attn_types)
         depths = tuple(setting['depths'])
         heads = tuple(setting['num_heads'])
-        super().__init__(len(depths), out_indices, out_norm, frozen_stages, with_cp, pretrained,
-                         init_cfg, chunk_tokens)
+        super().__init__(len(depths), out_indices=out_indices, out_norm=out_norm,
+                         frozen_stages=frozen_stages, with_cp=with_cp, pretrained=pretrained,
+                         init_cfg=init_cfg, chunk_tokens=chunk_tokens)
         letters = parse_attn_types(setting['attn_types'], depths, self.attn_letters)
         dims = [setting['embed_dims'] * 2**i for i in range(self.num_stages)]
         self.num_features = dims
@@ -447,10 +449,13 @@ class InLineCSwin(CSwinBackbone):
                                     pad_mask=pad_mask)]
             return stripe_branches(dim, heads, split_size, last_stage, attn_impl, pad_mask)
 
-        super().__init__(make_branches, arch, embed_dims, depths, num_heads, attn_types,
-                         in_channels, mlp_ratio, qkv_bias, drop_rate, drop_path_rate,
-                         out_indices, out_norm, frozen_stages, with_cp, chunk_tokens, pretrained,
-                         init_cfg)
+        super().__init__(make_branches=make_branches, arch=arch, embed_dims=embed_dims,
+                         depths=depths, num_heads=num_heads, attn_types=attn_types,
+                         in_channels=in_channels, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                         drop_rate=drop_rate, drop_path_rate=drop_path_rate,
+                         out_indices=out_indices, out_norm=out_norm, frozen_stages=frozen_stages,
+                         with_cp=with_cp, chunk_tokens=chunk_tokens, pretrained=pretrained,
+                         init_cfg=init_cfg)
 
 
 class InLineCSwinClassifier(ClassifierHead, InLineCSwin):

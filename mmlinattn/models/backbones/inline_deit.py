@@ -117,6 +117,7 @@ class DeiTBackbone(InLineBackbone):
 
     def __init__(self,
                  make_attention: DeiTAttentionFactory,
+                 *,
                  setting: dict,
                  in_channels: int,
                  patch_size: int,
@@ -132,8 +133,9 @@ class DeiTBackbone(InLineBackbone):
                  pretrained: Optional[str],
                  init_cfg: Optional[Union[dict, list]]) -> None:
         depth, dim = setting['depth'], setting['embed_dims']
-        super().__init__(depth, out_indices, out_norm, frozen_stages, with_cp, pretrained,
-                         init_cfg, chunk_tokens)
+        super().__init__(num_stages=depth, out_indices=out_indices, out_norm=out_norm,
+                         frozen_stages=frozen_stages, with_cp=with_cp, pretrained=pretrained,
+                         init_cfg=init_cfg, chunk_tokens=chunk_tokens)
         if pyramid and len(self.out_indices) != 4:
             raise ValueError(f'pyramid=True needs four out_indices (strides 4-32), got '
                              f'{self.out_indices}')
@@ -272,9 +274,11 @@ class InLineDeiT(DeiTBackbone):
                                    kernel=kernel, impl=attn_impl, qkv_bias=qkv_bias,
                                    proj_drop=drop_rate)
 
-        super().__init__(make_attention, setting, in_channels, patch_size, mlp_ratio, drop_rate,
-                         drop_path_rate, out_indices, pyramid, out_norm, frozen_stages, with_cp,
-                         chunk_tokens, pretrained, init_cfg)
+        super().__init__(make_attention=make_attention, setting=setting, in_channels=in_channels,
+                         patch_size=patch_size, mlp_ratio=mlp_ratio, drop_rate=drop_rate,
+                         drop_path_rate=drop_path_rate, out_indices=out_indices, pyramid=pyramid,
+                         out_norm=out_norm, frozen_stages=frozen_stages, with_cp=with_cp,
+                         chunk_tokens=chunk_tokens, pretrained=pretrained, init_cfg=init_cfg)
 
 
 class DeiTClassifierHead(ClassifierHead):

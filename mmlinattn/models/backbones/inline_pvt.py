@@ -76,6 +76,7 @@ class PVTBackbone(InLineBackbone):
 
     def __init__(self,
                  make_attention: PVTAttentionFactory,
+                 *,
                  arch: Union[str, dict],
                  embed_dims: Optional[Sequence[int]],
                  depths: Optional[Sequence[int]],
@@ -98,8 +99,9 @@ class PVTBackbone(InLineBackbone):
         depths = tuple(setting['depths'])
         heads = tuple(setting['num_heads'])
         ratios = tuple(setting['mlp_ratios'])
-        super().__init__(len(depths), out_indices, out_norm, frozen_stages, with_cp, pretrained,
-                         init_cfg, chunk_tokens)
+        super().__init__(len(depths), out_indices=out_indices, out_norm=out_norm,
+                         frozen_stages=frozen_stages, with_cp=with_cp, pretrained=pretrained,
+                         init_cfg=init_cfg, chunk_tokens=chunk_tokens)
         self.num_features = list(dims)
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         self.pos_grids = []
@@ -217,9 +219,13 @@ class InLinePVT(PVTBackbone):
                                    operator=inline_operator, kernel=kernel, impl=attn_impl,
                                    qkv_bias=qkv_bias, proj_drop=drop_rate)
 
-        super().__init__(make_attention, arch, embed_dims, depths, num_heads, mlp_ratios,
-                         in_channels, pretrain_img_size, drop_rate, drop_path_rate, out_indices,
-                         out_norm, frozen_stages, with_cp, chunk_tokens, pretrained, init_cfg)
+        super().__init__(make_attention=make_attention, arch=arch, embed_dims=embed_dims,
+                         depths=depths, num_heads=num_heads, mlp_ratios=mlp_ratios,
+                         in_channels=in_channels, pretrain_img_size=pretrain_img_size,
+                         drop_rate=drop_rate, drop_path_rate=drop_path_rate,
+                         out_indices=out_indices, out_norm=out_norm, frozen_stages=frozen_stages,
+                         with_cp=with_cp, chunk_tokens=chunk_tokens, pretrained=pretrained,
+                         init_cfg=init_cfg)
 
 
 class InLinePVTClassifier(ClassifierHead, InLinePVT):

@@ -113,6 +113,7 @@ class SwinBackbone(StagedBackbone):
 
     def __init__(self,
                  make_attention: AttentionFactory,
+                 *,
                  arch: Union[str, dict],
                  embed_dims: Optional[int],
                  depths: Optional[Sequence[int]],
@@ -134,8 +135,9 @@ class SwinBackbone(StagedBackbone):
                                     num_heads=num_heads, attn_types=attn_types)
         depths = tuple(setting['depths'])
         num_heads = tuple(setting['num_heads'])
-        super().__init__(len(depths), out_indices, out_norm, frozen_stages, with_cp, pretrained,
-                         init_cfg, chunk_tokens)
+        super().__init__(len(depths), out_indices=out_indices, out_norm=out_norm,
+                         frozen_stages=frozen_stages, with_cp=with_cp, pretrained=pretrained,
+                         init_cfg=init_cfg, chunk_tokens=chunk_tokens)
         letters = parse_attn_types(setting['attn_types'], depths, self.attn_letters)
         dims = [setting['embed_dims'] * 2**i for i in range(self.num_stages)]
         self.embed_dims = setting['embed_dims']
@@ -230,10 +232,13 @@ class InLineSwin(SwinBackbone):
             return swin_softmax_attention(dim, heads, softmax_window, j, qkv_bias,
                                           attn_drop_rate, drop_rate, pad_mask)
 
-        super().__init__(make_attention, arch, embed_dims, depths, num_heads, attn_types,
-                         in_channels, patch_size, mlp_ratio, drop_rate, drop_path_rate,
-                         out_indices, out_norm, frozen_stages, with_cp, chunk_tokens, pretrained,
-                         init_cfg)
+        super().__init__(make_attention=make_attention, arch=arch, embed_dims=embed_dims,
+                         depths=depths, num_heads=num_heads, attn_types=attn_types,
+                         in_channels=in_channels, patch_size=patch_size, mlp_ratio=mlp_ratio,
+                         drop_rate=drop_rate, drop_path_rate=drop_path_rate,
+                         out_indices=out_indices, out_norm=out_norm, frozen_stages=frozen_stages,
+                         with_cp=with_cp, chunk_tokens=chunk_tokens, pretrained=pretrained,
+                         init_cfg=init_cfg)
 
 
 class InLineSwinClassifier(ClassifierHead, InLineSwin):

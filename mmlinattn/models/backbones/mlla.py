@@ -88,8 +88,9 @@ class MLLA(StagedBackbone):
                                     num_heads=num_heads)
         depths = tuple(setting['depths'])
         heads = tuple(setting['num_heads'])
-        super().__init__(len(depths), out_indices, out_norm, frozen_stages, with_cp, pretrained,
-                         init_cfg, chunk_tokens)
+        super().__init__(len(depths), out_indices=out_indices, out_norm=out_norm,
+                         frozen_stages=frozen_stages, with_cp=with_cp, pretrained=pretrained,
+                         init_cfg=init_cfg, chunk_tokens=chunk_tokens)
         dims = [setting['embed_dims'] * 2**i for i in range(self.num_stages)]
         self.num_features = dims
         self.patch_embed = MLLAStem(in_channels, dims[0])

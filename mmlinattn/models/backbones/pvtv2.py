@@ -142,6 +142,7 @@ class PVTv2Backbone(InLineBackbone):
 
     def __init__(self,
                  make_attention: PVTv2AttentionFactory,
+                 *,
                  arch: Union[str, dict],
                  embed_dims: Optional[Sequence[int]],
                  depths: Optional[Sequence[int]],
@@ -162,8 +163,9 @@ class PVTv2Backbone(InLineBackbone):
         depths = tuple(setting['depths'])
         heads = tuple(setting['num_heads'])
         ratios = tuple(setting['mlp_ratios'])
-        super().__init__(len(depths), out_indices, False, frozen_stages, with_cp, pretrained,
-                         init_cfg, chunk_tokens)
+        super().__init__(len(depths), out_indices=out_indices, out_norm=False,
+                         frozen_stages=frozen_stages, with_cp=with_cp, pretrained=pretrained,
+                         init_cfg=init_cfg, chunk_tokens=chunk_tokens)
         self.num_features = list(dims)
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         for i in range(self.num_stages):

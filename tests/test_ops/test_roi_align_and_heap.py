@@ -1,0 +1,73 @@
+"""RoIAlign over all cores equals mmcv's, bit for bit; the heap policy of the large-image
+tool keeps freed memory and gives it back when asked."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from mmlinattn.ops.roi_align import MIN_ROIS_PER_THREAD, threaded_roi_align
+
+
+def _rois(n: int, size: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=g) * (size * 1.2) - size * 0.1  # some outside the map
+    wh = torch.rand(n, 2, generator=g) * size * 0.5 + 0.5
+    batch = torch.randint(0, 2, (n, 1), generator=g).float()
+    return torch.cat([batch, xy, xy + wh], 1)
+
+
+@pytest.mark.parametrize('aligned', [True, False])
+@pytest.mark.parametrize('sampling_ratio', [0, 2])
+def test_threaded_roi_align_is_mmcv_roi_align(aligned, sampling_ratio):
+    from mmcv.ops import roi_align
+
+    feats = torch.randn(2, 8, 24, 32)
+    rois = _rois(3 * MIN_ROIS_PER_THREAD + 5, 128, 0)
+    want = roi_align(feats, rois, (7, 7), 0.25, sampling_ratio, 'avg', aligned)
+    got = threaded_roi_align(feats, rois, (7, 7), 0.25, sampling_ratio, aligned, threads=3)
+    assert torch.equal(got, want)
+
+
+def test_threaded_roi_pooling_takes_over_and_restores():
+    from mmcv.ops import RoIAlign
+
+    from mmlinattn.engine.tiled_detection import threaded_roi_pooling
+
+    model = torch.nn.ModuleDict(dict(avg=RoIAlign((7, 7), 0.25, 0),
+                                     max=RoIAlign((7, 7), 0.25, 0, pool_mode='max')))
+    feats, rois = torch.randn(2, 4, 16, 16), _rois(200, 64, 1)
+    want = model['avg'](feats, rois)
+    with threaded_roi_pooling(model) as taken:
+        assert taken == 1  # max pooling is not torchvision's: left as it is
+        assert 'forward' in vars(model['avg'])
+        assert torch.equal(model['avg'](feats, rois), want)
+    assert 'forward' not in vars(model['avg'])
+
+
+def test_heap_keeps_and_trims_freed_memory():
+    """In a process of its own (the policy is process-wide): 256 MiB freed stay in the
+    heap (free chunks, not returned), and a trim above 64 MiB gives them back."""
+    code = textwrap.dedent('''
+        import ctypes
+        from mmlinattn.utils.heap import _libc, keep_freed_memory, trim_freed_memory
+        if _libc() is None:
+            print('SKIP'); raise SystemExit
+        assert keep_freed_memory()
+        import torch
+        t = torch.ones(64 * 2**20)  # 256 MiB
+        del t
+        free = _libc().mallinfo2().fordblks
+        assert free >= 255 * 2**20, free
+        assert not trim_freed_memory(keep_bytes=2**40)
+        assert trim_freed_memory(keep_bytes=64 * 2**20)
+        print('OK', free)
+    ''')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    if out.stdout.startswith('SKIP'):
+        pytest.skip('not glibc >= 2.33')
+    assert out.stdout.startswith('OK')
