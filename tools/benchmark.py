@@ -121,6 +121,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    'faulted in again each call (by default workers keep them, for every '
                    'contender alike)')
     p.add_argument('--no-plots', action='store_true')
+    p.add_argument('--no-ceiling', action='store_true',
+                   help="skip measuring this machine's fp32/bf16 GEMM ceiling and memory "
+                        'bandwidth (by default measured first and every case reported '
+                        'against it)')
     p.add_argument('--out-dir', help='default work_dirs/benchmark/<timestamp>')
     return p.parse_args(argv)
 
@@ -187,11 +191,16 @@ def main(argv: list[str] | None = None) -> int:
         total = sum(len(s.contenders) * len(s.sizes) * (2 if s.with_cp == 'both' else 1)
                     for s in sweeps)
         bar, update = _progress_printer(total)
+        ceiling = None
+        if not args.no_ceiling:  # the machine's limit, in the same run as the cases
+            from mmlinattn.benchmark.ceiling import measure_ceiling
+            ceiling = measure_ceiling(args.device, args.threads)
         runs = []
         with bar:
             for sweep in sweeps:
                 runs.append((sweep, run_sweep(sweep, progress=update)))
-        write_outputs(runs, out_dir, make_plots=not args.no_plots, comparisons=COMPARISONS)
+        write_outputs(runs, out_dir, make_plots=not args.no_plots, comparisons=COMPARISONS,
+                      ceiling=ceiling)
     with open(osp.join(out_dir, 'results.md')) as f:
         print(f.read())
     print(f'results: {os.path.abspath(out_dir)}')

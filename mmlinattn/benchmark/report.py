@@ -10,7 +10,8 @@ from typing import Any, Optional
 
 from .runner import FAILED, SweepConfig, environment
 
-__all__ = ['tables', 'ratios', 'plot', 'max_size_table', 'write_outputs', 'verdict']
+__all__ = ['tables', 'ratios', 'plot', 'max_size_table', 'write_outputs', 'verdict',
+           'achieved', 'roofline_table', 'ceiling_line']
 
 
 def _cell(case: dict) -> str:
@@ -90,6 +91,49 @@ def tables(results: list[dict], meta: dict) -> str:
     if notes:
         lines.append('\n**Notes**\n')
         lines.extend(notes)
+    return '\n'.join(lines)
+
+
+def achieved(case: dict, ceiling: Optional[dict]) -> Optional[tuple[float, float]]:
+    """A case's achieved GFLOP/s (its counted FLOPs over its median time) and that as a
+    share of the GEMM ceiling of its dtype; None without FLOPs or a ceiling."""
+    if not ceiling or case.get('status') != 'ok' or 'gflops' not in case:
+        return None
+    peak = ceiling.get(f"{case.get('dtype', 'fp32')}_gflops")
+    if not peak:
+        return None
+    rate = case['gflops'] / (case['latency_ms'] / 1e3)
+    return rate, rate / peak
+
+
+def ceiling_line(ceiling: dict) -> str:
+    """The measured ceiling in one sentence."""
+    bf16 = (f"bf16 {ceiling['bf16_gflops']:.0f} GFLOP/s"
+            + ('' if ceiling.get('bf16_native', True) else ' (emulated: this CPU has no '
+               'bfloat16 instructions)'))
+    return (f"This machine's ceiling, measured in this run ({ceiling['gemm_n']}^3 matrix "
+            f"products, {ceiling['threads']} threads): fp32 {ceiling['fp32_gflops']:.0f} "
+            f"GFLOP/s, {bf16}; memory bandwidth {ceiling['bandwidth_gbs']:.1f} GB/s (a copy).")
+
+
+def roofline_table(results: list[dict], meta: dict, ceiling: dict) -> str:
+    """Achieved GFLOP/s of each case and its share of the ceiling of the run's dtype."""
+    sizes = sorted({c['size'] for c in results})
+    names = list(dict.fromkeys(c['contender'] for c in results))
+    by = {(c['contender'], c['size']): c for c in results}
+    unit = 'tokens per side' if meta['level'] == 'attention' else 'px'
+    lines = [f"\n**Achieved GFLOP/s (share of the {meta['dtype']} GEMM ceiling, "
+             f"{ceiling[meta['dtype'] + '_gflops']:.0f} GFLOP/s)**\n",
+             '| contender | ' + ' | '.join(f'{s} {unit}' for s in sizes) + ' |',
+             '|---|' + '---|' * len(sizes)]
+    for n in names:
+        cells = []
+        for s in sizes:
+            got = achieved(dict(by[(n, s)], dtype=meta['dtype']), ceiling) \
+                if (n, s) in by else None
+            cells.append('' if (n, s) not in by else '-' if got is None
+                         else f'{got[0]:.0f} ({got[1]:.0%})')
+        lines.append(f'| {n} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
 
@@ -188,11 +232,13 @@ def _gib(mib: float) -> str:
     return f'{mib / 1024:.2f} GiB' if mib >= 1024 else f'{mib:.0f} MiB'
 
 
-def verdict(results: list[dict], pairs: list[tuple[str, str]]) -> Optional[str]:
-    """Two or three sentences computed from one sweep's results: the largest size where
-    every contender ran, each (ours, theirs) pair's speed and memory ratios there, and
-    how each pair's time grew from the size before (per 4x pixels). None when no pair
-    of ``pairs`` ran at a common size."""
+def verdict(results: list[dict], pairs: list[tuple[str, str]],
+            ceiling: Optional[dict] = None, dtype: str = 'fp32') -> Optional[str]:
+    """Two to four sentences computed from one sweep's results: the largest size where
+    every contender ran, each (ours, theirs) pair's speed and memory ratios there, how
+    each pair's time grew from the size before (per 4x pixels) and, with the machine's
+    ``ceiling``, how far each pair is from the ``dtype`` GEMM ceiling there. None when no
+    pair of ``pairs`` ran at a common size."""
     ok = {(c['contender'], c['size']): c for c in results if c.get('status') == 'ok'}
     names = list(dict.fromkeys(c['contender'] for c in results))
     sizes = sorted({c['size'] for c in results})
@@ -212,7 +258,7 @@ def verdict(results: list[dict], pairs: list[tuple[str, str]]) -> Optional[str]:
     head = (f'At {size} {unit}, the largest size where every contender ran'
             if size in complete else f'At {size} {unit} (not every contender ran at any '
             f'size: {", ".join(failed)})')
-    parts, growth = [], []
+    parts, growth, limits = [], [], []
     for a, b in present:
         if (a, size) not in ok or (b, size) not in ok:
             continue
@@ -225,6 +271,10 @@ def verdict(results: list[dict], pairs: list[tuple[str, str]]) -> Optional[str]:
             text += (f" and held {_gib(ca['peak_mem_mib'])} against {_gib(cb['peak_mem_mib'])} "
                      f"({mem:.1f}x {'less' if mem >= 1 else 'more'})")
         parts.append(text)
+        shares = [(n, achieved(dict(c, dtype=dtype), ceiling)) for n, c in ((a, ca), (b, cb))]
+        if all(got is not None for _, got in shares):
+            limits.append(' and '.join(f'{n} {got[0]:.0f} GFLOP/s ({got[1]:.0%})'
+                                       for n, got in shares))
         if 'growth' in ca and 'growth' in cb:
             px = ca['pixel_growth']
             growth.append(f"{a} {ca['growth']:.1f}x, {b} {cb['growth']:.1f}x"
@@ -236,6 +286,10 @@ def verdict(results: list[dict], pairs: list[tuple[str, str]]) -> Optional[str]:
         prev = max(s for s in sizes if s < size)
         lines.append(f'From {prev} to {size} {unit} (4x the pixels) the time grew: '
                      + '; '.join(growth) + '.')
+    if limits:
+        lines.append(f"Against this machine's {dtype} GEMM ceiling "
+                     f"({ceiling[dtype + '_gflops']:.0f} GFLOP/s, measured in the same run) "
+                     f'at {size} {unit}: ' + '; '.join(limits) + '.')
     if failed and size in complete:
         lines.append('Did not run: ' + ', '.join(failed) + '.')
     return ' '.join(lines)
@@ -243,11 +297,14 @@ def verdict(results: list[dict], pairs: list[tuple[str, str]]) -> Optional[str]:
 
 def write_outputs(runs: list[tuple[SweepConfig, list[dict]]], out_dir: str,
                   make_plots: bool = True, comparisons: Optional[list] = None,
-                  max_sizes: Optional[tuple[SweepConfig, list[dict]]] = None) -> dict:
+                  max_sizes: Optional[tuple[SweepConfig, list[dict]]] = None,
+                  ceiling: Optional[dict] = None) -> dict:
     """``results.json``, ``results.md`` and the plots in ``out_dir``; returns the JSON.
 
     ``max_sizes``: the configuration and results of a max-size search, written as
-    their own table and JSON entry.
+    their own table and JSON entry. ``ceiling``: the machine's measured GEMM ceiling and
+    bandwidth (:func:`~.ceiling.measure_ceiling`): each run gets a table of achieved
+    FLOP/s against it, and the verdict says how far the pairs are from it.
     """
     os.makedirs(out_dir, exist_ok=True)
     doc: dict[str, Any] = dict(
@@ -255,8 +312,11 @@ def write_outputs(runs: list[tuple[SweepConfig, list[dict]]], out_dir: str,
         environment=environment(), runs=[])
     md = [f"# Benchmark {doc['created']}\n", '```', json.dumps(doc['environment'], indent=1),
           '```']
+    if ceiling:
+        doc['ceiling'] = ceiling
+        md.append('\n' + ceiling_line(ceiling))
     verdicts = [v for cfg, results in runs if comparisons and cfg.mode == 'infer'
-                for v in [verdict(results, comparisons)] if v]
+                for v in [verdict(results, comparisons, ceiling, cfg.dtype)] if v]
     if verdicts:  # first: what the run shows, computed from it
         doc['verdict'] = verdicts
         md[1:1] = ['**Verdict.** ' + ' '.join(verdicts) + '\n']
@@ -269,6 +329,9 @@ def write_outputs(runs: list[tuple[SweepConfig, list[dict]]], out_dir: str,
         md.append(f"\n## {cfg.level} level, {'training' if cfg.mode == 'train' else 'inference'} "
                   f"({cfg.device}, {cfg.dtype}{', compiled' if cfg.compile else ''})\n")
         md.append(tables(results, meta))
+        if ceiling and meta.get('mode', 'infer') == 'infer' and any('gflops' in c
+                                                                    for c in results):
+            md.append(roofline_table(results, meta, ceiling))
         if comparisons:
             cmp = ratios(results, comparisons)
             if cmp:

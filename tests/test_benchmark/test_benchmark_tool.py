@@ -38,6 +38,9 @@ def test_cli_writes_json_markdown_and_plots(tmp_path):
     md = (out / 'results.md').read_text()
     assert '**Latency, ms' in md and '| inline |' in md and 'inline / softmax' in md
     assert '**GFLOPs' in md and 'heap in use' in md
+    # The machine's ceiling, measured in the same run, and every case against it.
+    assert doc['ceiling']['fp32_gflops'] > 0 and doc['ceiling']['bf16_gflops'] > 0
+    assert "This machine's ceiling" in md and '**Achieved GFLOP/s' in md
     assert 'results:' in proc.stdout
 
 

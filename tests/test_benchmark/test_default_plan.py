@@ -111,3 +111,36 @@ def test_help_opens_with_the_default_run_and_its_time() -> None:
                          check=True).stdout.splitlines()
     head = ' '.join(out[:6])
     assert 'default run' in head and '512, 1024 and 2048 px' in head and 'minutes' in head
+
+
+def test_achieved_flops_against_the_measured_ceiling(tmp_path) -> None:
+    """Every case's FLOP/s as a share of its dtype's GEMM ceiling: in a table of each
+    run and in the verdict, computed from the counted FLOPs and the median time."""
+    from mmlinattn.benchmark.ceiling import measure_ceiling
+    from mmlinattn.benchmark.report import achieved
+
+    results = _results()
+    for c in results:  # 10 GFLOP a call at 2048 px, a quarter per halving
+        c['gflops'] = 10.0 / 4 ** (2048 // c['size'] - 1) if c['size'] > 512 else 0.625
+    ceiling = dict(device='cpu', threads=2, gemm_n=2048, fp32_gflops=100.0, bf16_gflops=600.0,
+                   bf16_native=True, bandwidth_gbs=20.0)
+    case = next(c for c in results if c['contender'] == 'inline-pvt-s' and c['size'] == 2048)
+    rate, share = achieved(case, ceiling)
+    assert rate == pytest.approx(10.0 / 1.7) and share == pytest.approx(rate / 100.0)
+    assert achieved(dict(case, dtype='bf16'), ceiling)[1] == pytest.approx(rate / 600.0)
+    text = verdict(results, PAIRS, ceiling, 'fp32')
+    assert "Against this machine's fp32 GEMM ceiling (100 GFLOP/s" in text
+    assert f'inline-pvt-s {rate:.0f} GFLOP/s ({share:.0%})' in text
+    cfg = runner.SweepConfig(level='backbone', contenders=[], sizes=[512, 1024, 2048])
+    doc = write_outputs([(cfg, results)], str(tmp_path), make_plots=False, comparisons=PAIRS,
+                        ceiling=ceiling)
+    md = (tmp_path / 'results.md').read_text()
+    assert doc['ceiling'] == ceiling and "This machine's ceiling" in md
+    assert '**Achieved GFLOP/s (share of the fp32 GEMM ceiling, 100 GFLOP/s)**' in md
+    assert '| inline-pvt-s | ' in md and f'{rate:.0f} ({share:.0%})' in md
+    # The measurement itself, small: positive figures, the threads restored.
+    import torch
+    threads = torch.get_num_threads()
+    small = measure_ceiling('cpu', threads=1, n=128, copy_bytes=2**20)
+    assert small['fp32_gflops'] > 0 and small['bf16_gflops'] > 0 and small['bandwidth_gbs'] > 0
+    assert small['threads'] == 1 and torch.get_num_threads() == threads
