@@ -150,7 +150,6 @@ class InLineBackbone(BaseModule):
 
     def __init__(self,
                  num_stages: int,
-                 *,
                  out_indices: Sequence[int] = (0, 1, 2, 3),
                  out_norm: bool = True,
                  frozen_stages: int = -1,
