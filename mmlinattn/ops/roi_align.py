@@ -8,6 +8,7 @@ a gigapixel image pools thousands of proposals, most of a tile's head time on on
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -18,15 +19,11 @@ __all__ = ['threaded_roi_align']
 #: Fewer regions than this a thread are not worth a thread.
 MIN_ROIS_PER_THREAD = 64
 
-_POOL: Optional[concurrent.futures.ThreadPoolExecutor] = None
 
-
+@functools.cache
 def _pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None or _POOL._max_workers < threads:
-        _POOL = concurrent.futures.ThreadPoolExecutor(threads,
-                                                      thread_name_prefix='roi-align')
-    return _POOL
+    """One pool per thread count, kept for the process (a tile pools many times)."""
+    return concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix='roi-align')
 
 
 def threaded_roi_align(feats: Tensor, rois: Tensor, output_size: Sequence[int],
