@@ -105,11 +105,6 @@ def test_the_two_padding_rules_differ():
     assert (masked - attended).abs().max() > 1e-3
 
 
-def _block_kwargs(cfg: dict) -> dict:
-    return dict(dim=cfg['dim'], num_heads=cfg['num_heads'], window_size=cfg['window'],
-                shift_size=cfg['shift'])
-
-
 @pytest.mark.parametrize('key', ['agent_swin_window_block_5x7', 'agent_swin_window_block_3x3',
                                  'agent_swin_window_block_5x7_unshifted'])
 def test_window_block_equals_the_authors_detection_block(key):
