@@ -113,6 +113,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "and within the detector's sizes), smaller ones from the full resolution, "
                    'and full-resolution detections mostly inside a large object of their '
                    'class are dropped as its fragments (default 0: no coarse pass)')
+    p.add_argument('--neck', choices=('auto', 'global', 'tiles'), default='auto',
+                   help="detectors: run the neck (and a local dense head such as the RPN) "
+                   'once over the image, by rectangles, and crop each tile\'s maps from it '
+                   "('global'), or on each tile's crop ('tiles'); 'auto' (default): global "
+                   'with --spill or when its maps fit in 2 GiB')
     p.add_argument('--nested-ios', type=float, default=0.5,
                    help='detectors: drop a detection nested with a better-scoring one of its '
                    'class, more than this share of the smaller box inside the other (two '
@@ -446,7 +451,7 @@ def _tiling(args: argparse.Namespace) -> Any:
     return DetectionTiling(args.tile, args.margin, args.halo, args.merge_iou,
                            args.max_per_tile, args.budget_scale,
                            None if args.count_budgets else args.proposal_thr, args.coarse,
-                           args.nested_ios)
+                           args.nested_ios, args.neck)
 
 
 def _detect_by_regions(args: argparse.Namespace, model: Any, reader: Any, group: Any = None

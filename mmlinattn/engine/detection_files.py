@@ -47,6 +47,7 @@ from .tiled_detection import (
     LargeObjects,
     check_tileable,
     merge_truncated,
+    pyramid_reach,
     run_detection_tiles,
     upscaled,
 )
@@ -172,6 +173,7 @@ def detect_file(model: Any, reader: RegionReader, outputs: Sequence[str], *,
                                max_per_tile=tiling.max_per_tile,
                                budget_scale=tiling.budget_scale,
                                proposal_thr=tiling.proposal_thr, coarse=tiling.coarse,
+                               neck=tiling.neck,
                                background=background,
                                task='detection', ranks=1 if group is None else group.size)
             rank_folder = spill if group is None else osp.join(spill, f'rank{group.rank}')
@@ -197,7 +199,9 @@ def detect_file(model: Any, reader: RegionReader, outputs: Sequence[str], *,
                 info['backbone_s'] = 0.0
             band = None
             if group is not None:
-                feats, band = _with_neighbour_rows(feats, stride, src.height, tiling, group)
+                feats, band = _with_neighbour_rows(
+                    feats, stride, src.height, tiling, group,
+                    pyramid_reach(model, feats, stride))
 
         def emit_row(y: int, objects: list[DetectedObject], cut: list[DetectedObject]) -> None:
             staging.write('row', y, objects)
@@ -272,13 +276,14 @@ def _band_stride(src: RegionReader, feats: Sequence[Tensor],
 
 
 def _with_neighbour_rows(feats: Sequence[Tensor], stride: int, height: int,
-                         tiling: DetectionTiling, group: SpatialGroup
+                         tiling: DetectionTiling, group: SpatialGroup, extra: int = 0
                          ) -> tuple[list[Tensor], tuple[int, int, int, int]]:
-    """Each rank's maps extended to the rows its tiles' neck crops read (fetched from
-    the neighbours), and its ``band`` for :func:`run_detection_tiles`."""
+    """Each rank's maps extended to the rows its tiles' neck crops read, and ``extra``
+    more (the dense head's reach), fetched from the neighbours, and its ``band`` for
+    :func:`run_detection_tiles`."""
     hp = _padded(height)
     bands = sp.image_bands(hp, group.size, SIZE_DIVISOR)
-    reach = tiling.margin + 2 * tiling.halo
+    reach = tiling.margin + 2 * tiling.halo + extra
     needs = []  # image rows each rank's crops read
     for a, b in bands:
         starts = [y for y in range(0, hp, tiling.tile) if a <= y < b]

@@ -65,7 +65,15 @@ import torch
 from torch import Tensor
 
 from ..rasters.objects import DetectedObject, LocalMask
+from ..utils.spill import current_spill
 from .large_image import SIZE_DIVISOR, Progress, _box, features_given
+from .tile_pyramid import (
+    TilePyramid,
+    dense_head_of,
+    dense_head_reach,
+    local_dense_head,
+    precomputed_outputs,
+)
 
 __all__ = ['DetectionTiling', 'TileRegions', 'check_tileable', 'detection_budgets',
            'threaded_roi_pooling',
@@ -73,6 +81,13 @@ __all__ = ['DetectionTiling', 'TileRegions', 'check_tileable', 'detection_budget
            'detect_tile', 'merge_truncated', 'neck_strides', 'run_detection_tiles',
            'LargeObjects', 'upscaled', 'suppress_nested',
            'result_objects', 'match_detections']
+
+
+#: Where the neck runs (see :class:`DetectionTiling`).
+NECK_MODES = ('auto', 'global', 'tiles')
+#: ``neck='auto'`` without a spill: the most bytes the neck's maps over the image may
+#: take in memory for the neck to run once over the image.
+GLOBAL_NECK_BYTES = 2 * 2**30
 
 
 @dataclass(frozen=True)
@@ -89,7 +104,11 @@ class DetectionTiling:
     second pass ``coarse`` times coarser finds the objects larger than ``2 * margin``
     (0: none; see :class:`LargeObjects`). ``nested_ios``: a detection nested with a
     better-scoring one of its class (more than this share of the smaller box inside the
-    other) is dropped (None: kept; see :func:`suppress_nested`)."""
+    other) is dropped (None: kept; see :func:`suppress_nested`). ``neck``: where the neck
+    (and a local dense head) runs: ``'global'`` once over the image by rectangles
+    (:class:`~mmlinattn.engine.tile_pyramid.TilePyramid`), ``'tiles'`` on each tile's
+    crop, ``'auto'`` global under a spill or when its maps take at most
+    :data:`GLOBAL_NECK_BYTES`, else by tiles."""
 
     tile: int = 2048
     margin: int = 256
@@ -100,8 +119,11 @@ class DetectionTiling:
     proposal_thr: Optional[float] = 0.05
     coarse: int = 0
     nested_ios: Optional[float] = 0.5
+    neck: str = 'auto'
 
     def check(self, divisor: int) -> None:
+        if self.neck not in NECK_MODES:
+            raise ValueError(f'neck={self.neck!r}: expected one of {", ".join(NECK_MODES)}')
         for name in ('tile', 'margin', 'halo'):
             value = getattr(self, name)
             if value < (divisor if name == 'tile' else 0) or value % divisor:
@@ -183,15 +205,50 @@ def check_tileable(model: Any) -> None:
         raise ValueError(f'{name}: a detector without a neck is not supported by tiles')
 
 
-def neck_strides(model: Any, feats: Sequence[Tensor], stride: int) -> list[int]:
-    """The stride (image pixels) of each of the neck's outputs, from a run on a small
-    zero crop of the backbone's maps."""
-    side = 64  # finest pixels: every usual level (down to 1/64 of it) is a whole map
+#: Finest pixels of the side of :func:`_probe_neck`'s zero crop: every usual level (down
+#: to 1/64 of it) is a whole map.
+_PROBE_SIDE = 64
+
+
+def _probe_neck(model: Any, feats: Sequence[Tensor]) -> list[Tensor]:
+    """The neck's outputs on a small zero crop of the backbone's maps."""
+    side = _PROBE_SIDE
     crops = [f.new_zeros(1, f.shape[1], side * f.shape[2] // feats[0].shape[2] or 1,
                          side * f.shape[3] // feats[0].shape[3] or 1) for f in feats]
     with torch.no_grad():
-        outs = model.neck(crops)
-    return [stride * side // o.shape[2] for o in outs]
+        return list(model.neck(crops))
+
+
+def neck_strides(model: Any, feats: Sequence[Tensor], stride: int) -> list[int]:
+    """The stride (image pixels) of each of the neck's outputs, from a run on a small
+    zero crop of the backbone's maps."""
+    return [stride * _PROBE_SIDE // o.shape[2] for o in _probe_neck(model, feats)]
+
+
+def pyramid_reach(model: Any, feats: Sequence[Tensor], stride: int) -> int:
+    """Image rows beyond its head regions that a tile row's neck maps are computed over
+    when the dense head runs over the image (its receptive radius at the coarsest
+    level), else 0: with ``margin + 2 * halo``, what a rank fetches from its
+    neighbours."""
+    head = dense_head_of(model)
+    if head is None or local_dense_head(model, _probe_neck(model, feats)) is None:
+        return 0
+    return dense_head_reach(head) * max(neck_strides(model, feats, stride))
+
+
+def global_neck(model: Any, feats: Sequence[Tensor], stride: int, tiling: DetectionTiling,
+                tiles: Sequence[TileRegions]) -> bool:
+    """Whether the neck runs once over the image (see :class:`DetectionTiling`)."""
+    if tiling.neck != 'auto':
+        return tiling.neck == 'global'
+    if current_spill() is not None:
+        return True
+    rows = max(t.head[1] for t in tiles) - min(t.head[0] for t in tiles)
+    width = feats[0].shape[3] * stride
+    strides = neck_strides(model, feats, stride)
+    nbytes = sum(o.shape[1] * o.element_size() * -(-rows // s) * -(-width // s)
+                 for o, s in zip(_probe_neck(model, feats), strides))
+    return nbytes <= GLOBAL_NECK_BYTES
 
 
 def _mask_heads(roi: Any) -> list:
@@ -428,7 +485,7 @@ def suppress_nested(instances: Any, ios: Optional[float]) -> Any:
 def detect_tile(model: Any, feats: Sequence[Tensor], stride: int, strides: Sequence[int],
                 t: TileRegions, image_hw: tuple[int, int], row0: int = 0,
                 reached: Optional[list] = None, nested_ios: Optional[float] = 0.5,
-                timings: Optional[dict] = None
+                timings: Optional[dict] = None, pyramid: Optional[TilePyramid] = None
                 ) -> tuple[list[DetectedObject], list[DetectedObject]]:
     """The neck and heads of one tile: its objects (centre in the core, boxes in image
     pixels) and its truncated detections (boxes cut at the head region's border inside
@@ -438,7 +495,9 @@ def detect_tile(model: Any, feats: Sequence[Tensor], stride: int, strides: Seque
     ``reached`` gets ``'detections'`` when the final budget binds; ``nested_ios``: see
     :func:`suppress_nested`; ``timings``: seconds spent reading the crops (``read_s``),
     in the neck (``neck_s``) and in the heads (``heads_s``) and
-    sorting their objects (``objects_s``) are added to it. Run inside
+    sorting their objects (``objects_s``) are added to it; ``pyramid``: the neck's (and
+    the dense head's) maps over the image, computed beyond the tile's head region, from
+    which the tile's are cropped (else the neck runs on the tile's crop). Run inside
     :func:`local_mask_paste`, :func:`detection_budgets` and under ``torch.no_grad``."""
     clock = [time.perf_counter()]
 
@@ -447,26 +506,34 @@ def detect_tile(model: Any, feats: Sequence[Tensor], stride: int, strides: Seque
         if timings is not None:
             timings[name] = timings.get(name, 0.0) + now - clock[0]
         clock[0] = now
-    finest = feats[0]
-    scales = [finest.shape[2] / f.shape[2] for f in feats]
-    cy0, cy1, cx0, cx1 = (v // stride for v in t.crop)
-    r0 = row0 // stride
-    # Copied once: the maps may be memory-mapped files, read here page by page.
-    crops = [_box(f, cy0 - r0, cy1 - r0, cx0, cx1, s).contiguous()
-             for f, s in zip(feats, scales)]
-    lap('read_s')
-    outs = model.neck(crops)
-    lap('neck_s')
     hy0, hy1, hx0, hx1 = t.head
-    # The neck's outputs on the head region (each level starts on a whole pixel).
-    oy, ox = hy0 - t.crop[0], hx0 - t.crop[2]
-    # Contiguous: mmcv's CPU RoIAlign reads its input as a dense array (a strided view
-    # gives other features, silently).
-    head_feats = [o[:, :, oy // s:-(-(oy + hy1 - hy0) // s),
-                    ox // s:-(-(ox + hx1 - hx0) // s)].contiguous()
-                  for o, s in zip(outs, strides)]
+    dense_outs = None
+    if pyramid is not None:
+        head_feats = pyramid.neck_crop(t.head)
+        dense_outs = pyramid.head_crop(t.head)
+        lap('read_s')
+    else:
+        finest = feats[0]
+        scales = [finest.shape[2] / f.shape[2] for f in feats]
+        cy0, cy1, cx0, cx1 = (v // stride for v in t.crop)
+        r0 = row0 // stride
+        # Copied once: the maps may be memory-mapped files, read here page by page.
+        crops = [_box(f, cy0 - r0, cy1 - r0, cx0, cx1, s).contiguous()
+                 for f, s in zip(feats, scales)]
+        lap('read_s')
+        outs = model.neck(crops)
+        lap('neck_s')
+        # The neck's outputs on the head region (each level starts on a whole pixel).
+        oy, ox = hy0 - t.crop[0], hx0 - t.crop[2]
+        # Contiguous: mmcv's CPU RoIAlign reads its input as a dense array (a strided view
+        # gives other features, silently).
+        head_feats = [o[:, :, oy // s:-(-(oy + hy1 - hy0) // s),
+                        ox // s:-(-(ox + hx1 - hx0) // s)].contiguous()
+                      for o, s in zip(outs, strides)]
     samples = _samples(model, t.head, image_hw)
-    with features_given(model, head_feats):
+    with features_given(model, head_feats), contextlib.ExitStack() as stack:
+        if dense_outs is not None:
+            stack.enter_context(precomputed_outputs(dense_head_of(model), dense_outs))
         result = model.predict(None, samples, rescale=False)[0].pred_instances
     lap('heads_s')
     final = model.roi_head if getattr(model, 'roi_head', None) is not None else model.bbox_head
@@ -586,6 +653,14 @@ def run_detection_tiles(model: Any, feats: Sequence[Tensor], stride: int,
     count = sum(1 for t in tiles if t.y0 in done)
     start = time.perf_counter()
     timings: dict = {}
+    todo = [t for t in tiles if t.y0 not in done]
+    pyramid = None
+    if todo and global_neck(model, feats, stride, tiling, todo):
+        pyramid = TilePyramid(
+            model, feats, stride, row0, strides,
+            (min(t.head[0] for t in todo), max(t.head[1] for t in todo)),
+            feats[0].shape[3] * stride, tiling.halo, tiling.tile + 2 * tiling.margin,
+            local_dense_head(model, _probe_neck(model, feats)), timings)
     with torch.no_grad(), local_mask_paste(model), threaded_roi_pooling(model), \
             detection_budgets(model, tiling) as budgets:
         row: list[TileRegions] = []
@@ -597,9 +672,12 @@ def run_detection_tiles(model: Any, feats: Sequence[Tensor], stride: int,
                 continue
             objects: list[DetectedObject] = []
             truncated: list[DetectedObject] = []
+            if pyramid is not None:
+                pyramid.reach(max(tr.head[1] for tr in row))
             for tr in row:
                 own, cut = detect_tile(model, feats, stride, strides, tr, image_hw, row0,
-                                       budgets['reached'], tiling.nested_ios, timings)
+                                       budgets['reached'], tiling.nested_ios, timings,
+                                       pyramid)
                 objects += own
                 truncated += cut
                 count += 1
@@ -609,6 +687,9 @@ def run_detection_tiles(model: Any, feats: Sequence[Tensor], stride: int,
             row = []
     reached = budgets.pop('reached')
     return dict(heads_s=time.perf_counter() - start, tiles=len(tiles), budgets=budgets,
+                neck='global' if pyramid is not None else 'tiles',
+                dense_head='global' if pyramid is not None and pyramid.head is not None
+                else 'tiles',
                 tile_s={k: round(v, 2) for k, v in timings.items()},
                 budget_reached={k: reached.count(k)
                                 for k in ('candidates', 'proposals', 'detections')})

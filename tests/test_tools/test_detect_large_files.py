@@ -278,6 +278,83 @@ def _full(m: LocalMask, h: int, w: int) -> np.ndarray:
     return out[:h, :w]
 
 
+def test_the_pyramid_by_rectangles_equals_the_whole_image_neck_and_rpn(detector) -> None:
+    """TilePyramid: the neck and the RPN computed by rectangles of 64 px (with a halo
+    of backbone rows and columns) equal mmdet's neck and RPN run once on the whole
+    maps; from a rank's rows too (the backbone's maps from image row 64 only, the head
+    regions' rows from 192: a halo and the RPN's reach below them)."""
+    from mmlinattn.engine.tile_pyramid import TilePyramid, local_dense_head
+    from mmlinattn.engine.tiled_detection import _probe_neck, neck_strides
+    image = _image(320, 320).float()[None]
+    with torch.no_grad():
+        feats = detector.backbone(image)
+        whole = detector.neck(feats)
+        rpn = detector.rpn_head(list(whole))
+    strides = neck_strides(detector, feats, 4)
+    assert strides == [4, 8, 16, 32, 64]
+    head = local_dense_head(detector, _probe_neck(detector, feats))
+    assert head is detector.rpn_head
+    for row0, rows in ((0, (0, 320)), (64, (192, 320))):
+        part = [f[:, :, row0 // s:] for f, s in zip(feats, (4, 8, 16, 32))]
+        timings: dict = {}
+        pyramid = TilePyramid(detector, part, 4, row0, strides, rows, 320, halo=64, rect=64,
+                              head=head, timings=timings)
+        with torch.no_grad():
+            pyramid.reach(rows[1])
+        assert len(pyramid.cols) == 5 and set(timings) == {'neck_s', 'dense_s'}
+        region = (rows[0], rows[1], 0, 320)
+        for got, ref, s in zip(pyramid.neck_crop(region), whole, strides):
+            ref = ref[:, :, rows[0] // s:-(-rows[1] // s)]
+            err = (got - ref).abs().max()
+            assert got.shape == ref.shape and err < 1e-4, (s, err)
+        for got_kind, ref_kind in zip(pyramid.head_crop(region), rpn):
+            for got, ref, s in zip(got_kind, ref_kind, strides):
+                ref = ref[:, :, rows[0] // s:-(-rows[1] // s)]
+                err = (got - ref).abs().max()
+                assert got.shape == ref.shape and err < 1e-4, (s, err)
+
+
+def test_a_head_with_group_norm_or_more_channels_than_the_neck_runs_per_tile(detector
+                                                                            ) -> None:
+    """Only a head without statistics over the map, whose maps cost no more than the
+    neck's, is computed over the image."""
+    from mmlinattn.engine.tile_pyramid import dense_head_reach, local_dense_head
+    with torch.no_grad():
+        outs = detector.neck(detector.backbone(torch.zeros(1, 3, 64, 128)))
+    rpn = detector.rpn_head
+    assert dense_head_reach(rpn) == 1  # one 3x3 convolution, then 1x1 ones
+    assert local_dense_head(detector, outs) is rpn  # 1 + 4 channels for the neck's 32
+    cls = rpn.rpn_cls
+    rpn.rpn_cls = torch.nn.Conv2d(32, 40, 1)
+    try:
+        assert local_dense_head(detector, outs) is None
+    finally:
+        rpn.rpn_cls = cls
+    rpn.add_module('norm', torch.nn.GroupNorm(1, 32))
+    try:
+        assert local_dense_head(detector, outs) is None
+    finally:
+        del rpn.norm
+
+
+def test_the_neck_once_over_the_image_gives_the_objects_of_the_neck_per_tile(detector
+                                                                            ) -> None:
+    from mmlinattn.engine.tiled_detection import DetectionTiling
+    h, w = 190, 260
+    image = _image(h, w)
+    runs = {mode: _tiled(detector, image, DetectionTiling(tile=128, margin=64, halo=128,
+                                                          nested_ios=None, neck=mode))
+            for mode in ('global', 'tiles')}
+    assert runs['global']['neck'] == runs['global']['dense_head'] == 'global'
+    assert runs['tiles']['neck'] == runs['tiles']['dense_head'] == 'tiles'
+    glob, tiles = (_by_key([o for o in runs[m]['objects_list']
+                            if _inside_margin(o, 128, 64, h, w)]) for m in ('global', 'tiles'))
+    assert len(glob) > 500 and glob.keys() == tiles.keys()
+    for key, objs in glob.items():
+        assert sorted(o.score for o in objs) == pytest.approx(
+            sorted(o.score for o in tiles[key]), abs=1e-4), key
+
+
 def test_two_tile_sizes_give_the_same_objects(detector) -> None:
     from mmlinattn.engine.tiled_detection import DetectionTiling
     h, w = 190, 260

@@ -1,0 +1,227 @@
+"""A detector's neck (and its local dense head) over the whole image, each pixel once.
+
+A detector's tiles overlap: a core of ``tile`` pixels is read with ``margin + halo``
+pixels around it, and the neck on ``margin + 2 * halo``, so a neck computed tile by tile
+computes each pixel about three times at the default 2048 / 256 / 256 (3584^2 crops for
+2048^2 cores), and more of them on interior tiles than on border ones: the time per
+megapixel grows with the image. :class:`TilePyramid` computes the neck once, over the
+image rows the tiles' head regions cover, by rectangles (``halo`` pixels of backbone
+context around each, the neck's receptive field), as the rows of tiles reach them, into
+maps (memory-mapped files under a spill) from which each tile crops its head region.
+
+The dense head (the RPN of a two-stage detector, a single-stage detector's head) is
+computed the same way when it is *local*: convolutions without statistics over the map
+(no group, layer or instance norms), outputs of at most the neck's channels (so its
+maps cost no more than the neck's; RetinaNet's 720 class channels do not qualify and
+keep running per tile). A tile then reads its objectness and box deltas from those maps:
+at the border of its head region they see the real neighbouring features, as on the
+whole image, instead of zero padding.
+
+Units: image pixels (of the level read); rectangles, crops and rows start on multiples
+of the neck's coarsest stride, so every level of every crop starts on a whole pixel.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..utils.spill import new_map
+from .large_image import _box
+
+__all__ = ['TilePyramid', 'local_dense_head', 'dense_head_reach', 'precomputed_outputs']
+
+#: Norm layers whose statistics span the map: a head holding one is not local.
+_GLOBAL_NORMS = (nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
+                 nn.InstanceNorm3d, nn.LocalResponseNorm)
+
+
+def dense_head_of(model: Any) -> Optional[nn.Module]:
+    """The detector's dense head: the RPN of a two-stage detector, else the ``bbox_head``
+    of a single-stage one."""
+    rpn = getattr(model, 'rpn_head', None)
+    return rpn if rpn is not None else getattr(model, 'bbox_head', None)
+
+
+def dense_head_reach(head: nn.Module) -> int:
+    """An upper bound of the head's receptive radius, in pixels of any one level: the sum
+    of the radii of all its convolutions (parallel branches counted as if stacked)."""
+    reach = 0
+    for m in head.modules():
+        if isinstance(m, nn.Conv2d):
+            reach += max(d * (k - 1) // 2 for k, d in zip(m.kernel_size, m.dilation))
+    return reach
+
+
+def local_dense_head(model: Any, neck_outs: Sequence[Tensor]) -> Optional[nn.Module]:
+    """The dense head when it can be computed over the whole image by rectangles (see
+    the module's note), from its outputs on ``neck_outs`` (a small run), else ``None``."""
+    head = dense_head_of(model)
+    if head is None or any(isinstance(m, _GLOBAL_NORMS) for m in head.modules()):
+        return None
+    with torch.no_grad():
+        outs = head(list(neck_outs))
+    if not isinstance(outs, (tuple, list)) or not all(
+            isinstance(o, (tuple, list)) and len(o) == len(neck_outs) for o in outs):
+        return None  # not one map per level and kind: not a head we can crop
+    channels = sum(o[0].shape[1] for o in outs)
+    return head if channels <= neck_outs[0].shape[1] else None
+
+
+@contextlib.contextmanager
+def precomputed_outputs(head: nn.Module, outs: tuple) -> Iterator[None]:
+    """Within the block, ``head(x)`` returns ``outs`` (its maps on the same region,
+    computed before) after checking that they are the size of ``x``."""
+    def forward(x: Sequence[Tensor]) -> tuple:
+        for level, f in enumerate(x):
+            if any(o[level].shape[2:] != f.shape[2:] for o in outs):
+                raise RuntimeError(f'precomputed head maps of level {level} do not match '
+                                   f'its features {tuple(f.shape[2:])}')
+        return outs
+    head.forward = forward
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+def _spans(lo: int, hi: int, longest: int, step: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` cut into equal spans of at most ``longest`` (multiples of ``step``
+    except the last end)."""
+    if hi <= lo:
+        return []
+    count = math.ceil((hi - lo) / longest)
+    side = math.ceil((hi - lo) / count / step) * step
+    return [(a, min(hi, a + side)) for a in range(lo, hi, side)]
+
+
+class TilePyramid:
+    """The neck's maps, and those of a local dense head (``head``, else ``None``), over
+    image rows ``rows = (n0, n1)`` of a padded image ``width`` pixels wide.
+
+    ``feats``: the backbone's maps (finest first, ``stride`` image pixels per finest
+    pixel) holding the image rows from ``row0``; ``strides``: the neck's output strides;
+    ``halo``: backbone context around a rectangle of the neck (its receptive field);
+    ``rect``: the longest side of a rectangle (image pixels). The neck covers ``rows``
+    widened by the head's reach, so that the head's maps at ``n0`` and ``n1`` see
+    real features. Call :meth:`reach` before a row of tiles, then :meth:`neck_crop`
+    and :meth:`head_crop` for each tile; ``timings`` gets ``neck_s`` and ``dense_s``."""
+
+    def __init__(self, model: Any, feats: Sequence[Tensor], stride: int, row0: int,
+                 strides: Sequence[int], rows: tuple[int, int], width: int, halo: int,
+                 rect: int, head: Optional[nn.Module], timings: dict) -> None:
+        self.model, self.feats, self.stride, self.row0 = model, feats, stride, row0
+        self.strides, self.halo, self.head, self.timings = list(strides), halo, head, timings
+        self.step = max(self.strides)
+        self.width = width
+        self.avail = (row0, row0 + feats[0].shape[2] * stride)
+        n0, n1 = rows
+        self.head_reach = dense_head_reach(head) * self.step if head is not None else 0
+        self.rows = (n0, n1)
+        self.neck_rows = (max(self.avail[0], n0 - self.head_reach),
+                          min(self.avail[1], n1 + self.head_reach))
+        self.neck_bands = _spans(*self.neck_rows, rect, self.step)
+        self.head_bands = _spans(n0, n1, rect, self.step) if head is not None else []
+        self.cols = _spans(0, width, rect, self.step)
+        self.neck_maps: Optional[list[Tensor]] = None
+        self.head_maps: Optional[list[list[Tensor]]] = None
+        self.neck_done = self.neck_rows[0]
+        self.head_done = n0
+
+    # -- computing --------------------------------------------------------------------
+    def _lap(self, name: str, start: float) -> None:
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+    @staticmethod
+    def _alloc(outs: Sequence[Tensor], strides: Sequence[int], rows: tuple[int, int],
+               width: int) -> list[Tensor]:
+        return [new_map((1, o.shape[1], -(-(rows[1] - rows[0]) // s), -(-width // s)), o.dtype)
+                for o, s in zip(outs, strides)]
+
+    def _place(self, maps: list[Tensor], origin: int, outs: Sequence[Tensor],
+               crop: tuple[int, int, int, int], keep: tuple[int, int, int, int]) -> None:
+        """Write the part ``keep`` (image y0, y1, x0, x1) of ``outs`` (the maps of the
+        region ``crop``) into ``maps`` (whose rows start at image row ``origin``)."""
+        for m, o, s in zip(maps, outs, self.strides):
+            oy0, ox0 = (keep[0] - crop[0]) // s, (keep[2] - crop[2]) // s
+            rows = min(-(-(keep[1] - crop[0]) // s), o.shape[2]) - oy0
+            cols = min(-(-(keep[3] - crop[2]) // s), o.shape[3]) - ox0
+            dy, dx = (keep[0] - origin) // s, keep[2] // s
+            rows, cols = min(rows, m.shape[2] - dy), min(cols, m.shape[3] - dx)
+            m[:, :, dy:dy + rows, dx:dx + cols] = o[:, :, oy0:oy0 + rows, ox0:ox0 + cols]
+
+    def _neck_band(self, a: int, b: int) -> None:
+        start = time.perf_counter()
+        finest = self.feats[0]
+        scales = [finest.shape[2] / f.shape[2] for f in self.feats]
+        y0, y1 = max(self.avail[0], a - self.halo), min(self.avail[1], b + self.halo)
+        for c, d in self.cols:
+            x0, x1 = max(0, c - self.halo), min(self.width, d + self.halo)
+            crops = [_box(f, (y0 - self.row0) // self.stride, (y1 - self.row0) // self.stride,
+                          x0 // self.stride, x1 // self.stride, s).contiguous()
+                     for f, s in zip(self.feats, scales)]
+            outs = self.model.neck(crops)
+            if self.neck_maps is None:
+                self.neck_maps = self._alloc(outs, self.strides, self.neck_rows, self.width)
+            self._place(self.neck_maps, self.neck_rows[0], outs, (y0, y1, x0, x1), (a, b, c, d))
+            del outs, crops
+        self._lap('neck_s', start)
+
+    def _head_band(self, a: int, b: int) -> None:
+        start = time.perf_counter()
+        n0 = self.neck_rows[0]
+        y0, y1 = max(n0, a - self.head_reach), min(self.neck_rows[1], b + self.head_reach)
+        for c, d in self.cols:
+            x0, x1 = max(0, c - self.head_reach), min(self.width, d + self.head_reach)
+            crops = [self._crop_level(m, n0, (y0, y1, x0, x1), s)
+                     for m, s in zip(self.neck_maps, self.strides)]
+            kinds = self.head(crops)
+            if self.head_maps is None:
+                self.head_maps = [self._alloc(k, self.strides, self.rows, self.width)
+                                  for k in kinds]
+            for maps, outs in zip(self.head_maps, kinds):
+                self._place(maps, self.rows[0], outs, (y0, y1, x0, x1), (a, b, c, d))
+            del kinds, crops
+        self._lap('dense_s', start)
+
+    def reach(self, y: int) -> None:
+        """Compute the maps up to image row ``y`` (the bottom of a row of head regions)."""
+        y = min(y, self.rows[1])
+        while self.head_done < y and self.head_bands:
+            a, b = next(s for s in self.head_bands if s[0] == self.head_done)
+            self._neck_up_to(min(self.neck_rows[1], b + self.head_reach))
+            self._head_band(a, b)
+            self.head_done = b
+        self._neck_up_to(y)
+
+    def _neck_up_to(self, y: int) -> None:
+        while self.neck_done < y:
+            a, b = next(s for s in self.neck_bands if s[0] == self.neck_done)
+            self._neck_band(a, b)
+            self.neck_done = b
+
+    # -- reading ----------------------------------------------------------------------
+    @staticmethod
+    def _crop_level(m: Tensor, origin: int, region: tuple[int, int, int, int], s: int
+                    ) -> Tensor:
+        y0, y1, x0, x1 = region
+        return m[:, :, (y0 - origin) // s:-(-(y1 - origin) // s),
+                 x0 // s:-(-x1 // s)].contiguous()
+
+    def neck_crop(self, region: tuple[int, int, int, int]) -> list[Tensor]:
+        """The neck's maps on ``region`` (image y0, y1, x0, x1), contiguous copies (mmcv's
+        CPU RoIAlign reads its input as a dense array)."""
+        return [self._crop_level(m, self.neck_rows[0], region, s)
+                for m, s in zip(self.neck_maps, self.strides)]
+
+    def head_crop(self, region: tuple[int, int, int, int]) -> Optional[tuple]:
+        """The dense head's outputs on ``region`` (a tuple of per-level lists, as the
+        head's ``forward`` returns them), or ``None`` when the head runs per tile."""
+        if self.head_maps is None:
+            return None
+        return tuple([self._crop_level(m, self.rows[0], region, s)
+                      for m, s in zip(maps, self.strides)] for maps in self.head_maps)
