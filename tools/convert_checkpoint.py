@@ -114,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
             else 'dropped', source=osp.basename(args.src), source_sha256=sha256(args.src),
             converter='mmlinattn tools/convert_checkpoint.py'))
     else:
-        torch.save({k: v.contiguous() for k, v in state.items()}, args.dst)
+        from mmlinattn.utils.atomic import atomic_write
+        with atomic_write(args.dst) as f:  # whole or absent, even if killed
+            torch.save({k: v.contiguous() for k, v in state.items()}, f)
     n_params = sum(v.numel() for v in state.values())
     print(f'family: {family}, arch: {arch or "not one of the arch table"}; wrote '
           f'{len(state)} tensors ({n_params / 1e6:.2f}M values) to {args.dst}')
@@ -125,4 +127,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    from mmlinattn.utils.cli import run_tool
+    raise SystemExit(run_tool(main))

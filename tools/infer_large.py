@@ -505,4 +505,5 @@ if __name__ == '__main__':
         # Only in a process of its own (the tests call main() in theirs).
         from mmlinattn.utils.heap import keep_freed_memory
         keep_freed_memory()
-    main()
+    from mmlinattn.utils.cli import run_tool
+    raise SystemExit(run_tool(main))

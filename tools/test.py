@@ -67,4 +67,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == '__main__':
-    main()
+    from mmlinattn.utils.cli import run_tool
+    raise SystemExit(run_tool(main))

@@ -19,6 +19,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from mmlinattn.engine.launch import (  # noqa: E402
     add_common_arguments,
+    add_fault_tolerance,
     add_safety_hooks,
     build_runner,
     check_data_roots,
@@ -50,16 +51,21 @@ def main(argv: list[str] | None = None) -> None:
         if args.amp:
             print(f'mixed precision: {enable_amp(cfg)}')
         if args.resume == 'auto':
+            from mmlinattn.engine.resume import pick_checkpoint
             cfg.resume = True
-            cfg.load_from = None
+            cfg.load_from = pick_checkpoint(cfg.work_dir) if osp.isdir(cfg.work_dir) else None
+            print(f'resume: from {cfg.load_from}' if cfg.load_from else
+                  f'resume: no complete checkpoint in {cfg.work_dir}; starting afresh')
         elif args.resume is not None:
             cfg.resume = True
             cfg.load_from = args.resume
         check_data_roots(cfg, ('train_dataloader', 'val_dataloader'))
         add_safety_hooks(cfg)
+        add_fault_tolerance(cfg)
         runner = build_runner(cfg)
         runner.train()
 
 
 if __name__ == '__main__':
-    main()
+    from mmlinattn.utils.cli import run_tool
+    raise SystemExit(run_tool(main))

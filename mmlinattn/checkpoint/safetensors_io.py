@@ -146,19 +146,13 @@ def read_safetensors(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str,
 def write_safetensors(path: PathLike, state_dict: Mapping[str, torch.Tensor],
                       metadata: Optional[Mapping[str, Any]] = None) -> None:
     """Write ``state_dict`` (CPU copies, contiguous, no shared storage) with string
-    ``metadata`` to ``path``, through a temporary file renamed when complete."""
-    from safetensors.torch import save_file
+    ``metadata`` to ``path``, through a temporary file synced and renamed when complete
+(:func:`~mmlinattn.utils.atomic.atomic_write`)."""
+    from safetensors.torch import save
+
+    from ..utils.atomic import write_bytes_atomic
     path = os.fspath(path)
     tensors = {k: v.detach().to('cpu').contiguous().clone() for k, v in state_dict.items()}
     meta = {str(k): v if isinstance(v, str) else json.dumps(v)
             for k, v in (metadata or {}).items()}
-    folder = osp.dirname(osp.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = path + '.partial'
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if osp.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_bytes_atomic(path, save(tensors, metadata=meta))

@@ -1,6 +1,7 @@
 """The OpenMMLab side of mmlinattn.
 
-Hooks (non-finite loss, channel checks) and the CPU autocast optimizer wrapper,
+Hooks (non-finite loss, channel checks, atomic checkpoints with exact resume:
+:mod:`.resume`) and optimizer wrappers (no step on non-finite values, CPU autocast),
 registered in the mmlinattn, mmdet and mmseg registries; model wrappers for
 distributed training (``CPUDistributedDataParallel``, ``SpatialParallelWrapper`` with
 ``SpatialGroupSampler``: :mod:`.spatial`); building models and reading weights
@@ -11,7 +12,8 @@ distributed training (``CPUDistributedDataParallel``, ``SpatialParallelWrapper``
 from ..registry import register_into_openmmlab
 from .distributed import CPUDistributedDataParallel
 from .hooks import FiniteLossHook, ModelSanityHook, check_feature_channels
-from .optim import CPUAutocastOptimWrapper
+from .optim import CPUAutocastOptimWrapper, FiniteOptimWrapper
+from .resume import ResumableCheckpointHook
 from .spatial import (
     SpatialGroupSampler,
     SpatialParallelWrapper,
@@ -19,11 +21,13 @@ from .spatial import (
     spatial_worker_init,
 )
 
-register_into_openmmlab((FiniteLossHook, ModelSanityHook), kind='HOOKS')
-register_into_openmmlab((CPUAutocastOptimWrapper, ), kind='OPTIM_WRAPPERS')
+register_into_openmmlab((FiniteLossHook, ModelSanityHook, ResumableCheckpointHook),
+                        kind='HOOKS')
+register_into_openmmlab((CPUAutocastOptimWrapper, FiniteOptimWrapper), kind='OPTIM_WRAPPERS')
 
 __all__ = [
     'FiniteLossHook', 'ModelSanityHook', 'check_feature_channels', 'CPUAutocastOptimWrapper',
+    'FiniteOptimWrapper', 'ResumableCheckpointHook',
     'CPUDistributedDataParallel', 'SpatialParallelWrapper', 'SpatialGroupSampler',
     'spatial_worker_init', 'configure_spatial_parallel'
 ]

@@ -25,6 +25,35 @@ class FiniteLossHook(Hook):
     def __init__(self, interval: int = 1) -> None:
         self.interval = interval
 
+    def before_train(self, runner: Any) -> None:
+        """Give a :class:`~mmlinattn.engine.optim.FiniteStepMixin` wrapper the names of
+        the parameters and each iteration's loss terms, for its messages."""
+        wrappers = getattr(runner.optim_wrapper, 'optim_wrappers', None)
+        wrappers = list(wrappers.values()) if isinstance(wrappers, dict) else \
+            [runner.optim_wrapper]
+        wrappers = [w for w in wrappers if hasattr(w, 'loss_terms')]
+        if not wrappers:
+            return
+        model = getattr(runner.model, 'module', runner.model)
+        names = {id(p): n for n, p in model.named_parameters()}
+        parse = model.parse_losses
+
+        def parse_losses(losses: Any) -> Any:
+            loss, log_vars = parse(losses)
+            terms = {k: float(v) for k, v in log_vars.items()
+                     if isinstance(v, (int, float, torch.Tensor)) and k != 'loss'}
+            for w in wrappers:
+                w.loss_terms = terms
+            return loss, log_vars
+        model.parse_losses = parse_losses
+        for w in wrappers:
+            w.param_names = names
+        self._wrappers = wrappers
+
+    def before_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None) -> None:
+        for w in getattr(self, '_wrappers', ()):
+            w.iteration = runner.iter + 1
+
     def after_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None,
                          outputs: Optional[dict] = None) -> None:
         if not outputs or not self.every_n_train_iters(runner, self.interval):

@@ -42,6 +42,7 @@ from ..rasters import (
     write_viewer,
 )
 from ..rasters.writers import default_palette
+from ..utils.atomic import write_text_atomic
 from ..utils.spill import (
     SpillStore,
     open_persistent_map,
@@ -100,10 +101,7 @@ class RunFolder(Resumable):
             self._save()
 
     def _save(self) -> None:
-        tmp = self.state_path + '.partial'
-        with open(tmp, 'w') as f:
-            json.dump(self.state, f)
-        os.replace(tmp, self.state_path)
+        write_text_atomic(self.state_path, json.dumps(self.state))
 
     @contextlib.contextmanager
     def spilling(self, min_bytes: int) -> Iterator[SpillStore]:

@@ -16,10 +16,15 @@ from mmengine.config import Config, ConfigDict, DictAction
 
 __all__ = [
     'add_common_arguments', 'load_config', 'check_data_roots', 'add_safety_hooks',
-    'enable_amp', 'build_runner', 'import_project', 'process_group_lifetime', 'SAFETY_HOOKS'
+    'enable_amp', 'add_fault_tolerance', 'build_runner', 'import_project',
+    'process_group_lifetime', 'SAFETY_HOOKS', 'COLLECTIVE_TIMEOUT_S'
 ]
 
 SAFETY_HOOKS = ('mmlinattn.FiniteLossHook', 'mmlinattn.ModelSanityHook')
+#: Seconds a collective of a train or test run waits for the other ranks before every
+#: rank fails naming the operation (torch's default is 30 minutes); the config's
+#: ``env_cfg.dist_cfg.timeout`` sets it.
+COLLECTIVE_TIMEOUT_S = 300
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +54,10 @@ def load_config(path: str, args: argparse.Namespace) -> Config:
     elif cfg.get('work_dir') is None:
         cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(path))[0])
     if args.launcher != 'none':
+        env = cfg.get('env_cfg') or ConfigDict()
+        env.setdefault('dist_cfg', ConfigDict())
+        env.dist_cfg.setdefault('timeout', COLLECTIVE_TIMEOUT_S)
+        cfg.env_cfg = env
         _use_cpu_distributed_if_no_gpu(cfg)  # needs cfg.launcher
     if cfg.get('spatial_parallel'):  # one image over several ranks (engine/spatial.py)
         from .spatial import configure_spatial_parallel
@@ -72,7 +81,9 @@ def _use_cpu_distributed_if_no_gpu(cfg: Config) -> None:
     # mmengine's init_dist calls torch.cuda.set_device unconditionally; with no GPU
     # the process group is started here (the runner then finds it initialised).
     if cfg.launcher == 'pytorch' and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend='gloo')
+        import datetime
+        torch.distributed.init_process_group(
+            backend='gloo', timeout=datetime.timedelta(seconds=env.dist_cfg.timeout))
     if cfg.get('model_wrapper_cfg') is None:
         cfg.model_wrapper_cfg = ConfigDict(
             type='mmlinattn.CPUDistributedDataParallel', broadcast_buffers=False,
@@ -120,6 +131,21 @@ def add_safety_hooks(cfg: Config) -> None:
         if hook not in present and hook.split('.')[-1] not in present:
             hooks.append(ConfigDict(type=hook))
     cfg.custom_hooks = hooks
+
+
+def add_fault_tolerance(cfg: Config) -> None:
+    """mmengine's checkpoint hook becomes :class:`~mmlinattn.engine.resume.
+    ResumableCheckpointHook` (atomic files, exact resume) and its optimizer wrapper
+    :class:`~mmlinattn.engine.optim.FiniteOptimWrapper` (no step on non-finite values
+    of any rank); other types a config names are kept."""
+    checkpoint = (cfg.get('default_hooks') or {}).get('checkpoint')
+    if checkpoint is not None and checkpoint.get('type') in ('CheckpointHook',
+                                                             'mmengine.CheckpointHook'):
+        checkpoint.type = 'mmlinattn.ResumableCheckpointHook'
+    wrapper = cfg.get('optim_wrapper')
+    if wrapper is not None and wrapper.get('type', 'OptimWrapper') in ('OptimWrapper',
+                                                                      'mmengine.OptimWrapper'):
+        wrapper.type = 'mmlinattn.FiniteOptimWrapper'
 
 
 def enable_amp(cfg: Config) -> str:

@@ -58,4 +58,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
-    raise SystemExit(main())
+    from mmlinattn.utils.cli import run_tool
+    raise SystemExit(run_tool(main))

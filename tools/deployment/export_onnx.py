@@ -149,4 +149,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    from mmlinattn.utils.cli import run_tool
+    raise SystemExit(run_tool(main))
