@@ -290,8 +290,12 @@ def main(argv: list[str] | None = None) -> dict:
     from mmlinattn.engine import large_image as li
 
     group = spatial_group(args.device)
+    from mmlinattn.parallel.watchdog import watch_group
     try:
-        report = _main(args, li, group)
+        # A rank that dies or stops is named by the others within MMLINATTN_STALL_S
+        # (60 s by default; ranks busy computing keep beating).
+        with watch_group(float(os.environ.get('MMLINATTN_STALL_S', 60))):
+            report = _main(args, li, group)
         if args.report and (group is None or group.first):
             with open(args.report, 'w') as f:
                 json.dump(report, f, indent=1, default=str)

@@ -63,7 +63,11 @@ def main(argv: list[str] | None = None) -> None:
         add_safety_hooks(cfg)
         add_fault_tolerance(cfg)
         runner = build_runner(cfg)
-        runner.train()
+        from mmlinattn.parallel.watchdog import watch_group
+        # A dead or stopped rank stops the group within the collective timeout.
+        with watch_group(cfg.env_cfg.dist_cfg.timeout if cfg.launcher != 'none' else 300,
+                         lambda: f'last iteration {runner.iter}'):
+            runner.train()
 
 
 if __name__ == '__main__':

@@ -37,7 +37,9 @@ def expected_errors() -> tuple[type[BaseException], ...]:
         pass
     try:
         import torch.distributed as dist
-        kinds.append(dist.DistError)  # a lost rank, a timed-out collective
+
+        from ..parallel.watchdog import LostRankError
+        kinds += [dist.DistError, LostRankError]  # a lost rank, a timed-out collective
     except (ImportError, AttributeError):  # pragma: no cover
         pass
     return tuple(kinds)
