@@ -30,7 +30,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..utils.spill import new_map
+from ..utils.spill import new_map, release_rows
 from .large_image import _box
 
 __all__ = ['TilePyramid', 'local_dense_head', 'dense_head_reach', 'precomputed_outputs']
@@ -203,6 +203,25 @@ class TilePyramid:
             a, b = next(s for s in self.neck_bands if s[0] == self.neck_done)
             self._neck_band(a, b)
             self.neck_done = b
+
+    def release(self, y: int) -> None:
+        """Nothing above image row ``y`` (the top of the head regions still to do) will
+        be read again: give the file-backed maps' pages above what those need back
+        (:func:`~mmlinattn.utils.spill.release_rows`), so that a pass over maps larger
+        than memory keeps a band's worth in the page cache and writes no dead page to
+        the disk. Tied to the tiles done, so that a resumed run finds every row it
+        needs."""
+        finest = self.feats[0]
+        reach = y - self.head_reach - self.halo - self.row0  # backbone rows still read
+        for f in self.feats:
+            per = self.stride * finest.shape[2] // f.shape[2]
+            release_rows(f, reach // per)
+        neck_reach = min(y, self.head_done) - self.head_reach - self.neck_rows[0]
+        for m, s in zip(self.neck_maps or (), self.strides):
+            release_rows(m, neck_reach // s)
+        for maps in self.head_maps or ():
+            for m, s in zip(maps, self.strides):
+                release_rows(m, (y - self.rows[0]) // s)
 
     # -- reading ----------------------------------------------------------------------
     @staticmethod

@@ -673,6 +673,7 @@ def run_detection_tiles(model: Any, feats: Sequence[Tensor], stride: int,
             objects: list[DetectedObject] = []
             truncated: list[DetectedObject] = []
             if pyramid is not None:
+                pyramid.release(min(tr.head[0] for tr in row))
                 pyramid.reach(max(tr.head[1] for tr in row))
             for tr in row:
                 own, cut = detect_tile(model, feats, stride, strides, tr, image_hw, row0,

@@ -32,6 +32,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from ..utils.atomic import sync_and_replace
 from .readers import GeoReference
 
 __all__ = ['LocalMask', 'DetectedObject', 'image_rle', 'mask_polygon', 'ObjectSink',
@@ -232,7 +233,7 @@ class ObjectSink:
 
     def close(self) -> None:
         self._finish()
-        os.replace(self.tmp, self.path)
+        sync_and_replace(self.tmp, self.path)
 
     # A JSON file written item by item: ``head``, the items comma-separated, ``tail``.
     def _open(self, head: str) -> None:

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from ..utils.atomic import sync_and_replace
 from .readers import GeoReference, RegionReader
 
 __all__ = ['METADATA_TAG', 'TILE', 'write_label_pyramid', 'write_overlay_pyramid',
@@ -49,7 +50,7 @@ def atomic_output(path: str) -> Iterator[str]:
     tmp = path + '.partial'
     try:
         yield tmp
-        os.replace(tmp, path)
+        sync_and_replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)

@@ -15,7 +15,7 @@ import tempfile
 from typing import IO, Iterator
 
 __all__ = ['atomic_write', 'write_bytes_atomic', 'write_text_atomic', 'PARTIAL_SUFFIX',
-           'remove_partials']
+           'remove_partials', 'sync_and_replace']
 
 #: The suffix of files being written (left behind only by a killed process).
 PARTIAL_SUFFIX = '.partial'
@@ -58,6 +58,18 @@ def atomic_write(path: str, mode: str = 'wb', encoding: str | None = None) -> It
                           'was replaced; free some space and run again (or resume)') from e
         raise
     _fsync_folder(folder)
+
+
+def sync_and_replace(tmp: str, path: str) -> None:
+    """Flush the finished file ``tmp`` to the disk and rename it to ``path`` (for files
+    a library writes by name)."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_folder(osp.dirname(osp.abspath(path)))
 
 
 def write_bytes_atomic(path: str, data: bytes) -> None:

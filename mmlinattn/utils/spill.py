@@ -28,7 +28,11 @@ import torch
 from torch import Tensor
 
 __all__ = ['SpillStore', 'spill_maps', 'current_spill', 'new_map', 'persistent_map',
-           'open_persistent_map']
+           'open_persistent_map', 'release_rows']
+
+#: Storage addresses of the tensors mapped from files (see :func:`release_rows`).
+_FILE_BACKED: dict[int, int] = {}
+_MADV_REMOVE = 9  # Linux: free the range's pages and its blocks in the file
 
 
 @dataclass
@@ -153,4 +157,39 @@ def _map_file(path: str, shape: Sequence[int], dtype: torch.dtype, create: bool)
         with open(path, 'r+b' if osp.exists(path) else 'w+b') as f:
             f.truncate(nbytes)  # sparse: the disk fills as bands are written
     flat = torch.from_file(path, shared=True, size=numel, dtype=dtype)
+    address = flat.untyped_storage().data_ptr()
+    _FILE_BACKED[address] = nbytes
+    weakref.finalize(flat.untyped_storage(), _FILE_BACKED.pop, address, None)
     return flat.view(tuple(shape))
+
+
+def release_rows(t: Tensor, stop: int) -> int:
+    """Give back the pages of rows ``[0, stop)`` (dim 2) of a file-backed NCHW map
+    that nothing will read again: the kernel drops them from the page cache without
+    writing them out and the file's blocks are freed (reading them afterwards gives
+    zeros). Keeps a pass over a map larger than memory from pushing out the pages
+    still needed, and from writing dead ones to the disk. No-op (0) for a map in
+    memory or a file system that cannot punch holes; returns the bytes released."""
+    storage = t.untyped_storage()
+    if (storage.data_ptr() not in _FILE_BACKED or t.dim() != 4 or stop <= 0
+            or not t.is_contiguous()):
+        return 0
+    import ctypes
+    import mmap
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = mmap.PAGESIZE
+    n, c, h, w = t.shape
+    stop = min(stop, h)
+    row = w * t.element_size()
+    released = 0
+    base = t.data_ptr()
+    for i in range(n * c):
+        start = base + i * h * row
+        lo = -(-start // page) * page  # whole pages inside the rows only
+        hi = (start + stop * row) // page * page
+        if hi > lo and libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo),
+                                    _MADV_REMOVE) == 0:
+            released += hi - lo
+        elif hi > lo:
+            return released  # not supported here: nothing more to gain
+    return released

@@ -355,6 +355,42 @@ def test_the_neck_once_over_the_image_gives_the_objects_of_the_neck_per_tile(det
             sorted(o.score for o in tiles[key]), abs=1e-4), key
 
 
+def test_maps_on_disk_released_behind_the_tiles_resume_to_the_same_objects(
+        detector, tmp_path, monkeypatch) -> None:
+    """Every map spilled to disk (the backbone's, kept for resume, and the neck's), the
+    rows behind the tiles given back (holes punched: they read as zeros), the run
+    stopped after its second row of tiles and resumed: the objects of a run in memory."""
+    from mmlinattn.engine import detection_files, tile_pyramid
+    from mmlinattn.engine.detection_files import detect_file
+    from mmlinattn.engine.tiled_detection import DetectionTiling
+    from mmlinattn.rasters import open_image
+    _tiff(tmp_path / 'scene.tif', _image(320, 200))
+    tiling = DetectionTiling(tile=64, margin=64, halo=64, nested_ios=None)
+    reader = open_image(str(tmp_path / 'scene.tif'))
+    reference = sorted(map(_key, detect_file(detector, reader, [], chunk_tokens=48,
+                                             tiling=tiling, keep_objects=True)['objects_list']))
+    released: list[int] = []
+    release = tile_pyramid.release_rows
+    monkeypatch.setattr(tile_pyramid, 'release_rows',
+                        lambda t, stop: released.append(release(t, stop)) or released[-1])
+    done = detection_files.RunFolder.row_done
+
+    def stop_after_second_row(self, row: int) -> None:
+        done(self, row)
+        if len(self.rows_done()) == 2:
+            raise KeyboardInterrupt('killed')
+    spill = str(tmp_path / 'run')
+    with monkeypatch.context() as m:
+        m.setattr(detection_files.RunFolder, 'row_done', stop_after_second_row)
+        with pytest.raises(KeyboardInterrupt):
+            detect_file(detector, reader, [], chunk_tokens=48, tiling=tiling, spill=spill,
+                        min_spill_bytes=1)
+    info = detect_file(detector, reader, [], chunk_tokens=48, tiling=tiling, spill=spill,
+                       min_spill_bytes=1, resume=True, keep_objects=True)
+    assert info['resumed'] and info['neck'] == 'global' and sum(released) > 0
+    assert sorted(map(_key, info['objects_list'])) == reference
+
+
 def test_two_tile_sizes_give_the_same_objects(detector) -> None:
     from mmlinattn.engine.tiled_detection import DetectionTiling
     h, w = 190, 260
