@@ -133,8 +133,8 @@ class Heartbeat:
         where = self.where() if self.where is not None else ''
         return (f'rank {self.rank}: lost {names}{"; " + where if where else ""}'
                 f'{"; " + what if what else ""}: stopping this rank (exit {LOST_RANK_EXIT}); '
-                'torchrun --max-restarts restarts the group, and --resume auto goes on '
-                'from the last checkpoint')
+                'torchrun --max-restarts restarts the group, and a run started with '
+                '--resume goes on from its last checkpoint or row')
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

@@ -5,6 +5,7 @@
     python tools/analysis/fault_injection.py train --kills 20 --ranks 2  # DDP, torchrun
     python tools/analysis/fault_injection.py train --kills 20 --ranks 2 --spatial
     python tools/analysis/fault_injection.py infer --kills 10 --size 2048
+    python tools/analysis/fault_injection.py lost-rank --ranks 3 --signal stop
 
 ``train``: the shipped tiny Semantic FPN config (``configs/tiny/``, on the synthetic
 data of ``tools/make_tiny_dataset.py``, made when missing), ``--iters`` iterations with a
@@ -13,6 +14,10 @@ run SIGKILLed (the whole process group: torchrun and every rank) at a random ins
 of each attempt (in the forward, the backward, the optimizer step or a checkpoint
 save: wherever it is then) ``--kills`` times, restarted each time with ``--resume auto``,
 and left to finish. The final state dicts are compared bit for bit.
+
+``lost-rank``: one of ``--ranks`` processes of ``tools/dist_infer_large.sh`` killed
+(``--signal kill``) or stopped (``stop``): how long the others take to exit, and the
+rank they name.
 
 ``infer``: ``tools/infer_large.py --spill --resume`` on a synthetic tiled TIFF (Semantic
 FPN, random weights), killed ``--kills`` times and resumed; the output labels are
@@ -98,29 +103,42 @@ def train(args: argparse.Namespace) -> int:
     took = time.monotonic() - start
     print(f'uninterrupted: {args.iters} iterations in {took:.0f} s')
     rng = random.Random(args.seed)
-    kills = resumed = 0
+    kills = resumed = episodes = identical = 0
     log = osp.join(base, 'interrupted.log')
-    attempt = 0
-    while True:
-        attempt += 1
-        # A kill somewhere in the run that is left (after the start-up, before the end).
-        kill_after = rng.uniform(0.15, 1.0) * took if kills < args.kills else None
-        code, killed = _run(_train_cmd(args, cut, attempt > 1), log, kill_after, _env(args))
-        resumed += attempt > 1 and (killed or code == 0)
-        if killed:
-            kills += 1
-            print(f'  kill {kills}/{args.kills} after {kill_after:.1f} s')
-            continue
-        if code == 0:
-            break
-        print(f'attempt {attempt} failed (exit {code}): see {log}')
-        return 1
-    a, b = _state(ref, args.iters), _state(cut, args.iters)
     import torch
-    same = sum(torch.equal(a[k], b[k]) for k in a) if a.keys() == b.keys() else 0
-    print(f'faults injected: {kills}; runs resumed: {resumed}; tensors identical: {same} of '
-          f'{len(a)}; final state dict {"IDENTICAL" if same == len(a) else "DIFFERENT"}')
-    return 0 if same == len(a) else 1
+    expected = _state(ref, args.iters)
+    # Episodes: a run killed at random instants and resumed until it finishes; then its
+    # weights are compared and, while kills are left, a new episode starts afresh.
+    while kills < args.kills:
+        episodes += 1
+        shutil.rmtree(cut, ignore_errors=True)
+        os.makedirs(cut)
+        attempt = 0
+        while True:
+            attempt += 1
+            kill_after = rng.uniform(0.1, 1.0) * took if kills < args.kills else None
+            code, killed = _run(_train_cmd(args, cut, attempt > 1), log, kill_after,
+                                _env(args))
+            resumed += attempt > 1
+            if killed:
+                kills += 1
+                print(f'  episode {episodes}: kill {kills}/{args.kills} after '
+                      f'{kill_after:.1f} s')
+                continue
+            if code == 0:
+                break
+            print(f'episode {episodes}, attempt {attempt} failed (exit {code}): see {log}')
+            return 1
+        got = _state(cut, args.iters)
+        same = got.keys() == expected.keys() and all(torch.equal(expected[k], got[k])
+                                                     for k in expected)
+        identical += same
+        print(f'  episode {episodes}: {attempt - 1} kill(s), final state dict '
+              f'{"IDENTICAL" if same else "DIFFERENT"}')
+    print(f'faults injected: {kills}; runs resumed: {resumed}; episodes: {episodes}, '
+          f'{identical} of them bit-identical to the uninterrupted run '
+          f'({len(expected)} tensors each)')
+    return 0 if identical == episodes else 1
 
 
 def infer(args: argparse.Namespace) -> int:
@@ -174,9 +192,69 @@ def infer(args: argparse.Namespace) -> int:
     return 0 if same else 1
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux /proc)."""
+    out = []
+    for entry in os.listdir('/proc'):
+        if entry.isdigit():
+            try:
+                with open(f'/proc/{entry}/stat') as f:
+                    if int(f.read().rsplit(')', 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def lost_rank(args: argparse.Namespace) -> int:
+    """One rank of ``tools/dist_infer_large.sh`` (``--ranks`` processes, a synthetic
+    image) killed (SIGKILL) or stopped (SIGSTOP) ``--after`` seconds in: how long until
+    every process has exited, and what the survivors said."""
+    base = osp.abspath(args.work_dir)
+    os.makedirs(base, exist_ok=True)
+    log = osp.join(base, f'lost-{args.signal}-{args.ranks}.log')
+    cmd = ['bash', osp.join(ROOT, 'tools/dist_infer_large.sh'), SEG, 'none', '', str(args.ranks),
+           '--synthetic', str(args.size), str(args.size), '--tile', '512',
+           '--out', osp.join(base, 'lost.png')]
+    env = dict(os.environ, OMP_NUM_THREADS='1', PORT=str(29500 + random.randrange(1000)))
+    with open(log, 'w') as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+                                start_new_session=True)
+        time.sleep(args.after)
+        agent = [c for c in _children(proc.pid)]  # bash -> torchrun
+        workers = sorted(w for a in agent for w in _children(a))
+        if len(workers) < args.ranks:
+            os.killpg(proc.pid, signal.SIGKILL)
+            print(f'found {len(workers)} workers, expected {args.ranks}: see {log}')
+            return 1
+        victim = workers[-1]
+        sig = signal.SIGKILL if args.signal == 'kill' else signal.SIGSTOP
+        os.kill(victim, sig)
+        hit = time.monotonic()
+        try:
+            proc.wait(timeout=args.stall + 120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            print(f'the group did not stop within {args.stall + 120} s: see {log}')
+            return 1
+        took = time.monotonic() - hit
+    with open(log) as f:
+        said = [ln.strip() for ln in f if 'lost rank' in ln or 'exitcode' in ln
+                or ('rank' in ln and 'Signal' in ln)]
+    print(f'{args.signal} of one of {args.ranks} ranks: every process gone {took:.1f} s later '
+          f'(exit {proc.returncode}); what names the lost rank: {said[:3] or "nothing"}')
+    return 0 if said else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('what', choices=('train', 'infer'))
+    p.add_argument('what', choices=('train', 'infer', 'lost-rank'))
+    p.add_argument('--signal', choices=('kill', 'stop'), default='kill',
+                   help='lost-rank: SIGKILL or SIGSTOP one rank')
+    p.add_argument('--after', type=float, default=20.0,
+                   help='lost-rank: seconds before the signal')
+    p.add_argument('--stall', type=float, default=60.0,
+                   help='lost-rank: MMLINATTN_STALL_S for the ranks')
     p.add_argument('--kills', type=int, default=20)
     p.add_argument('--ranks', type=int, default=1, help='train: processes (torchrun)')
     p.add_argument('--spatial', action='store_true', help='train: ranks split each image')
@@ -187,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--work-dir', default=osp.join(ROOT, 'work_dirs/fault_injection'))
     args = p.parse_args(argv)
+    if args.what == 'lost-rank':
+        os.environ['MMLINATTN_STALL_S'] = str(args.stall)
+        return lost_rank(args)
     return train(args) if args.what == 'train' else infer(args)
 
 
