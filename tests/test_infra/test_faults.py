@@ -7,6 +7,7 @@ weights before the step that met a NaN.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import subprocess
 import sys
@@ -98,6 +99,10 @@ class _Augmented(Dataset):
         return dict(x=x, y=torch.ones(1))
 
 
+#: Runner names are process-wide instances (message hub, logger): one each.
+_NAMES = itertools.count()
+
+
 class _Crash(Exception):
     pass
 
@@ -116,7 +121,7 @@ def _runner(work_dir: Path, hook: str = 'mmlinattn.ResumableCheckpointHook', res
 
     torch.manual_seed(0)  # the initial weights: the runner seeds only what follows
     return Runner(
-        model=_Noisy(), work_dir=str(work_dir), experiment_name=f'r{resume}{crash_at}',
+        model=_Noisy(), work_dir=str(work_dir), experiment_name=f'faults{next(_NAMES)}',
         train_dataloader=dict(dataset=_Augmented(), batch_size=4, collate_fn=dict(
             type='default_collate'), sampler=dict(type='InfiniteSampler', shuffle=True)),
         optim_wrapper=dict(type=wrapper, optimizer=dict(type='SGD', lr=0.05, momentum=0.9),

@@ -364,7 +364,7 @@ def test_maps_on_disk_released_behind_the_tiles_resume_to_the_same_objects(
     from mmlinattn.engine.detection_files import detect_file
     from mmlinattn.engine.tiled_detection import DetectionTiling
     from mmlinattn.rasters import open_image
-    _tiff(tmp_path / 'scene.tif', _image(256, 128))
+    _tiff(tmp_path / 'scene.tif', _image(320, 200))
     tiling = DetectionTiling(tile=64, margin=64, halo=64, nested_ios=None)
     reader = open_image(str(tmp_path / 'scene.tif'))
     reference = sorted(map(_key, detect_file(detector, reader, [], chunk_tokens=48,
