@@ -117,8 +117,11 @@ def train(args: argparse.Namespace) -> int:
         while True:
             attempt += 1
             kill_after = rng.uniform(0.1, 1.0) * took if kills < args.kills else None
+            began = time.monotonic()
             code, killed = _run(_train_cmd(args, cut, attempt > 1), log, kill_after,
                                 _env(args))
+            if not killed and attempt == 1:  # a whole run took this long: kill within it
+                took = min(took, time.monotonic() - began)
             resumed += attempt > 1
             if killed:
                 kills += 1
