@@ -19,25 +19,26 @@ def one_rank_goes_silent(rank: int, world: int, silent: int) -> None:
     dist.barrier()
     if rank == silent:
         beat.__exit__(None)
-        time.sleep(4.0)
+        time.sleep(2.5)
     else:
         start = time.monotonic()
-        while not heard and time.monotonic() - start < 4.0:
+        while not heard and time.monotonic() - start < 10.0:
             time.sleep(0.05)
         took = time.monotonic() - start
         beat.__exit__(None)
         assert len(heard) == 1, heard
         assert f'rank {rank}: lost rank {silent} (silent for' in heard[0], heard[0]
-        assert 'iteration 7' in heard[0] and 1.5 <= took < 3.0, (heard[0], took)
+        # About stall_s (more on a loaded machine, never less).
+        assert 'iteration 7' in heard[0] and 1.5 <= took < 8.0, (heard[0], took)
     dist.barrier()
 
 
 def every_rank_alive_is_never_lost(rank: int, world: int) -> None:
     """Busy main threads (a long computation) still beat: nothing is reported."""
     heard: list[str] = []
-    with Heartbeat(stall_s=1.0, interval=0.2, on_lost=heard.append):
+    with Heartbeat(stall_s=3.0, interval=0.3, on_lost=heard.append):
         x = torch.randn(256, 256)
-        end = time.monotonic() + 2.5
+        end = time.monotonic() + 4.0
         while time.monotonic() < end:  # the main thread busy, holding the GIL often
             x = (x @ x).tanh()
         dist.barrier()
