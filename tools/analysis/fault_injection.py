@@ -52,6 +52,9 @@ def _train_cmd(args: argparse.Namespace, work_dir: str, resume: bool) -> list[st
                f'randomness.seed={args.seed}', 'randomness.deterministic=False']
     if args.spatial:
         options.append(f'spatial_parallel.size={args.ranks}')
+    elif args.ranks > 1 and 'tiny-ade20k' in args.config:
+        # The decode head's SyncBN needs GPUs; CPU DDP runs plain BN (per rank).
+        options.append('model.decode_head.norm_cfg.type=BN')
     tail = [args.config, '--work-dir', work_dir, '--cfg-options', *options]
     if resume:
         tail.insert(1, '--resume')
