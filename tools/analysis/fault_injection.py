@@ -156,7 +156,15 @@ def infer(args: argparse.Namespace) -> int:
     if not osp.isfile(image):
         subprocess.run([sys.executable, osp.join(ROOT, 'tools/make_large_image.py'), image,
                         '--size', str(args.size), str(args.size)], check=True)
-    common = [sys.executable, osp.join(ROOT, 'tools/infer_large.py'), SEG, 'none', image,
+    weights = osp.join(base, 'random_weights.pth')
+    if not osp.isfile(weights):  # one set of random weights for every run
+        import torch
+
+        from mmlinattn.engine.build import build_from_config
+        torch.manual_seed(args.seed)
+        model, _ = build_from_config(osp.join(ROOT, SEG))
+        torch.save(model.state_dict(), weights)
+    common = [sys.executable, osp.join(ROOT, 'tools/infer_large.py'), SEG, weights, image,
               '--tile', '512']
     ref_out, cut_out = osp.join(base, 'uninterrupted.tif'), osp.join(base, 'interrupted.tif')
     spill = osp.join(base, 'spill')
@@ -173,29 +181,38 @@ def infer(args: argparse.Namespace) -> int:
         return 1
     print(f'uninterrupted: {took:.0f} s')
     rng = random.Random(args.seed)
-    kills = resumed = 0
-    attempt = 0
-    while True:
-        attempt += 1
-        kill_after = rng.uniform(0.2, 1.0) * took if kills < args.kills else None
-        cmd = common + ['--out', cut_out, '--spill', spill] + (['--resume'] if attempt > 1
-                                                                  else [])
-        code, killed = _run(cmd, osp.join(base, 'interrupted.log'), kill_after,
-                            dict(os.environ))
-        resumed += attempt > 1 and (killed or code == 0)
-        if killed:
-            kills += 1
-            print(f'  kill {kills}/{args.kills} after {kill_after:.1f} s; output present: '
-                  f'{osp.exists(cut_out)}')
-            continue
-        if code == 0:
-            break
-        print(f'attempt {attempt} failed (exit {code})')
-        return 1
-    same = np.array_equal(tifffile.imread(ref_out), tifffile.imread(cut_out))
-    print(f'faults injected: {kills}; runs resumed: {resumed}; labels '
-          f'{"IDENTICAL" if same else "DIFFERENT"}')
-    return 0 if same else 1
+    reference = tifffile.imread(ref_out)
+    kills = resumed = episodes = identical = 0
+    while kills < args.kills:  # episodes: killed and resumed until done, then compared
+        episodes += 1
+        shutil.rmtree(spill, ignore_errors=True)
+        if osp.exists(cut_out):
+            os.remove(cut_out)
+        attempt = 0
+        while True:
+            attempt += 1
+            kill_after = rng.uniform(0.1, 1.0) * took if kills < args.kills else None
+            cmd = common + ['--out', cut_out, '--spill', spill] + (['--resume'] if attempt > 1
+                                                                      else [])
+            code, killed = _run(cmd, osp.join(base, 'interrupted.log'), kill_after,
+                                dict(os.environ))
+            resumed += attempt > 1
+            if killed:
+                kills += 1
+                print(f'  episode {episodes}: kill {kills}/{args.kills} after '
+                      f'{kill_after:.1f} s; output present: {osp.exists(cut_out)}')
+                continue
+            if code == 0:
+                break
+            print(f'attempt {attempt} failed (exit {code})')
+            return 1
+        same = bool(np.array_equal(reference, tifffile.imread(cut_out)))
+        identical += same
+        print(f'  episode {episodes}: {attempt - 1} kill(s), labels '
+              f'{"IDENTICAL" if same else "DIFFERENT"}')
+    print(f'faults injected: {kills}; runs resumed: {resumed}; episodes: {episodes}, '
+          f'{identical} of them with labels identical to the uninterrupted run')
+    return 0 if identical == episodes else 1
 
 
 def _children(pid: int) -> list[int]:
