@@ -57,11 +57,13 @@ class FiniteStepMixin:
         self._loss_value = float(loss.detach().sum()) if loss.numel() else 0.0
         super().update_params(loss, *args, **kwargs)  # type: ignore[misc]
 
-    def _local_problem(self) -> Optional[str]:
+    def _local_problem(self) -> Optional[tuple[str, str]]:
+        """What is not finite here: ``('loss', 'its terms')`` or ``('gradient', 'of
+        these parameters')``, else None."""
         if self._loss_value is not None and not math.isfinite(self._loss_value):
             bad = {k: v for k, v in self.loss_terms.items() if not math.isfinite(v)}
             terms = ', '.join(f'{k}={v}' for k, v in bad.items()) or f'loss={self._loss_value}'
-            return f'non-finite loss ({terms})'
+            return 'loss', terms
         names = []
         for group in self.optimizer.param_groups:  # type: ignore[attr-defined]
             for p in group['params']:
@@ -70,7 +72,7 @@ class FiniteStepMixin:
                                                       f'{tuple(p.shape)}'))
         if names:
             more = f' and {len(names) - 3} more' if len(names) > 3 else ''
-            return f'non-finite gradient of {", ".join(names[:3])}{more}'
+            return 'gradient', f'of {", ".join(names[:3])}{more}'
         return None
 
     def step(self, **kwargs: Any) -> None:
@@ -83,9 +85,14 @@ class FiniteStepMixin:
             return
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         where = f'iteration {self.iteration}' if self.iteration is not None else 'this step'
-        what = problem if problem is not None else 'finite values here'
-        message = (f'{where}: {"rank" if len(ranks) == 1 else "ranks"} '
-                   f'{", ".join(map(str, ranks))} had non-finite values (rank {rank}: {what})')
+        others = [r for r in ranks if r != rank]
+        if problem is not None:
+            message = f'non-finite {problem[0]} at {where} on rank {rank} ({problem[1]})'
+            if others:
+                message += f'; also on rank(s) {", ".join(map(str, others))}'
+        else:
+            message = (f'non-finite values at {where} on rank(s) '
+                       f'{", ".join(map(str, others))} (rank {rank} is finite)')
         if self.nonfinite == 'skip':
             self.skipped_steps += 1
             print_log(f'{message}; every rank skips this optimizer step '

@@ -19,13 +19,13 @@ DTYPE = torch.float64 if __import__('os').environ.get('SP_F64') else torch.float
 
 
 def _close(name: str, got: torch.Tensor, want: torch.Tensor, rank: int,
-           failures: Optional[list] = None) -> None:
+           failures: Optional[list] = None, atol: Optional[float] = None) -> None:
     if got.shape != want.shape:
         raise AssertionError(f'rank {rank}: {name}: shape {tuple(got.shape)} vs '
                              f'{tuple(want.shape)}')
     scale = want.abs().max().clamp_min(1e-6)
     err = (got - want).abs().max()
-    if not err <= ATOL + RTOL * scale:
+    if not err <= (atol if atol is not None else ATOL + RTOL * scale):
         msg = (f'rank {rank}: {name}: max abs error {float(err):.3g} (max |value| '
                f'{float(scale):.3g}, relative {float(err / scale):.2g})')
         if failures is None:
@@ -326,18 +326,22 @@ def detector_exact(rank: int, world: int, size: tuple[int, int]) -> None:
     total, log = model.parse_losses(detector_loss(model, data['inputs'], data['data_samples'],
                                                   group))
     total.backward()
+    # float32 only (mmcv's NMS and RoIAlign): the heads' ranking, suppression and ReLUs
+    # near zero turn float32 rounding of the sharded features into small differences:
+    # ~1e-3 relative in a few weights' gradients on a Xeon, and on an AMD EPYC (other
+    # oneDNN kernels) loss_cls 6.6e-5 relative and the position embedding's gradient
+    # 1.4%. A missing 1/S or gradient sum, or a dropped halo, would be 50-100%.
     for k in ref_log:
-        _close(f'logged {k}', torch.as_tensor(log[k]), torch.as_tensor(ref_log[k]), rank)
+        want = torch.as_tensor(ref_log[k])
+        _close(f'logged {k}', torch.as_tensor(log[k]), want, rank,
+               atol=ATOL + 2e-4 * float(want.abs().max()))
     failures: list = []
     for n, p in model.named_parameters():
         if n in ref_grads:
             g = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
             dist.all_reduce(g)
-            # float32 only (mmcv's NMS): the RoI head's ReLUs near zero turn float32
-            # rounding of the features into ~1e-3 relative differences of a few weights;
-            # a missing 1/S or gradient sum would be 50-100%.
             err = (g - ref_grads[n]).abs().max() / ref_grads[n].abs().max().clamp_min(1e-6)
-            if err > 1e-2:
+            if err > 3e-2:
                 failures.append(f'rank {rank}: grad {n}: relative error {float(err):.3g}')
     if failures:
         raise AssertionError('\n'.join(failures))
