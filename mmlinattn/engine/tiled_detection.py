@@ -219,10 +219,15 @@ def _probe_neck(model: Any, feats: Sequence[Tensor]) -> list[Tensor]:
         return list(model.neck(crops))
 
 
+def _probe_strides(probe: Sequence[Tensor], stride: int) -> list[int]:
+    """The stride (image pixels) of each output of :func:`_probe_neck`."""
+    return [stride * _PROBE_SIDE // o.shape[2] for o in probe]
+
+
 def neck_strides(model: Any, feats: Sequence[Tensor], stride: int) -> list[int]:
     """The stride (image pixels) of each of the neck's outputs, from a run on a small
     zero crop of the backbone's maps."""
-    return [stride * _PROBE_SIDE // o.shape[2] for o in _probe_neck(model, feats)]
+    return _probe_strides(_probe_neck(model, feats), stride)
 
 
 def pyramid_reach(model: Any, feats: Sequence[Tensor], stride: int) -> int:
@@ -231,23 +236,24 @@ def pyramid_reach(model: Any, feats: Sequence[Tensor], stride: int) -> int:
     level), else 0: with ``margin + 2 * halo``, what a rank fetches from its
     neighbours."""
     head = dense_head_of(model)
-    if head is None or local_dense_head(model, _probe_neck(model, feats)) is None:
+    probe = _probe_neck(model, feats)
+    if head is None or local_dense_head(model, probe) is None:
         return 0
-    return dense_head_reach(head) * max(neck_strides(model, feats, stride))
+    return dense_head_reach(head) * max(_probe_strides(probe, stride))
 
 
-def global_neck(model: Any, feats: Sequence[Tensor], stride: int, tiling: DetectionTiling,
-                tiles: Sequence[TileRegions]) -> bool:
-    """Whether the neck runs once over the image (see :class:`DetectionTiling`)."""
+def global_neck(probe: Sequence[Tensor], strides: Sequence[int], width: int,
+                tiling: DetectionTiling, tiles: Sequence[TileRegions]) -> bool:
+    """Whether the neck runs once over the image (see :class:`DetectionTiling`), from
+    its outputs ``probe`` on a small crop and their ``strides``, for the ``tiles`` of
+    an image ``width`` pixels wide."""
     if tiling.neck != 'auto':
         return tiling.neck == 'global'
     if current_spill() is not None:
         return True
     rows = max(t.head[1] for t in tiles) - min(t.head[0] for t in tiles)
-    width = feats[0].shape[3] * stride
-    strides = neck_strides(model, feats, stride)
     nbytes = sum(o.shape[1] * o.element_size() * -(-rows // s) * -(-width // s)
-                 for o, s in zip(_probe_neck(model, feats), strides))
+                 for o, s in zip(probe, strides))
     return nbytes <= GLOBAL_NECK_BYTES
 
 
@@ -644,7 +650,8 @@ def run_detection_tiles(model: Any, feats: Sequence[Tensor], stride: int,
     truncated)``. ``band=(a, b, row0, height)``: only the tiles whose cores start in
     image rows ``[a, b)`` of a padded image ``height`` rows high, ``feats`` holding
     its rows from ``row0`` (spatial ranks). Returns timings and the number of tiles."""
-    strides = neck_strides(model, feats, stride)
+    probe = _probe_neck(model, feats)  # one small run: strides, sizes, the dense head
+    strides = _probe_strides(probe, stride)
     tiling.check(max(SIZE_DIVISOR, max(strides)))
     a, b, row0, height = band if band is not None else (0, feats[0].shape[2] * stride, 0,
                                                         feats[0].shape[2] * stride)
@@ -655,12 +662,13 @@ def run_detection_tiles(model: Any, feats: Sequence[Tensor], stride: int,
     timings: dict = {}
     todo = [t for t in tiles if t.y0 not in done]
     pyramid = None
-    if todo and global_neck(model, feats, stride, tiling, todo):
+    width = feats[0].shape[3] * stride
+    if todo and global_neck(probe, strides, width, tiling, todo):
         pyramid = TilePyramid(
             model, feats, stride, row0, strides,
-            (min(t.head[0] for t in todo), max(t.head[1] for t in todo)),
-            feats[0].shape[3] * stride, tiling.halo, tiling.tile + 2 * tiling.margin,
-            local_dense_head(model, _probe_neck(model, feats)), timings)
+            (min(t.head[0] for t in todo), max(t.head[1] for t in todo)), width,
+            tiling.halo, tiling.tile + 2 * tiling.margin, local_dense_head(model, probe),
+            timings)
     with torch.no_grad(), local_mask_paste(model), threaded_roi_pooling(model), \
             detection_budgets(model, tiling) as budgets:
         row: list[TileRegions] = []
