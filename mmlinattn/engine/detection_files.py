@@ -40,6 +40,7 @@ from ..rasters.objects import (
     write_objects,
 )
 from ..rasters.writers import default_palette
+from ..utils.atomic import atomic_write
 from .large_files import RunFolder, _counting_blocks, _file_digest, compact_background
 from .large_image import SIZE_DIVISOR, Progress, _features, _padded, row_source
 from .tiled_detection import (
@@ -84,13 +85,9 @@ class _Staging:
             os.remove(osp.join(self.folder, name))
 
     def write(self, kind: str, y: int, objects: Sequence[DetectedObject]) -> None:
-        path = osp.join(self.folder, f'{kind}{y:09d}.jsonl')
-        with open(path + '.partial', 'w') as f:
+        with atomic_write(osp.join(self.folder, f'{kind}{y:09d}.jsonl'), 'w') as f:
             for obj in objects:
                 f.write(json.dumps(obj.to_json()) + '\n')
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + '.partial', path)
 
     def read(self, kind: str) -> Iterator[DetectedObject]:
         for name in sorted(os.listdir(self.folder)):
