@@ -8,7 +8,8 @@ stage's NCHW copy) and that is at least ``min_bytes`` comes from
 the computation writes and reads it band by band, and the kernel keeps in memory
 only the pages in use (clean pages are dropped under pressure; nothing is
 private memory). The values are the same as in memory: only where the bytes live
-changes.
+changes. A map's blocks are reserved on the disk when it is created, so that a full
+disk is an error naming the map (``OSError(ENOSPC)``) rather than a SIGBUS later.
 
 A map's file is removed when its tensor is freed; :meth:`SpillStore.keep` keeps
 one under a name (a run's outputs, for ``--resume``), and :func:`spill_maps`
@@ -17,12 +18,14 @@ clears the files a killed run left in its folder.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import os.path as osp
+import shutil
 import tempfile
 import weakref
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import BinaryIO, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -150,12 +153,44 @@ def open_persistent_map(path: str, shape: Sequence[int], dtype: torch.dtype) -> 
     return _map_file(path, shape, dtype, create=False)
 
 
+def _fallocate(fd: int, nbytes: int) -> int:
+    """``fallocate(2)`` of ``nbytes`` from 0 (mode 0: reserve the blocks, read as zeros):
+    0, or the errno. Unlike ``posix_fallocate``, a file system without it answers
+    EOPNOTSUPP instead of having every block written with zeros."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    fallocate = getattr(libc, 'fallocate64', None) or getattr(libc, 'fallocate', None)
+    if fallocate is None:
+        return errno.EOPNOTSUPP
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return 0 if fallocate(fd, 0, 0, nbytes) == 0 else ctypes.get_errno()
+
+
+def _size(nbytes: int) -> str:
+    return f'{nbytes / 2**30:.2f} GiB' if nbytes >= 2**30 else f'{nbytes / 2**20:.1f} MiB'
+
+
+def _reserve(f: BinaryIO, path: str, nbytes: int) -> None:
+    """Size the file ``nbytes`` and reserve its blocks on the disk now. A map's pages are
+    written through a shared mapping: a block the disk cannot give then would kill the
+    process with SIGBUS in the middle of a computation, so a full disk must show here,
+    as an error naming the map, before anything is written to it."""
+    if nbytes and (err := _fallocate(f.fileno(), nbytes)) in (errno.ENOSPC, errno.EDQUOT):
+        folder = osp.dirname(osp.abspath(path))
+        free = shutil.disk_usage(folder).free
+        raise OSError(err, f'no space left on the device for a map of {_size(nbytes)} in '
+                           f'{folder} ({_size(free)} free): free space (or spill elsewhere) '
+                           f'and rerun with --resume')
+    # Elsewhere (a file system without fallocate) the file stays sparse.
+    f.truncate(nbytes)
+
+
 def _map_file(path: str, shape: Sequence[int], dtype: torch.dtype, create: bool) -> Tensor:
     numel = torch.Size(shape).numel()
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
     if create:
         with open(path, 'r+b' if osp.exists(path) else 'w+b') as f:
-            f.truncate(nbytes)  # sparse: the disk fills as bands are written
+            _reserve(f, path, nbytes)
     flat = torch.from_file(path, shared=True, size=numel, dtype=dtype)
     address = flat.untyped_storage().data_ptr()
     _FILE_BACKED[address] = nbytes

@@ -210,6 +210,34 @@ def test_resume_continues_from_the_last_tile_row(model, scene, reference, tmp_pa
                      tile=TILE, halo=2 * HALO, spill=str(spill), resume=True)
 
 
+def test_a_full_disk_is_one_error_and_the_run_resumes_once_space_is_back(
+        model, scene, reference, tmp_path, monkeypatch) -> None:
+    import errno
+
+    from mmlinattn.utils import spill as spill_module
+    _, _, path = scene
+    spill, out = tmp_path / 'run', tmp_path / 'pred.ome.tif'
+    calls = {'n': 0, 'full_at': 6}
+    reserve = spill_module._fallocate
+
+    def fallocate(fd: int, nbytes: int) -> int:  # the disk fills in the backbone's stages
+        calls['n'] += 1
+        return errno.ENOSPC if calls['n'] >= calls['full_at'] else reserve(fd, nbytes)
+
+    monkeypatch.setattr(spill_module, '_fallocate', fallocate)
+    with pytest.raises(OSError, match='no space left on the device for a map of .* '
+                                      'rerun with --resume') as e:
+        segment_file(model, open_image(str(path)), FileOutputs(str(out)), chunk_tokens=CHUNK,
+                     tile=TILE, halo=HALO, spill=str(spill), min_spill_bytes=0)
+    assert e.value.errno == errno.ENOSPC and str(spill) in str(e.value)
+    assert not out.exists() and not Path(str(out) + '.partial').exists()
+    calls['full_at'] = 10**9  # space is back
+    labels, info = segment_file(model, open_image(str(path)), FileOutputs(str(out)),
+                                chunk_tokens=CHUNK, tile=TILE, halo=HALO, spill=str(spill),
+                                min_spill_bytes=0, resume=True)
+    assert torch.equal(labels.long(), reference.long()) and out.exists()
+
+
 def test_background_is_skipped_and_the_rest_is_the_compacted_prediction(model, tmp_path
                                                                           ) -> None:
     rgb = np.full((320, 384, 3), 245, np.uint8)  # glass
