@@ -99,6 +99,12 @@ def _spans(lo: int, hi: int, longest: int, step: int) -> list[tuple[int, int]]:
     return [(a, min(hi, a + side)) for a in range(lo, hi, side)]
 
 
+#: A ring of neck maps up to this size is held in memory even under a spill: written
+#: and read once per row of tiles, it would otherwise go through the page cache to the
+#: disk (23 GB of neck maps at 16384^2 px, written back before the tiles read them).
+RING_MEMORY_BYTES = 4 * 2**30
+
+
 class TilePyramid:
     """The neck's maps, and those of a local dense head (``head``, else ``None``), over
     image rows ``rows = (n0, n1)`` of a padded image ``width`` pixels wide.
@@ -109,23 +115,35 @@ class TilePyramid:
     ``rect``: the longest side of a rectangle (image pixels). The neck covers ``rows``
     widened by the head's reach, so that the head's maps at ``n0`` and ``n1`` see
     real features. Call :meth:`reach` before a row of tiles, then :meth:`neck_crop`
-    and :meth:`head_crop` for each tile; ``timings`` gets ``neck_s`` and ``dense_s``."""
+    and :meth:`head_crop` for each tile; ``timings`` gets ``neck_s`` and ``dense_s``.
+
+    ``ring``: the most image rows the head regions of one row of tiles span. The maps
+    then hold a window of rows, reused from the top as the tiles move down (a ring:
+    image row ``y`` at map row ``(y - origin) / s`` modulo the window), instead of the
+    whole image's rows: a row of tiles at a time in memory (up to
+    :data:`RING_MEMORY_BYTES`, else in the spill). The rows must then be reached and
+    read in order (:meth:`release` before :meth:`reach`, as the tiles go down); reading
+    a row the window no longer holds raises. ``None``: every row kept."""
 
     def __init__(self, model: Any, feats: Sequence[Tensor], stride: int, row0: int,
                  strides: Sequence[int], rows: tuple[int, int], width: int, halo: int,
-                 rect: int, head: Optional[nn.Module], timings: dict) -> None:
+                 rect: int, head: Optional[nn.Module], timings: dict,
+                 ring: Optional[int] = None) -> None:
         self.model, self.feats, self.stride, self.row0 = model, feats, stride, row0
         self.strides, self.halo, self.head, self.timings = list(strides), halo, head, timings
         self.step = max(self.strides)
-        self.width = width
+        self.width, self.rect = width, rect
         self.avail = (row0, row0 + feats[0].shape[2] * stride)
         n0, n1 = rows
         self.head_reach = dense_head_reach(head) * self.step if head is not None else 0
         self.rows = (n0, n1)
         self.neck_rows = (max(self.avail[0], n0 - self.head_reach),
                           min(self.avail[1], n1 + self.head_reach))
-        self.neck_bands = _spans(*self.neck_rows, rect, self.step)
-        self.head_bands = _spans(n0, n1, rect, self.step) if head is not None else []
+        # Image rows each kind of map holds at once: the rows a row of tiles reads and
+        # what is computed ahead of them (the head's reach, rounding to the stride).
+        self.neck_window = (None if ring is None else
+                            ring + 2 * self.head_reach + 2 * self.step)
+        self.head_window = None if ring is None else ring + 2 * self.step
         self.cols = _spans(0, width, rect, self.step)
         self.neck_maps: Optional[list[Tensor]] = None
         self.head_maps: Optional[list[list[Tensor]]] = None
@@ -136,11 +154,33 @@ class TilePyramid:
     def _lap(self, name: str, start: float) -> None:
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
 
+    def _alloc(self, outs: Sequence[Tensor], rows: tuple[int, int], window: Optional[int]
+               ) -> list[Tensor]:
+        """Maps like ``outs`` (one per level) for image rows ``rows``, or a ring of
+        ``window`` of them (plus a row of slack for a level's partial rows)."""
+        shapes = []
+        for o, s in zip(outs, self.strides):
+            total = -(-(rows[1] - rows[0]) // s)
+            held = total if window is None else min(total, -(-window // s) + 1)
+            shapes.append((1, o.shape[1], held, -(-self.width // s)))
+        wraps = any(sh[2] < -(-(rows[1] - rows[0]) // s) for sh, s in zip(shapes, self.strides))
+        nbytes = sum(torch.Size(sh).numel() * o.element_size() for sh, o in zip(shapes, outs))
+        if wraps and nbytes <= RING_MEMORY_BYTES:
+            return [torch.empty(sh, dtype=o.dtype) for sh, o in zip(shapes, outs)]
+        return [new_map(sh, o.dtype) for sh, o in zip(shapes, outs)]
+
     @staticmethod
-    def _alloc(outs: Sequence[Tensor], strides: Sequence[int], rows: tuple[int, int],
-               width: int) -> list[Tensor]:
-        return [new_map((1, o.shape[1], -(-(rows[1] - rows[0]) // s), -(-width // s)), o.dtype)
-                for o, s in zip(outs, strides)]
+    def _pieces(m: Tensor, r0: int, r1: int) -> list[tuple[int, int, int]]:
+        """Level rows ``[r0, r1)`` of a ring ``m`` as ``(offset, start, stop)``: rows
+        ``offset...`` of the span are map rows ``start:stop``."""
+        held = m.shape[2]
+        out, r = [], r0
+        while r < r1:
+            start = r % held
+            n = min(r1 - r, held - start)
+            out.append((r - r0, start, start + n))
+            r += n
+        return out
 
     def _place(self, maps: list[Tensor], origin: int, outs: Sequence[Tensor],
                crop: tuple[int, int, int, int], keep: tuple[int, int, int, int]) -> None:
@@ -151,8 +191,19 @@ class TilePyramid:
             rows = min(-(-(keep[1] - crop[0]) // s), o.shape[2]) - oy0
             cols = min(-(-(keep[3] - crop[2]) // s), o.shape[3]) - ox0
             dy, dx = (keep[0] - origin) // s, keep[2] // s
-            rows, cols = min(rows, m.shape[2] - dy), min(cols, m.shape[3] - dx)
-            m[:, :, dy:dy + rows, dx:dx + cols] = o[:, :, oy0:oy0 + rows, ox0:ox0 + cols]
+            total = -(-(self._extent(maps)[1] - origin) // s)
+            rows, cols = min(rows, total - dy), min(cols, m.shape[3] - dx)
+            for off, a, b in self._pieces(m, dy, dy + rows):
+                m[:, :, a:b, dx:dx + cols] = o[:, :, oy0 + off:oy0 + off + b - a,
+                                               ox0:ox0 + cols]
+
+    def _extent(self, maps: list[Tensor]) -> tuple[int, int]:
+        return self.neck_rows if maps is self.neck_maps else self.rows
+
+    def _align(self, y: int, origin: int, end: int) -> int:
+        """``y`` rounded up to a multiple of the coarsest stride from ``origin``, at
+        most ``end``: every band starts on a whole pixel of every level."""
+        return min(end, origin + -(-(y - origin) // self.step) * self.step)
 
     def _neck_band(self, a: int, b: int) -> None:
         start = time.perf_counter()
@@ -166,7 +217,7 @@ class TilePyramid:
                      for f, s in zip(self.feats, scales)]
             outs = self.model.neck(crops)
             if self.neck_maps is None:
-                self.neck_maps = self._alloc(outs, self.strides, self.neck_rows, self.width)
+                self.neck_maps = self._alloc(outs, self.neck_rows, self.neck_window)
             self._place(self.neck_maps, self.neck_rows[0], outs, (y0, y1, x0, x1), (a, b, c, d))
             del outs, crops
         self._lap('neck_s', start)
@@ -177,12 +228,11 @@ class TilePyramid:
         y0, y1 = max(n0, a - self.head_reach), min(self.neck_rows[1], b + self.head_reach)
         for c, d in self.cols:
             x0, x1 = max(0, c - self.head_reach), min(self.width, d + self.head_reach)
-            crops = [self._crop_level(m, n0, (y0, y1, x0, x1), s)
+            crops = [self._crop_level(m, n0, (y0, y1, x0, x1), s, self.neck_done)
                      for m, s in zip(self.neck_maps, self.strides)]
             kinds = self.head(crops)
             if self.head_maps is None:
-                self.head_maps = [self._alloc(k, self.strides, self.rows, self.width)
-                                  for k in kinds]
+                self.head_maps = [self._alloc(k, self.rows, self.head_window) for k in kinds]
             for maps, outs in zip(self.head_maps, kinds):
                 self._place(maps, self.rows[0], outs, (y0, y1, x0, x1), (a, b, c, d))
             del kinds, crops
@@ -190,19 +240,20 @@ class TilePyramid:
 
     def reach(self, y: int) -> None:
         """Compute the maps up to image row ``y`` (the bottom of a row of head regions)."""
-        y = min(y, self.rows[1])
-        while self.head_done < y and self.head_bands:
-            a, b = next(s for s in self.head_bands if s[0] == self.head_done)
-            self._neck_up_to(min(self.neck_rows[1], b + self.head_reach))
-            self._head_band(a, b)
-            self.head_done = b
+        y = self._align(min(y, self.rows[1]), self.rows[0], self.rows[1])
+        if self.head is not None and self.head_done < y:
+            self._neck_up_to(y + self.head_reach)
+            for a, b in _spans(self.head_done, y, self.rect, self.step):
+                self._head_band(a, b)
+            self.head_done = y
         self._neck_up_to(y)
 
     def _neck_up_to(self, y: int) -> None:
-        while self.neck_done < y:
-            a, b = next(s for s in self.neck_bands if s[0] == self.neck_done)
-            self._neck_band(a, b)
-            self.neck_done = b
+        y = self._align(y, self.neck_rows[0], self.neck_rows[1])
+        if self.neck_done < y:
+            for a, b in _spans(self.neck_done, y, self.rect, self.step):
+                self._neck_band(a, b)
+            self.neck_done = y
 
     def release(self, y: int) -> None:
         """Nothing above image row ``y`` (the top of the head regions still to do) will
@@ -210,12 +261,14 @@ class TilePyramid:
         (:func:`~mmlinattn.utils.spill.release_rows`), so that a pass over maps larger
         than memory keeps a band's worth in the page cache and writes no dead page to
         the disk. Tied to the tiles done, so that a resumed run finds every row it
-        needs."""
+        needs. (A ring's rows are reused instead.)"""
         finest = self.feats[0]
         reach = y - self.head_reach - self.halo - self.row0  # backbone rows still read
         for f in self.feats:
             per = self.stride * finest.shape[2] // f.shape[2]
             release_rows(f, reach // per)
+        if self.neck_window is not None:
+            return
         neck_reach = min(y, self.head_done) - self.head_reach - self.neck_rows[0]
         for m, s in zip(self.neck_maps or (), self.strides):
             release_rows(m, neck_reach // s)
@@ -224,17 +277,24 @@ class TilePyramid:
                 release_rows(m, (y - self.rows[0]) // s)
 
     # -- reading ----------------------------------------------------------------------
-    @staticmethod
-    def _crop_level(m: Tensor, origin: int, region: tuple[int, int, int, int], s: int
-                    ) -> Tensor:
+    def _crop_level(self, m: Tensor, origin: int, region: tuple[int, int, int, int], s: int,
+                    done: int) -> Tensor:
+        """Level ``s`` of ``region`` (image y0, y1, x0, x1) from ``m`` (rows from image
+        row ``origin``, computed up to image row ``done``), a contiguous copy."""
         y0, y1, x0, x1 = region
-        return m[:, :, (y0 - origin) // s:-(-(y1 - origin) // s),
-                 x0 // s:-(-x1 // s)].contiguous()
+        r0, r1 = (y0 - origin) // s, -(-(y1 - origin) // s)
+        written = -(-(done - origin) // s)
+        if r1 > written or r0 < written - m.shape[2]:
+            raise RuntimeError(f'rows {y0}-{y1} of the pyramid at stride {s} are not held '
+                               f'(computed up to row {done}, {m.shape[2] * s} rows held): '
+                               'read in order, after reach()')
+        parts = [m[:, :, a:b, x0 // s:-(-x1 // s)] for _, a, b in self._pieces(m, r0, r1)]
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)).contiguous()
 
     def neck_crop(self, region: tuple[int, int, int, int]) -> list[Tensor]:
         """The neck's maps on ``region`` (image y0, y1, x0, x1), contiguous copies (mmcv's
         CPU RoIAlign reads its input as a dense array)."""
-        return [self._crop_level(m, self.neck_rows[0], region, s)
+        return [self._crop_level(m, self.neck_rows[0], region, s, self.neck_done)
                 for m, s in zip(self.neck_maps, self.strides)]
 
     def head_crop(self, region: tuple[int, int, int, int]) -> Optional[tuple]:
@@ -242,5 +302,5 @@ class TilePyramid:
         head's ``forward`` returns them), or ``None`` when the head runs per tile."""
         if self.head_maps is None:
             return None
-        return tuple([self._crop_level(m, self.rows[0], region, s)
+        return tuple([self._crop_level(m, self.rows[0], region, s, self.head_done)
                       for m, s in zip(maps, self.strides)] for maps in self.head_maps)

@@ -85,8 +85,9 @@ __all__ = ['DetectionTiling', 'TileRegions', 'check_tileable', 'detection_budget
 
 #: Where the neck runs (see :class:`DetectionTiling`).
 NECK_MODES = ('auto', 'global', 'tiles')
-#: ``neck='auto'`` without a spill: the most bytes the neck's maps over the image may
-#: take in memory for the neck to run once over the image.
+#: ``neck='auto'`` without a spill: the most bytes the neck's maps over the rows of one
+#: row of tiles (what :class:`TilePyramid` holds at once) may take for the neck to run
+#: once over the image.
 GLOBAL_NECK_BYTES = 2 * 2**30
 
 
@@ -107,8 +108,8 @@ class DetectionTiling:
     other) is dropped (None: kept; see :func:`suppress_nested`). ``neck``: where the neck
     (and a local dense head) runs: ``'global'`` once over the image by rectangles
     (:class:`~mmlinattn.engine.tile_pyramid.TilePyramid`), ``'tiles'`` on each tile's
-    crop, ``'auto'`` global under a spill or when its maps take at most
-    :data:`GLOBAL_NECK_BYTES`, else by tiles."""
+    crop, ``'auto'`` global under a spill or when its maps over a row of tiles take at
+    most :data:`GLOBAL_NECK_BYTES`, else by tiles."""
 
     tile: int = 2048
     margin: int = 256
@@ -251,7 +252,10 @@ def global_neck(probe: Sequence[Tensor], strides: Sequence[int], width: int,
         return tiling.neck == 'global'
     if current_spill() is not None:
         return True
-    rows = max(t.head[1] for t in tiles) - min(t.head[0] for t in tiles)
+    by_row: dict[int, list[TileRegions]] = {}
+    for t in tiles:
+        by_row.setdefault(t.y0, []).append(t)
+    rows = max(max(t.head[1] for t in r) - min(t.head[0] for t in r) for r in by_row.values())
     nbytes = sum(o.shape[1] * o.element_size() * -(-rows // s) * -(-width // s)
                  for o, s in zip(probe, strides))
     return nbytes <= GLOBAL_NECK_BYTES
@@ -664,11 +668,17 @@ def run_detection_tiles(model: Any, feats: Sequence[Tensor], stride: int,
     pyramid = None
     width = feats[0].shape[3] * stride
     if todo and global_neck(probe, strides, width, tiling, todo):
+        by_row: dict[int, list[TileRegions]] = {}
+        for t in todo:
+            by_row.setdefault(t.y0, []).append(t)
+        # The rows one row of tiles reads: the maps hold that many (a ring), not the image.
+        ring = max(max(t.head[1] for t in r) - min(t.head[0] for t in r)
+                   for r in by_row.values())
         pyramid = TilePyramid(
             model, feats, stride, row0, strides,
             (min(t.head[0] for t in todo), max(t.head[1] for t in todo)), width,
             tiling.halo, tiling.tile + 2 * tiling.margin, local_dense_head(model, probe),
-            timings)
+            timings, ring=ring)
     with torch.no_grad(), local_mask_paste(model), threaded_roi_pooling(model), \
             detection_budgets(model, tiling) as budgets:
         row: list[TileRegions] = []

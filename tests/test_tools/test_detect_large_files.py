@@ -314,6 +314,49 @@ def test_the_pyramid_by_rectangles_equals_the_whole_image_neck_and_rpn(detector)
                 assert got.shape == ref.shape and err < 1e-4, (s, err)
 
 
+@pytest.mark.parametrize('in_memory', [True, False])
+def test_a_ring_of_rows_gives_every_row_of_tiles_the_whole_image_neck_and_rpn(
+        detector, in_memory, tmp_path, monkeypatch) -> None:
+    """The pyramid holding a window of rows (a ring: 128 px of head regions, rows reused
+    from the top), walked down as a run's rows of tiles walk it, in memory or in a
+    spill: each row's crops equal the whole-image neck and RPN; a row it no longer
+    holds is refused."""
+    from mmlinattn.engine import tile_pyramid
+    from mmlinattn.engine.tile_pyramid import TilePyramid, local_dense_head
+    from mmlinattn.engine.tiled_detection import _probe_neck
+    from mmlinattn.utils.spill import _FILE_BACKED, spill_maps
+    image = _image(448, 192).float()[None]
+    with torch.no_grad():
+        feats = detector.backbone(image)
+        whole = detector.neck(feats)
+        rpn = detector.rpn_head(list(whole))
+    strides = [4, 8, 16, 32, 64]
+    head = local_dense_head(detector, _probe_neck(detector, feats))
+    if not in_memory:
+        monkeypatch.setattr(tile_pyramid, 'RING_MEMORY_BYTES', 0)
+    with spill_maps(str(tmp_path / 'spill'), min_bytes=1):
+        pyramid = TilePyramid(detector, feats, 4, 0, strides, (0, 448), 192, halo=64, rect=64,
+                              head=head, timings={}, ring=128)
+        for top in range(0, 448 - 64, 64):  # rows of head regions 128 px high, 64 apart
+            region = (top, top + 128, 0, 192)
+            with torch.no_grad():
+                pyramid.release(top)
+                pyramid.reach(top + 128)
+            assert pyramid.neck_maps[0].shape[2] < 448 // 4  # a window, not the image
+            on_disk = pyramid.neck_maps[0].untyped_storage().data_ptr() in _FILE_BACKED
+            assert on_disk != in_memory
+            crops = pyramid.neck_crop(region), pyramid.head_crop(region)
+            for got, ref, s in zip(crops[0], whole, strides):
+                ref = ref[:, :, top // s:-(-(top + 128) // s)]
+                assert got.shape == ref.shape and (got - ref).abs().max() < 1e-4, (top, s)
+            for got_kind, ref_kind in zip(crops[1], rpn):
+                for got, ref, s in zip(got_kind, ref_kind, strides):
+                    ref = ref[:, :, top // s:-(-(top + 128) // s)]
+                    assert got.shape == ref.shape and (got - ref).abs().max() < 1e-4, (top, s)
+        with pytest.raises(RuntimeError, match='not held'):
+            pyramid.neck_crop((0, 128, 0, 192))
+
+
 def test_a_head_with_group_norm_or_more_channels_than_the_neck_runs_per_tile(detector
                                                                             ) -> None:
     """Only a head without statistics over the map, whose maps cost no more than the
@@ -357,14 +400,15 @@ def test_the_neck_once_over_the_image_gives_the_objects_of_the_neck_per_tile(det
 
 def test_maps_on_disk_released_behind_the_tiles_resume_to_the_same_objects(
         detector, tmp_path, monkeypatch) -> None:
-    """Every map spilled to disk (the backbone's, kept for resume, and the neck's), the
-    rows behind the tiles given back (holes punched: they read as zeros), the run
-    stopped after its second row of tiles and resumed: the objects of a run in memory."""
+    """The backbone's maps spilled to disk (kept for resume; the neck's rows are a ring
+    in memory), their rows behind the tiles given back (holes punched: they read as
+    zeros), the run stopped after its second row of tiles and resumed: the objects of
+    a run in memory."""
     from mmlinattn.engine import detection_files, tile_pyramid
     from mmlinattn.engine.detection_files import detect_file
     from mmlinattn.engine.tiled_detection import DetectionTiling
     from mmlinattn.rasters import open_image
-    _tiff(tmp_path / 'scene.tif', _image(320, 200))
+    _tiff(tmp_path / 'scene.tif', _image(448, 200))
     tiling = DetectionTiling(tile=64, margin=64, halo=64, nested_ios=None)
     reader = open_image(str(tmp_path / 'scene.tif'))
     reference = sorted(map(_key, detect_file(detector, reader, [], chunk_tokens=48,
