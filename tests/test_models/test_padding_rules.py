@@ -109,7 +109,7 @@ def test_the_two_padding_rules_differ():
                                  'agent_swin_window_block_5x7_unshifted'])
 def test_window_block_equals_the_authors_detection_block(key):
     """The authors' Agent-Swin detection block (``attn_type='B'``), recorded by
-    ``tools/reference_parity.py --record`` at sizes that are no multiple of its window,
+    ``tests/reference_parity.py --record`` at sizes that are no multiple of its window,
     against ours with the padding attended (Agent-Swin's default)."""
     from mmlinattn.models.layers.block import TransformerBlock
 

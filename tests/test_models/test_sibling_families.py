@@ -1,7 +1,7 @@
 """Agent-Swin/PVT/CSwin/DeiT, FLatten-Swin/PVT/PVTv2/CSwin and MLLA: the authors' released
 layouts and modules.
 
-The truth is recorded from the authors' own code by ``tools/reference_parity.py``
+The truth is recorded from the authors' own code by ``tests/reference_parity.py``
 (which also compares whole released models with ours, logits within 1e-6): every key
 and shape of each released classifier (``sibling_state_dicts.json``) and tiny attention
 modules of theirs with their weights, an input and their output

@@ -6,7 +6,7 @@ The authors' repositories are not dependencies: clone them anywhere and point at
     git clone https://github.com/LeapLabTHU/Agent-Attention
     git clone https://github.com/LeapLabTHU/FLatten-Transformer
     git clone https://github.com/LeapLabTHU/MLLA
-    python tools/reference_parity.py --agent Agent-Attention --flatten FLatten-Transformer \
+    python tests/reference_parity.py --agent Agent-Attention --flatten FLatten-Transformer \
         --mlla MLLA
 
 For every released model it builds the authors' classifier with random weights, loads
