@@ -103,7 +103,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    'model levels; reports the bytes each rank sends against ring attention')
     p.add_argument('--batch', type=int, default=1)
     p.add_argument('--device', choices=['cpu', 'cuda'], default='cpu')
-    p.add_argument('--dtype', choices=['fp32', 'bf16', 'fp16'], default='fp32')
+    p.add_argument('--dtype', choices=['fp32', 'bf16', 'fp16', 'auto'], default='fp32',
+                   help='compute precision (autocast for bf16/fp16); auto = bf16 where the '
+                   'CPU (AVX512-BF16, AMX-BF16) or GPU computes it natively, else fp32; bf16 '
+                   'is refused where it is emulated unless --force-bf16')
+    p.add_argument('--force-bf16', action='store_true',
+                   help='measure --dtype bf16 even where bf16 is emulated (much slower)')
     p.add_argument('--compile', action='store_true', help='torch.compile each contender')
     p.add_argument('--threads', type=int, help='torch CPU threads (default: torch decides)')
     p.add_argument('--warmup', type=int, default=1)
@@ -150,6 +155,9 @@ def _progress_printer(total: int | None):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.dtype != 'fp16':
+        from mmlinattn.utils.precision import resolve_dtype
+        args.dtype = resolve_dtype(args.dtype, args.device, args.force_bf16)
     budget = args.budget if args.budget is not None else (60.0 if args.device == 'cuda'
                                                           else 30.0)
     sweeps = []

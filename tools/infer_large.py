@@ -43,6 +43,8 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from mmlinattn.utils.precision import add_dtype_arguments  # noqa: E402
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description='Whole-image inference on a very large image')
@@ -135,6 +137,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--no-masks', action='store_true',
                    help='detectors: skip the mask head (mmdet pastes each mask at image size)')
     p.add_argument('--device', choices=['cpu', 'cuda'], default='cpu')
+    add_dtype_arguments(p)
     p.add_argument('--report', metavar='JSON', help='also write the measurements to this file')
     p.add_argument('--keep-freed-memory', action='store_true',
                    help='keep freed buffers in the heap for reuse instead of giving them back '
@@ -288,13 +291,19 @@ def spatial_group(device: str) -> Any:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     from mmlinattn.engine import large_image as li
+    from mmlinattn.utils.precision import autocast_for, resolve_dtype
 
+    args.dtype = resolve_dtype(args.dtype, args.device, args.force_bf16)
+    if args.dtype == 'bf16':
+        from mmlinattn.ops.mmcv_autocast import float32_mmcv_ops
+        float32_mmcv_ops()  # mmdet's heads call mmcv's float32-only CPU operators
     group = spatial_group(args.device)
     from mmlinattn.parallel.watchdog import watch_group
     try:
         # A rank that dies or stops is named by the others within MMLINATTN_STALL_S
         # (60 s by default; ranks busy computing keep beating).
-        with watch_group(float(os.environ.get('MMLINATTN_STALL_S', 60))):
+        with watch_group(float(os.environ.get('MMLINATTN_STALL_S', 60))), \
+                autocast_for(args.dtype, args.device):
             report = _main(args, li, group)
         if args.report and (group is None or group.first):
             with open(args.report, 'w') as f:
@@ -309,7 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _main(args: argparse.Namespace, li: Any, group: Any) -> dict:
     reader = open_reader(args)
-    print(reader.describe())
+    print(reader.describe() + ('; computing in bf16 (autocast)' if args.dtype == 'bf16' else ''))
     model, scope = load_model(args.config, args.checkpoint, args.device)
     if group is not None:
         if args.compare:

@@ -12,6 +12,8 @@ import argparse
 import os.path as osp
 import sys
 
+import torch
+
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from mmlinattn.engine.build import clear_pretrained  # noqa: E402
@@ -24,6 +26,7 @@ from mmlinattn.engine.launch import (  # noqa: E402
     load_config,
     process_group_lifetime,
 )
+from mmlinattn.utils.precision import add_dtype_arguments, resolve_dtype  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,6 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--show-dir', help='save images with drawn predictions here '
                         '(relative to the work dir / timestamp for mmdet)')
     add_common_arguments(parser)
+    add_dtype_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -48,6 +52,33 @@ def enable_drawing(cfg, show_dir: str) -> None:
         hook['interval'] = 1
 
 
+def bf16_test_step(model, device: str) -> None:
+    """``model.test_step`` under bf16 autocast, its predictions handed to the metrics in
+    float32 (numpy, and so the metrics, have no bfloat16), with mmcv's NMS and RoIAlign
+    in float32 (see ``mmlinattn.ops.mmcv_autocast``)."""
+    from mmengine.structures import BaseDataElement
+
+    from mmlinattn.ops.mmcv_autocast import float32_mmcv_ops
+    float32_mmcv_ops()
+    step = model.test_step
+
+    def as_float32(element):
+        for key in list(element.keys()):
+            value = getattr(element, key)
+            if isinstance(value, BaseDataElement):
+                as_float32(value)
+            elif isinstance(value, torch.Tensor) and value.dtype == torch.bfloat16:
+                setattr(element, key, value.float())
+        return element
+
+    def test_step(data):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            outputs = step(data)
+        return [as_float32(o) if isinstance(o, BaseDataElement) else o for o in outputs]
+    model.test_step = test_step
+    print('testing in bf16 (autocast)')
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     with process_group_lifetime():  # the launcher may start one in load_config
@@ -61,7 +92,11 @@ def main(argv: list[str] | None = None) -> None:
             enable_drawing(cfg, args.show_dir)
         check_data_roots(cfg, ('test_dataloader', ))
         add_safety_hooks(cfg)
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+        dtype = resolve_dtype(args.dtype, device, args.force_bf16)
         runner = build_runner(cfg)
+        if dtype == 'bf16':
+            bf16_test_step(runner.model, device)
         metrics = runner.test()
         print('metrics: ' + ', '.join(f'{k}={v}' for k, v in metrics.items()))
 

@@ -15,6 +15,8 @@ import argparse
 import os.path as osp
 import sys
 
+import torch
+
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from mmlinattn.engine.launch import (  # noqa: E402
@@ -28,13 +30,16 @@ from mmlinattn.engine.launch import (  # noqa: E402
     load_config,
     process_group_lifetime,
 )
+from mmlinattn.utils.precision import add_dtype_arguments, resolve_dtype  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description='Train a detector or segmenter')
     parser.add_argument('config', help='config file')
     parser.add_argument('--amp', action='store_true',
-                        help='mixed precision (fp16 with loss scaling on GPU, bf16 on CPU)')
+                        help='mixed precision (fp16 with loss scaling on GPU, bf16 on CPU): '
+                        'on the CPU the same as --dtype bf16')
+    add_dtype_arguments(parser)
     parser.add_argument(
         '--resume', nargs='?', type=str, const='auto',
         help='resume from the given checkpoint, or (no value) from the latest one in '
@@ -48,8 +53,14 @@ def main(argv: list[str] | None = None) -> None:
     with process_group_lifetime():  # the launcher may start one in load_config
         import_project()
         cfg = load_config(args.config, args)
-        if args.amp:
-            print(f'mixed precision: {enable_amp(cfg)}')
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+        # --amp on a GPU is fp16 with loss scaling; on the CPU it is bf16, refused where
+        # bf16 is emulated (unless --force-bf16).
+        dtype = resolve_dtype('bf16' if args.amp and device == 'cpu' else args.dtype, device,
+                              args.force_bf16)
+        if args.amp or dtype == 'bf16':
+            gpu_dtype = 'bfloat16' if dtype == 'bf16' and not args.amp else 'float16'
+            print(f'mixed precision: {enable_amp(cfg, gpu_dtype)}')
         if args.resume == 'auto':
             from mmlinattn.engine.resume import pick_checkpoint
             cfg.resume = True

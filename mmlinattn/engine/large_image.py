@@ -541,7 +541,9 @@ def detect_large(model: Any, image: Tensor, chunk_tokens: Optional[int] = DEFAUL
                  if model.with_neck else feats)
         info['neck_s'] = time.perf_counter() - start
         start = time.perf_counter()
-        with features_given(model, feats), _without_masks(model, not masks):
+        feats = [f.float() for f in feats]  # the heads in fp32 (mmcv's CPU ops take float32)
+        with torch.autocast(feats[0].device.type, enabled=False), \
+                features_given(model, feats), _without_masks(model, not masks):
             result = model.predict(x, samples, rescale=True)[0]
         info['heads_s'] = time.perf_counter() - start
     return result, info

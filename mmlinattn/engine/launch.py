@@ -148,8 +148,9 @@ def add_fault_tolerance(cfg: Config) -> None:
         wrapper.type = 'mmlinattn.FiniteOptimWrapper'
 
 
-def enable_amp(cfg: Config) -> str:
-    """Mixed precision: fp16 AmpOptimWrapper on a GPU, bf16 CPU autocast otherwise."""
+def enable_amp(cfg: Config, gpu_dtype: str = 'float16') -> str:
+    """Mixed precision: mmengine's AmpOptimWrapper on a GPU (``gpu_dtype``: float16 with
+    dynamic loss scaling, or bfloat16), bf16 CPU autocast otherwise."""
     import torch
 
     wrapper = cfg.optim_wrapper
@@ -158,7 +159,10 @@ def enable_amp(cfg: Config) -> str:
         return wrapper.type
     if torch.cuda.is_available():
         wrapper.type = 'AmpOptimWrapper'
-        wrapper.loss_scale = 'dynamic'
+        if gpu_dtype == 'bfloat16':
+            wrapper.dtype = 'bfloat16'  # fp32's exponent range: no loss scaling
+        else:
+            wrapper.loss_scale = 'dynamic'
     else:
         wrapper.type = 'mmlinattn.CPUAutocastOptimWrapper'
         wrapper.dtype = 'bfloat16'

@@ -133,6 +133,8 @@ class CPUAutocastOptimWrapper(FiniteStepMixin, OptimWrapper):
         if dtype not in ('bfloat16', 'float16'):
             raise ValueError(f"dtype must be 'bfloat16' or 'float16', got {dtype!r}")
         self.cast_dtype = getattr(torch, dtype)
+        from ..ops.mmcv_autocast import float32_mmcv_ops
+        float32_mmcv_ops()  # a detector's NMS and RoIAlign under CPU autocast
         if dtype == 'bfloat16' and not cpu_has_native_bf16():
             print_log(f'CPUAutocastOptimWrapper: {EMULATED_BF16_NOTE}', logger='current',
                       level=logging.WARNING)

@@ -541,7 +541,13 @@ def detect_tile(model: Any, feats: Sequence[Tensor], stride: int, strides: Seque
                         ox // s:-(-(ox + hx1 - hx0) // s)].contiguous()
                       for o, s in zip(outs, strides)]
     samples = _samples(model, t.head, image_hw)
-    with features_given(model, head_feats), contextlib.ExitStack() as stack:
+    # mmdet's heads run in fp32 even under bf16 autocast: mmcv's CPU NMS and RoIAlign take
+    # float32 only, and the heads are a small share of the time. (No-ops in fp32.)
+    head_feats = [f.float() for f in head_feats]
+    if dense_outs is not None:
+        dense_outs = tuple([o.float() for o in kind] for kind in dense_outs)
+    with torch.autocast(head_feats[0].device.type, enabled=False), \
+            features_given(model, head_feats), contextlib.ExitStack() as stack:
         if dense_outs is not None:
             stack.enter_context(precomputed_outputs(dense_head_of(model), dense_outs))
         result = model.predict(None, samples, rescale=False)[0].pred_instances
