@@ -33,7 +33,8 @@ from torch import Tensor, nn
 from ..utils.spill import new_map, release_rows
 from .large_image import _box
 
-__all__ = ['TilePyramid', 'local_dense_head', 'dense_head_reach', 'precomputed_outputs']
+__all__ = ['TilePyramid', 'local_dense_head', 'dense_head_reach', 'neck_reach',
+           'precomputed_outputs']
 
 #: Norm layers whose statistics span the map: a head holding one is not local.
 _GLOBAL_NORMS = (nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
@@ -55,6 +56,48 @@ def dense_head_reach(head: nn.Module) -> int:
         if isinstance(m, nn.Conv2d):
             reach += max(d * (k - 1) // 2 for k, d in zip(m.kernel_size, m.dilation))
     return reach
+
+
+#: Layers of an FPN whose output at a pixel reads only that pixel (besides convolutions).
+_POINTWISE = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.ReLU, nn.Identity, nn.Sequential,
+              nn.ModuleList)
+
+
+def neck_reach(neck: nn.Module, feats: Sequence[Tensor], stride: int) -> Optional[int]:
+    """The receptive radius of mmdet's ``FPN`` in image pixels: the radii of its
+    convolutions, each times the stride of the map it reads (measured on ``feats``,
+    the backbone's maps, ``stride`` image pixels per finest pixel), summed (every path
+    through them is at most that); lateral 1x1 convolutions and nearest upsampling
+    reach nothing, the extra levels by max-pooling with a kernel of 1 neither. For
+    another neck, or an FPN with other layers or upsampling, ``None``: its reach is
+    not known here (the tiling's ``halo`` is used)."""
+    if type(neck).__name__ != 'FPN' or \
+            dict(getattr(neck, 'upsample_cfg', {})).get('mode', 'nearest') != 'nearest':
+        return None
+    convs = []
+    for m in neck.modules():
+        if m is neck or isinstance(m, _POINTWISE) or type(m).__name__ == 'ConvModule':
+            continue
+        if not isinstance(m, nn.Conv2d):
+            return None  # a norm with statistics over the map, an attention, ...
+        convs.append(m)
+    read: dict[nn.Module, int] = {}  # a convolution -> the width of the map it reads
+
+    def record(conv: nn.Module, args: tuple) -> None:
+        read.setdefault(conv, args[0].shape[-1])
+    hooks = [c.register_forward_pre_hook(record) for c in convs]
+    try:
+        with torch.no_grad():
+            neck(list(feats))
+    finally:
+        for h in hooks:
+            h.remove()
+    width = feats[0].shape[-1] * stride
+    reach = 0.0
+    for conv, side in read.items():
+        radius = max(d * (k - 1) // 2 for k, d in zip(conv.kernel_size, conv.dilation))
+        reach += radius * width / side
+    return math.ceil(reach)
 
 
 def local_dense_head(model: Any, neck_outs: Sequence[Tensor]) -> Optional[nn.Module]:

@@ -72,6 +72,7 @@ from .tile_pyramid import (
     dense_head_of,
     dense_head_reach,
     local_dense_head,
+    neck_reach,
     precomputed_outputs,
 )
 
@@ -211,13 +212,32 @@ def check_tileable(model: Any) -> None:
 _PROBE_SIDE = 64
 
 
+def _probe_crops(feats: Sequence[Tensor]) -> list[Tensor]:
+    """Small zero maps shaped as the backbone's (the finest ``_PROBE_SIDE`` pixels)."""
+    side = _PROBE_SIDE
+    return [f.new_zeros(1, f.shape[1], side * f.shape[2] // feats[0].shape[2] or 1,
+                        side * f.shape[3] // feats[0].shape[3] or 1) for f in feats]
+
+
 def _probe_neck(model: Any, feats: Sequence[Tensor]) -> list[Tensor]:
     """The neck's outputs on a small zero crop of the backbone's maps."""
-    side = _PROBE_SIDE
-    crops = [f.new_zeros(1, f.shape[1], side * f.shape[2] // feats[0].shape[2] or 1,
-                         side * f.shape[3] // feats[0].shape[3] or 1) for f in feats]
     with torch.no_grad():
-        return list(model.neck(crops))
+        return list(model.neck(_probe_crops(feats)))
+
+
+def pyramid_halo(model: Any, feats: Sequence[Tensor], stride: int, strides: Sequence[int],
+                 tiling: DetectionTiling) -> int:
+    """Backbone context around a rectangle of the neck in :class:`TilePyramid`: the
+    neck's own receptive radius (:func:`neck_reach`: 60 px for FPN on strides 4-32)
+    rounded up to its coarsest stride, so that every level of a rectangle starts on a
+    whole pixel; the tiling's ``halo`` (what the heads need) when that is not known or
+    larger. 256 px of halo around 2560 px rectangles computed the neck on 44% more
+    pixels than it keeps; 64 px, 10%."""
+    reach = neck_reach(model.neck, _probe_crops(feats), stride)
+    if reach is None:
+        return tiling.halo
+    step = max(strides)
+    return min(tiling.halo, -(-reach // step) * step)
 
 
 def _probe_strides(probe: Sequence[Tensor], stride: int) -> list[int]:
@@ -683,8 +703,8 @@ def run_detection_tiles(model: Any, feats: Sequence[Tensor], stride: int,
         pyramid = TilePyramid(
             model, feats, stride, row0, strides,
             (min(t.head[0] for t in todo), max(t.head[1] for t in todo)), width,
-            tiling.halo, tiling.tile + 2 * tiling.margin, local_dense_head(model, probe),
-            timings, ring=ring)
+            pyramid_halo(model, feats, stride, strides, tiling), tiling.tile + 2 * tiling.margin,
+            local_dense_head(model, probe), timings, ring=ring)
     with torch.no_grad(), local_mask_paste(model), threaded_roi_pooling(model), \
             detection_budgets(model, tiling) as budgets:
         row: list[TileRegions] = []

@@ -283,8 +283,13 @@ def test_the_pyramid_by_rectangles_equals_the_whole_image_neck_and_rpn(detector)
     of backbone rows and columns) equal mmdet's neck and RPN run once on the whole
     maps; from a rank's rows too (the backbone's maps from image row 64 only, the head
     regions' rows from 192: a halo and the RPN's reach below them)."""
-    from mmlinattn.engine.tile_pyramid import TilePyramid, local_dense_head
-    from mmlinattn.engine.tiled_detection import _probe_neck, neck_strides
+    from mmlinattn.engine.tile_pyramid import TilePyramid, local_dense_head, neck_reach
+    from mmlinattn.engine.tiled_detection import (
+        DetectionTiling,
+        _probe_neck,
+        neck_strides,
+        pyramid_halo,
+    )
     image = _image(320, 320).float()[None]
     with torch.no_grad():
         feats = detector.backbone(image)
@@ -294,10 +299,16 @@ def test_the_pyramid_by_rectangles_equals_the_whole_image_neck_and_rpn(detector)
     assert strides == [4, 8, 16, 32, 64]
     head = local_dense_head(detector, _probe_neck(detector, feats))
     assert head is detector.rpn_head
+    # The FPN's own reach: a 3x3 convolution on each of strides 4-32 (4 + 8 + 16 + 32),
+    # rounded up to the coarsest stride, not the 256 px of the tiling's halo.
+    assert neck_reach(detector.neck, feats, 4) == 60
+    assert neck_reach(torch.nn.Conv2d(3, 3, 3), feats, 4) is None  # not an FPN: unknown
+    halo = pyramid_halo(detector, feats, 4, strides, DetectionTiling())
+    assert halo == 64
     for row0, rows in ((0, (0, 320)), (64, (192, 320))):
         part = [f[:, :, row0 // s:] for f, s in zip(feats, (4, 8, 16, 32))]
         timings: dict = {}
-        pyramid = TilePyramid(detector, part, 4, row0, strides, rows, 320, halo=64, rect=64,
+        pyramid = TilePyramid(detector, part, 4, row0, strides, rows, 320, halo=halo, rect=64,
                               head=head, timings=timings)
         with torch.no_grad():
             pyramid.reach(rows[1])
