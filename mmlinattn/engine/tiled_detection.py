@@ -263,6 +263,14 @@ def pyramid_reach(model: Any, feats: Sequence[Tensor], stride: int) -> int:
     return dense_head_reach(head) * max(_probe_strides(probe, stride))
 
 
+def row_span(tiles: Sequence[TileRegions]) -> int:
+    """The most image rows the head regions of one row of ``tiles`` span."""
+    by_row: dict[int, list[TileRegions]] = {}
+    for t in tiles:
+        by_row.setdefault(t.y0, []).append(t)
+    return max(max(t.head[1] for t in r) - min(t.head[0] for t in r) for r in by_row.values())
+
+
 def global_neck(probe: Sequence[Tensor], strides: Sequence[int], width: int,
                 tiling: DetectionTiling, tiles: Sequence[TileRegions]) -> bool:
     """Whether the neck runs once over the image (see :class:`DetectionTiling`), from
@@ -272,10 +280,7 @@ def global_neck(probe: Sequence[Tensor], strides: Sequence[int], width: int,
         return tiling.neck == 'global'
     if current_spill() is not None:
         return True
-    by_row: dict[int, list[TileRegions]] = {}
-    for t in tiles:
-        by_row.setdefault(t.y0, []).append(t)
-    rows = max(max(t.head[1] for t in r) - min(t.head[0] for t in r) for r in by_row.values())
+    rows = row_span(tiles)
     nbytes = sum(o.shape[1] * o.element_size() * -(-rows // s) * -(-width // s)
                  for o, s in zip(probe, strides))
     return nbytes <= GLOBAL_NECK_BYTES
@@ -694,12 +699,8 @@ def run_detection_tiles(model: Any, feats: Sequence[Tensor], stride: int,
     pyramid = None
     width = feats[0].shape[3] * stride
     if todo and global_neck(probe, strides, width, tiling, todo):
-        by_row: dict[int, list[TileRegions]] = {}
-        for t in todo:
-            by_row.setdefault(t.y0, []).append(t)
-        # The rows one row of tiles reads: the maps hold that many (a ring), not the image.
-        ring = max(max(t.head[1] for t in r) - min(t.head[0] for t in r)
-                   for r in by_row.values())
+        # The maps hold the rows one row of tiles reads (a ring), not the image's.
+        ring = row_span(todo)
         pyramid = TilePyramid(
             model, feats, stride, row0, strides,
             (min(t.head[0] for t in todo), max(t.head[1] for t in todo)), width,
