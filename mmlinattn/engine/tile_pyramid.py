@@ -225,23 +225,21 @@ class TilePyramid:
             r += n
         return out
 
-    def _place(self, maps: list[Tensor], origin: int, outs: Sequence[Tensor],
+    def _place(self, maps: list[Tensor], extent: tuple[int, int], outs: Sequence[Tensor],
                crop: tuple[int, int, int, int], keep: tuple[int, int, int, int]) -> None:
         """Write the part ``keep`` (image y0, y1, x0, x1) of ``outs`` (the maps of the
-        region ``crop``) into ``maps`` (whose rows start at image row ``origin``)."""
+        region ``crop``) into ``maps`` (of image rows ``extent``, whole or a ring)."""
+        origin = extent[0]
         for m, o, s in zip(maps, outs, self.strides):
             oy0, ox0 = (keep[0] - crop[0]) // s, (keep[2] - crop[2]) // s
             rows = min(-(-(keep[1] - crop[0]) // s), o.shape[2]) - oy0
             cols = min(-(-(keep[3] - crop[2]) // s), o.shape[3]) - ox0
             dy, dx = (keep[0] - origin) // s, keep[2] // s
-            total = -(-(self._extent(maps)[1] - origin) // s)
+            total = -(-(extent[1] - origin) // s)
             rows, cols = min(rows, total - dy), min(cols, m.shape[3] - dx)
             for off, a, b in self._pieces(m, dy, dy + rows):
                 m[:, :, a:b, dx:dx + cols] = o[:, :, oy0 + off:oy0 + off + b - a,
                                                ox0:ox0 + cols]
-
-    def _extent(self, maps: list[Tensor]) -> tuple[int, int]:
-        return self.neck_rows if maps is self.neck_maps else self.rows
 
     def _align(self, y: int, origin: int, end: int) -> int:
         """``y`` rounded up to a multiple of the coarsest stride from ``origin``, at
@@ -261,7 +259,7 @@ class TilePyramid:
             outs = self.model.neck(crops)
             if self.neck_maps is None:
                 self.neck_maps = self._alloc(outs, self.neck_rows, self.neck_window)
-            self._place(self.neck_maps, self.neck_rows[0], outs, (y0, y1, x0, x1), (a, b, c, d))
+            self._place(self.neck_maps, self.neck_rows, outs, (y0, y1, x0, x1), (a, b, c, d))
             del outs, crops
         self._lap('neck_s', start)
 
@@ -277,7 +275,7 @@ class TilePyramid:
             if self.head_maps is None:
                 self.head_maps = [self._alloc(k, self.rows, self.head_window) for k in kinds]
             for maps, outs in zip(self.head_maps, kinds):
-                self._place(maps, self.rows[0], outs, (y0, y1, x0, x1), (a, b, c, d))
+                self._place(maps, self.rows, outs, (y0, y1, x0, x1), (a, b, c, d))
             del kinds, crops
         self._lap('dense_s', start)
 
