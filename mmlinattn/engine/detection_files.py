@@ -29,7 +29,6 @@ import torch
 from torch import Tensor
 
 from .. import parallel as sp
-from ..models.backbones.base import chunked_inference
 from ..parallel import SpatialGroup
 from ..rasters import DownsampledReader, RegionReader
 from ..rasters.objects import (
@@ -42,7 +41,7 @@ from ..rasters.objects import (
 from ..rasters.writers import default_palette
 from ..utils.atomic import atomic_write
 from .large_files import RunFolder, _counting_blocks, _file_digest, compact_background
-from .large_image import SIZE_DIVISOR, Progress, _features, _padded, row_source
+from .large_image import SIZE_DIVISOR, Progress, _features, _padded, backbone_maps, row_source
 from .tiled_detection import (
     DetectionTiling,
     LargeObjects,
@@ -257,8 +256,7 @@ def _backbone(model: Any, src: RegionReader, chunk_tokens: int,
     bands = sp.image_bands(_padded(src.height), group.size, SIZE_DIVISOR)
     a, b = bands[group.rank]
     x, _ = row_source(model, src, chunk_tokens, bands)
-    with chunked_inference(model, chunk_tokens), sp.spatial_parallel(group):
-        feats = model.backbone(x)
+    feats = backbone_maps(model, x, chunk_tokens, group)
     info['backbone_s'] = time.perf_counter() - start
     return feats, (b - a) // feats[0].shape[2]
 

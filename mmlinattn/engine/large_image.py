@@ -34,6 +34,7 @@ from .. import parallel as sp
 from ..models.backbones.base import RowSource, chunked_inference
 from ..models.layers import DEFAULT_CHUNK_TOKENS
 from ..parallel import SpatialGroup
+from ..utils.heap import reused_heap
 
 __all__ = ['SIZE_DIVISOR', 'Tile', 'feature_tiles', 'run_by_tiles', 'prepare_image',
            'segment_large', 'segment_whole', 'segment_slide', 'detect_large',
@@ -176,11 +177,23 @@ def _features(model: Any, image: ImageInput, scope: str, chunk_tokens: Optional[
     else:
         x, size = row_source(model, image, chunk_tokens)
         samples = []
-    with (chunked_inference(model, chunk_tokens) if chunk_tokens is not None
-          else contextlib.nullcontext()):
-        feats = model.backbone(x)
+    feats = backbone_maps(model, x, chunk_tokens)
     info['backbone_s'] = time.perf_counter() - start
     return x, samples, size, feats, x.shape[2] // feats[0].shape[2]
+
+
+def backbone_maps(model: Any, x: Any, chunk_tokens: Optional[int],
+                  group: Optional[SpatialGroup] = None) -> tuple[Tensor, ...]:
+    """The backbone's maps of ``x`` (a tensor or a :class:`RowSource`), chunked when
+    ``chunk_tokens``, over the ranks of ``group`` when given. The heap keeps freed
+    buffers meanwhile (:func:`~mmlinattn.utils.heap.reused_heap`): band after band the
+    chunked blocks allocate the same sizes again, which glibc would otherwise map, fault
+    in and zero anew each time (a third of the backbone's time at 16384^2)."""
+    with (chunked_inference(model, chunk_tokens) if chunk_tokens is not None
+          else contextlib.nullcontext()), \
+            (sp.spatial_parallel(group) if group is not None else contextlib.nullcontext()), \
+            reused_heap():
+        return model.backbone(x)
 
 
 def _padded(size: int) -> int:
@@ -406,9 +419,7 @@ def _segment_large_sharded(model: Any, image: ImageInput, chunk_tokens: Optional
                 x, _, _ = prepare_image(model, image[:, a:min(b, h)], 'mmseg')
             else:  # each rank decodes only the rows its stem reads
                 x, _ = row_source(model, image, chunk_tokens, bands)
-            with chunked_inference(model, chunk_tokens) if chunk_tokens is not None else \
-                    contextlib.nullcontext(), sp.spatial_parallel(group):
-                feats = model.backbone(x)
+            feats = backbone_maps(model, x, chunk_tokens, group)
             del x
             if resume is not None:
                 resume.save_features(feats)

@@ -1,4 +1,4 @@
-"""How the C heap returns memory: kept for reuse in long runs of large maps (opt-in).
+"""How the C heap returns memory: kept for reuse while the chunked backbone runs.
 
 glibc serves every allocation over its mmap threshold (at most 32 MiB) with a fresh
 ``mmap`` and gives it back on free, so each tile's or band's maps are faulted in and
@@ -6,41 +6,85 @@ zeroed anew: a 4096^2 Mask R-CNN run by regions took 20.5 million minor page fau
 27% of its CPU time in the kernel. Served from the heap and kept there when freed, the
 buffers are reused (the same run: 1.8 million faults, 19% less time). The memory in use
 is unchanged, but the heap fragments as map sizes change: the resident size grows well
-past it (RssAnon 12.4 GiB for 3.75 GiB in use at 16384^2), so it is not the default.
-(Transparent huge pages for torch's allocations, ``THP_MEM_ALLOC_ENABLE=1``, cut the
-faults 20-fold but not the kernel's time: the pages are still zeroed anew.)
+past it (RssAnon 12.4 GiB for 3.75 GiB in use at 16384^2), so it is not the default
+for a whole run. (Transparent huge pages for torch's allocations,
+``THP_MEM_ALLOC_ENABLE=1``, cut the faults 20-fold but not the kernel's time: the pages
+are still zeroed anew.)
+
+The chunked backbone is where reuse is safe: band after band it allocates buffers of
+the same few sizes, so a freed buffer is taken again whole and the heap does not
+fragment. :func:`reused_heap` keeps freed memory for the time of a block and gives the
+free pages back (``malloc_trim``) when it ends; by regions at 16384^2 that cut the
+backbone's time by a third (see docs/large_images.md).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
+from typing import Any, Iterator, Optional
 
-__all__ = ['keep_freed_memory']
+__all__ = ['keep_freed_memory', 'reused_heap']
 
 # mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
+_M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
+#: glibc's defaults after a long run: the dynamic mmap threshold at its ceiling
+#: (32 MiB on 64-bit), the trim threshold twice that, 65536 mmap'ed chunks at most.
+_SETTLED = ((_M_MMAP_THRESHOLD, 32 * 2**20), (_M_TRIM_THRESHOLD, 64 * 2**20),
+            (_M_MMAP_MAX, 65536), (_M_TOP_PAD, 128 * 2**10))
+
+
+@functools.lru_cache(maxsize=1)
+def _glibc() -> Optional[Any]:
+    """glibc, with ``mallopt`` and ``malloc_trim`` typed, or None for another C library
+    (whose ``mallopt`` parameters differ)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library('c'))
+        if not hasattr(libc, 'gnu_get_libc_version'):
+            return None
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    except (OSError, AttributeError, TypeError):
+        return None
+    return libc
+
+
+def _keep(libc: Any, top_pad: int) -> bool:
+    ok = libc.mallopt(_M_MMAP_MAX, 0) == 1
+    ok &= libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    ok &= libc.mallopt(_M_TOP_PAD, top_pad) == 1
+    return bool(ok)
 
 
 @functools.lru_cache(maxsize=1)
 def keep_freed_memory(top_pad: int = 256 * 2**20) -> bool:
-    """Serve large allocations from the heap and keep freed memory there (glibc's
-    ``mallopt``: no mmap'ed chunks, no trimming, the heap grown ``top_pad`` bytes at a
-    time). Call once before the large work; returns False where the C library is not
-    glibc (nothing changed)."""
-    path = ctypes.util.find_library('c')
+    """Serve large allocations from the heap and keep freed memory there for the rest
+    of the process (glibc's ``mallopt``: no mmap'ed chunks, no trimming, the heap grown
+    ``top_pad`` bytes at a time). Returns False where the C library is not glibc
+    (nothing changed)."""
+    libc = _glibc()
+    return libc is not None and _keep(libc, top_pad)
+
+
+@contextlib.contextmanager
+def reused_heap(top_pad: int = 256 * 2**20) -> Iterator[bool]:
+    """Within the block, large buffers come from the heap and stay there when freed, for
+    the next one of their size; at its end the heap's free pages go back to the system
+    (``malloc_trim``) and large buffers are mapped and unmapped again. Yields whether
+    that applies (glibc, and :func:`keep_freed_memory` not already in force)."""
+    libc = _glibc()
+    if libc is None or keep_freed_memory.cache_info().currsize:
+        yield False
+        return
+    _keep(libc, top_pad)
     try:
-        libc = ctypes.CDLL(path)
-        mallopt = libc.mallopt
-        if not hasattr(libc, 'gnu_get_libc_version'):  # other C libraries' mallopt differ
-            return False
-    except (OSError, AttributeError, TypeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    ok = mallopt(_M_MMAP_MAX, 0) == 1
-    ok &= mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
-    ok &= mallopt(_M_TOP_PAD, top_pad) == 1
-    return bool(ok)
+        yield True
+    finally:
+        for param, value in _SETTLED:
+            libc.mallopt(param, value)
+        libc.malloc_trim(0)
 

@@ -69,3 +69,42 @@ def test_heap_keeps_freed_memory():
     if out.stdout.startswith('SKIP'):
         pytest.skip('not glibc >= 2.33')
     assert out.stdout.startswith('OK')
+
+
+def test_reused_heap_takes_freed_buffers_again_then_gives_the_pages_back():
+    """In a process of its own: inside ``reused_heap`` eight 64 MiB buffers in a row are
+    faulted in once (the first), outside each of them is (glibc maps buffers over 32 MiB
+    and unmaps them when freed); when the block ends the free pages go back to the
+    system (resident memory back to where it was) and large buffers are mapped again."""
+    code = textwrap.dedent('''
+        import resource
+        import torch
+        from mmlinattn.benchmark.memory import anon_rss_bytes
+        from mmlinattn.utils.heap import reused_heap
+
+        def faults(n=8):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            for _ in range(n):
+                t = torch.ones(16 * 2**20)  # 64 MiB, every page written
+                del t
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+        pages = 64 * 2**20 // resource.getpagesize()
+        base = anon_rss_bytes()
+        with reused_heap() as applied:
+            if not applied:
+                print('SKIP'); raise SystemExit
+            inside = faults()
+            held = anon_rss_bytes() - base
+        after = anon_rss_bytes() - base
+        outside = faults()
+        print('OK', inside, outside, pages, held, after)
+        assert inside < 2 * pages, (inside, pages)
+        assert outside > 7 * pages, (outside, pages)
+        assert held >= 60 * 2**20 and after < 16 * 2**20, (held, after)
+    ''')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr + out.stdout
+    if out.stdout.startswith('SKIP'):
+        pytest.skip('not glibc')
+    assert out.stdout.startswith('OK')
