@@ -108,6 +108,17 @@ def _acc(t: Tensor) -> Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
+def kernel_features(phi: Optional[Callable[[Tensor], Tensor]], x: Tensor) -> Tensor:
+    """``phi(x)`` in the accumulation dtype, autocast off (``x`` itself without a
+    kernel). ELU+1 of a bf16 activation is ``-1 + e^x`` rounded to 8 bits, then ``+ 1``:
+    a feature of ``e^-6`` came out as 0 or twice its value, and every statistic over the
+    tokens carried that."""
+    if phi is None:
+        return x
+    with _autocast_off(x):
+        return phi(_acc(x))
+
+
 def _chunk_size(t: Tensor, width: int) -> int:
     """Tokens per chunk for ``t (B, h, N, .)`` rows of ``width`` fp32 values."""
     return max(1024, CHUNK_BYTES // (4 * t.shape[0] * t.shape[1] * width))
@@ -341,7 +352,7 @@ def inline_attention(q: Tensor,
     _check_qkv(q, k, v, mask)
     phi = get_kernel(kernel)
     if phi is not None:
-        q, k = phi(q), phi(k)
+        q, k = kernel_features(phi, q), kernel_features(phi, k)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     out_dtype = v.dtype
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
@@ -364,7 +375,7 @@ def inline_attention_weights(q: Tensor,
     """
     phi = get_kernel(kernel)
     if phi is not None:
-        q, k = phi(q), phi(k)
+        q, k = kernel_features(phi, q), kernel_features(phi, k)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     sim = (q @ k.transpose(-2, -1)) * scale
     if mask is None:
@@ -395,7 +406,7 @@ def linear_attention(q: Tensor,
     _check_qkv(q, k, v, mask)
     phi = get_kernel(kernel)
     if phi is not None:
-        q, k = phi(q), phi(k)
+        q, k = kernel_features(phi, q), kernel_features(phi, k)
     return linear_readout(q, k, v, mask, eps, reduce).to(v.dtype)
 
 

@@ -22,7 +22,16 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .inline import KernelArg, Reduce, _acc, _autocast_off, _check_qkv, get_kernel, linear_readout
+from .inline import (
+    KernelArg,
+    Reduce,
+    _acc,
+    _autocast_off,
+    _check_qkv,
+    get_kernel,
+    kernel_features,
+    linear_readout,
+)
 
 __all__ = ['rope_rotations', 'apply_rope', 'mlla_linear_attention']
 
@@ -93,7 +102,7 @@ def mlla_linear_attention(q: Tensor,
     _check_qkv(q, k, v, mask)
     phi = get_kernel(kernel)
     if phi is not None:
-        q, k = phi(q), phi(k)
+        q, k = kernel_features(phi, q), kernel_features(phi, k)
     with _autocast_off(q):
         if rotations is None:
             out = linear_readout(q, k, v, mask, eps, reduce)
