@@ -14,8 +14,6 @@ peak, and stops the worker with an ``oom`` result the moment it passes the limit
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import os
 import resource
@@ -23,28 +21,13 @@ import sys
 import threading
 from typing import Callable, Optional
 
+from ..utils.heap import anon_rss_bytes, mallinfo2
+
 __all__ = ['heap_in_use_bytes', 'anon_rss_bytes', 'in_use_measure', 'MemoryWatch',
            'machine_memory_bytes']
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        'arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks', 'fsmblks', 'uordblks',
-        'fordblks', 'keepcost')]
-
-
-def _load_mallinfo2() -> Optional[Callable[[], _MallInfo2]]:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
-        fn = libc.mallinfo2  # glibc >= 2.33
-    except (OSError, AttributeError):
-        return None
-    fn.restype = _MallInfo2
-    fn.argtypes = []
-    return fn
-
-
-_MALLINFO2 = _load_mallinfo2()
+_MALLINFO2 = mallinfo2
 
 
 def _current_rss_bytes() -> int:
@@ -58,19 +41,6 @@ def heap_in_use_bytes() -> int:
         return _current_rss_bytes()
     info = _MALLINFO2()
     return info.uordblks + info.hblkhd
-
-
-def anon_rss_bytes() -> int:
-    """Private resident memory of this process (``RssAnon``): what it holds that the
-    kernel cannot drop, unlike the page cache of memory-mapped files; 0 where unknown."""
-    try:
-        with open('/proc/self/status') as f:
-            for line in f:
-                if line.startswith('RssAnon:'):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def in_use_measure() -> str:

@@ -65,6 +65,7 @@ import torch
 from torch import Tensor
 
 from ..rasters.objects import DetectedObject, LocalMask
+from ..utils.heap import reused_heap, trim_retained
 from ..utils.spill import current_spill
 from .large_image import SIZE_DIVISOR, Progress, _box, features_given
 from .tile_pyramid import (
@@ -90,6 +91,10 @@ NECK_MODES = ('auto', 'global', 'tiles')
 #: row of tiles (what :class:`TilePyramid` holds at once) may take for the neck to run
 #: once over the image.
 GLOBAL_NECK_BYTES = 2 * 2**30
+#: Freed memory the heap may keep from one tile to the next (for the next tile's maps
+#: and proposals) before its free pages go back to the system: tiles allocate sizes
+#: that differ with their content, so without a bound the heap fragments.
+TILE_HEAP_SLACK = 2 * 2**30
 
 
 @dataclass(frozen=True)
@@ -707,7 +712,7 @@ def run_detection_tiles(model: Any, feats: Sequence[Tensor], stride: int,
             pyramid_halo(model, feats, stride, strides, tiling), tiling.tile + 2 * tiling.margin,
             local_dense_head(model, probe), timings, ring=ring)
     with torch.no_grad(), local_mask_paste(model), threaded_roi_pooling(model), \
-            detection_budgets(model, tiling) as budgets:
+            detection_budgets(model, tiling) as budgets, reused_heap():
         row: list[TileRegions] = []
         for k, t in enumerate(tiles):
             if t.y0 in done:
@@ -724,6 +729,7 @@ def run_detection_tiles(model: Any, feats: Sequence[Tensor], stride: int,
                 own, cut = detect_tile(model, feats, stride, strides, tr, image_hw, row0,
                                        budgets['reached'], tiling.nested_ios, timings,
                                        pyramid)
+                trim_retained(TILE_HEAP_SLACK)
                 objects += own
                 truncated += cut
                 count += 1

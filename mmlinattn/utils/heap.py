@@ -25,7 +25,7 @@ import ctypes.util
 import functools
 from typing import Any, Iterator, Optional
 
-__all__ = ['keep_freed_memory', 'reused_heap']
+__all__ = ['keep_freed_memory', 'reused_heap', 'trim_retained', 'anon_rss_bytes', 'mallinfo2']
 
 # mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -36,6 +36,42 @@ _M_MMAP_MAX = -4
 #: (32 MiB on 64-bit), the trim threshold twice that, 65536 mmap'ed chunks at most.
 _SETTLED = ((_M_MMAP_THRESHOLD, 32 * 2**20), (_M_TRIM_THRESHOLD, 64 * 2**20),
             (_M_MMAP_MAX, 65536), (_M_TOP_PAD, 128 * 2**10))
+
+
+class MallInfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (byte counts over every arena)."""
+
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        'arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks', 'fsmblks', 'uordblks',
+        'fordblks', 'keepcost')]
+
+
+def _load_mallinfo2() -> Optional[Any]:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+        fn = libc.mallinfo2  # glibc >= 2.33
+    except (OSError, AttributeError):
+        return None
+    fn.restype = MallInfo2
+    fn.argtypes = []
+    return fn
+
+
+#: ``mallinfo2()`` of glibc >= 2.33, else None.
+mallinfo2 = _load_mallinfo2()
+
+
+def anon_rss_bytes() -> int:
+    """Private resident memory of this process (``RssAnon``): what it holds that the
+    kernel cannot drop, unlike the page cache of memory-mapped files; 0 where unknown."""
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('RssAnon:'):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 @functools.lru_cache(maxsize=1)
@@ -88,3 +124,19 @@ def reused_heap(top_pad: int = 256 * 2**20) -> Iterator[bool]:
             libc.mallopt(param, value)
         libc.malloc_trim(0)
 
+
+
+def trim_retained(slack: int) -> bool:
+    """Give the heap's free pages back to the system (``malloc_trim``) when the private
+    resident memory exceeds the memory in use by more than ``slack`` bytes; for a loop
+    under :func:`reused_heap` whose steps allocate different sizes (tiles), so that the
+    kept memory is reused from one step to the next but bounded. Returns whether it
+    trimmed (never without glibc's ``mallinfo2``)."""
+    libc = _glibc()
+    if libc is None or mallinfo2 is None:
+        return False
+    info = mallinfo2()
+    if anon_rss_bytes() - (info.uordblks + info.hblkhd) <= slack:
+        return False
+    libc.malloc_trim(0)
+    return True
