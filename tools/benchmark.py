@@ -103,10 +103,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    'model levels; reports the bytes each rank sends against ring attention')
     p.add_argument('--batch', type=int, default=1)
     p.add_argument('--device', choices=['cpu', 'cuda'], default='cpu')
-    p.add_argument('--dtype', choices=['fp32', 'bf16', 'fp16', 'auto'], default='fp32',
+    p.add_argument('--dtype', nargs='+', choices=['fp32', 'bf16', 'fp16', 'auto'],
+                   default=['fp32'],
                    help='compute precision (autocast for bf16/fp16); auto = bf16 where the '
                    'CPU (AVX512-BF16, AMX-BF16) or GPU computes it natively, else fp32; bf16 '
-                   'is refused where it is emulated unless --force-bf16')
+                   'is refused where it is emulated unless --force-bf16. Several (e.g. '
+                   '--dtype fp32 bf16): a sweep each, in one run, and a table of each '
+                   "contender's time over its fp32 time")
     p.add_argument('--force-bf16', action='store_true',
                    help='measure --dtype bf16 even where bf16 is emulated (much slower)')
     p.add_argument('--compile', action='store_true', help='torch.compile each contender')
@@ -155,9 +158,10 @@ def _progress_printer(total: int | None):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.dtype != 'fp16':
-        from mmlinattn.utils.precision import resolve_dtype
-        args.dtype = resolve_dtype(args.dtype, args.device, args.force_bf16)
+    from mmlinattn.utils.precision import resolve_dtype
+    args.dtype = list(dict.fromkeys(
+        d if d == 'fp16' else resolve_dtype(d, args.device, args.force_bf16)
+        for d in args.dtype))
     budget = args.budget if args.budget is not None else (60.0 if args.device == 'cuda'
                                                           else 30.0)
     sweeps = []
@@ -177,18 +181,18 @@ def main(argv: list[str] | None = None) -> int:
                        backbones and n not in ATTENTION_CONTENDERS]
             if unknown:
                 raise SystemExit(f'unknown contenders {unknown}')
-        sweeps.append(SweepConfig(
+        sweeps += [SweepConfig(
             level=level, contenders=names, sizes=args.sizes or DEFAULT_SIZES[level],
-            batch=args.batch, device=args.device, dtype=args.dtype, compile=args.compile,
+            batch=args.batch, device=args.device, dtype=dtype, compile=args.compile,
             threads=args.threads, warmup=args.warmup, repeats=args.repeats, budget_s=budget,
             mem_limit_gib=args.mem_limit, flops=not args.no_flops,
             steady_malloc=not args.system_malloc, mode=args.mode or 'infer',
-            with_cp=args.with_cp, spatial_ranks=args.spatial_ranks))
+            with_cp=args.with_cp, spatial_ranks=args.spatial_ranks) for dtype in args.dtype]
     out_dir = args.out_dir or osp.join(
         'work_dirs', 'benchmark', datetime.datetime.now().strftime('%Y%m%d_%H%M%S'))
     if args.find_max_size:
         if len(sweeps) != 1:
-            raise SystemExit('--find-max-size searches one --level at a time')
+            raise SystemExit('--find-max-size searches one --level and one --dtype at a time')
         modes = (args.mode, ) if args.mode else ('infer', 'train')
         bar, update = _progress_printer(None)
         with bar:

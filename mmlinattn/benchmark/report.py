@@ -193,7 +193,8 @@ def plot(results: list[dict], meta: dict, out_dir: str) -> list[str]:
         ax.grid(True, which='both', alpha=0.3)
         ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
-        path = osp.join(out_dir, f"{meta['level']}{'_train' if mode else ''}_{fname}")
+        dtype = '' if meta['dtype'] == 'fp32' else f"_{meta['dtype']}"
+        path = osp.join(out_dir, f"{meta['level']}{'_train' if mode else ''}{dtype}_{fname}")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
@@ -295,6 +296,36 @@ def verdict(results: list[dict], pairs: list[tuple[str, str]],
     return ' '.join(lines)
 
 
+def precision_table(runs: list[tuple[SweepConfig, list[dict]]]) -> Optional[str]:
+    """For sweeps that differ only in dtype (``--dtype fp32 bf16``): each contender's
+    median time in every other dtype over its fp32 time, size by size. None without an
+    fp32 sweep to divide by."""
+    def key(cfg: SweepConfig) -> tuple:
+        return (cfg.level, cfg.mode, cfg.device, cfg.compile, cfg.batch)
+    lines = []
+    for base_cfg, base in runs:
+        if base_cfg.dtype != 'fp32':
+            continue
+        for cfg, results in runs:
+            if cfg.dtype == 'fp32' or key(cfg) != key(base_cfg):
+                continue
+            fp32 = {(c['contender'], c['size']): c for c in base if c.get('status') == 'ok'}
+            low = {(c['contender'], c['size']): c for c in results if c.get('status') == 'ok'}
+            sizes = sorted({s for _, s in fp32} | {s for _, s in low})
+            names = list(dict.fromkeys(c['contender'] for c in base))
+            what = 'training step' if cfg.mode == 'train' else 'inference'
+            lines += [f'\n**{cfg.dtype} / fp32 time, {cfg.level} {what} (same run)**\n',
+                      '| contender | ' + ' | '.join(f'{s} px' for s in sizes) + ' |',
+                      '|---|' + '---|' * len(sizes)]
+            for n in names:
+                cells = []
+                for s in sizes:
+                    a, b = fp32.get((n, s)), low.get((n, s))
+                    cells.append(f"{b['latency_ms'] / a['latency_ms']:.2f}x" if a and b else '-')
+                lines.append(f'| {n} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines) if lines else None
+
+
 def write_outputs(runs: list[tuple[SweepConfig, list[dict]]], out_dir: str,
                   make_plots: bool = True, comparisons: Optional[list] = None,
                   max_sizes: Optional[tuple[SweepConfig, list[dict]]] = None,
@@ -315,7 +346,9 @@ def write_outputs(runs: list[tuple[SweepConfig, list[dict]]], out_dir: str,
     if ceiling:
         doc['ceiling'] = ceiling
         md.append('\n' + ceiling_line(ceiling))
-    verdicts = [v for cfg, results in runs if comparisons and cfg.mode == 'infer'
+    several = len({cfg.dtype for cfg, _ in runs}) > 1
+    verdicts = [f'In {cfg.dtype}: {v}' if several else v
+                for cfg, results in runs if comparisons and cfg.mode == 'infer'
                 for v in [verdict(results, comparisons, ceiling, cfg.dtype)] if v]
     if verdicts:  # first: what the run shows, computed from it
         doc['verdict'] = verdicts
@@ -339,6 +372,9 @@ def write_outputs(runs: list[tuple[SweepConfig, list[dict]]], out_dir: str,
                 md.append(cmp)
         for p in entry['plots']:
             md.append(f'\n![{p}]({p})')
+    precision = precision_table(runs)
+    if precision:
+        md.append(precision)
     if max_sizes is not None:
         cfg, found = max_sizes
         doc['max_sizes'] = dict(config=asdict(cfg), results=found)

@@ -30,9 +30,12 @@ STARTUP_GRACE_S = 90.0  # imports and model construction, beyond the measuring b
 
 #: glibc returns every freed block above 32 MiB to the kernel and faults it in again on
 #: the next call, which at large sizes costs more than the arithmetic. These settings
-#: keep freed memory for reuse (as jemalloc/tcmalloc do); every contender of a sweep
-#: runs with the same setting. ``SweepConfig(steady_malloc=False)`` measures without.
-STEADY_MALLOC_ENV = {'MALLOC_MMAP_THRESHOLD_': str(2**32), 'MALLOC_TRIM_THRESHOLD_': str(2**32)}
+#: keep freed memory for reuse (as jemalloc/tcmalloc do): no block is mmap'ed (glibc
+#: caps the mmap threshold at 32 MiB, so raising it does not do this), nothing is
+#: trimmed. Every contender of a sweep runs with the same setting;
+#: ``SweepConfig(steady_malloc=False)`` measures without.
+STEADY_MALLOC_ENV = {'MALLOC_MMAP_MAX_': '0', 'MALLOC_TRIM_THRESHOLD_': str(2**31 - 1),
+                     'MALLOC_TOP_PAD_': str(256 * 2**20)}
 
 
 def default_mem_limit_gib(fraction: float = 0.7) -> float:

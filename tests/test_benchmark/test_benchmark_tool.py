@@ -140,3 +140,23 @@ def test_onnxruntime_contender_times_the_exported_backbone():
     assert exported['latency_ms'] > 0 and exported['peak_mem_mib'] > 0
     assert exported['gflops'] == eager['gflops']
     assert 'ONNX Runtime' in exported['description']
+
+
+def test_two_dtypes_in_one_run_give_a_sweep_each_and_their_time_ratios(tmp_path):
+    out = tmp_path / 'bench'
+    proc = subprocess.run(
+        [sys.executable, str(REPO / 'tools' / 'benchmark.py'), '--level', 'attention',
+         '--contenders', 'inline', 'softmax', '--sizes', '16', '--repeats', '1',
+         '--budget', '20', '--dtype', 'fp32', 'bf16', '--force-bf16', '--no-ceiling',
+         '--no-plots', '--out-dir', str(out)],
+        capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((out / 'results.json').read_text())
+    assert [run['config']['dtype'] for run in doc['runs']] == ['fp32', 'bf16']
+    times = {(run['config']['dtype'], c['contender']): c['latency_ms']
+             for run in doc['runs'] for c in run['results']}
+    md = (out / 'results.md').read_text()
+    assert '**bf16 / fp32 time, attention inference (same run)**' in md
+    for name in ('inline', 'softmax'):
+        ratio = times['bf16', name] / times['fp32', name]
+        assert f'| {name} | {ratio:.2f}x |' in md
