@@ -282,13 +282,14 @@ def segment_large(model: Any, image: ImageInput,
         decode = _tile_decoder(model, psp_out, feats[0].shape[2])
         finest_h = feats[0].shape[2]
         count = _tile_counter(progress, finest_h, feats[0].shape[3], tile // stride, resume)
-        for r0, r1 in _tile_rows(finest_h, tile // stride, resume):
-            for t, (logits, ) in run_by_tiles(decode, feats, tile // stride, halo // stride,
-                                              band=(r0, r1, 0, finest_h)):
-                _write_labels(labels, t, logits, stride, head.align_corners, logits_out)
-                count()
-            if resume is not None:
-                resume.row_done(r0)
+        with reused_heap():  # tiles of one size: their buffers are taken again whole
+            for r0, r1 in _tile_rows(finest_h, tile // stride, resume):
+                for t, (logits, ) in run_by_tiles(decode, feats, tile // stride,
+                                                  halo // stride, band=(r0, r1, 0, finest_h)):
+                    _write_labels(labels, t, logits, stride, head.align_corners, logits_out)
+                    count()
+                if resume is not None:
+                    resume.row_done(r0)
         info['head_s'] = time.perf_counter() - start
         if keep_logits:
             info['logits'] = logits_out
@@ -462,16 +463,18 @@ def _segment_large_sharded(model: Any, image: ImageInput, chunk_tokens: Optional
         own = (a // stride, b // stride)
         count = _tile_counter(progress, finest_total, ext[0].shape[3], tile // stride, resume,
                               own)
-        for r0, r1 in _tile_rows(finest_total, tile // stride, resume):
-            if r1 <= own[0] or r0 >= own[1]:
-                continue
-            for t, (logits, ) in run_by_tiles(decode, ext, tile // stride, halo // stride,
-                                              band=(max(r0, own[0]), min(r1, own[1]), lo,
-                                                    finest_total)):
-                _write_labels(labels, t, logits, stride, head.align_corners, logits_out, a, h)
-                count()
-            if resume is not None:
-                resume.row_done(r0)
+        with reused_heap():
+            for r0, r1 in _tile_rows(finest_total, tile // stride, resume):
+                if r1 <= own[0] or r0 >= own[1]:
+                    continue
+                for t, (logits, ) in run_by_tiles(decode, ext, tile // stride, halo // stride,
+                                                  band=(max(r0, own[0]), min(r1, own[1]), lo,
+                                                        finest_total)):
+                    _write_labels(labels, t, logits, stride, head.align_corners, logits_out,
+                                  a, h)
+                    count()
+                if resume is not None:
+                    resume.row_done(r0)
         del ext, decode, psp_out
         info['head_s'] = time.perf_counter() - start
         info['rows'] = (a, a + rows_here)
