@@ -15,7 +15,9 @@ The chunked backbone is where reuse is safe: band after band it allocates buffer
 the same few sizes, so a freed buffer is taken again whole and the heap does not
 fragment. :func:`reused_heap` keeps freed memory for the time of a block and gives the
 free pages back (``malloc_trim``) when it ends; by regions at 16384^2 that cut the
-backbone's time by a third (see docs/large_images.md).
+backbone's time by a third (see docs/large_images.md). A loop whose steps allocate
+varying sizes (detection tiles) calls :func:`trim_retained` after each step, which
+gives the free pages back once more than a set amount of freed memory is resident.
 """
 from __future__ import annotations
 
