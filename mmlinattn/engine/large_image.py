@@ -34,7 +34,7 @@ from .. import parallel as sp
 from ..models.backbones.base import RowSource, chunked_inference
 from ..models.layers import DEFAULT_CHUNK_TOKENS
 from ..parallel import SpatialGroup
-from ..utils.heap import reused_heap
+from ..utils.heap import reused_heap, trim_retained
 
 __all__ = ['SIZE_DIVISOR', 'Tile', 'feature_tiles', 'run_by_tiles', 'prepare_image',
            'segment_large', 'segment_whole', 'segment_slide', 'detect_large',
@@ -282,12 +282,13 @@ def segment_large(model: Any, image: ImageInput,
         decode = _tile_decoder(model, psp_out, feats[0].shape[2])
         finest_h = feats[0].shape[2]
         count = _tile_counter(progress, finest_h, feats[0].shape[3], tile // stride, resume)
-        with reused_heap():  # tiles of one size: their buffers are taken again whole
+        with reused_heap():  # tiles of one size (but the last ones): buffers taken again
             for r0, r1 in _tile_rows(finest_h, tile // stride, resume):
                 for t, (logits, ) in run_by_tiles(decode, feats, tile // stride,
                                                   halo // stride, band=(r0, r1, 0, finest_h)):
                     _write_labels(labels, t, logits, stride, head.align_corners, logits_out)
                     count()
+                    trim_retained()  # border tiles are smaller: bound what they strand
                 if resume is not None:
                     resume.row_done(r0)
         info['head_s'] = time.perf_counter() - start
@@ -473,6 +474,7 @@ def _segment_large_sharded(model: Any, image: ImageInput, chunk_tokens: Optional
                     _write_labels(labels, t, logits, stride, head.align_corners, logits_out,
                                   a, h)
                     count()
+                    trim_retained()
                 if resume is not None:
                     resume.row_done(r0)
         del ext, decode, psp_out

@@ -91,10 +91,6 @@ NECK_MODES = ('auto', 'global', 'tiles')
 #: row of tiles (what :class:`TilePyramid` holds at once) may take for the neck to run
 #: once over the image.
 GLOBAL_NECK_BYTES = 2 * 2**30
-#: Freed memory the heap may keep from one tile to the next (for the next tile's maps
-#: and proposals) before its free pages go back to the system: tiles allocate sizes
-#: that differ with their content, so without a bound the heap fragments.
-TILE_HEAP_SLACK = 2 * 2**30
 
 
 @dataclass(frozen=True)
@@ -729,7 +725,9 @@ def run_detection_tiles(model: Any, feats: Sequence[Tensor], stride: int,
                 own, cut = detect_tile(model, feats, stride, strides, tr, image_hw, row0,
                                        budgets['reached'], tiling.nested_ios, timings,
                                        pyramid)
-                trim_retained(TILE_HEAP_SLACK)
+                # Tiles allocate sizes that vary with their content: without a bound
+                # the kept memory fragments.
+                trim_retained()
                 objects += own
                 truncated += cut
                 count += 1

@@ -27,9 +27,14 @@ import ctypes.util
 import functools
 from typing import Any, Iterator, Optional
 
-__all__ = ['keep_freed_memory', 'reused_heap', 'trim_retained', 'anon_rss_bytes', 'mallinfo2']
+__all__ = ['keep_freed_memory', 'reused_heap', 'trim_retained', 'RETAINED_SLACK',
+           'anon_rss_bytes', 'mallinfo2']
 
 # mallopt parameters (malloc.h).
+#: Freed memory a loop under :func:`reused_heap` may keep resident from one step (a
+#: tile) to the next before :func:`trim_retained` gives its pages back.
+RETAINED_SLACK = 2 * 2**30
+
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
 _M_MMAP_THRESHOLD = -3
@@ -128,7 +133,7 @@ def reused_heap(top_pad: int = 256 * 2**20) -> Iterator[bool]:
 
 
 
-def trim_retained(slack: int) -> bool:
+def trim_retained(slack: int = RETAINED_SLACK) -> bool:
     """Give the heap's free pages back to the system (``malloc_trim``) when the private
     resident memory exceeds the memory in use by more than ``slack`` bytes; for a loop
     under :func:`reused_heap` whose steps allocate different sizes (tiles), so that the
