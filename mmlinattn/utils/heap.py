@@ -30,11 +30,11 @@ from typing import Any, Iterator, Optional
 __all__ = ['keep_freed_memory', 'reused_heap', 'trim_retained', 'RETAINED_SLACK',
            'anon_rss_bytes', 'mallinfo2']
 
-# mallopt parameters (malloc.h).
 #: Freed memory a loop under :func:`reused_heap` may keep resident from one step (a
 #: tile) to the next before :func:`trim_retained` gives its pages back.
 RETAINED_SLACK = 2 * 2**30
 
+# mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
 _M_MMAP_THRESHOLD = -3
@@ -53,11 +53,25 @@ class MallInfo2(ctypes.Structure):
         'fordblks', 'keepcost')]
 
 
-def _load_mallinfo2() -> Optional[Any]:
+@functools.lru_cache(maxsize=1)
+def _glibc() -> Optional[Any]:
+    """glibc, with ``mallopt`` and ``malloc_trim`` typed, or None for another C library
+    (whose ``mallopt`` parameters differ)."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
-        fn = libc.mallinfo2  # glibc >= 2.33
-    except (OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library('c'))
+        if not hasattr(libc, 'gnu_get_libc_version'):
+            return None
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    except (OSError, AttributeError, TypeError):
+        return None
+    return libc
+
+
+def _load_mallinfo2() -> Optional[Any]:
+    libc = _glibc()
+    fn = getattr(libc, 'mallinfo2', None)  # glibc >= 2.33
+    if fn is None:
         return None
     fn.restype = MallInfo2
     fn.argtypes = []
@@ -79,21 +93,6 @@ def anon_rss_bytes() -> int:
     except OSError:
         pass
     return 0
-
-
-@functools.lru_cache(maxsize=1)
-def _glibc() -> Optional[Any]:
-    """glibc, with ``mallopt`` and ``malloc_trim`` typed, or None for another C library
-    (whose ``mallopt`` parameters differ)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library('c'))
-        if not hasattr(libc, 'gnu_get_libc_version'):
-            return None
-        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-        libc.malloc_trim.argtypes = [ctypes.c_size_t]
-    except (OSError, AttributeError, TypeError):
-        return None
-    return libc
 
 
 def _keep(libc: Any, top_pad: int) -> bool:
