@@ -106,14 +106,24 @@ def achieved(case: dict, ceiling: Optional[dict]) -> Optional[tuple[float, float
     return rate, rate / peak
 
 
+def _routes(ceiling: dict, dtype: str) -> str:
+    """`` (torch.mm 215, oneDNN 430)`` when the ceiling was taken over several routes."""
+    routes = ceiling.get(f'{dtype}_routes') or {}
+    if len(routes) < 2:
+        return ''
+    names = {'mm': 'torch.mm', 'onednn': 'oneDNN'}
+    return ' (' + ', '.join(f'{names.get(r, r)} {g:.0f}' for r, g in routes.items()) + ')'
+
+
 def ceiling_line(ceiling: dict) -> str:
     """The measured ceiling in one sentence."""
-    bf16 = (f"bf16 {ceiling['bf16_gflops']:.0f} GFLOP/s"
+    bf16 = (f"bf16 {ceiling['bf16_gflops']:.0f} GFLOP/s{_routes(ceiling, 'bf16')}"
             + ('' if ceiling.get('bf16_native', True) else ' (emulated: this CPU has no '
                'bfloat16 instructions)'))
     return (f"This machine's ceiling, measured in this run ({ceiling['gemm_n']}^3 matrix "
-            f"products, {ceiling['threads']} threads): fp32 {ceiling['fp32_gflops']:.0f} "
-            f"GFLOP/s, {bf16}; memory bandwidth {ceiling['bandwidth_gbs']:.1f} GB/s (a copy).")
+            f"products, {ceiling['threads']} threads, the faster route of each): fp32 "
+            f"{ceiling['fp32_gflops']:.0f} GFLOP/s{_routes(ceiling, 'fp32')}, {bf16}; "
+            f"memory bandwidth {ceiling['bandwidth_gbs']:.1f} GB/s (a copy).")
 
 
 def roofline_table(results: list[dict], meta: dict, ceiling: dict) -> str:

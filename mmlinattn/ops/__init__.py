@@ -24,6 +24,7 @@ from .inline import (
     linear_readout,
     softmax_attention,
 )
+from .linear import linear, linear_backend, set_linear_backend
 from .local import dynamic_depthwise_conv3x3
 from .mlla import apply_rope, mlla_linear_attention, rope_rotations
 from .rows import conv2d_rows, conv_out_rows
@@ -36,7 +37,8 @@ __all__ = [
     'register_attention_impl', 'resolve_kernel', 'ATTENTION_FUNCTIONS', 'KERNELS', 'get_kernel',
     'inline_attention', 'InLineSums', 'inline_readout',
     'inline_attention_weights', 'linear_attention', 'softmax_attention',
-    'dynamic_depthwise_conv3x3', 'conv2d_rows', 'conv_out_rows', 'pad_to_multiple',
+    'dynamic_depthwise_conv3x3', 'linear', 'linear_backend', 'set_linear_backend',
+    'conv2d_rows', 'conv_out_rows', 'pad_to_multiple',
     'valid_mask', 'window_merge',
     'window_partition', 'exporting', 'ceil_to', 'pad_to', 'QKV_ATTENTIONS', 'linear_readout',
     'focusing_map', 'focused_linear_attention', 'AgentSums', 'agent_attention', 'pool_agents',

@@ -117,7 +117,7 @@ def test_achieved_flops_against_the_measured_ceiling(tmp_path) -> None:
     """Every case's FLOP/s as a share of its dtype's GEMM ceiling: in a table of each
     run and in the verdict, computed from the counted FLOPs and the median time."""
     from mmlinattn.benchmark.ceiling import measure_ceiling
-    from mmlinattn.benchmark.report import achieved
+    from mmlinattn.benchmark.report import achieved, ceiling_line
 
     results = _results()
     for c in results:  # 10 GFLOP a call at 2048 px, a quarter per halving
@@ -144,3 +144,9 @@ def test_achieved_flops_against_the_measured_ceiling(tmp_path) -> None:
     small = measure_ceiling('cpu', threads=1, n=128, copy_bytes=2**20)
     assert small['fp32_gflops'] > 0 and small['bf16_gflops'] > 0 and small['bandwidth_gbs'] > 0
     assert small['threads'] == 1 and torch.get_num_threads() == threads
+    # The ceiling is the faster route of each dtype, and the line names every route.
+    for dtype in ('fp32', 'bf16'):
+        assert small[f'{dtype}_gflops'] == max(small[f'{dtype}_routes'].values())
+    if torch.backends.mkldnn.is_available():
+        assert set(small['fp32_routes']) == {'mm', 'onednn'}
+        assert '(torch.mm ' in ceiling_line(small) and ', oneDNN ' in ceiling_line(small)

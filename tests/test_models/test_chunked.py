@@ -148,9 +148,10 @@ def test_chunked_forward_holds_less_memory() -> None:
             out = model(x)
         del out
         peaks[chunk] = watch.peak - watch.start
-    # Ordinary: the MLP's 8x hidden map of stage 1 (9 MiB x 8 x 2) dominates;
-    # chunked: the maps themselves plus one band.
-    assert peaks[4096] < 0.6 * peaks[None], peaks
+    # Ordinary: the MLP's 8x hidden map of stage 1 (9 MiB x 8; its GELU is applied inside
+    # fc1's product, so one such map, not two) dominates; chunked: the maps themselves
+    # plus one band (measured 116 and 72 MB).
+    assert peaks[4096] < 0.7 * peaks[None], peaks
 
 
 @pytest.mark.parametrize('kernel,stride,padding', [(7, 4, 2), (3, 2, 1), (4, 4, 0)])

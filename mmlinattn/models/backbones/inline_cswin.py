@@ -29,6 +29,7 @@ from ..layers import (
     ClassifierHead,
     ConvRows,
     InLineBlockParts,
+    Linear,
     LocalResidual,
     Mlp,
     RegionGrid,
@@ -180,9 +181,9 @@ class CSwinBlock(nn.Module):
         if len(branches) not in (1, 2):
             raise ValueError(f'a CSwin block has one or two attention branches, got '
                              f'{len(branches)}')
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
         self.norm1 = nn.LayerNorm(dim)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(drop)
         self.attns = nn.ModuleList(branches)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ...parallel import conv2d, current_group
 from ...utils.spill import new_map
-from ..layers import ConvRows, OwnBands, row_bands
+from ..layers import ConvRows, Linear, OwnBands, row_bands
 from .base import InLineBackbone
 
 __all__ = ['PVTv2Backbone', 'OverlapPatchEmbed', 'DWConvMlp', 'PVTv2Block',
@@ -70,10 +70,10 @@ class DWConvMlp(nn.Module):
 
     def __init__(self, dim: int, hidden: int, drop: float = 0.) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
+        self.fc1 = Linear(dim, hidden)
         self.dwconv = _DWConv(hidden)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -21,6 +21,7 @@ from .chunked import (
 from .embed import ConvRows, PatchEmbed, PatchMerging
 from .focused_attention import FocusedLinearAttention, FocusedTables, resize_positional_encoding
 from .head import ClassifierHead
+from .linear import Linear
 from .local_residual import LocalResidual, masked_mean
 from .mlla import ConvNormAct, MLLAAttention, MLLABlock, MLLAMerge, MLLAStem
 from .mlp import Mlp, gelu_mlp
@@ -37,5 +38,5 @@ __all__ = [
     'agent_bias_for', 'stage_agent_shapes', 'FocusedLinearAttention',
     'resize_positional_encoding', 'ConvNormAct', 'MLLAAttention', 'MLLABlock', 'MLLAMerge',
     'MLLAStem', 'AgentBiasTables', 'FocusedTables', 'GlobalSoftmaxAttention', 'OwnBands',
-    'SummedAttentionPlan', 'ConvRows'
+    'SummedAttentionPlan', 'ConvRows', 'Linear'
 ]

@@ -20,6 +20,7 @@ from ...parallel import (
     row_spans,
 )
 from .chunked import SummedAttentionPlan
+from .linear import Linear
 from .projection import QKVProjection
 from .regions import check_map, check_tokens, merge_heads, split_heads
 
@@ -265,7 +266,7 @@ class AgentAttention(QKVProjection, AgentBiasTables):
             raise ValueError(f'dim {dim} is not divisible by num_heads {num_heads}')
         self.dim = dim
         self.add_projections(dim, qkv_layout, qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.dwc = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
         self.add_agent_biases(num_heads, agent_num, bias_size, agent_shape, prefix_tokens)

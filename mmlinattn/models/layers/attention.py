@@ -30,6 +30,7 @@ from ...ops import (
 from ...ops.inline import KernelArg
 from ...parallel import SpatialGroup, current_group, gathered, mean_tokens, summing_over
 from .chunked import BandPlan, InLineBlockParts
+from .linear import Linear
 from .local_residual import LocalResidual, masked_mean
 from .projection import QKVProjection
 from .regions import (
@@ -102,7 +103,7 @@ class InLineAttention(QKVProjection):
         self.kernel = resolve_kernel(operator, kernel)
         self.impl = impl
         self.add_projections(dim, qkv_layout, qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.residual = LocalResidual(dim, num_heads) if local_residual else None
 
@@ -290,8 +291,8 @@ class WindowSoftmaxAttention(nn.Module):
         # Derived from the window size: not saved, so checkpoints carrying it or not both load.
         self.register_buffer('relative_position_index', relative_position_index(window_size),
                              persistent=False)
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         trunc_normal_(self.relative_position_bias_table, std=.02)
 
@@ -359,7 +360,7 @@ class GlobalSoftmaxAttention(QKVProjection):
             raise ValueError(f'dim {dim} is not divisible by num_heads {num_heads}')
         self.dim, self.num_heads = dim, num_heads
         self.add_projections(dim, 'qkv', qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def extra_repr(self) -> str:

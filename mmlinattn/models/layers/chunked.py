@@ -33,10 +33,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...ops import conv2d_rows, conv_out_rows, dynamic_depthwise_conv3x3, get_kernel
+from ...ops import conv2d_rows, conv_out_rows, dynamic_depthwise_conv3x3, get_kernel, linear
 from ...ops.inline import InLineSums, KernelArg, inline_readout
 from ...parallel import (
     all_reduce_sum,
@@ -185,7 +184,7 @@ def linear_slice(layer: nn.Linear, x: Tensor, start: int, stop: int) -> Tensor:
     """Output features ``[start, stop)`` of ``layer(x)`` alone (a slice of a fused qkv
     projection: chunked passes compute only what they use)."""
     bias = None if layer.bias is None else layer.bias[start:stop]
-    return F.linear(x, layer.weight[start:stop], bias)
+    return linear(x, layer.weight[start:stop], bias)
 
 
 def _global_inline(parts: InLineBlockParts, x: Tensor, hw: tuple[int, int], num_prefix: int,

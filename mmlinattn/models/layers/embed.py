@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ...ops import ceil_to, exporting, pad_to_multiple
 from .chunked import conv2d_rows, conv_out_rows
+from .linear import Linear
 
 __all__ = ['PatchEmbed', 'PatchMerging', 'ConvRows']
 
@@ -133,7 +134,7 @@ class PatchMerging(nn.Module):
     def __init__(self, dim: int, norm_eps: float = 1e-5) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(4 * dim, eps=norm_eps)
-        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.reduction = Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         x = pad_to_multiple(x, 2)

@@ -18,6 +18,7 @@ from ...parallel import (
     summing_over,
 )
 from .chunked import SummedAttentionPlan
+from .linear import Linear
 from .projection import QKVProjection
 from .regions import check_map, merge_heads, split_heads
 
@@ -165,7 +166,7 @@ class FocusedLinearAttention(QKVProjection, FocusedTables):
         super().__init__()
         self.add_focused_parts(dim, num_heads, grid, focusing_factor, kernel_size)
         self.add_projections(dim, qkv_layout, qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def extra_repr(self) -> str:

@@ -5,6 +5,7 @@ from typing import Any, ClassVar, Optional, Union
 
 from torch import Tensor, nn
 
+from .linear import Linear
 from .weight_init import init_transformer_weights
 
 __all__ = ['ClassifierHead']
@@ -33,7 +34,7 @@ class ClassifierHead(nn.Module):
         self.num_classes = num_classes
         if norm_eps is not None:
             self.norm = nn.LayerNorm(dim, eps=norm_eps)
-        self.head = nn.Linear(dim, num_classes) if num_classes else nn.Identity()
+        self.head = Linear(dim, num_classes) if num_classes else nn.Identity()
         # The backbone initialised itself already; only the new modules need it.
         for module in (getattr(self, 'norm', None), self.head):
             if module is not None:

@@ -16,11 +16,12 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import Tensor, nn
 
-from ...ops import apply_rope, attention, get_kernel, rope_rotations
+from ...ops import apply_rope, attention, get_kernel, linear, rope_rotations
 from ...ops.inline import InLineSums
 from ...parallel import SpatialGroup, current_group, halo_rows, row_spans, summing_over
 from ...utils.spill import new_map
 from .chunked import OwnBands, row_bands
+from .linear import Linear
 from .mlp import Mlp
 from .regions import merge_heads, split_heads
 
@@ -158,7 +159,7 @@ class MLLAAttention(nn.Module):
             raise ValueError(f'MLLA attention needs channels divisible by 4 and by num_heads '
                              f'into even heads; got dim {dim}, {num_heads} heads')
         self.dim, self.num_heads = dim, num_heads
-        self.qk = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.qk = Linear(dim, dim * 2, bias=qkv_bias)
         self.lepe = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
 
     def extra_repr(self) -> str:
@@ -191,12 +192,12 @@ class MLLABlock(nn.Module):
         super().__init__()
         self.cpe1 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.norm1 = nn.LayerNorm(dim)
-        self.in_proj = nn.Linear(dim, dim)
-        self.act_proj = nn.Linear(dim, dim)
+        self.in_proj = Linear(dim, dim)
+        self.act_proj = Linear(dim, dim)
         self.dwc = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.act = nn.SiLU()
         self.attn = MLLAAttention(dim, num_heads, qkv_bias)
-        self.out_proj = nn.Linear(dim, dim)
+        self.out_proj = Linear(dim, dim)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.cpe2 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.norm2 = nn.LayerNorm(dim)
@@ -220,7 +221,7 @@ class MLLABlock(nn.Module):
         heads = self.attn.num_heads
         qk = self.attn.qk
         bias = None if qk.bias is None else qk.bias[part * c:(part + 1) * c]
-        t = F.linear(y.reshape(b, rows * w, c), qk.weight[part * c:(part + 1) * c], bias)
+        t = linear(y.reshape(b, rows * w, c), qk.weight[part * c:(part + 1) * c], bias)
         rot = rope_rotations((rows, w), heads, c // heads, row_offset=row0, device=y.device)
         t = split_heads(t, heads)
         return get_kernel('elu1')(t if t.dtype == torch.float64 else t.float()), rot

@@ -7,6 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...ops import linear
+from ...ops.linear import input_grad, weight_grad
+from .linear import Linear
+
 __all__ = ['Mlp', 'gelu_mlp']
 
 
@@ -33,8 +37,8 @@ class _GeluMlpFunction(torch.autograd.Function):
         dtype = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             xc = x.to(dtype)
-            hidden = F.linear(xc, w1.to(dtype), None if b1 is None else b1.to(dtype))
-            out = F.linear(F.gelu(hidden), w2.to(dtype), None if b2 is None else b2.to(dtype))
+            hidden = linear(xc, w1.to(dtype), None if b1 is None else b1.to(dtype))
+            out = linear(F.gelu(hidden), w2.to(dtype), None if b2 is None else b2.to(dtype))
         ctx.save_for_backward(xc, hidden, w1, w2)
         ctx.has_bias = (b1 is not None, b2 is not None)
         ctx.x_dtype = x.dtype
@@ -47,14 +51,15 @@ class _GeluMlpFunction(torch.autograd.Function):
         with torch.autocast(xc.device.type, enabled=False):
             dout = dout.to(dtype)
             act = F.gelu(hidden)
-            d2 = dout.reshape(-1, dout.shape[-1])
-            dw2 = (d2.t() @ act.reshape(-1, act.shape[-1])).to(w2.dtype)
-            db2 = d2.sum(0).to(w2.dtype) if ctx.has_bias[1] else None
-            dhidden = torch.ops.aten.gelu_backward(dout @ w2.to(dtype), hidden)
-            d1 = dhidden.reshape(-1, dhidden.shape[-1])
-            dw1 = (d1.t() @ xc.reshape(-1, xc.shape[-1])).to(w1.dtype)
-            db1 = d1.sum(0).to(w1.dtype) if ctx.has_bias[0] else None
-            dx = (dhidden @ w1.to(dtype)).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+            dout = dout.contiguous()
+            dw2 = weight_grad(dout, act).to(w2.dtype)
+            db2 = dout.reshape(-1, dout.shape[-1]).sum(0).to(w2.dtype) if ctx.has_bias[1] else None
+            dhidden = torch.ops.aten.gelu_backward(input_grad(dout, w2.to(dtype)), hidden)
+            dw1 = weight_grad(dhidden, xc).to(w1.dtype)
+            db1 = (dhidden.reshape(-1, dhidden.shape[-1]).sum(0).to(w1.dtype)
+                   if ctx.has_bias[0] else None)
+            dx = (input_grad(dhidden, w1.to(dtype)).to(ctx.x_dtype)
+                  if ctx.needs_input_grad[0] else None)
         return dx, dw1, db1, dw2, db2
 
 
@@ -63,7 +68,8 @@ def gelu_mlp(x: Tensor, fc1: nn.Linear, fc2: nn.Linear) -> Tensor:
     if torch.is_grad_enabled() and (x.requires_grad or fc1.weight.requires_grad
                                     or fc2.weight.requires_grad):
         return _GeluMlpFunction.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
-    return fc2(F.gelu(fc1(x)))
+    # Inference: the GELU applied inside fc1's product where oneDNN runs it.
+    return fc2(linear(x, fc1.weight, fc1.bias, activation='gelu'))
 
 
 class Mlp(nn.Module):
@@ -76,8 +82,8 @@ class Mlp(nn.Module):
 
     def __init__(self, in_features: int, hidden_features: int, drop: float = 0.) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.fc1 = Linear(in_features, hidden_features)
+        self.fc2 = Linear(hidden_features, in_features)
         self.drop = drop
         self.dropout = nn.Dropout(drop) if drop > 0 else nn.Identity()
 

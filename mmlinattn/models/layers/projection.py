@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .chunked import linear_slice
+from .linear import Linear
 
 __all__ = ['QKVProjection', 'QKV_LAYOUTS']
 
@@ -25,10 +26,10 @@ class QKVProjection(nn.Module):
             raise ValueError(f"qkv_layout must be 'qkv' or 'q_kv', got {layout!r}")
         self.qkv_layout = layout
         if layout == 'qkv':
-            self.qkv = nn.Linear(dim, dim * 3, bias=bias)
+            self.qkv = Linear(dim, dim * 3, bias=bias)
         else:
-            self.q = nn.Linear(dim, dim, bias=bias)
-            self.kv = nn.Linear(dim, dim * 2, bias=bias)
+            self.q = Linear(dim, dim, bias=bias)
+            self.kv = Linear(dim, dim * 2, bias=bias)
 
     def project(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(B, N, C)`` -> q, k, v each ``(B, N, C)``."""
