@@ -11,6 +11,7 @@ from profile_step import kind_of  # noqa: E402
 
 def test_operators_are_grouped_by_what_they_compute():
     assert kind_of('aten::addmm') == kind_of('aten::bmm') == 'matrix products'
+    assert kind_of('mkldnn::_linear_pointwise') == 'matrix products'
     assert kind_of('aten::mkldnn_convolution') == 'convolutions'
     assert kind_of('aten::native_layer_norm') == 'norms'
     assert kind_of('aten::gelu') == 'activations'

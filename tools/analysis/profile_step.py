@@ -26,8 +26,9 @@ import torch
 
 #: Operator kinds, first match wins (aten names, without the ``aten::`` prefix).
 KINDS: list[tuple[str, str]] = [
+    # (oneDNN's ``_linear_pointwise`` counts its fused bias and GELU as matrix work.)
     ('matrix products', r'^(mm|addmm|bmm|baddbmm|addbmm|matmul|_mkl_linear|mkldnn_linear|'
-                        r'_addmm_activation|linear_backward|dot|mv|addmv)$'),
+                        r'_linear_pointwise|_addmm_activation|linear_backward|dot|mv|addmv)$'),
     ('convolutions', r'conv|_slow_conv2d|mkldnn_convolution'),
     ('norms', r'norm'),
     ('activations', r'gelu|relu|silu|elu|sigmoid|tanh|softmax|hardswish|leaky'),
@@ -54,23 +55,30 @@ def kind_of(name: str) -> str:
 
 def profile_case(contender: str, size: int, dtype: str, mode: str, device: str,
                  batch: int = 1) -> dict:
-    """One warm-up and one profiled call of the case; its operators' self times (ms)."""
+    """One warm-up and one profiled call of the case; its operators' self times (ms).
+
+    Freed memory is kept for reuse (:func:`~mmlinattn.utils.heap.reused_heap`), as the
+    benchmark's workers run: with glibc's defaults every buffer over 32 MiB is faulted in
+    anew and the first operator to write it (``copy_``, a GELU) is charged the kernel's
+    page zeroing (it doubled their share of a bf16 forward)."""
     from mmlinattn.benchmark.worker import _prepare
+    from mmlinattn.utils.heap import reused_heap
 
     spec = dict(level='backbone', contender=contender, size=size, batch=batch, device=device,
                 dtype=dtype, mode=mode, compile=False)
     run, _, _ = _prepare(spec)
-    run()
     activities = [torch.profiler.ProfilerActivity.CPU]
-    if device == 'cuda':
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    with torch.profiler.profile(activities=activities) as prof:
+    with reused_heap():
         run()
         if device == 'cuda':
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
             torch.cuda.synchronize()
-    wall = time.perf_counter() - start
+        start = time.perf_counter()
+        with torch.profiler.profile(activities=activities) as prof:
+            run()
+            if device == 'cuda':
+                torch.cuda.synchronize()
+        wall = time.perf_counter() - start
     ops: dict[str, float] = {}
     for e in prof.key_averages():
         ms = (e.self_device_time_total if device == 'cuda' else e.self_cpu_time_total) / 1e3
