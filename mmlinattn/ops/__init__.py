@@ -1,5 +1,6 @@
 """Pure torch functions: no module state, nothing about backbones."""
 from .agent import AgentSums, agent_attention, pool_agents, pool_agents_rows
+from .dense import linear, linear_backend, set_linear_backend
 from .focused import focused_linear_attention, focusing_map
 from .implementations import (
     ATTENTION_FUNCTIONS,
@@ -24,7 +25,6 @@ from .inline import (
     linear_readout,
     softmax_attention,
 )
-from .linear import linear, linear_backend, set_linear_backend
 from .local import dynamic_depthwise_conv3x3
 from .mlla import apply_rope, mlla_linear_attention, rope_rotations
 from .rows import conv2d_rows, conv_out_rows

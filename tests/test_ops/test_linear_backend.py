@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from mmlinattn.models.layers import Linear, Mlp
 from mmlinattn.ops import linear, set_linear_backend
-from mmlinattn.ops.linear import onednn_linear_applies
+from mmlinattn.ops.dense import onednn_linear_applies
 from mmlinattn.utils.cpu import cpu_has_native_bf16
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),

@@ -261,10 +261,18 @@ def test_tiles_find_every_whole_image_detection_once_with_its_mask(detector) -> 
         # As often as the whole image has it (anchors clipped at the image's corners can
         # coincide): a seam neither loses nor doubles it.
         assert len(got) == len(every[key]), (key, len(got), len(every[key]))
-        for g, r in zip(sorted(got, key=lambda o: o.score), sorted(every[key],
-                                                                   key=lambda o: o.score)):
-            assert g.score == pytest.approx(r.score, abs=1e-4)
-            assert np.array_equal(_full(g.mask, h, w), _full(r.mask, h, w))
+        # One to one, each with the same score and the same mask (matched, not paired by
+        # sorted score: random weights saturate scores, so equal boxes can tie at 1.0).
+        # The tiles' backbone runs by bands of tokens, whose sums differ from the whole
+        # forward's in the last bits (~1e-6): a mask pixel whose probability is that close
+        # to 0.5 may flip, so up to 2 pixels may differ (a seam's cut or a one-pixel shift
+        # moves a whole edge of the mask, and the box with it).
+        left = list(every[key])
+        for g in got:
+            twin = next((r for r in left if g.score == pytest.approx(r.score, abs=1e-4)
+                         and (_full(g.mask, h, w) != _full(r.mask, h, w)).sum() <= 2), None)
+            assert twin is not None, (key, g.score, g.mask.y0, g.mask.x0)
+            left.remove(twin)
     # The rest of ours: objects of the whole image too (reaching past the margin), or
     # merged from the parts the tiles saw of an object larger than a tile's view.
     rest = [o for key, objs in found.items() if key not in safe for o in objs]

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...ops import linear
-from ...ops.linear import input_grad, weight_grad
+from ...ops.dense import input_grad, weight_grad
 from .linear import Linear
 
 __all__ = ['Mlp', 'gelu_mlp']
