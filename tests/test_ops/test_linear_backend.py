@@ -21,6 +21,15 @@ def _onednn_calls(fn) -> int:
     return sum(e.count for e in prof.key_averages() if e.key == 'mkldnn::_linear_pointwise')
 
 
+def _with_aten(fn):
+    """``fn()`` with the ``aten`` backend (``F.linear``), the backend restored after."""
+    set_linear_backend('aten')
+    try:
+        return fn()
+    finally:
+        set_linear_backend(None)
+
+
 def _inputs(rows: int = 300, cin: int = 48, cout: int = 80):
     g = torch.Generator().manual_seed(0)
     return (torch.randn(2, rows, cin, generator=g), torch.randn(cout, cin, generator=g) / 7,
@@ -69,13 +78,9 @@ def test_traced_graphs_and_the_aten_backend_take_f_linear() -> None:
         # A traced (exported) graph holds the portable operator, not oneDNN's.
         graph = str(torch.jit.trace(layer, x).graph)
         assert 'aten::linear' in graph and 'mkldnn' not in graph
-        set_linear_backend('aten')
-        try:
-            assert not onednn_linear_applies(x, layer.weight, layer.bias)
-            assert _onednn_calls(lambda: layer(x)) == 0
-            stock = layer(x)
-        finally:
-            set_linear_backend(None)
+        assert not _with_aten(lambda: onednn_linear_applies(x, layer.weight, layer.bias))
+        assert _with_aten(lambda: _onednn_calls(lambda: layer(x))) == 0
+        stock = _with_aten(lambda: layer(x))
     torch.testing.assert_close(fast, stock, rtol=1e-5, atol=1e-6)
     # float64 is not oneDNN's: F.linear.
     assert not onednn_linear_applies(x.double(), w.double())
@@ -120,11 +125,7 @@ def test_training_runs_forward_and_backward_through_onednn_with_the_same_gradien
         calls = _onednn_calls(lambda fn=fn, params=params: _grads(fn, x, params))
         assert calls == (3 if fn is layer else 6), calls
         fast = _grads(fn, x, params)
-        set_linear_backend('aten')
-        try:
-            stock = _grads(fn, x, params)
-        finally:
-            set_linear_backend(None)
+        stock = _with_aten(lambda fn=fn, params=params: _grads(fn, x, params))
         for p in params:  # float64 truth of the same layer
             p.data = p.data.double()
         truth = _grads(fn, x.double(), params)
@@ -145,11 +146,7 @@ def test_bf16_training_gradients_match_f_linear_under_autocast() -> None:
     x = torch.randn(2, 300, 48)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         fast = _grads(mlp, x, params)
-        set_linear_backend('aten')
-        try:
-            stock = _grads(mlp, x, params)
-        finally:
-            set_linear_backend(None)
+        stock = _with_aten(lambda: _grads(mlp, x, params))
     for a, b in zip(fast, stock):
         assert a.dtype == b.dtype
         # Both round bf16 products of the same inputs: within a few bf16 ulps of each other
