@@ -33,6 +33,7 @@ from torch import Tensor
 from .. import parallel as sp
 from ..models.backbones.base import RowSource, chunked_inference
 from ..models.layers import DEFAULT_CHUNK_TOKENS
+from ..ops import class_argmax
 from ..parallel import SpatialGroup
 from ..utils.heap import reused_heap, trim_retained
 
@@ -396,7 +397,7 @@ def _write_labels(labels: Tensor, t: Tile, logits: Tensor, stride: int, align: b
         ys, xs = r0 * stride, t.x0 * stride
         ye, xe = min(h, r1 * stride), min(w, t.x1 * stride)
         if ye > ys and xe > xs:
-            labels[ys - row0:ye - row0, xs:xe] = up[:, :ye - ys, :xe - xs].argmax(dim=0)
+            labels[ys - row0:ye - row0, xs:xe] = class_argmax(up[:, :ye - ys, :xe - xs])
             if logits_out is not None:
                 logits_out[:, ys - row0:ye - row0, xs:xe] = up[:, :ye - ys, :xe - xs]
 
