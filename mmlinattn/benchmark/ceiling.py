@@ -33,8 +33,9 @@ GEMM_ROUTES = ('mm', 'onednn')
 
 def onednn_gemm_available(device: str = 'cpu') -> bool:
     """Whether oneDNN's inner product can be timed here (CPU PyTorch built with oneDNN)."""
-    return (device == 'cpu' and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, '_linear_pointwise'))
+    from ..ops.dense import onednn_available
+
+    return device == 'cpu' and onednn_available()
 
 
 def gemm_gflops(n: int, dtype: torch.dtype, device: str = 'cpu', repeats: int = 3,

@@ -11,14 +11,13 @@ and the GELU still saves a pass over the output.
 Where float32 gradients are needed the forward and the backward (``dx = dy W``,
 ``dW = dy^T x``) run in oneDNN too (the fused GELU only in inference, where no
 pre-activation is kept): an InLine-PVT-S training step at 512 px went from 827 to
-556 ms. bfloat16 training
-keeps ``F.linear`` (oneDNN already, with autocast's cached weight casts). Taken on the
-CPU, for float32 and (on CPUs with bfloat16 instructions) bfloat16, outside graph
-exports and ``torch.compile`` (they see ``F.linear``).
-Its results differ from ``F.linear``'s by the order of the float32 sums (a few ulps);
-they do not depend on how many rows are computed at once (chunked bands, spatial
-ranks), except for a single row. ``MMLINATTN_LINEAR=aten`` (or
-:func:`set_linear_backend`) turns it off, to compare.
+556 ms. bfloat16 training keeps ``F.linear`` (oneDNN already, with autocast's cached
+weight casts). Taken on the CPU, for float32 and (on CPUs with bfloat16 instructions)
+bfloat16, outside graph exports and ``torch.compile`` (they see ``F.linear``). Its
+results differ from ``F.linear``'s by the order of the float32 sums (a few ulps); they
+do not depend on how many rows are computed at once (chunked bands, spatial ranks),
+except for a single row. ``MMLINATTN_LINEAR=aten`` (or :func:`set_linear_backend`)
+turns it off, to compare.
 """
 from __future__ import annotations
 
@@ -33,7 +32,8 @@ from torch import Tensor
 from .tracing import exporting
 
 __all__ = ['linear', 'set_linear_backend', 'linear_backend', 'onednn_linear_applies',
-           'LINEAR_BACKENDS', 'input_grad', 'weight_grad']
+           'LINEAR_BACKENDS', 'input_grad', 'weight_grad', 'bias_grad', 'autocast_dtype',
+           'onednn_available']
 
 #: ``onednn``: oneDNN's inner product for CPU inference where it applies; ``aten``:
 #: always ``F.linear`` (and a separate GELU).
@@ -60,20 +60,29 @@ def linear_backend() -> str:
     return name
 
 
+def onednn_available() -> bool:
+    """Whether this PyTorch has oneDNN's CPU inner product (``_linear_pointwise``)."""
+    return (torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, '_linear_pointwise'))
+
+
 @functools.cache
 def _onednn_dtypes() -> tuple[torch.dtype, ...]:
     """The dtypes oneDNN's CPU inner product runs natively here (none without oneDNN)."""
-    if not (torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, '_linear_pointwise')):
+    if not onednn_available():
         return ()
     from ..utils.cpu import cpu_has_native_bf16
 
     return (torch.float32, torch.bfloat16) if cpu_has_native_bf16() else (torch.float32,)
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype the product runs in: autocast's when it is on, else ``x``'s."""
-    return torch.get_autocast_dtype('cpu') if torch.is_autocast_enabled('cpu') else x.dtype
+def autocast_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a product on ``x`` runs in: autocast's for ``x``'s device when it is on,
+    else ``x``'s own."""
+    device = x.device.type
+    if device in ('cpu', 'cuda') and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
 
 
 def _needs_grad(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
@@ -88,7 +97,7 @@ def onednn_linear_applies(x: Tensor, weight: Tensor, bias: Optional[Tensor] = No
         return False
     if x.device.type != 'cpu' or x.dim() < 2 or x.numel() == 0 or weight.dim() != 2:
         return False
-    dtype = _compute_dtype(x)
+    dtype = autocast_dtype(x)
     return (dtype in _onednn_dtypes() and x.dtype in (torch.float32, torch.bfloat16)
             and weight.dtype in (torch.float32, torch.bfloat16)
             and linear_backend() == 'onednn')
@@ -122,6 +131,12 @@ def weight_grad(grad: Tensor, x: Tensor) -> Tensor:
     return g2.t() @ x2
 
 
+def bias_grad(grad: Tensor) -> Tensor:
+    """``grad`` summed over every leading axis: ``(..., out)`` -> ``(out,)``, the gradient
+    of a linear layer's bias."""
+    return grad.reshape(-1, grad.shape[-1]).sum(0)
+
+
 class _LinearFunction(torch.autograd.Function):
     """``x @ weight^T + bias`` through oneDNN, forward and backward, in one dtype."""
 
@@ -137,8 +152,7 @@ class _LinearFunction(torch.autograd.Function):
         grad = grad.contiguous()
         dx = input_grad(grad, weight) if ctx.needs_input_grad[0] else None
         dw = weight_grad(grad, x) if ctx.needs_input_grad[1] else None
-        db = (grad.reshape(-1, grad.shape[-1]).sum(0)
-              if ctx.has_bias and ctx.needs_input_grad[2] else None)
+        db = bias_grad(grad) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db
 
 
@@ -150,7 +164,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     if activation not in _ACTIVATIONS:
         raise ValueError(f'activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}')
     if onednn_linear_applies(x, weight, bias):
-        dtype = _compute_dtype(x)
+        dtype = autocast_dtype(x)
         grads = _needs_grad(x, weight, bias)
         # bf16 training keeps F.linear (measured faster, autocast caching weight casts).
         if not grads or dtype == torch.float32:

@@ -8,18 +8,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...ops import linear
-from ...ops.dense import input_grad, weight_grad
+from ...ops.dense import autocast_dtype, bias_grad, input_grad, weight_grad
 from .linear import Linear
 
 __all__ = ['Mlp', 'gelu_mlp']
-
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype autocast would run the Linear layers in (``x``'s own when it is off)."""
-    device = x.device.type
-    if device in ('cpu', 'cuda') and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return x.dtype
 
 
 class _GeluMlpFunction(torch.autograd.Function):
@@ -34,7 +26,7 @@ class _GeluMlpFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
                 b2: Optional[Tensor]) -> Tensor:
-        dtype = _compute_dtype(x)
+        dtype = autocast_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             xc = x.to(dtype)
             hidden = linear(xc, w1.to(dtype), None if b1 is None else b1.to(dtype))
@@ -53,11 +45,10 @@ class _GeluMlpFunction(torch.autograd.Function):
             act = F.gelu(hidden)
             dout = dout.contiguous()
             dw2 = weight_grad(dout, act).to(w2.dtype)
-            db2 = dout.reshape(-1, dout.shape[-1]).sum(0).to(w2.dtype) if ctx.has_bias[1] else None
+            db2 = bias_grad(dout).to(w2.dtype) if ctx.has_bias[1] else None
             dhidden = torch.ops.aten.gelu_backward(input_grad(dout, w2.to(dtype)), hidden)
             dw1 = weight_grad(dhidden, xc).to(w1.dtype)
-            db1 = (dhidden.reshape(-1, dhidden.shape[-1]).sum(0).to(w1.dtype)
-                   if ctx.has_bias[0] else None)
+            db1 = bias_grad(dhidden).to(w1.dtype) if ctx.has_bias[0] else None
             dx = (input_grad(dhidden, w1.to(dtype)).to(ctx.x_dtype)
                   if ctx.needs_input_grad[0] else None)
         return dx, dw1, db1, dw2, db2
