@@ -67,6 +67,7 @@ from torch import Tensor
 from ..rasters.objects import DetectedObject, LocalMask
 from ..utils.heap import reused_heap, trim_retained
 from ..utils.spill import current_spill
+from .head_kernels import fast_cpu_heads
 from .large_image import SIZE_DIVISOR, Progress, _box, features_given
 from .tile_pyramid import (
     TilePyramid,
@@ -78,7 +79,7 @@ from .tile_pyramid import (
 )
 
 __all__ = ['DetectionTiling', 'TileRegions', 'check_tileable', 'detection_budgets',
-           'threaded_roi_pooling',
+           'threaded_roi_pooling', 'chunked_roi_forwards',
            'detection_tiles',
            'detect_tile', 'merge_truncated', 'neck_strides', 'run_detection_tiles',
            'LargeObjects', 'upscaled', 'suppress_nested',
@@ -318,6 +319,57 @@ def threaded_roi_pooling(model: Any) -> Iterator[int]:
     finally:
         for layer in layers:
             del layer.forward
+
+
+#: Regions a RoI head's box and mask branches take at once in tiled inference (see
+#: :func:`chunked_roi_forwards`).
+ROI_CHUNKS = {'_bbox_forward': 2048, '_mask_forward': 128}
+
+
+def _in_chunks(forward: Callable[..., dict], size: int) -> Callable[..., dict]:
+    """``forward(..., rois)`` (a RoI head's ``_bbox_forward`` or ``_mask_forward``) over
+    ``size`` regions at a time, its tensors concatenated; the pooled features it also
+    returns (``bbox_feats``, ``mask_feats``: read in training only) are dropped."""
+    def run(*args: Any, **kwargs: Any) -> dict:
+        rois = args[-1] if args else None
+        if kwargs or not isinstance(rois, Tensor) or rois.dim() != 2 or len(rois) <= size:
+            return forward(*args, **kwargs)
+        parts = [forward(*args[:-1], rois[i:i + size]) for i in range(0, len(rois), size)]
+        out: dict = {}
+        for key in parts[0]:
+            values = [p[key] for p in parts]
+            if key.endswith('_feats'):
+                out[key] = None
+            elif all(isinstance(v, Tensor) for v in values):
+                out[key] = torch.cat(values)
+            else:  # not a tensor per region: this head's outputs cannot be split
+                return forward(*args, **kwargs)
+        return out
+    return run
+
+
+@contextlib.contextmanager
+def chunked_roi_forwards(model: Any) -> Iterator[int]:
+    """Inside this context (inference only) the RoI head's box branch pools and
+    classifies :data:`ROI_CHUNKS` regions at a time, and its mask branch likewise: each
+    region's result is computed from its own features alone, so the results are those
+    of one pass, and the pooled features of a tile's thousands of proposals (8000 x 256
+    x 7 x 7 float32: 401 MB, twice while the threads' parts are joined) and of its
+    masks (800 upsampled 28 x 28 maps of 256 channels: 642 MB) are never held at once.
+    Yields how many branches it took over."""
+    roi = getattr(model, 'roi_head', None)
+    taken = [name for name in ROI_CHUNKS if roi is not None and hasattr(roi, name)]
+    own = {name: roi.__dict__[name] for name in taken if name in roi.__dict__}
+    for name in taken:
+        setattr(roi, name, _in_chunks(getattr(roi, name), ROI_CHUNKS[name]))
+    try:
+        yield len(taken)
+    finally:
+        for name in taken:
+            if name in own:
+                setattr(roi, name, own[name])
+            else:
+                del roi.__dict__[name]
 
 
 @contextlib.contextmanager
@@ -708,7 +760,9 @@ def run_detection_tiles(model: Any, feats: Sequence[Tensor], stride: int,
             pyramid_halo(model, feats, stride, strides, tiling), tiling.tile + 2 * tiling.margin,
             local_dense_head(model, probe), timings, ring=ring)
     with torch.no_grad(), local_mask_paste(model), threaded_roi_pooling(model), \
-            detection_budgets(model, tiling) as budgets, reused_heap():
+            detection_budgets(model, tiling) as budgets, reused_heap(), \
+            fast_cpu_heads(dense_head_of(model), getattr(model, 'roi_head', None)), \
+            chunked_roi_forwards(model):
         row: list[TileRegions] = []
         for k, t in enumerate(tiles):
             if t.y0 in done:

@@ -914,3 +914,31 @@ def test_a_coarse_pass_gives_the_objects_larger_than_the_margin(detector) -> Non
     assert [(o.label, o.bbox) for o in got] == [(o.label, o.bbox) for o in want]
     assert all(max(o.bbox[2] - o.bbox[0], o.bbox[3] - o.bbox[1]) <= 128 or
                o.extra.get('coarse') == 2 for o in got)
+
+
+def test_roi_branches_in_chunks_give_the_objects_of_one_pass(detector, monkeypatch) -> None:
+    from mmlinattn.engine import tiled_detection
+    from mmlinattn.engine.large_image import features_given, prepare_image
+    from mmlinattn.engine.tiled_detection import chunked_roi_forwards
+    image = _image(96, 128)
+    x, samples, _ = prepare_image(detector, image, 'mmdet')
+    roi = detector.roi_head
+    with torch.no_grad():
+        feats = detector.extract_feat(x)
+        with features_given(detector, feats):
+            want = detector.predict(x, samples, rescale=False)[0].pred_instances
+            monkeypatch.setattr(tiled_detection, 'ROI_CHUNKS',
+                                {'_bbox_forward': 37, '_mask_forward': 5})
+            calls = []
+            bbox_forward = roi._bbox_forward
+            monkeypatch.setattr(roi, '_bbox_forward',
+                                lambda *a: calls.append(len(a[-1])) or bbox_forward(*a))
+            with chunked_roi_forwards(detector) as taken:
+                got = detector.predict(x, samples, rescale=False)[0].pred_instances
+    assert taken == 2 and '_mask_forward' not in vars(roi)
+    assert max(calls) == 37 and sum(calls) > 37 * 3  # really in chunks, every region once
+    assert len(want) == len(got) > 5
+    assert torch.equal(got.labels, want.labels)
+    torch.testing.assert_close(got.bboxes, want.bboxes, rtol=0, atol=1e-4)
+    torch.testing.assert_close(got.scores, want.scores, rtol=0, atol=1e-5)
+    assert torch.equal(got.masks, want.masks)
