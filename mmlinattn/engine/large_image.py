@@ -284,8 +284,7 @@ def segment_large(model: Any, image: ImageInput,
         decode = _tile_decoder(model, psp_out, feats[0].shape[2])
         finest_h = feats[0].shape[2]
         count = _tile_counter(progress, finest_h, feats[0].shape[3], tile // stride, resume)
-        # Tiles of one size (but the last ones): buffers taken again.
-        with reused_heap(), fast_cpu_heads(getattr(model, 'neck', None), head):
+        with reused_heap():  # tiles of one size (but the last ones): buffers taken again
             for r0, r1 in _tile_rows(finest_h, tile // stride, resume):
                 for t, (logits, ) in run_by_tiles(decode, feats, tile // stride,
                                                   halo // stride, band=(r0, r1, 0, finest_h)):
@@ -372,8 +371,7 @@ def _tile_decoder(model: Any, psp_out: Optional[Tensor], finest_height: int
         current[:] = [t]
         inputs = model.neck(crops) if model.with_neck else crops
         with _psp_from(model.decode_head, psp_out, current, finest_height):
-            # NCHW: channels-last logits (fast_cpu_heads) upsample and arg-max 3x slower.
-            return [model.decode_head.forward(list(inputs)).contiguous()]
+            return [model.decode_head.forward(list(inputs))]
 
     return decode
 
@@ -468,7 +466,7 @@ def _segment_large_sharded(model: Any, image: ImageInput, chunk_tokens: Optional
         own = (a // stride, b // stride)
         count = _tile_counter(progress, finest_total, ext[0].shape[3], tile // stride, resume,
                               own)
-        with reused_heap(), fast_cpu_heads(getattr(model, 'neck', None), head):
+        with reused_heap():
             for r0, r1 in _tile_rows(finest_total, tile // stride, resume):
                 if r1 <= own[0] or r0 >= own[1]:
                     continue
