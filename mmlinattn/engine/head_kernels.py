@@ -25,7 +25,7 @@ tiles at 8192^2, no gain).
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -36,7 +36,7 @@ from ..ops.tracing import exporting
 __all__ = ['fast_cpu_heads']
 
 
-def _onednn_forward(layer: nn.Linear):
+def _onednn_forward(layer: nn.Linear) -> Callable[[Tensor], Tensor]:
     def forward(x: Tensor) -> Tensor:
         return linear(x, layer.weight, layer.bias)
     return forward
@@ -60,8 +60,8 @@ def fast_cpu_heads(*modules: Optional[nn.Module]) -> Iterator[int]:
             if id(m) in seen or not isinstance(weight, Tensor) or weight.device.type != 'cpu':
                 continue
             seen.add(id(m))
-            if isinstance(m, nn.Conv2d) and m.weight.dim() == 4:
-                convs.append((m, m.weight.data))
+            if isinstance(m, nn.Conv2d):
+                convs.append((m, weight.data))
             elif type(m) is nn.Linear and 'forward' not in m.__dict__:
                 linears.append(m)
     try:

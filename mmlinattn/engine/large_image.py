@@ -550,10 +550,11 @@ def detect_large(model: Any, image: Tensor, chunk_tokens: Optional[int] = DEFAUL
     skips a mask head (mmdet pastes every mask at full image size).
     Returns mmdet's ``DetDataSample`` (boxes in image pixels) and timings.
     """
+    from .tile_pyramid import dense_head_of  # it imports this module
+
     _check_tiling(tile, halo)
     info: dict = {}
-    with torch.no_grad(), fast_cpu_heads(*(getattr(model, name, None) for name in
-                                           ('rpn_head', 'bbox_head', 'roi_head'))):
+    with torch.no_grad(), fast_cpu_heads(dense_head_of(model), getattr(model, 'roi_head', None)):
         x, samples, _, feats, stride = _features(model, image, 'mmdet', chunk_tokens, info)
         start = time.perf_counter()
         feats = (regionwise_neck(model.neck, feats, tile // stride, halo // stride, progress)
