@@ -142,9 +142,12 @@ def _spans(lo: int, hi: int, longest: int, step: int) -> list[tuple[int, int]]:
     return [(a, min(hi, a + side)) for a in range(lo, hi, side)]
 
 
-#: A ring of neck maps up to this size is held in memory even under a spill: written
-#: and read once per row of tiles, it would otherwise go through the page cache to the
-#: disk (23 GB of neck maps at 16384^2 px, written back before the tiles read them).
+#: A ring's levels are held in memory even under a spill, finest first, as long as the
+#: rings of one pyramid stay within this many bytes; the levels past it go to the spill.
+#: Written and read once per row of tiles, a ring in the spill goes through the page
+#: cache to the disk (23 GB of neck maps at 16384^2 px, written back before the tiles
+#: read them); the finest level is three quarters of a ring's bytes, so keeping it alone
+#: in memory saves most of that traffic.
 RING_MEMORY_BYTES = 4 * 2**30
 
 
@@ -164,7 +167,7 @@ class TilePyramid:
     then hold a window of rows, reused from the top as the tiles move down (a ring:
     image row ``y`` at map row ``(y - origin) / s`` modulo the window), instead of the
     whole image's rows: a row of tiles at a time in memory (up to
-    :data:`RING_MEMORY_BYTES`, else in the spill). The rows must then be reached and
+    :data:`RING_MEMORY_BYTES` of levels, the others in the spill). The rows must then be reached and
     read in order (:meth:`release` before :meth:`reach`, as the tiles go down); reading
     a row the window no longer holds raises. ``None``: every row kept."""
 
@@ -192,6 +195,7 @@ class TilePyramid:
         self.head_maps: Optional[list[list[Tensor]]] = None
         self.neck_done = self.neck_rows[0]
         self.head_done = n0
+        self.ring_bytes = 0  # of rings held in memory
 
     # -- computing --------------------------------------------------------------------
     def _lap(self, name: str, start: float) -> None:
@@ -207,10 +211,15 @@ class TilePyramid:
             held = total if window is None else min(total, -(-window // s) + 1)
             shapes.append((1, o.shape[1], held, -(-self.width // s)))
         wraps = any(sh[2] < -(-(rows[1] - rows[0]) // s) for sh, s in zip(shapes, self.strides))
-        nbytes = sum(torch.Size(sh).numel() * o.element_size() for sh, o in zip(shapes, outs))
-        if wraps and nbytes <= RING_MEMORY_BYTES:
-            return [torch.empty(sh, dtype=o.dtype) for sh, o in zip(shapes, outs)]
-        return [new_map(sh, o.dtype) for sh, o in zip(shapes, outs)]
+        maps = []
+        for sh, o in zip(shapes, outs):
+            nbytes = torch.Size(sh).numel() * o.element_size()
+            if wraps and self.ring_bytes + nbytes <= RING_MEMORY_BYTES:
+                self.ring_bytes += nbytes
+                maps.append(torch.empty(sh, dtype=o.dtype))
+            else:
+                maps.append(new_map(sh, o.dtype))
+        return maps
 
     @staticmethod
     def _pieces(m: Tensor, r0: int, r1: int) -> list[tuple[int, int, int]]:

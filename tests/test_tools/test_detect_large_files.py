@@ -333,13 +333,13 @@ def test_the_pyramid_by_rectangles_equals_the_whole_image_neck_and_rpn(detector)
                 assert got.shape == ref.shape and err < 1e-4, (s, err)
 
 
-@pytest.mark.parametrize('in_memory', [True, False])
+@pytest.mark.parametrize('placement', ['memory', 'spill', 'finest in memory'])
 def test_a_ring_of_rows_gives_every_row_of_tiles_the_whole_image_neck_and_rpn(
-        detector, in_memory, tmp_path, monkeypatch) -> None:
+        detector, placement, tmp_path, monkeypatch) -> None:
     """The pyramid holding a window of rows (a ring: 128 px of head regions, rows reused
-    from the top), walked down as a run's rows of tiles walk it, in memory or in a
-    spill: each row's crops equal the whole-image neck and RPN; a row it no longer
-    holds is refused."""
+    from the top), walked down as a run's rows of tiles walk it, in memory, in a spill
+    or split between them by level: each row's crops equal the whole-image neck and
+    RPN; a row it no longer holds is refused."""
     from mmlinattn.engine import tile_pyramid
     from mmlinattn.engine.tile_pyramid import TilePyramid, local_dense_head
     from mmlinattn.engine.tiled_detection import _probe_neck
@@ -351,8 +351,12 @@ def test_a_ring_of_rows_gives_every_row_of_tiles_the_whole_image_neck_and_rpn(
         rpn = detector.rpn_head(list(whole))
     strides = [4, 8, 16, 32, 64]
     head = local_dense_head(detector, _probe_neck(detector, feats))
-    if not in_memory:
-        monkeypatch.setattr(tile_pyramid, 'RING_MEMORY_BYTES', 0)
+    # The finest ring: (128 + 2 * 64 + 2 * 64) / 4 + 1 rows of 48 pixels.
+    finest = whole[0].shape[1] * ((128 + 4 * 64) // 4 + 1) * (192 // 4) * 4
+    budget = {'memory': 2**40, 'spill': 0, 'finest in memory': finest}[placement]
+    monkeypatch.setattr(tile_pyramid, 'RING_MEMORY_BYTES', budget)
+    in_memory = {'memory': [True] * 5, 'spill': [False] * 5,
+                 'finest in memory': [True] + [False] * 4}[placement]
     with spill_maps(str(tmp_path / 'spill'), min_bytes=1):
         pyramid = TilePyramid(detector, feats, 4, 0, strides, (0, 448), 192, halo=64, rect=64,
                               head=head, timings={}, ring=128)
@@ -362,8 +366,9 @@ def test_a_ring_of_rows_gives_every_row_of_tiles_the_whole_image_neck_and_rpn(
                 pyramid.release(top)
                 pyramid.reach(top + 128)
             assert pyramid.neck_maps[0].shape[2] < 448 // 4  # a window, not the image
-            on_disk = pyramid.neck_maps[0].untyped_storage().data_ptr() in _FILE_BACKED
-            assert on_disk != in_memory
+            on_disk = [m.untyped_storage().data_ptr() in _FILE_BACKED
+                       for m in pyramid.neck_maps]
+            assert on_disk == [not held for held in in_memory]
             crops = pyramid.neck_crop(region), pyramid.head_crop(region)
             for got, ref, s in zip(crops[0], whole, strides):
                 ref = ref[:, :, top // s:-(-(top + 128) // s)]
