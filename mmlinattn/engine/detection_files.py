@@ -210,8 +210,7 @@ def detect_file(model: Any, reader: RegionReader, outputs: Sequence[str], *,
             run.rows_done() if run is not None else None, progress, band))
         del feats
         if store is not None:
-            info['spill'] = dict(files=store.files, spilled_gib=store.spilled_bytes / 2**30,
-                                 peak_mapped_gib=store.peak_bytes / 2**30)
+            info['spill'] = store.summary()
         if group is not None:
             _gather_staged(staging, spill is not None, group)
             if not group.first:

@@ -207,8 +207,7 @@ def segment_file(model: Any, reader: RegionReader, outputs: FileOutputs, *,
                                         group=group, labels=labels, resume=run)
         info.update(seg)
         if store is not None:
-            info['spill'] = dict(files=store.files, spilled_gib=store.spilled_bytes / 2**30,
-                                 peak_mapped_gib=store.peak_bytes / 2**30)
+            info['spill'] = store.summary()
     info['decoded_pixels_model'] = reader.decoded_pixels  # the prediction's own reads
     if group is not None:
         import torch.distributed as dist

@@ -11,9 +11,16 @@ private memory). The values are the same as in memory: only where the bytes live
 changes. A map's blocks are reserved on the disk when it is created, so that a full
 disk is an error naming the map (``OSError(ENOSPC)``) rather than a SIGBUS later.
 
-A map's file is removed when its tensor is freed; :meth:`SpillStore.keep` keeps
-one under a name (a run's outputs, for ``--resume``), and :func:`spill_maps`
-clears the files a killed run left in its folder.
+A freed map's file serves the next map of its size (a block's output, then the next
+block's): its pages are still in the page cache, so writing the new map neither
+allocates nor zeroes them again, nor converts the file's reserved blocks (at 16384^2 px
+that took the backbone's system time from 121 to 74 s). The file is reused only once
+its memory is unmapped (no view of it left), never once kept.
+
+A map's file is removed when the spill ends (or when a second file of its size is
+freed); :meth:`SpillStore.keep` keeps one under a name (a run's outputs, for
+``--resume``), and :func:`spill_maps` clears the files a killed run left in its
+folder.
 """
 from __future__ import annotations
 
@@ -36,6 +43,8 @@ __all__ = ['SpillStore', 'spill_maps', 'current_spill', 'new_map', 'persistent_m
 #: Storage addresses of the tensors mapped from files (see :func:`release_rows`).
 _FILE_BACKED: dict[int, int] = {}
 _MADV_REMOVE = 9  # Linux: free the range's pages and its blocks in the file
+#: Files of freed maps kept for the next map of the same size, per size.
+MAX_POOLED_FILES = 1
 
 
 @dataclass
@@ -49,27 +58,45 @@ class SpillStore:
     live_bytes: int = 0
     peak_bytes: int = 0
     files: int = 0
+    reused: int = 0
     _live: dict = field(default_factory=dict, repr=False)
+    _free: dict = field(default_factory=dict, repr=False)
 
     def allocate(self, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
-        """An uninitialised CPU tensor of ``shape`` backed by a fresh file, removed when
-        the tensor is freed (unless :meth:`keep` names it first)."""
-        fd, path = tempfile.mkstemp(prefix='map-', suffix='.bin', dir=self.folder)
-        os.close(fd)
+        """An uninitialised CPU tensor of ``shape`` backed by a file: one a freed map of
+        the same size left (its pages still in the page cache), else a fresh one. The
+        file is given back when the tensor's memory is freed (unless :meth:`keep`
+        names it first)."""
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        pooled = self._free.get(nbytes)
+        if pooled:
+            path = pooled.pop()
+            self.reused += 1
+        else:
+            fd, path = tempfile.mkstemp(prefix='map-', suffix='.bin', dir=self.folder)
+            os.close(fd)
+            self.files += 1
         try:
             t = _map_file(path, shape, dtype, create=True)
         except BaseException:
             os.unlink(path)
             raise
-        nbytes = t.numel() * t.element_size()
-        self.files += 1
         self.spilled_bytes += nbytes
         self.live_bytes += nbytes
         self.peak_bytes = max(self.peak_bytes, self.live_bytes)
-        # Freeing the tensor removes the file (a view that outlives it keeps the mapping,
-        # and the kernel the disk, until it goes too).
-        self._live[id(t)] = (path, nbytes, weakref.finalize(t, self._release, id(t)))
+        # The file is reused or removed once the mapping is gone (the storage freed: a
+        # view that outlives the tensor keeps it); ``owns`` follows the tensor itself.
+        record = [path]
+        weakref.finalize(t.untyped_storage(), self._unmapped, record, nbytes)
+        self._live[id(t)] = (record, nbytes, weakref.finalize(t, self._live.pop, id(t), None))
         return t
+
+    def summary(self) -> dict:
+        """What went to the disk, for a run's report: files, GiB spilled and most
+        mapped at once."""
+        return dict(files=self.files, reused=self.reused,
+                    spilled_gib=self.spilled_bytes / 2**30,
+                    peak_mapped_gib=self.peak_bytes / 2**30)
 
     def owns(self, t: Tensor) -> bool:
         """Whether ``t`` is a live map allocated by this store."""
@@ -81,20 +108,29 @@ class SpillStore:
         entry = self._live.get(id(t))
         if entry is None:
             raise ValueError('keep(): the tensor is not a map allocated by this store')
-        path, _, finalizer = entry
-        finalizer.detach()
-        os.replace(path, dest)
-        self._live[id(t)] = (dest, entry[1], weakref.finalize(t, self._forget, id(t)))
+        record = entry[0]
+        os.replace(record[0], dest)
+        record[0] = None
 
-    def _forget(self, key: int) -> None:
-        self.live_bytes -= self._live.pop(key, ('', 0))[1]
-
-    def _release(self, key: int) -> None:
-        path, nbytes, _ = self._live.pop(key, ('', 0, None))
+    def _unmapped(self, record: list, nbytes: int) -> None:
         self.live_bytes -= nbytes
-        if path:
+        path = record[0]
+        if path is None:  # kept
+            return
+        pooled = self._free.setdefault(nbytes, [])
+        if len(pooled) < MAX_POOLED_FILES:
+            pooled.append(path)
+        else:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+
+    def close(self) -> None:
+        """Remove the files kept for reuse."""
+        for paths in self._free.values():
+            for path in paths:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        self._free.clear()
 
 
 _CURRENT: list[SpillStore] = []
@@ -121,6 +157,7 @@ def spill_maps(folder: str, min_bytes: int = 64 * 2**20) -> Iterator[SpillStore]
         yield store
     finally:
         _CURRENT.remove(store)
+        store.close()
 
 
 def new_map(shape: Sequence[int], dtype: torch.dtype, device: torch.device | str = 'cpu'
