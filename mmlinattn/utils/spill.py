@@ -59,6 +59,7 @@ class SpillStore:
     peak_bytes: int = 0
     files: int = 0
     reused: int = 0
+    closed: bool = False
     _live: dict = field(default_factory=dict, repr=False)
     _free: dict = field(default_factory=dict, repr=False)
 
@@ -118,14 +119,15 @@ class SpillStore:
         if path is None:  # kept
             return
         pooled = self._free.setdefault(nbytes, [])
-        if len(pooled) < MAX_POOLED_FILES:
+        if not self.closed and len(pooled) < MAX_POOLED_FILES:
             pooled.append(path)
         else:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 
     def close(self) -> None:
-        """Remove the files kept for reuse."""
+        """Remove the files kept for reuse; the maps freed after this remove theirs."""
+        self.closed = True
         for paths in self._free.values():
             for path in paths:
                 with contextlib.suppress(FileNotFoundError):

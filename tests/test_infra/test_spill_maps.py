@@ -30,9 +30,12 @@ def test_a_freed_maps_file_serves_the_next_map_of_its_size(tmp_path) -> None:
         assert torch.equal(b, torch.full(SHAPE, 2.0))
         c = new_map((1, 8, 16, 64), torch.float32)  # another size: a file of its own
         assert store.files == 2 and store.reused == 1
-        del b, c
+        del b
         gc.collect()
         assert len(_maps(tmp_path)) == 2  # kept for reuse while the spill lasts
+    assert len(_maps(tmp_path)) == 1  # c's, still mapped
+    del c  # freed after the spill: its file goes
+    gc.collect()
     assert _maps(tmp_path) == []
 
 
