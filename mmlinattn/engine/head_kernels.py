@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ..ops.dense import linear
 from ..ops.tracing import exporting
+from ..utils.attributes import patched_attributes
 
 __all__ = ['fast_cpu_heads']
 
@@ -67,11 +68,8 @@ def fast_cpu_heads(*modules: Optional[nn.Module]) -> Iterator[int]:
     try:
         for m, w in convs:
             m.weight.data = w.contiguous(memory_format=torch.channels_last)
-        for m in linears:
-            m.forward = _onednn_forward(m)
-        yield len(convs) + len(linears)
+        with patched_attributes((m, 'forward', _onednn_forward(m)) for m in linears):
+            yield len(convs) + len(linears)
     finally:
         for m, w in convs:
             m.weight.data = w
-        for m in linears:
-            m.__dict__.pop('forward', None)

@@ -65,6 +65,7 @@ import torch
 from torch import Tensor
 
 from ..rasters.objects import DetectedObject, LocalMask
+from ..utils.attributes import patched_attributes
 from ..utils.heap import reused_heap, trim_retained
 from ..utils.spill import current_spill
 from .head_kernels import fast_cpu_heads
@@ -312,13 +313,8 @@ def threaded_roi_pooling(model: Any) -> Iterator[int]:
             return threaded_roi_align(feats, rois, layer.output_size, layer.spatial_scale,
                                       layer.sampling_ratio, layer.aligned)
         return forward
-    for layer in layers:
-        layer.forward = pooled(layer)
-    try:
-        yield len(layers)
-    finally:
-        for layer in layers:
-            del layer.forward
+    with patched_attributes((layer, 'forward', pooled(layer)) for layer in layers) as taken:
+        yield taken
 
 
 #: Regions a RoI head's box and mask branches take at once in tiled inference (see
@@ -358,18 +354,10 @@ def chunked_roi_forwards(model: Any) -> Iterator[int]:
     masks (800 upsampled 28 x 28 maps of 256 channels: 642 MB) are never held at once.
     Yields how many branches it took over."""
     roi = getattr(model, 'roi_head', None)
-    taken = [name for name in ROI_CHUNKS if roi is not None and hasattr(roi, name)]
-    own = {name: roi.__dict__[name] for name in taken if name in roi.__dict__}
-    for name in taken:
-        setattr(roi, name, _in_chunks(getattr(roi, name), ROI_CHUNKS[name]))
-    try:
-        yield len(taken)
-    finally:
-        for name in taken:
-            if name in own:
-                setattr(roi, name, own[name])
-            else:
-                del roi.__dict__[name]
+    names = [name for name in ROI_CHUNKS if roi is not None and hasattr(roi, name)]
+    with patched_attributes((roi, name, _in_chunks(getattr(roi, name), ROI_CHUNKS[name]))
+                            for name in names) as taken:
+        yield taken
 
 
 @contextlib.contextmanager
@@ -378,13 +366,9 @@ def local_mask_paste(model: Any) -> Iterator[None]:
     return :class:`LocalMasks` (each mask over its box's own pixels, pasted exactly as
     mmdet pastes on the CPU) instead."""
     heads = _mask_heads(getattr(model, 'roi_head', None))
-    for mh in heads:
-        mh._predict_by_feat_single = _local_paste(mh)
-    try:
+    with patched_attributes((mh, '_predict_by_feat_single', _local_paste(mh))
+                            for mh in heads):
         yield
-    finally:
-        for mh in heads:
-            del mh._predict_by_feat_single
 
 
 class LocalMasks:
