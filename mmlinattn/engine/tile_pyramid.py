@@ -166,9 +166,9 @@ class TilePyramid:
     ``ring``: the most image rows the head regions of one row of tiles span. The maps
     then hold a window of rows, reused from the top as the tiles move down (a ring:
     image row ``y`` at map row ``(y - origin) / s`` modulo the window), instead of the
-    whole image's rows: a row of tiles at a time in memory (up to
-    :data:`RING_MEMORY_BYTES` of levels, the others in the spill). The rows must then be reached and
-    read in order (:meth:`release` before :meth:`reach`, as the tiles go down); reading
+    whole image's rows: a row of tiles at a time, its levels in memory finest first (up
+    to :data:`RING_MEMORY_BYTES`), the others in the spill. The rows must then be
+    reached and read in order (:meth:`release` before :meth:`reach`, as the tiles go down); reading
     a row the window no longer holds raises. ``None``: every row kept."""
 
     def __init__(self, model: Any, feats: Sequence[Tensor], stride: int, row0: int,

@@ -50,7 +50,9 @@ MAX_POOLED_FILES = 1
 @dataclass
 class SpillStore:
     """Where spilled maps go: ``folder``; maps of at least ``min_bytes`` spill.
-    ``spilled_bytes``/``peak_bytes``: bytes created so far and the most mapped at once."""
+    ``spilled_bytes``/``peak_bytes``: bytes created so far and the most mapped at once;
+    ``files``/``reused``: maps given a fresh file and a freed map's file; ``closed``:
+    the spill has ended (freed files are removed, not kept for reuse)."""
 
     folder: str
     min_bytes: int = 64 * 2**20
@@ -70,18 +72,22 @@ class SpillStore:
         names it first)."""
         nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
         pooled = self._free.get(nbytes)
-        if pooled:
+        reusing = bool(pooled)
+        if reusing:
             path = pooled.pop()
-            self.reused += 1
         else:
             fd, path = tempfile.mkstemp(prefix='map-', suffix='.bin', dir=self.folder)
             os.close(fd)
-            self.files += 1
         try:
+            # Reserved again when reused: release_rows may have punched holes in it.
             t = _map_file(path, shape, dtype, create=True)
         except BaseException:
             os.unlink(path)
             raise
+        if reusing:
+            self.reused += 1
+        else:
+            self.files += 1
         self.spilled_bytes += nbytes
         self.live_bytes += nbytes
         self.peak_bytes = max(self.peak_bytes, self.live_bytes)
