@@ -14,7 +14,7 @@ agent grids.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 from torch import Tensor, nn
 
@@ -107,28 +107,14 @@ class AgentCSwin(CSwinBackbone):
 
     def __init__(self,
                  arch: Union[str, dict] = 'tiny',
-                 embed_dims: Optional[int] = None,
-                 depths: Optional[Sequence[int]] = None,
-                 num_heads: Optional[Sequence[int]] = None,
-                 attn_types: Optional[str] = None,
+                 *,
                  agent_num: Optional[Sequence[int]] = None,
                  agent_shapes: Optional[Sequence[Optional[Sequence[int]]]] = None,
                  pretrain_img_size: int = 224,
                  split_size: int = 7,
                  pad_mask: bool = True,
                  attn_impl: str = 'auto',
-                 in_channels: int = 3,
-                 mlp_ratio: float = 4.,
-                 qkv_bias: bool = True,
-                 drop_rate: float = 0.,
-                 drop_path_rate: float = 0.1,
-                 out_indices: Sequence[int] = (0, 1, 2, 3),
-                 out_norm: bool = True,
-                 frozen_stages: int = -1,
-                 with_cp: bool = False,
-                 chunk_tokens: Optional[int] = None,
-                 pretrained: Optional[str] = None,
-                 init_cfg: Optional[Union[dict, list]] = None) -> None:
+                 **layout: Any) -> None:
         agents = tuple(self.resolve_arch(arch, agent_num=agent_num)['agent_num'])
         shapes = stage_agent_shapes(len(agents), agent_shapes)
 
@@ -139,13 +125,7 @@ class AgentCSwin(CSwinBackbone):
                 return [AgentCSwinBranch(dim, heads, agents[i], (side, side), shapes[i])]
             return stripe_branches(dim, heads, split_size, last_stage, attn_impl, pad_mask)
 
-        super().__init__(make_branches=make_branches, arch=arch, embed_dims=embed_dims,
-                         depths=depths, num_heads=num_heads, attn_types=attn_types,
-                         in_channels=in_channels, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                         drop_rate=drop_rate, drop_path_rate=drop_path_rate,
-                         out_indices=out_indices, out_norm=out_norm, frozen_stages=frozen_stages,
-                         with_cp=with_cp, chunk_tokens=chunk_tokens, pretrained=pretrained,
-                         init_cfg=init_cfg)
+        super().__init__(make_branches=make_branches, arch=arch, **layout)
 
 
 class AgentCSwinClassifier(ClassifierHead, AgentCSwin):

@@ -14,7 +14,7 @@ maps of four blocks go through the same simple feature pyramid as InLine-DeiT.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 from torch import nn
 
@@ -69,25 +69,16 @@ class AgentDeiT(DeiTBackbone):
 
     def __init__(self,
                  arch: Union[str, dict] = 'tiny',
+                 *,
                  agent_num: Optional[Sequence[int]] = None,
                  agent_layers: Optional[int] = None,
                  agent_shape: Optional[Sequence[int]] = None,
                  pretrain_img_size: Optional[int] = None,
                  kernel_size: int = 3,
-                 in_channels: int = 3,
                  patch_size: int = 16,
-                 mlp_ratio: float = 4.,
                  qkv_bias: bool = True,
                  drop_rate: float = 0.,
-                 drop_path_rate: float = 0.1,
-                 out_indices: Sequence[int] = (3, 5, 7, 11),
-                 pyramid: bool = True,
-                 out_norm: bool = True,
-                 frozen_stages: int = -1,
-                 with_cp: bool = False,
-                 chunk_tokens: Optional[int] = None,
-                 pretrained: Optional[str] = None,
-                 init_cfg: Optional[Union[dict, list]] = None) -> None:
+                 **layout: Any) -> None:
         setting = self.resolve_arch(arch, agent_num=agent_num, agent_layers=agent_layers,
                                     pretrain_img_size=pretrain_img_size)
         agents = deit_block_agents(setting['agent_num'], setting['depth'])
@@ -100,11 +91,8 @@ class AgentDeiT(DeiTBackbone):
                                       qkv_bias, drop_rate, prefix_tokens=True)
             return GlobalSoftmaxAttention(dim, heads, qkv_bias, drop_rate)
 
-        super().__init__(make_attention=make_attention, setting=setting, in_channels=in_channels,
-                         patch_size=patch_size, mlp_ratio=mlp_ratio, drop_rate=drop_rate,
-                         drop_path_rate=drop_path_rate, out_indices=out_indices, pyramid=pyramid,
-                         out_norm=out_norm, frozen_stages=frozen_stages, with_cp=with_cp,
-                         chunk_tokens=chunk_tokens, pretrained=pretrained, init_cfg=init_cfg)
+        super().__init__(make_attention=make_attention, setting=setting, patch_size=patch_size,
+                         drop_rate=drop_rate, **layout)
 
 
 class AgentDeiTClassifier(DeiTClassifierHead, AgentDeiT):

@@ -10,7 +10,7 @@ the biases resized to the map and to the agent grid.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 from torch import nn
 
@@ -56,25 +56,14 @@ class AgentPVT(PVTBackbone):
 
     def __init__(self,
                  arch: Union[str, dict] = 'tiny',
-                 embed_dims: Optional[Sequence[int]] = None,
-                 depths: Optional[Sequence[int]] = None,
-                 num_heads: Optional[Sequence[int]] = None,
-                 mlp_ratios: Optional[Sequence[float]] = None,
+                 *,
                  agent_num: Optional[Sequence[int]] = None,
                  agent_shapes: Optional[Sequence[Optional[Sequence[int]]]] = None,
                  kernel_size: int = 3,
-                 in_channels: int = 3,
                  pretrain_img_size: int = 224,
                  qkv_bias: bool = True,
                  drop_rate: float = 0.,
-                 drop_path_rate: float = 0.1,
-                 out_indices: Sequence[int] = (0, 1, 2, 3),
-                 out_norm: bool = True,
-                 frozen_stages: int = -1,
-                 with_cp: bool = False,
-                 chunk_tokens: Optional[int] = None,
-                 pretrained: Optional[str] = None,
-                 init_cfg: Optional[Union[dict, list]] = None) -> None:
+                 **layout: Any) -> None:
         agents = tuple(self.resolve_arch(arch, agent_num=agent_num)['agent_num'])
         shapes = stage_agent_shapes(len(agents), agent_shapes)
 
@@ -83,13 +72,8 @@ class AgentPVT(PVTBackbone):
             return AgentAttention(dim, heads, agents[i], (side, side), shapes[i], kernel_size,
                                   qkv_bias, drop_rate, qkv_layout='q_kv')
 
-        super().__init__(make_attention=make_attention, arch=arch, embed_dims=embed_dims,
-                         depths=depths, num_heads=num_heads, mlp_ratios=mlp_ratios,
-                         in_channels=in_channels, pretrain_img_size=pretrain_img_size,
-                         drop_rate=drop_rate, drop_path_rate=drop_path_rate,
-                         out_indices=out_indices, out_norm=out_norm, frozen_stages=frozen_stages,
-                         with_cp=with_cp, chunk_tokens=chunk_tokens, pretrained=pretrained,
-                         init_cfg=init_cfg)
+        super().__init__(make_attention=make_attention, arch=arch,
+                         pretrain_img_size=pretrain_img_size, drop_rate=drop_rate, **layout)
 
 
 class AgentPVTClassifier(ClassifierHead, AgentPVT):

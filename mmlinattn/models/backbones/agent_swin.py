@@ -62,30 +62,18 @@ class AgentSwin(SwinBackbone):
 
     def __init__(self,
                  arch: Union[str, dict] = 'tiny',
-                 embed_dims: Optional[int] = None,
-                 depths: Optional[Sequence[int]] = None,
-                 num_heads: Optional[Sequence[int]] = None,
-                 attn_types: Optional[str] = None,
+                 *,
                  agent_num: Optional[Sequence[int]] = None,
                  agent_shapes: Optional[Sequence[Optional[Sequence[int]]]] = None,
                  pretrain_img_size: int = 224,
                  kernel_size: int = 3,
-                 in_channels: int = 3,
                  patch_size: int = 4,
-                 mlp_ratio: float = 4.,
                  qkv_bias: bool = True,
                  softmax_window: int = 7,
                  pad_mask: bool = False,
                  drop_rate: float = 0.,
                  attn_drop_rate: float = 0.,
-                 drop_path_rate: float = 0.1,
-                 out_indices: Sequence[int] = (0, 1, 2, 3),
-                 out_norm: bool = True,
-                 frozen_stages: int = -1,
-                 with_cp: bool = False,
-                 chunk_tokens: Optional[int] = None,
-                 pretrained: Optional[str] = None,
-                 init_cfg: Optional[Union[dict, list]] = None) -> None:
+                 **layout: Any) -> None:
         agents = tuple(self.resolve_arch(arch, agent_num=agent_num)['agent_num'])
         shapes = stage_agent_shapes(len(agents), agent_shapes)
 
@@ -97,13 +85,8 @@ class AgentSwin(SwinBackbone):
             return swin_softmax_attention(dim, heads, softmax_window, j, qkv_bias,
                                           attn_drop_rate, drop_rate, pad_mask)
 
-        super().__init__(make_attention=make_attention, arch=arch, embed_dims=embed_dims,
-                         depths=depths, num_heads=num_heads, attn_types=attn_types,
-                         in_channels=in_channels, patch_size=patch_size, mlp_ratio=mlp_ratio,
-                         drop_rate=drop_rate, drop_path_rate=drop_path_rate,
-                         out_indices=out_indices, out_norm=out_norm, frozen_stages=frozen_stages,
-                         with_cp=with_cp, chunk_tokens=chunk_tokens, pretrained=pretrained,
-                         init_cfg=init_cfg)
+        super().__init__(make_attention=make_attention, arch=arch, patch_size=patch_size,
+                         drop_rate=drop_rate, **layout)
 
 
 class AgentSwinClassifier(ClassifierHead, AgentSwin):

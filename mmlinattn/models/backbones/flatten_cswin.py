@@ -14,7 +14,7 @@ and resized bilinearly for other maps, as for FLatten-Swin
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Union
 
 from torch import Tensor, nn
 
@@ -102,28 +102,14 @@ class FLattenCSwin(CSwinBackbone):
 
     def __init__(self,
                  arch: Union[str, dict] = 'tiny',
-                 embed_dims: Optional[int] = None,
-                 depths: Optional[Sequence[int]] = None,
-                 num_heads: Optional[Sequence[int]] = None,
-                 attn_types: Optional[str] = None,
+                 *,
                  pretrain_img_size: int = 224,
                  focusing_factor: float = 3.,
                  kernel_size: int = 5,
                  split_size: int = 7,
                  pad_mask: bool = True,
                  attn_impl: str = 'auto',
-                 in_channels: int = 3,
-                 mlp_ratio: float = 4.,
-                 qkv_bias: bool = True,
-                 drop_rate: float = 0.,
-                 drop_path_rate: float = 0.1,
-                 out_indices: Sequence[int] = (0, 1, 2, 3),
-                 out_norm: bool = True,
-                 frozen_stages: int = -1,
-                 with_cp: bool = False,
-                 chunk_tokens: Optional[int] = None,
-                 pretrained: Optional[str] = None,
-                 init_cfg: Optional[Union[dict, list]] = None) -> None:
+                 **layout: Any) -> None:
 
         def make_branches(letter: str, i: int, j: int, dim: int, heads: int,
                           last_stage: bool) -> list[nn.Module]:
@@ -133,13 +119,7 @@ class FLattenCSwin(CSwinBackbone):
                                            kernel_size)]
             return stripe_branches(dim, heads, split_size, last_stage, attn_impl, pad_mask)
 
-        super().__init__(make_branches=make_branches, arch=arch, embed_dims=embed_dims,
-                         depths=depths, num_heads=num_heads, attn_types=attn_types,
-                         in_channels=in_channels, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                         drop_rate=drop_rate, drop_path_rate=drop_path_rate,
-                         out_indices=out_indices, out_norm=out_norm, frozen_stages=frozen_stages,
-                         with_cp=with_cp, chunk_tokens=chunk_tokens, pretrained=pretrained,
-                         init_cfg=init_cfg)
+        super().__init__(make_branches=make_branches, arch=arch, **layout)
 
 
 class FLattenCSwinClassifier(ClassifierHead, FLattenCSwin):

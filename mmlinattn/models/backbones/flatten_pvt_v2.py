@@ -9,7 +9,7 @@ The release has no detection or segmentation code to follow.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Any, Union
 
 from torch import nn
 
@@ -54,36 +54,20 @@ class FLattenPVTv2(PVTv2Backbone):
 
     def __init__(self,
                  arch: Union[str, dict] = 'b0',
-                 embed_dims: Optional[Sequence[int]] = None,
-                 depths: Optional[Sequence[int]] = None,
-                 num_heads: Optional[Sequence[int]] = None,
-                 mlp_ratios: Optional[Sequence[float]] = None,
+                 *,
                  focusing_factor: float = 3.,
                  kernel_size: int = 5,
-                 in_channels: int = 3,
                  pretrain_img_size: int = 224,
                  qkv_bias: bool = True,
                  drop_rate: float = 0.,
-                 drop_path_rate: float = 0.1,
-                 out_indices: Sequence[int] = (0, 1, 2, 3),
-                 out_norm: bool = True,
-                 frozen_stages: int = -1,
-                 with_cp: bool = False,
-                 chunk_tokens: Optional[int] = None,
-                 pretrained: Optional[str] = None,
-                 init_cfg: Optional[Union[dict, list]] = None) -> None:
+                 **layout: Any) -> None:
 
         def make_attention(i: int, j: int, dim: int, heads: int) -> nn.Module:
             side = pretrain_img_size // (4 * 2**i)
             return FocusedLinearAttention(dim, heads, (side, side), focusing_factor,
                                           kernel_size, qkv_bias, drop_rate, qkv_layout='q_kv')
 
-        super().__init__(make_attention=make_attention, arch=arch, embed_dims=embed_dims,
-                         depths=depths, num_heads=num_heads, mlp_ratios=mlp_ratios,
-                         in_channels=in_channels, drop_rate=drop_rate,
-                         drop_path_rate=drop_path_rate, out_indices=out_indices,
-                         frozen_stages=frozen_stages, with_cp=with_cp, chunk_tokens=chunk_tokens,
-                         pretrained=pretrained, init_cfg=init_cfg)
+        super().__init__(make_attention=make_attention, arch=arch, drop_rate=drop_rate, **layout)
 
 
 class FLattenPVTv2Classifier(ClassifierHead, FLattenPVTv2):

@@ -14,7 +14,7 @@ residual, with taps from the mean of the block input before ``norm1``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from timm.layers import DropPath
@@ -311,6 +311,11 @@ class CSwinBackbone(InLineBackbone):
 
     Input ``(B, in_channels, H, W)`` of any size; outputs at strides 4, 8, 16, 32
     with ``C * 2^i`` channels.
+
+    The keyword arguments a subclass does not read itself (the layout and the contract)
+    reach this class by name, as ``**layout``; those it does not take go on to
+    :class:`InLineBackbone` (``out_indices``, ``out_norm``, ``frozen_stages``,
+    ``with_cp``, ``chunk_tokens``, ``pretrained``, ``init_cfg``) as ``**contract``.
     """
 
     #: (linear attention's letter, softmax letter) of ``attn_types``.
@@ -320,30 +325,22 @@ class CSwinBackbone(InLineBackbone):
     def __init__(self,
                  make_branches: BranchFactory,
                  *,
-                 arch: Union[str, dict],
-                 embed_dims: Optional[int],
-                 depths: Optional[Sequence[int]],
-                 num_heads: Optional[Sequence[int]],
-                 attn_types: Optional[str],
-                 in_channels: int,
-                 mlp_ratio: float,
-                 qkv_bias: bool,
-                 drop_rate: float,
-                 drop_path_rate: float,
-                 out_indices: Sequence[int],
-                 out_norm: bool,
-                 frozen_stages: int,
-                 with_cp: bool,
-                 chunk_tokens: Optional[int],
-                 pretrained: Optional[str],
-                 init_cfg: Optional[Union[dict, list]]) -> None:
+                 arch: Union[str, dict] = 'tiny',
+                 embed_dims: Optional[int] = None,
+                 depths: Optional[Sequence[int]] = None,
+                 num_heads: Optional[Sequence[int]] = None,
+                 attn_types: Optional[str] = None,
+                 in_channels: int = 3,
+                 mlp_ratio: float = 4.,
+                 qkv_bias: bool = True,
+                 drop_rate: float = 0.,
+                 drop_path_rate: float = 0.1,
+                 **contract: Any) -> None:
         setting = self.resolve_arch(arch, embed_dims=embed_dims, depths=depths,
                                     num_heads=num_heads, attn_types=attn_types)
         depths = tuple(setting['depths'])
         heads = tuple(setting['num_heads'])
-        super().__init__(len(depths), out_indices=out_indices, out_norm=out_norm,
-                         frozen_stages=frozen_stages, with_cp=with_cp, pretrained=pretrained,
-                         init_cfg=init_cfg, chunk_tokens=chunk_tokens)
+        super().__init__(len(depths), **contract)
         letters = parse_attn_types(setting['attn_types'], depths, self.attn_letters)
         dims = [setting['embed_dims'] * 2**i for i in range(self.num_stages)]
         self.num_features = dims
@@ -408,8 +405,10 @@ class InLineCSwin(CSwinBackbone):
         attn_impl: attention implementation (``'auto'``; see
             :mod:`mmlinattn.ops.implementations`).
         in_channels, mlp_ratio, qkv_bias, drop_rate, drop_path_rate: as usual.
-        out_indices, out_norm, frozen_stages, with_cp, pretrained, init_cfg:
+        out_indices, out_norm, frozen_stages, with_cp, chunk_tokens, pretrained, init_cfg:
             the OpenMMLab backbone contract (see :class:`InLineBackbone`).
+        The layout and the contract are passed on by name to :class:`CSwinBackbone`
+        (``**layout``).
 
     Input ``(B, in_channels, H, W)`` of any size; outputs at strides 4, 8, 16, 32
     (the 7x7 stride-4 stem, then stride-2 merges) with ``C * 2^i`` channels.
@@ -419,28 +418,14 @@ class InLineCSwin(CSwinBackbone):
 
     def __init__(self,
                  arch: Union[str, dict] = 'tiny',
-                 embed_dims: Optional[int] = None,
-                 depths: Optional[Sequence[int]] = None,
-                 num_heads: Optional[Sequence[int]] = None,
-                 attn_types: Optional[str] = None,
+                 *,
                  split_size: int = 7,
                  pad_mask: bool = True,
                  inline_window: Optional[int] = None,
                  inline_operator: str = 'inline',
                  kernel: KernelArg = 'default',
                  attn_impl: str = 'auto',
-                 in_channels: int = 3,
-                 mlp_ratio: float = 4.,
-                 qkv_bias: bool = True,
-                 drop_rate: float = 0.,
-                 drop_path_rate: float = 0.1,
-                 out_indices: Sequence[int] = (0, 1, 2, 3),
-                 out_norm: bool = True,
-                 frozen_stages: int = -1,
-                 with_cp: bool = False,
-                 chunk_tokens: Optional[int] = None,
-                 pretrained: Optional[str] = None,
-                 init_cfg: Optional[Union[dict, list]] = None) -> None:
+                 **layout: Any) -> None:
 
         def make_branches(letter: str, i: int, j: int, dim: int, heads: int,
                           last_stage: bool) -> list[nn.Module]:
@@ -450,13 +435,7 @@ class InLineCSwin(CSwinBackbone):
                                     pad_mask=pad_mask)]
             return stripe_branches(dim, heads, split_size, last_stage, attn_impl, pad_mask)
 
-        super().__init__(make_branches=make_branches, arch=arch, embed_dims=embed_dims,
-                         depths=depths, num_heads=num_heads, attn_types=attn_types,
-                         in_channels=in_channels, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                         drop_rate=drop_rate, drop_path_rate=drop_path_rate,
-                         out_indices=out_indices, out_norm=out_norm, frozen_stages=frozen_stages,
-                         with_cp=with_cp, chunk_tokens=chunk_tokens, pretrained=pretrained,
-                         init_cfg=init_cfg)
+        super().__init__(make_branches=make_branches, arch=arch, **layout)
 
 
 class InLineCSwinClassifier(ClassifierHead, InLineCSwin):

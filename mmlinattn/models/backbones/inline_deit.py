@@ -111,6 +111,11 @@ class DeiTBackbone(InLineBackbone):
     Subclasses (:class:`InLineDeiT`, ``AgentDeiT``) declare their arch table (with
     ``embed_dims``, ``depth``, ``num_heads``, ``pretrain_img_size``) and pass a
     :data:`DeiTAttentionFactory`. The other arguments are :class:`InLineDeiT`'s.
+
+    The keyword arguments a subclass does not read itself (the layout and the contract)
+    reach this class by name, as ``**layout``; those it does not take go on to
+    :class:`InLineBackbone` (``out_indices``, ``out_norm``, ``frozen_stages``,
+    ``with_cp``, ``chunk_tokens``, ``pretrained``, ``init_cfg``) as ``**contract``.
     """
 
     convert_checkpoint = staticmethod(convert_deit_checkpoint)
@@ -119,23 +124,16 @@ class DeiTBackbone(InLineBackbone):
                  make_attention: DeiTAttentionFactory,
                  *,
                  setting: dict,
-                 in_channels: int,
-                 patch_size: int,
-                 mlp_ratio: float,
-                 drop_rate: float,
-                 drop_path_rate: float,
-                 out_indices: Sequence[int],
-                 pyramid: bool,
-                 out_norm: bool,
-                 frozen_stages: int,
-                 with_cp: bool,
-                 chunk_tokens: Optional[int],
-                 pretrained: Optional[str],
-                 init_cfg: Optional[Union[dict, list]]) -> None:
+                 in_channels: int = 3,
+                 patch_size: int = 16,
+                 mlp_ratio: float = 4.,
+                 drop_rate: float = 0.,
+                 drop_path_rate: float = 0.1,
+                 out_indices: Sequence[int] = (3, 5, 7, 11),
+                 pyramid: bool = True,
+                 **contract: Any) -> None:
         depth, dim = setting['depth'], setting['embed_dims']
-        super().__init__(num_stages=depth, out_indices=out_indices, out_norm=out_norm,
-                         frozen_stages=frozen_stages, with_cp=with_cp, pretrained=pretrained,
-                         init_cfg=init_cfg, chunk_tokens=chunk_tokens)
+        super().__init__(num_stages=depth, out_indices=out_indices, **contract)
         if pyramid and len(self.out_indices) != 4:
             raise ValueError(f'pyramid=True needs four out_indices (strides 4-32), got '
                              f'{self.out_indices}')
@@ -233,7 +231,9 @@ class InLineDeiT(DeiTBackbone):
             released final ``norm``).
         frozen_stages: -1 none; 0 the patch embedding, class token and position
             embedding; k also blocks 0..k-1.
-        with_cp, pretrained, init_cfg: the OpenMMLab backbone contract.
+        with_cp, chunk_tokens, pretrained, init_cfg: the OpenMMLab backbone contract.
+        The layout and the contract are passed on by name to :class:`DeiTBackbone`
+        (``**layout``).
 
     Position embeddings (stored for the arch's pre-training size) are resized
     bicubically to the input's patch grid; any input size works (padded to a
@@ -244,24 +244,14 @@ class InLineDeiT(DeiTBackbone):
 
     def __init__(self,
                  arch: Union[str, dict] = 'tiny',
-                 in_channels: int = 3,
-                 patch_size: int = 16,
-                 mlp_ratio: float = 4.,
+                 *,
                  qkv_bias: bool = True,
                  drop_rate: float = 0.,
-                 drop_path_rate: float = 0.1,
                  inline_window: Optional[int] = None,
                  inline_operator: str = 'inline',
                  kernel: KernelArg = 'default',
                  attn_impl: str = 'auto',
-                 out_indices: Sequence[int] = (3, 5, 7, 11),
-                 pyramid: bool = True,
-                 out_norm: bool = True,
-                 frozen_stages: int = -1,
-                 with_cp: bool = False,
-                 chunk_tokens: Optional[int] = None,
-                 pretrained: Optional[str] = None,
-                 init_cfg: Optional[Union[dict, list]] = None) -> None:
+                 **layout: Any) -> None:
         if inline_window is not None:
             raise ValueError(f'InLineDeiT: inline_window={inline_window} is not possible: the '
                              'class token attends to every patch token, so InLine-DeiT attends '
@@ -274,11 +264,8 @@ class InLineDeiT(DeiTBackbone):
                                    kernel=kernel, impl=attn_impl, qkv_bias=qkv_bias,
                                    proj_drop=drop_rate)
 
-        super().__init__(make_attention=make_attention, setting=setting, in_channels=in_channels,
-                         patch_size=patch_size, mlp_ratio=mlp_ratio, drop_rate=drop_rate,
-                         drop_path_rate=drop_path_rate, out_indices=out_indices, pyramid=pyramid,
-                         out_norm=out_norm, frozen_stages=frozen_stages, with_cp=with_cp,
-                         chunk_tokens=chunk_tokens, pretrained=pretrained, init_cfg=init_cfg)
+        super().__init__(make_attention=make_attention, setting=setting, drop_rate=drop_rate,
+                         **layout)
 
 
 class DeiTClassifierHead(ClassifierHead):

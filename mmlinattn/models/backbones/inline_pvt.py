@@ -7,7 +7,7 @@ map at run time, so any input size works.
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +65,11 @@ class PVTBackbone(InLineBackbone):
 
     Input ``(B, in_channels, H, W)`` of any size; output a tuple of
     ``(B, C_i, H_i, W_i)`` maps at strides 4, 8, 16, 32.
+
+    The keyword arguments a subclass does not read itself (the layout and the contract)
+    reach this class by name, as ``**layout``; those it does not take go on to
+    :class:`InLineBackbone` (``out_indices``, ``out_norm``, ``frozen_stages``,
+    ``with_cp``, ``chunk_tokens``, ``pretrained``, ``init_cfg``) as ``**contract``.
     """
 
     convert_checkpoint = staticmethod(convert_pvt_checkpoint)
@@ -77,31 +82,23 @@ class PVTBackbone(InLineBackbone):
     def __init__(self,
                  make_attention: PVTAttentionFactory,
                  *,
-                 arch: Union[str, dict],
-                 embed_dims: Optional[Sequence[int]],
-                 depths: Optional[Sequence[int]],
-                 num_heads: Optional[Sequence[int]],
-                 mlp_ratios: Optional[Sequence[float]],
-                 in_channels: int,
-                 pretrain_img_size: int,
-                 drop_rate: float,
-                 drop_path_rate: float,
-                 out_indices: Sequence[int],
-                 out_norm: bool,
-                 frozen_stages: int,
-                 with_cp: bool,
-                 chunk_tokens: Optional[int],
-                 pretrained: Optional[str],
-                 init_cfg: Optional[Union[dict, list]]) -> None:
+                 arch: Union[str, dict] = 'tiny',
+                 embed_dims: Optional[Sequence[int]] = None,
+                 depths: Optional[Sequence[int]] = None,
+                 num_heads: Optional[Sequence[int]] = None,
+                 mlp_ratios: Optional[Sequence[float]] = None,
+                 in_channels: int = 3,
+                 pretrain_img_size: int = 224,
+                 drop_rate: float = 0.,
+                 drop_path_rate: float = 0.1,
+                 **contract: Any) -> None:
         setting = self.resolve_arch(arch, embed_dims=embed_dims, depths=depths,
                                     num_heads=num_heads, mlp_ratios=mlp_ratios)
         dims = tuple(setting['embed_dims'])
         depths = tuple(setting['depths'])
         heads = tuple(setting['num_heads'])
         ratios = tuple(setting['mlp_ratios'])
-        super().__init__(len(depths), out_indices=out_indices, out_norm=out_norm,
-                         frozen_stages=frozen_stages, with_cp=with_cp, pretrained=pretrained,
-                         init_cfg=init_cfg, chunk_tokens=chunk_tokens)
+        super().__init__(len(depths), **contract)
         self.num_features = list(dims)
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         self.pos_grids = []
@@ -182,8 +179,10 @@ class InLinePVT(PVTBackbone):
             :mod:`mmlinattn.ops.implementations`).
         drop_rate, drop_path_rate: regularisation (every block is InLine: there
             are no attention weights to drop, hence no ``attn_drop_rate``).
-        out_indices, out_norm, frozen_stages, with_cp, pretrained, init_cfg:
+        out_indices, out_norm, frozen_stages, with_cp, chunk_tokens, pretrained, init_cfg:
             the OpenMMLab backbone contract (see :class:`InLineBackbone`).
+        The layout and the contract are passed on by name to :class:`PVTBackbone`
+        (``**layout``).
 
     Input ``(B, in_channels, H, W)`` of any size; output a tuple of
     ``(B, C_i, H_i, W_i)`` maps at strides 4, 8, 16, 32.
@@ -193,39 +192,21 @@ class InLinePVT(PVTBackbone):
 
     def __init__(self,
                  arch: Union[str, dict] = 'tiny',
-                 embed_dims: Optional[Sequence[int]] = None,
-                 depths: Optional[Sequence[int]] = None,
-                 num_heads: Optional[Sequence[int]] = None,
-                 mlp_ratios: Optional[Sequence[float]] = None,
-                 in_channels: int = 3,
-                 pretrain_img_size: int = 224,
+                 *,
                  qkv_bias: bool = True,
                  inline_window: Optional[int] = None,
                  inline_operator: str = 'inline',
                  kernel: KernelArg = 'default',
                  attn_impl: str = 'auto',
                  drop_rate: float = 0.,
-                 drop_path_rate: float = 0.1,
-                 out_indices: Sequence[int] = (0, 1, 2, 3),
-                 out_norm: bool = True,
-                 frozen_stages: int = -1,
-                 with_cp: bool = False,
-                 chunk_tokens: Optional[int] = None,
-                 pretrained: Optional[str] = None,
-                 init_cfg: Optional[Union[dict, list]] = None) -> None:
+                 **layout: Any) -> None:
 
         def make_attention(i: int, j: int, dim: int, heads: int) -> nn.Module:
             return InLineAttention(dim, heads, qkv_layout='q_kv', window_size=inline_window,
                                    operator=inline_operator, kernel=kernel, impl=attn_impl,
                                    qkv_bias=qkv_bias, proj_drop=drop_rate)
 
-        super().__init__(make_attention=make_attention, arch=arch, embed_dims=embed_dims,
-                         depths=depths, num_heads=num_heads, mlp_ratios=mlp_ratios,
-                         in_channels=in_channels, pretrain_img_size=pretrain_img_size,
-                         drop_rate=drop_rate, drop_path_rate=drop_path_rate,
-                         out_indices=out_indices, out_norm=out_norm, frozen_stages=frozen_stages,
-                         with_cp=with_cp, chunk_tokens=chunk_tokens, pretrained=pretrained,
-                         init_cfg=init_cfg)
+        super().__init__(make_attention=make_attention, arch=arch, drop_rate=drop_rate, **layout)
 
 
 class InLinePVTClassifier(ClassifierHead, InLinePVT):

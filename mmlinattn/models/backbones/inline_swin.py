@@ -8,7 +8,7 @@ non-overlapping windows with ``inline_window``. Softmax blocks are Swin's
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -105,6 +105,11 @@ class SwinBackbone(StagedBackbone):
 
     Input ``(B, in_channels, H, W)`` of any size; output a tuple of
     ``(B, C_i, ceil(H / 4 / 2^i), ceil(W / 4 / 2^i))`` maps for i in out_indices.
+
+    The keyword arguments a subclass does not read itself (the layout and the contract)
+    reach this class by name, as ``**layout``; those it does not take go on to
+    :class:`InLineBackbone` (``out_indices``, ``out_norm``, ``frozen_stages``,
+    ``with_cp``, ``chunk_tokens``, ``pretrained``, ``init_cfg``) as ``**contract``.
     """
 
     #: (linear attention's letter, softmax letter) of ``attn_types``.
@@ -114,30 +119,22 @@ class SwinBackbone(StagedBackbone):
     def __init__(self,
                  make_attention: AttentionFactory,
                  *,
-                 arch: Union[str, dict],
-                 embed_dims: Optional[int],
-                 depths: Optional[Sequence[int]],
-                 num_heads: Optional[Sequence[int]],
-                 attn_types: Optional[str],
-                 in_channels: int,
-                 patch_size: int,
-                 mlp_ratio: float,
-                 drop_rate: float,
-                 drop_path_rate: float,
-                 out_indices: Sequence[int],
-                 out_norm: bool,
-                 frozen_stages: int,
-                 with_cp: bool,
-                 chunk_tokens: Optional[int],
-                 pretrained: Optional[str],
-                 init_cfg: Optional[Union[dict, list]]) -> None:
+                 arch: Union[str, dict] = 'tiny',
+                 embed_dims: Optional[int] = None,
+                 depths: Optional[Sequence[int]] = None,
+                 num_heads: Optional[Sequence[int]] = None,
+                 attn_types: Optional[str] = None,
+                 in_channels: int = 3,
+                 patch_size: int = 4,
+                 mlp_ratio: float = 4.,
+                 drop_rate: float = 0.,
+                 drop_path_rate: float = 0.1,
+                 **contract: Any) -> None:
         setting = self.resolve_arch(arch, embed_dims=embed_dims, depths=depths,
                                     num_heads=num_heads, attn_types=attn_types)
         depths = tuple(setting['depths'])
         num_heads = tuple(setting['num_heads'])
-        super().__init__(len(depths), out_indices=out_indices, out_norm=out_norm,
-                         frozen_stages=frozen_stages, with_cp=with_cp, pretrained=pretrained,
-                         init_cfg=init_cfg, chunk_tokens=chunk_tokens)
+        super().__init__(len(depths), **contract)
         letters = parse_attn_types(setting['attn_types'], depths, self.attn_letters)
         dims = [setting['embed_dims'] * 2**i for i in range(self.num_stages)]
         self.embed_dims = setting['embed_dims']
@@ -190,6 +187,8 @@ class InLineSwin(SwinBackbone):
         pretrained: deprecated alias of ``init_cfg=dict(type='Pretrained', ...)``.
         init_cfg: mmengine init config; ``Pretrained`` loads released or converted
             checkpoints safely.
+        The layout and the contract are passed on by name to :class:`SwinBackbone`
+        (``**layout``).
 
     Input ``(B, in_channels, H, W)`` of any size; output a tuple of
     ``(B, C_i, ceil(H / 4 / 2^i), ceil(W / 4 / 2^i))`` maps for i in out_indices.
@@ -199,13 +198,7 @@ class InLineSwin(SwinBackbone):
 
     def __init__(self,
                  arch: Union[str, dict] = 'tiny',
-                 embed_dims: Optional[int] = None,
-                 depths: Optional[Sequence[int]] = None,
-                 num_heads: Optional[Sequence[int]] = None,
-                 attn_types: Optional[str] = None,
-                 in_channels: int = 3,
-                 patch_size: int = 4,
-                 mlp_ratio: float = 4.,
+                 *,
                  qkv_bias: bool = True,
                  inline_window: Optional[int] = None,
                  softmax_window: int = 7,
@@ -215,14 +208,7 @@ class InLineSwin(SwinBackbone):
                  attn_impl: str = 'auto',
                  drop_rate: float = 0.,
                  attn_drop_rate: float = 0.,
-                 drop_path_rate: float = 0.1,
-                 out_indices: Sequence[int] = (0, 1, 2, 3),
-                 out_norm: bool = True,
-                 frozen_stages: int = -1,
-                 with_cp: bool = False,
-                 chunk_tokens: Optional[int] = None,
-                 pretrained: Optional[str] = None,
-                 init_cfg: Optional[Union[dict, list]] = None) -> None:
+                 **layout: Any) -> None:
 
         def make_attention(letter: str, i: int, j: int, dim: int, heads: int) -> nn.Module:
             if letter == 'I':
@@ -232,13 +218,7 @@ class InLineSwin(SwinBackbone):
             return swin_softmax_attention(dim, heads, softmax_window, j, qkv_bias,
                                           attn_drop_rate, drop_rate, pad_mask)
 
-        super().__init__(make_attention=make_attention, arch=arch, embed_dims=embed_dims,
-                         depths=depths, num_heads=num_heads, attn_types=attn_types,
-                         in_channels=in_channels, patch_size=patch_size, mlp_ratio=mlp_ratio,
-                         drop_rate=drop_rate, drop_path_rate=drop_path_rate,
-                         out_indices=out_indices, out_norm=out_norm, frozen_stages=frozen_stages,
-                         with_cp=with_cp, chunk_tokens=chunk_tokens, pretrained=pretrained,
-                         init_cfg=init_cfg)
+        super().__init__(make_attention=make_attention, arch=arch, drop_rate=drop_rate, **layout)
 
 
 class InLineSwinClassifier(ClassifierHead, InLineSwin):

@@ -7,7 +7,7 @@ with a RoPE computed for the map at hand, so any size works.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -55,8 +55,9 @@ class MLLA(StagedBackbone):
         in_channels: input image channels.
         mlp_ratio, qkv_bias: as released (4, True).
         drop_rate, drop_path_rate: regularisation.
-        out_indices, out_norm, frozen_stages, with_cp, pretrained, init_cfg: the
-            OpenMMLab backbone contract (see :class:`InLineBackbone`).
+        out_indices, out_norm, frozen_stages, with_cp, chunk_tokens, pretrained,
+            init_cfg: the OpenMMLab backbone contract, passed by name to
+            :class:`InLineBackbone` (``**contract``).
 
     Input ``(B, in_channels, H, W)`` of any size; output ``(B, C_i, ceil(H / 4 / 2^i),
     ceil(W / 4 / 2^i))`` maps for i in out_indices. Token-chunked inference and spatial
@@ -77,20 +78,12 @@ class MLLA(StagedBackbone):
                  qkv_bias: bool = True,
                  drop_rate: float = 0.,
                  drop_path_rate: float = 0.2,
-                 out_indices: Sequence[int] = (0, 1, 2, 3),
-                 out_norm: bool = True,
-                 frozen_stages: int = -1,
-                 with_cp: bool = False,
-                 chunk_tokens: Optional[int] = None,
-                 pretrained: Optional[str] = None,
-                 init_cfg: Optional[Union[dict, list]] = None) -> None:
+                 **contract: Any) -> None:
         setting = self.resolve_arch(arch, embed_dims=embed_dims, depths=depths,
                                     num_heads=num_heads)
         depths = tuple(setting['depths'])
         heads = tuple(setting['num_heads'])
-        super().__init__(len(depths), out_indices=out_indices, out_norm=out_norm,
-                         frozen_stages=frozen_stages, with_cp=with_cp, pretrained=pretrained,
-                         init_cfg=init_cfg, chunk_tokens=chunk_tokens)
+        super().__init__(len(depths), **contract)
         dims = [setting['embed_dims'] * 2**i for i in range(self.num_stages)]
         self.num_features = dims
         self.patch_embed = MLLAStem(in_channels, dims[0])

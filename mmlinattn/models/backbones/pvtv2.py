@@ -8,7 +8,7 @@ attn,norm2,mlp.fc1,mlp.dwconv.dwconv,mlp.fc2}``, ``norm{i}`` (i from 1).
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from timm.layers import DropPath
@@ -136,6 +136,11 @@ class PVTv2Backbone(InLineBackbone):
 
     Input ``(B, in_channels, H, W)`` of any size; outputs ``(B, C_i, ceil(H / 4 / 2^i),
     ceil(W / 4 / 2^i))`` for i in out_indices.
+
+    The keyword arguments a subclass does not read itself (the layout and the contract)
+    reach this class by name, as ``**layout``; those it does not take go on to
+    :class:`InLineBackbone` (``out_indices``, ``out_norm``, ``frozen_stages``,
+    ``with_cp``, ``chunk_tokens``, ``pretrained``, ``init_cfg``) as ``**contract``.
     """
 
     convert_checkpoint = staticmethod(convert_pvtv2_checkpoint)
@@ -143,29 +148,24 @@ class PVTv2Backbone(InLineBackbone):
     def __init__(self,
                  make_attention: PVTv2AttentionFactory,
                  *,
-                 arch: Union[str, dict],
-                 embed_dims: Optional[Sequence[int]],
-                 depths: Optional[Sequence[int]],
-                 num_heads: Optional[Sequence[int]],
-                 mlp_ratios: Optional[Sequence[float]],
-                 in_channels: int,
-                 drop_rate: float,
-                 drop_path_rate: float,
-                 out_indices: Sequence[int],
-                 frozen_stages: int,
-                 with_cp: bool,
-                 chunk_tokens: Optional[int],
-                 pretrained: Optional[str],
-                 init_cfg: Optional[Union[dict, list]]) -> None:
+                 arch: Union[str, dict] = 'b0',
+                 embed_dims: Optional[Sequence[int]] = None,
+                 depths: Optional[Sequence[int]] = None,
+                 num_heads: Optional[Sequence[int]] = None,
+                 mlp_ratios: Optional[Sequence[float]] = None,
+                 in_channels: int = 3,
+                 drop_rate: float = 0.,
+                 drop_path_rate: float = 0.1,
+                 out_norm: bool = True,
+                 **contract: Any) -> None:
+        del out_norm  # accepted for the contract: the released stage norms always apply
         setting = self.resolve_arch(arch, embed_dims=embed_dims, depths=depths,
                                     num_heads=num_heads, mlp_ratios=mlp_ratios)
         dims = tuple(setting['embed_dims'])
         depths = tuple(setting['depths'])
         heads = tuple(setting['num_heads'])
         ratios = tuple(setting['mlp_ratios'])
-        super().__init__(len(depths), out_indices=out_indices, out_norm=False,
-                         frozen_stages=frozen_stages, with_cp=with_cp, pretrained=pretrained,
-                         init_cfg=init_cfg, chunk_tokens=chunk_tokens)
+        super().__init__(len(depths), out_norm=False, **contract)
         self.num_features = list(dims)
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         for i in range(self.num_stages):
