@@ -243,3 +243,32 @@ def test_cswin_deit_frozen_stages_and_with_cp(cls):
     for p, q in zip(ref.parameters(), cp.parameters()):
         if p.grad is not None:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)
+
+
+FAMILIES = ['InLinePVT', 'AgentPVT', 'FLattenPVT', 'FLattenPVTv2', 'InLineSwin', 'AgentSwin',
+            'FLattenSwin', 'InLineCSwin', 'AgentCSwin', 'FLattenCSwin', 'InLineDeiT', 'AgentDeiT',
+            'MLLA']
+
+
+@pytest.mark.parametrize('name', FAMILIES)
+def test_every_family_passes_the_layout_and_the_contract_on_by_name(name):
+    """Each family reads its own arguments and passes the layout and the contract on by
+    name: every one of them must arrive where it acts, none swapped with another."""
+    from timm.layers import DropPath
+
+    import mmlinattn.models as models
+
+    cls = getattr(models, name)
+    deit = 'DeiT' in name
+    out_indices = (2, 5, 8, 11) if deit else (1, 3)
+    model = cls(in_channels=4, drop_path_rate=0.25, out_indices=out_indices, frozen_stages=1,
+                with_cp=True, chunk_tokens=8192)
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first.in_channels == 4
+    assert max(m.drop_prob for m in model.modules() if isinstance(m, DropPath)) == \
+        pytest.approx(0.25)
+    assert model.out_indices == out_indices and model.frozen_stages == 1
+    assert model.with_cp is True and model.chunk_tokens == 8192
+    assert not any(p.requires_grad for p in model._stem_modules()[0].parameters())
+    with pytest.raises(TypeError, match="'out_indice'"):  # a misspelt key is named
+        cls(out_indice=(0, 1))
