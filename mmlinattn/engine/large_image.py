@@ -33,7 +33,7 @@ from torch import Tensor
 from .. import parallel as sp
 from ..models.backbones.base import RowSource, chunked_inference
 from ..models.layers import DEFAULT_CHUNK_TOKENS
-from ..ops import class_argmax
+from ..ops import class_argmax, upsampled_class_argmax
 from ..parallel import SpatialGroup
 from ..utils.heap import reused_heap, trim_retained
 from .head_kernels import fast_cpu_heads
@@ -391,16 +391,22 @@ def _write_labels(labels: Tensor, t: Tile, logits: Tensor, stride: int, align: b
         top, bottom = max(t.cy0, r0 - 1), min(t.cy1, r1 + 1)  # one row for the interpolation
         left, right = max(t.cx0, t.x0 - 1), min(t.cx1, t.x1 + 1)
         band = logits[:, :, top - t.cy0:bottom - t.cy0, left - t.cx0:right - t.cx0]
-        up = F.interpolate(band, size=(band.shape[2] * stride, band.shape[3] * stride),
-                           mode='bilinear', align_corners=align)
         y0, x0 = (r0 - top) * stride, (t.x0 - left) * stride
-        up = up[0, :, y0:y0 + (r1 - r0) * stride, x0:x0 + (t.x1 - t.x0) * stride]
         ys, xs = r0 * stride, t.x0 * stride
         ye, xe = min(h, r1 * stride), min(w, t.x1 * stride)
-        if ye > ys and xe > xs:
-            labels[ys - row0:ye - row0, xs:xe] = class_argmax(up[:, :ye - ys, :xe - xs])
-            if logits_out is not None:
-                logits_out[:, ys - row0:ye - row0, xs:xe] = up[:, :ye - ys, :xe - xs]
+        if ye <= ys or xe <= xs:
+            continue
+        if logits_out is None and not align:
+            # Only the classes that can win are upsampled: the same labels.
+            best = upsampled_class_argmax(band, stride)
+            labels[ys - row0:ye - row0, xs:xe] = best[y0:y0 + ye - ys, x0:x0 + xe - xs]
+            continue
+        up = F.interpolate(band, size=(band.shape[2] * stride, band.shape[3] * stride),
+                           mode='bilinear', align_corners=align)
+        up = up[0, :, y0:y0 + (r1 - r0) * stride, x0:x0 + (t.x1 - t.x0) * stride]
+        labels[ys - row0:ye - row0, xs:xe] = class_argmax(up[:, :ye - ys, :xe - xs])
+        if logits_out is not None:
+            logits_out[:, ys - row0:ye - row0, xs:xe] = up[:, :ye - ys, :xe - xs]
 
 
 def _segment_large_sharded(model: Any, image: ImageInput, chunk_tokens: Optional[int],

@@ -25,7 +25,7 @@ from .inline import (
     linear_readout,
     softmax_attention,
 )
-from .labels import class_argmax
+from .labels import class_argmax, upsampled_class_argmax
 from .local import dynamic_depthwise_conv3x3
 from .mlla import apply_rope, mlla_linear_attention, rope_rotations
 from .rows import conv2d_rows, conv_out_rows
@@ -39,6 +39,7 @@ __all__ = [
     'inline_attention', 'InLineSums', 'inline_readout',
     'inline_attention_weights', 'linear_attention', 'softmax_attention',
     'dynamic_depthwise_conv3x3', 'linear', 'linear_backend', 'set_linear_backend', 'class_argmax',
+    'upsampled_class_argmax',
     'conv2d_rows', 'conv_out_rows', 'pad_to_multiple',
     'valid_mask', 'window_merge',
     'window_partition', 'exporting', 'ceil_to', 'pad_to', 'QKV_ATTENTIONS', 'linear_readout',
