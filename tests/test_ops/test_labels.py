@@ -65,9 +65,15 @@ def test_upsampled_labels_equal_the_whole_bands(dtype, stride) -> None:
     assert max(kept) < 40
 
 
-def test_upsampled_labels_with_nan_and_bad_shapes() -> None:
+def test_upsampled_labels_with_nan_infinity_and_bad_shapes() -> None:
     logits = _fields(8, 5, 9, torch.Generator().manual_seed(0))
     logits[0, 5, 2, 3] = float('nan')
     assert torch.equal(upsampled_class_argmax(logits, 4, 2), _upsampled_labels(logits, 4))
+    logits[0, 5, 2:4, 3:5] = float('inf')  # a whole window: no finite bound there
+    logits[0, 2, 0, 0] = float('-inf')
+    assert torch.equal(upsampled_class_argmax(logits, 4, 2), _upsampled_labels(logits, 4))
+    alone = torch.zeros(1, 3, 2, 2)
+    alone[0, 1] = float('inf')  # the block's only window: no finite bound at all
+    assert (upsampled_class_argmax(alone, 4) == 1).all()
     with pytest.raises(ValueError, match=r'needs \(1, C, h, w\) logits'):
         upsampled_class_argmax(torch.randn(3, 5, 5), 4)
