@@ -284,15 +284,8 @@ def segment_large(model: Any, image: ImageInput,
         decode = _tile_decoder(model, psp_out, feats[0].shape[2])
         finest_h = feats[0].shape[2]
         count = _tile_counter(progress, finest_h, feats[0].shape[3], tile // stride, resume)
-        with reused_heap():  # tiles of one size (but the last ones): buffers taken again
-            for r0, r1 in _tile_rows(finest_h, tile // stride, resume):
-                for t, (logits, ) in run_by_tiles(decode, feats, tile // stride,
-                                                  halo // stride, band=(r0, r1, 0, finest_h)):
-                    _write_labels(labels, t, logits, stride, head.align_corners, logits_out)
-                    count()
-                    trim_retained()  # border tiles are smaller: bound what they strand
-                if resume is not None:
-                    resume.row_done(r0)
+        _decode_tiles(decode, feats, labels, logits_out, head.align_corners, stride, tile,
+                      halo, count, resume, finest_h)
         info['head_s'] = time.perf_counter() - start
         if keep_logits:
             info['logits'] = logits_out
@@ -374,6 +367,34 @@ def _tile_decoder(model: Any, psp_out: Optional[Tensor], finest_height: int
             return [model.decode_head.forward(list(inputs))]
 
     return decode
+
+
+def _decode_tiles(decode: Callable[[list[Tensor], Tile], list[Tensor]], feats: Sequence[Tensor],
+                  labels: Tensor, logits_out: Optional[Tensor], align: bool, stride: int,
+                  tile: int, halo: int, count: Callable[[], None], resume: Optional[Resumable],
+                  finest_total: int, own: Optional[tuple[int, int]] = None,
+                  feats_row0: int = 0, labels_row0: int = 0,
+                  height: Optional[int] = None) -> None:
+    """The neck and head tile by tile, row of tiles by row of tiles, and their labels
+    (:func:`_write_labels`). ``feats`` hold the finest rows from ``feats_row0`` of a map
+    ``finest_total`` rows high; ``own``: the finest rows whose tiles this process decodes
+    (a rank's band; default all); ``labels`` hold the image rows from ``labels_row0`` of an
+    image ``height`` rows high. Rows of tiles ``resume`` has done are skipped, each row
+    done is reported to it."""
+    own = own or (0, finest_total)
+    with reused_heap():  # tiles of one size (but the last ones): buffers taken again
+        for r0, r1 in _tile_rows(finest_total, tile // stride, resume):
+            if r1 <= own[0] or r0 >= own[1]:
+                continue
+            band = (max(r0, own[0]), min(r1, own[1]), feats_row0, finest_total)
+            for t, (logits, ) in run_by_tiles(decode, feats, tile // stride, halo // stride,
+                                              band=band):
+                _write_labels(labels, t, logits, stride, align, logits_out, labels_row0,
+                              height)
+                count()
+                trim_retained()  # border tiles are smaller: bound what they strand
+            if resume is not None:
+                resume.row_done(r0)
 
 
 def _write_labels(labels: Tensor, t: Tile, logits: Tensor, stride: int, align: bool,
@@ -472,19 +493,9 @@ def _segment_large_sharded(model: Any, image: ImageInput, chunk_tokens: Optional
         own = (a // stride, b // stride)
         count = _tile_counter(progress, finest_total, ext[0].shape[3], tile // stride, resume,
                               own)
-        with reused_heap():
-            for r0, r1 in _tile_rows(finest_total, tile // stride, resume):
-                if r1 <= own[0] or r0 >= own[1]:
-                    continue
-                for t, (logits, ) in run_by_tiles(decode, ext, tile // stride, halo // stride,
-                                                  band=(max(r0, own[0]), min(r1, own[1]), lo,
-                                                        finest_total)):
-                    _write_labels(labels, t, logits, stride, head.align_corners, logits_out,
-                                  a, h)
-                    count()
-                    trim_retained()
-                if resume is not None:
-                    resume.row_done(r0)
+        _decode_tiles(decode, ext, labels, logits_out, head.align_corners, stride, tile, halo,
+                      count, resume, finest_total, own=own, feats_row0=lo, labels_row0=a,
+                      height=h)
         del ext, decode, psp_out
         info['head_s'] = time.perf_counter() - start
         info['rows'] = (a, a + rows_here)
