@@ -2,10 +2,17 @@
 
 A subclass declares, in its class body, ``arch_settings`` (its arch table) and
 ``convert_checkpoint`` (released classification keys -> backbone keys). Its
-``__init__`` resolves the arch, calls ``super().__init__(num_stages, out_indices,
-out_norm, frozen_stages, with_cp, pretrained, init_cfg)`` first, builds its
-stages, then calls :meth:`_finish_init`. It implements :meth:`_stem_modules`,
-:meth:`_stage_modules` (what ``frozen_stages`` freezes) and :meth:`forward_stages`.
+``__init__`` resolves the arch, calls ``super().__init__(num_stages, **contract)``
+first, builds its stages, then calls :meth:`_finish_init`. It implements
+:meth:`_stem_modules`, :meth:`_stage_modules` (what ``frozen_stages`` freezes) and
+:meth:`forward_stages`.
+
+Arguments are declared once and passed on by name. :class:`InLineBackbone` declares
+the contract (``out_indices``, ``out_norm``, ``frozen_stages``, ``with_cp``,
+``chunk_tokens``, ``pretrained``, ``init_cfg``); a layout base (``PVTBackbone``,
+``PVTv2Backbone``, ``SwinBackbone``, ``CSwinBackbone``, ``DeiTBackbone``) declares its
+layout with the released defaults and passes the contract on as ``**contract``; a
+family takes its attention's own arguments and passes the rest on as ``**layout``.
 """
 from __future__ import annotations
 

@@ -312,10 +312,8 @@ class CSwinBackbone(InLineBackbone):
     Input ``(B, in_channels, H, W)`` of any size; outputs at strides 4, 8, 16, 32
     with ``C * 2^i`` channels.
 
-    The keyword arguments a subclass does not read itself (the layout and the contract)
-    reach this class by name, as ``**layout``; those it does not take go on to
-    :class:`InLineBackbone` (``out_indices``, ``out_norm``, ``frozen_stages``,
-    ``with_cp``, ``chunk_tokens``, ``pretrained``, ``init_cfg``) as ``**contract``.
+    Its keyword arguments are passed on by name (the module docstring of
+    :mod:`~mmlinattn.models.backbones.base`).
     """
 
     #: (linear attention's letter, softmax letter) of ``attn_types``.

@@ -112,10 +112,8 @@ class DeiTBackbone(InLineBackbone):
     ``embed_dims``, ``depth``, ``num_heads``, ``pretrain_img_size``) and pass a
     :data:`DeiTAttentionFactory`. The other arguments are :class:`InLineDeiT`'s.
 
-    The keyword arguments a subclass does not read itself (the layout and the contract)
-    reach this class by name, as ``**layout``; those it does not take go on to
-    :class:`InLineBackbone` (``out_indices``, ``out_norm``, ``frozen_stages``,
-    ``with_cp``, ``chunk_tokens``, ``pretrained``, ``init_cfg``) as ``**contract``.
+    Its keyword arguments are passed on by name (the module docstring of
+    :mod:`~mmlinattn.models.backbones.base`).
     """
 
     convert_checkpoint = staticmethod(convert_deit_checkpoint)

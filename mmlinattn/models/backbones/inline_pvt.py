@@ -66,10 +66,8 @@ class PVTBackbone(InLineBackbone):
     Input ``(B, in_channels, H, W)`` of any size; output a tuple of
     ``(B, C_i, H_i, W_i)`` maps at strides 4, 8, 16, 32.
 
-    The keyword arguments a subclass does not read itself (the layout and the contract)
-    reach this class by name, as ``**layout``; those it does not take go on to
-    :class:`InLineBackbone` (``out_indices``, ``out_norm``, ``frozen_stages``,
-    ``with_cp``, ``chunk_tokens``, ``pretrained``, ``init_cfg``) as ``**contract``.
+    Its keyword arguments are passed on by name (the module docstring of
+    :mod:`~mmlinattn.models.backbones.base`).
     """
 
     convert_checkpoint = staticmethod(convert_pvt_checkpoint)

@@ -137,10 +137,8 @@ class PVTv2Backbone(InLineBackbone):
     Input ``(B, in_channels, H, W)`` of any size; outputs ``(B, C_i, ceil(H / 4 / 2^i),
     ceil(W / 4 / 2^i))`` for i in out_indices.
 
-    The keyword arguments a subclass does not read itself (the layout and the contract)
-    reach this class by name, as ``**layout``; those it does not take go on to
-    :class:`InLineBackbone` (``out_indices``, ``out_norm``, ``frozen_stages``,
-    ``with_cp``, ``chunk_tokens``, ``pretrained``, ``init_cfg``) as ``**contract``.
+    Its keyword arguments are passed on by name (the module docstring of
+    :mod:`~mmlinattn.models.backbones.base`).
     """
 
     convert_checkpoint = staticmethod(convert_pvtv2_checkpoint)
