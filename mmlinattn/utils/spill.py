@@ -12,9 +12,10 @@ changes. A map's blocks are reserved on the disk when it is created, so that a f
 disk is an error naming the map (``OSError(ENOSPC)``) rather than a SIGBUS later.
 
 A freed map's file serves the next map of its size (a block's output, then the next
-block's): its pages are still in the page cache, so writing the new map neither
-allocates nor zeroes them again, nor converts the file's reserved blocks (at 16384^2 px
-that took the backbone's system time from 121 to 74 s). The file is reused only once
+block's, where blocks do not write over their input): its pages are still in the page
+cache, so writing the new map neither allocates nor zeroes them again, nor converts the
+file's reserved blocks (at 16384^2 px that took the backbone's system time from 121 to
+74 s, before a stage's blocks wrote over one map). The file is reused only once
 its memory is unmapped (no view of it left), never once kept.
 
 A map's file is removed when the spill ends (or when a second file of its size is

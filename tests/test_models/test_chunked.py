@@ -23,9 +23,11 @@ from mmlinattn.models.backbones import (
     InLineSwin,
 )
 from mmlinattn.models.backbones.base import chunked_inference
-from mmlinattn.models.layers import conv2d_rows, conv_out_rows, fill_rows
+from mmlinattn.models.layers import chunked_block, conv2d_rows, conv_out_rows, fill_rows
+from mmlinattn.models.layers.chunked import RowsBeforeWrite
 from mmlinattn.ops import InLineSums, inline_attention, inline_readout
 from mmlinattn.registry import MODELS
+from mmlinattn.utils.spill import spill_maps
 
 CASES = {
     'pvt': (InLinePVT, dict(arch='tiny', depths=(1, 2, 1, 1))),
@@ -73,6 +75,63 @@ def test_chunked_equals_ordinary(name: str, chunk_tokens: int) -> None:
     assert len(got) == len(expected)
     for a, b in zip(got, expected):
         assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)
+
+
+def _first_block(model: nn.Module) -> nn.Module:
+    for name in ('block1', 'stage1'):
+        if hasattr(model, name):
+            return getattr(model, name)[0]
+    return model.layers[0].blocks[0]
+
+
+@pytest.mark.parametrize('name', ['pvt', 'pvt-window5', 'swin-window6', 'cswin',
+                                  'flatten-pvt', 'agent-pvt', 'agent-swin'])
+@pytest.mark.parametrize('chunk_tokens', [1, 13, 50])
+def test_block_written_over_its_input_gives_the_same_values(name: str,
+                                                           chunk_tokens: int) -> None:
+    # In place, a band's halo rows above it come from the copies kept before the band
+    # above overwrote them (FLatten's 2-row halo over 1-row bands reaches two bands up).
+    model = _eval(name)
+    block = _first_block(model)
+    torch.manual_seed(1)
+    x = torch.randn(2, 19, 24, block.norm1.normalized_shape[0])
+    with torch.no_grad():
+        expected = chunked_block(block, x, chunk_tokens)
+        mine = x.clone()
+        got = chunked_block(block, mine, chunk_tokens, inplace=True)
+    assert got.data_ptr() == mine.data_ptr()  # one map: the output took the input's place
+    assert torch.equal(got, expected)
+    assert not torch.equal(x, expected)
+
+
+def test_rows_before_write_keeps_the_rows_a_band_still_reads() -> None:
+    grid = torch.arange(10.).view(1, 10, 1, 1).clone()
+    rows = RowsBeforeWrite(grid, halo=3)
+    rows.write(0, 1, -grid[:, 0:1])
+    rows.write(1, 2, -grid[:, 1:2])
+    assert rows.read(0, 5).flatten().tolist() == [0, 1, 2, 3, 4]
+    rows.write(2, 6, torch.full((1, 4, 1, 1), -1.))
+    assert rows.read(3, 7).flatten().tolist() == [3, 4, 5, 6]
+    with pytest.raises(RuntimeError, match='overwritten'):
+        rows.read(2, 7)
+    with pytest.raises(RuntimeError, match='in order'):
+        rows.write(7, 8, grid[:, 7:8])
+
+
+def test_a_stage_of_blocks_spills_one_map(tmp_path) -> None:
+    # Each stage of InLine blocks spills its embedding's map (which the blocks then
+    # overwrite in turn) and its NCHW output: not one more map per block.
+    model = InLinePVT(arch='tiny', depths=(2, 2, 2, 2)).eval()
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        expected = model(x)
+        with chunked_inference(model, 64), spill_maps(str(tmp_path), min_bytes=1) as store:
+            got = model(x)
+            maps = store.spilled_bytes
+    stages = sum(2 * o.numel() * 4 for o in expected)
+    assert maps == stages
+    for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)
 
 

@@ -140,8 +140,9 @@ def test_file_prediction_equals_in_memory_and_reads_bands_only(model, scene, ref
                                 tile=TILE, halo=HALO, spill=str(tmp_path / 'spill'),
                                 min_spill_bytes=0)
     assert torch.equal(labels.long(), reference.long())
-    # Every whole map went to disk (a freed map's file serves the next of its size).
-    assert info['spill']['files'] + info['spill']['reused'] > 10 and info['spill']['reused']
+    # Every whole map went to disk: each stage's map (its blocks write over it) and its
+    # NCHW output, at least.
+    assert info['spill']['files'] + info['spill']['reused'] >= 8
     # Each row of tiles decoded once for the prediction, never the image whole at once.
     assert info['decoded_pixels_model'] <= 4 * 64 * 64 * 6
     counting = CountingReader(rgb)

@@ -286,10 +286,13 @@ class InLineBackbone(BaseModule):
         return (self.chunk_tokens is not None and not self.training
                 and not torch.is_grad_enabled())
 
-    def run_block(self, block: nn.Module, x: Tensor, **kwargs: Any) -> Tensor:
-        """One block on ``x``: chunked, checkpointed (``with_cp``) or plain."""
+    def run_block(self, block: nn.Module, x: Tensor, inplace: bool = False,
+                  **kwargs: Any) -> Tensor:
+        """One block on ``x``: chunked, checkpointed (``with_cp``) or plain. ``inplace``:
+        the caller has no further use for ``x`` (a stage's chain of blocks), so a chunked
+        block may write its output over it (:func:`chunked_block`)."""
         if self.chunking:
-            return chunked_block(block, x, self.chunk_tokens, **kwargs)
+            return chunked_block(block, x, self.chunk_tokens, inplace=inplace, **kwargs)
         return run_block(block, x, self.with_cp, **kwargs)
 
     def embed(self, module: nn.Module, x: Tensor) -> Tensor:
@@ -453,8 +456,8 @@ class StagedBackbone(InLineBackbone):
         x = self.pos_drop(self.embed(self.patch_embed, x))
         outs = []
         for layer in self.layers:
-            for block in layer.blocks:
-                x = self.run_block(block, x)
+            for block in layer.blocks:  # x: the embedding's or a block's own output
+                x = self.run_block(block, x, inplace=True)
             outs.append(x)
             if layer.downsample is not None:
                 x = self.embed(layer.downsample, x)

@@ -379,8 +379,8 @@ class CSwinBackbone(InLineBackbone):
         for i in range(self.num_stages):
             if i > 0:
                 x = self.embed(getattr(self, f'merge{i}'), x)
-            for block in getattr(self, f'stage{i + 1}'):
-                x = self.run_block(block, x)
+            for block in getattr(self, f'stage{i + 1}'):  # x: this stage's own map
+                x = self.run_block(block, x, inplace=True)
             outs.append(x)
         return outs
 

@@ -151,8 +151,8 @@ class PVTBackbone(InLineBackbone):
                 (h, x.shape[2]),
                 lambda rows, w=x.shape[2], t=table, g=grid: resize_pos_embed(t, g, (rows, w)))
             x = getattr(self, f'pos_drop{i + 1}')(x)
-            for block in getattr(self, f'block{i + 1}'):
-                x = self.run_block(block, x)
+            for block in getattr(self, f'block{i + 1}'):  # x: this stage's own map
+                x = self.run_block(block, x, inplace=True)
             outs.append(x)
             if i < self.num_stages - 1:
                 x = x.permute(0, 3, 1, 2)  # NCHW view in channels-last memory: no copy

@@ -190,8 +190,8 @@ class PVTv2Backbone(InLineBackbone):
         outs = []
         for i in range(self.num_stages):
             x = self.embed(getattr(self, f'patch_embed{i + 1}'), x)
-            for block in getattr(self, f'block{i + 1}'):
-                x = self.run_block(block, x)
+            for block in getattr(self, f'block{i + 1}'):  # x: this stage's own map
+                x = self.run_block(block, x, inplace=True)
             x = getattr(self, f'norm{i + 1}')(x)
             outs.append(x)
             x = x.permute(0, 3, 1, 2)

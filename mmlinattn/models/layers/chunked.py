@@ -48,8 +48,8 @@ from ...parallel import (
 from ...utils.spill import new_map
 from .regions import merge_heads, split_heads
 
-__all__ = ['InLineBlockParts', 'BandPlan', 'SummedAttentionPlan', 'OwnBands', 'row_bands',
-           'band_rows', 'fill_rows', 'conv2d_rows', 'conv_out_rows', 'linear_slice',
+__all__ = ['InLineBlockParts', 'BandPlan', 'SummedAttentionPlan', 'OwnBands', 'RowsBeforeWrite',
+           'row_bands', 'band_rows', 'fill_rows', 'conv2d_rows', 'conv_out_rows', 'linear_slice',
            'chunked_block', 'chunked_embed', 'DEFAULT_CHUNK_TOKENS']
 
 #: Tokens per band when chunking is switched on without a size (``chunk_tokens=True``
@@ -137,6 +137,48 @@ class OwnBands:
 ChunkPlan = Union[InLineBlockParts, BandPlan, SummedAttentionPlan, OwnBands, None]
 
 
+class RowsBeforeWrite:
+    """A map ``grid (B, h, w, C)`` that a pass overwrites band after band, top to
+    bottom, with the rows it read as they were before.
+
+    A block's second pass reads ``halo`` rows above each band (its 3x3 terms), rows
+    the band before it has already replaced with its output. :meth:`write` keeps the
+    last ``halo`` rows of a band before writing over them, and :meth:`read` puts them
+    back in front of the rows still untouched. The block's output then takes the place
+    of its input: one map instead of two (half the memory, and on a spill half the
+    pages written and faulted in), with the same values.
+    """
+
+    def __init__(self, grid: Tensor, halo: int) -> None:
+        self.grid, self.halo = grid, halo
+        self.kept: Optional[Tensor] = None  # original rows [kept_from, written)
+        self.kept_from = self.written = 0
+
+    def read(self, lo: int, hi: int) -> Tensor:
+        """Rows ``lo:hi`` (``0 <= lo``) as they were before any write."""
+        if lo >= self.written:
+            return self.grid[:, lo:hi]
+        if self.kept is None or lo < self.kept_from:
+            raise RuntimeError(f'rows from {lo} were overwritten: a band reads at most '
+                               f'{self.halo} rows above it')
+        return torch.cat([self.kept[:, lo - self.kept_from:],
+                          self.grid[:, self.written:hi]], dim=1)
+
+    def write(self, r0: int, r1: int, values: Tensor) -> None:
+        """Rows ``r0:r1`` (the next band: ``r0`` is where the last write stopped) ``= values``."""
+        if r0 != self.written:
+            raise RuntimeError(f'bands are written in order: expected rows from '
+                               f'{self.written}, got {r0}')
+        start = max(0, r1 - self.halo)
+        if self.halo:
+            old = self.grid[:, max(start, r0):r1]
+            if start < r0 and self.kept is not None:
+                old = torch.cat([self.kept[:, start - self.kept_from:], old], dim=1)
+            self.kept, self.kept_from = old.clone(), start
+        self.grid[:, r0:r1] = values
+        self.written = r1
+
+
 def band_rows(chunk_tokens: int, width: int, multiple: int = 1) -> int:
     """Rows per band for about ``chunk_tokens`` tokens of a ``width``-wide map: at least
     one, a multiple of ``multiple``."""
@@ -188,8 +230,9 @@ def linear_slice(layer: nn.Linear, x: Tensor, start: int, stop: int) -> Tensor:
 
 
 def _global_inline(parts: InLineBlockParts, x: Tensor, hw: tuple[int, int], num_prefix: int,
-                   rows: int) -> Tensor:
-    """The block on tokens ``x (B, P + h*w, C)`` in two passes over bands of ``rows`` rows.
+                   rows: int, inplace: bool = False) -> Tensor:
+    """The block on tokens ``x (B, P + h*w, C)`` in two passes over bands of ``rows`` rows;
+    ``inplace``: the output is written over ``x`` (:class:`RowsBeforeWrite`).
 
     Spatially sharded (:mod:`mmlinattn.parallel`), ``x`` holds this rank's rows: the
     sums and the mean token are reduced over the group between the passes (prefix
@@ -256,12 +299,21 @@ def _global_inline(parts: InLineBlockParts, x: Tensor, hw: tuple[int, int], num_
         return xc + parts.drop_path(parts.mlp(parts.norm2(xc)))
 
     # Pass 2: outputs; the 3x3 terms read one halo row above and below each band.
-    out = new_map(x.shape, x.dtype, x.device)
+    out = x if inplace else new_map(x.shape, x.dtype, x.device)
     if num_prefix:
         out[:, :num_prefix] = finish(prefix, parts.norm1(prefix), None)
+    # In place, the row above a band is kept before the band above overwrites it.
+    rewrite = RowsBeforeWrite(grid.view(b, h, w, c), 1) if inplace else None
+
+    def band_before(lo: int, hi: int) -> Tensor:
+        if rewrite is None or lo < 0:
+            return band(lo, hi)
+        return torch.cat([rewrite.read(lo, min(h, hi)).reshape(b, -1, c)]
+                         + ([below] if hi > h else []), dim=1)
+
     for r0, r1 in row_bands(h, rows):
         lo, hi = max(-top, r0 - 1), min(h + bottom, r1 + 1)
-        t = parts.norm1(band(lo, hi))
+        t = parts.norm1(band_before(lo, hi))
         inner = slice((r0 - lo) * w, (r1 - lo) * w)
         local = None
         if parts.residual is not None or parts.lepe is not None:
@@ -273,18 +325,22 @@ def _global_inline(parts: InLineBlockParts, x: Tensor, hw: tuple[int, int], num_
                 lepe = parts.lepe(vmap.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)[:, keep]
                 local = lepe if local is None else local + lepe
             local = local.reshape(b, (r1 - r0) * w, c)
-        out[:, num_prefix + r0 * w:num_prefix + r1 * w] = finish(band(r0, r1), t[:, inner],
-                                                                 local)
+        y = finish(band(r0, r1), t[:, inner], local)
+        if rewrite is None:
+            out[:, num_prefix + r0 * w:num_prefix + r1 * w] = y
+        else:
+            rewrite.write(r0, r1, y.view(b, r1 - r0, w, c))
     return out
 
 
 def _summed_block(plan: SummedAttentionPlan, x: Tensor, rows: int,
-                  hw: Optional[tuple[int, int]] = None) -> Tensor:
+                  hw: Optional[tuple[int, int]] = None, inplace: bool = False) -> Tensor:
     """The block on the map ``x (B, h, w, C)`` in passes over bands of ``rows`` rows:
     the attention's statistics, then each band's output from its rows and ``halo``
     rows each side. With ``hw``, ``x`` is tokens ``(B, P + h*w, C)``: ``P`` prefix
-    tokens (which the plan's attention already holds, normed) before the map."""
-    out = new_map(x.shape, x.dtype, x.device)
+    tokens (which the plan's attention already holds, normed) before the map.
+    ``inplace``: the output is written over ``x`` (:class:`RowsBeforeWrite`)."""
+    out = x if inplace else new_map(x.shape, x.dtype, x.device)
     if hw is not None:
         b, n, c = x.shape
         num_prefix = n - hw[0] * hw[1]
@@ -303,21 +359,28 @@ def _summed_block(plan: SummedAttentionPlan, x: Tensor, rows: int,
         if plan.attend_prefix is None:
             raise ValueError('this attention has no plan for prefix tokens')
         out[:, :num_prefix] = finish(x[:, :num_prefix] + plan.drop_path(plan.attend_prefix()))
+    rewrite = RowsBeforeWrite(grid, plan.halo) if inplace else None
     for r0, r1 in row_bands(h, rows):
         lo, hi = max(0, r0 - plan.halo), min(h, r1 + plan.halo)
-        out_grid[:, r0:r1] = finish(grid[:, r0:r1] + plan.drop_path(
-            plan.attend(plan.norm1(grid[:, lo:hi]), lo, r0, r1)))
+        around = grid[:, lo:hi] if rewrite is None else rewrite.read(lo, hi)
+        y = finish(grid[:, r0:r1] + plan.drop_path(plan.attend(plan.norm1(around), lo, r0, r1)))
+        if rewrite is None:
+            out_grid[:, r0:r1] = y
+        else:
+            rewrite.write(r0, r1, y)
     return out
 
 
 def chunked_block(block: nn.Module, x: Tensor, chunk_tokens: int,
-                  hw: Optional[tuple[int, int]] = None) -> Tensor:
+                  hw: Optional[tuple[int, int]] = None, inplace: bool = False) -> Tensor:
     """``block(x)`` (``block(x, hw=hw)`` for token inputs) evaluated in bands of about
     ``chunk_tokens`` tokens, as the block's ``chunk_plan(x)`` says.
 
     ``x`` is a channels-last map ``(B, H, W, C)``, or tokens ``(B, P + h*w, C)``
     with ``hw`` (DeiT's class token first). Blocks without a plan (softmax stages
-    with shifted windows or stripes) run whole.
+    with shifted windows or stripes) run whole. ``inplace``: the caller has no further
+    use for ``x``, so blocks that run in bands may write their output over it (one map
+    instead of two; the values are the same); the result is the tensor to use.
     """
     plan = None
     if hasattr(block, 'chunk_plan'):
@@ -330,18 +393,25 @@ def chunked_block(block: nn.Module, x: Tensor, chunk_tokens: int,
         if current_group() is not None:  # the block's sharded forward
             return block(x) if hw is None else block(x, hw=hw)
         width = x.shape[2] if hw is None else hw[1]
-        return _summed_block(plan, x, band_rows(chunk_tokens, width), hw)
+        inplace = inplace and x.is_contiguous()
+        return _summed_block(plan, x, band_rows(chunk_tokens, width), hw, inplace)
     if isinstance(plan, InLineBlockParts):
+        inplace = inplace and x.is_contiguous()  # else reshape below would write a copy
         if x.dim() == 4:
             b, h, w, c = x.shape
             out = _global_inline(plan, x.reshape(b, h * w, c), (h, w), 0,
-                                 band_rows(chunk_tokens, w))
+                                 band_rows(chunk_tokens, w), inplace)
             return out.view(b, h, w, c)
         h, w = hw
-        return _global_inline(plan, x, hw, x.shape[1] - h * w, band_rows(chunk_tokens, w))
+        return _global_inline(plan, x, hw, x.shape[1] - h * w, band_rows(chunk_tokens, w),
+                              inplace)
     if isinstance(plan, BandPlan) and x.dim() == 4:
         if current_group() is not None:  # windows on a band of rows: on the gathered map
             return gathered(lambda m: chunked_block(block, m, chunk_tokens), x)
         rows = band_rows(chunk_tokens, x.shape[2], plan.multiple)
+        if inplace:  # a band's output rows read only its own input rows
+            for r0, r1 in row_bands(x.shape[1], rows):
+                x[:, r0:r1] = block(x[:, r0:r1], **plan.kwargs)
+            return x
         return fill_rows(x.shape[1], rows, lambda r0, r1: block(x[:, r0:r1], **plan.kwargs))
     return block(x) if hw is None else block(x, hw=hw)
