@@ -456,7 +456,7 @@ class StagedBackbone(InLineBackbone):
         x = self.pos_drop(self.embed(self.patch_embed, x))
         outs = []
         for layer in self.layers:
-            for block in layer.blocks:  # x: the embedding's or a block's own output
+            for block in layer.blocks:  # x: this stage's own map
                 x = self.run_block(block, x, inplace=True)
             outs.append(x)
             if layer.downsample is not None:

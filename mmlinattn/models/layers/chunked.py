@@ -145,8 +145,9 @@ class RowsBeforeWrite:
     the band before it has already replaced with its output. :meth:`write` keeps the
     last ``halo`` rows of a band before writing over them, and :meth:`read` puts them
     back in front of the rows still untouched. The block's output then takes the place
-    of its input: one map instead of two (half the memory, and on a spill half the
-    pages written and faulted in), with the same values.
+    of its input, with the same values: one map instead of two (half a block's memory;
+    on a spill, half the files and disk space, though the kernel may still write the
+    map back after each block).
     """
 
     def __init__(self, grid: Tensor, halo: int) -> None:
