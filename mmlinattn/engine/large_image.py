@@ -36,6 +36,7 @@ from ..models.layers import DEFAULT_CHUNK_TOKENS
 from ..ops import class_argmax, upsampled_class_argmax
 from ..parallel import SpatialGroup
 from ..utils.heap import reused_heap, trim_retained
+from .fpn_levels import semantic_fpn_levels
 from .head_kernels import fast_cpu_heads
 
 __all__ = ['SIZE_DIVISOR', 'Tile', 'feature_tiles', 'run_by_tiles', 'prepare_image',
@@ -355,21 +356,27 @@ def _whole_pooling(model: Any, feats: Sequence[Tensor]) -> Optional[Tensor]:
 
 
 def _tile_decoder(model: Any, psp_out: Optional[Tensor], finest_height: int
-                  ) -> Callable[[list[Tensor], Tile], list[Tensor]]:
-    """Neck and decode head on a tile's crops (UperNet's pooling cropped from the whole
-    map's ``psp_out``): the ``fn`` of :func:`run_by_tiles`."""
+                  ) -> Callable[[list[Tensor], Tile], tuple[Tile, Tensor]]:
+    """Neck and decode head on a tile's crops: the ``fn`` of :func:`run_by_tiles`,
+    returning the tile narrowed to the crop its logits cover and the logits. Semantic
+    FPN runs each level on what its branch reads (:mod:`.fpn_levels`); other heads on
+    the whole crop (UperNet's pooling cropped from the whole map's ``psp_out``)."""
+    levels = semantic_fpn_levels(model) if psp_out is None else None
+    if levels is not None:
+        return levels
     current: list[Tile] = []
 
-    def decode(crops: list[Tensor], t: Tile) -> list[Tensor]:
+    def decode(crops: list[Tensor], t: Tile) -> tuple[Tile, Tensor]:
         current[:] = [t]
         inputs = model.neck(crops) if model.with_neck else crops
         with _psp_from(model.decode_head, psp_out, current, finest_height):
-            return [model.decode_head.forward(list(inputs))]
+            return t, model.decode_head.forward(list(inputs))
 
     return decode
 
 
-def _decode_tiles(decode: Callable[[list[Tensor], Tile], list[Tensor]], feats: Sequence[Tensor],
+def _decode_tiles(decode: Callable[[list[Tensor], Tile], tuple[Tile, Tensor]],
+                  feats: Sequence[Tensor],
                   labels: Tensor, logits_out: Optional[Tensor], align: bool, stride: int,
                   tile: int, halo: int, count: Callable[[], None], resume: Optional[Resumable],
                   finest_total: int, own: Optional[tuple[int, int]] = None,
@@ -387,8 +394,8 @@ def _decode_tiles(decode: Callable[[list[Tensor], Tile], list[Tensor]], feats: S
             if r1 <= own[0] or r0 >= own[1]:
                 continue
             band = (max(r0, own[0]), min(r1, own[1]), feats_row0, finest_total)
-            for t, (logits, ) in run_by_tiles(decode, feats, tile // stride, halo // stride,
-                                              band=band):
+            for _, (t, logits) in run_by_tiles(decode, feats, tile // stride, halo // stride,
+                                               band=band):
                 _write_labels(labels, t, logits, stride, align, logits_out, labels_row0,
                               height)
                 count()
