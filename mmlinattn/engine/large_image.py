@@ -36,7 +36,7 @@ from ..models.layers import DEFAULT_CHUNK_TOKENS
 from ..ops import class_argmax, upsampled_class_argmax
 from ..parallel import SpatialGroup
 from ..utils.heap import reused_heap, trim_retained
-from .fpn_levels import semantic_fpn_levels
+from .fpn_levels import SemanticFPNLevels, semantic_fpn_levels
 from .head_kernels import fast_cpu_heads
 
 __all__ = ['SIZE_DIVISOR', 'Tile', 'feature_tiles', 'run_by_tiles', 'prepare_image',
@@ -389,7 +389,9 @@ def _decode_tiles(decode: Callable[[list[Tensor], Tile], tuple[Tile, Tensor]],
     image ``height`` rows high. Rows of tiles ``resume`` has done are skipped, each row
     done is reported to it."""
     own = own or (0, finest_total)
-    with reused_heap():  # tiles of one size (but the last ones): buffers taken again
+    # Semantic FPN by levels: channels-last convolutions (see fast_cpu_heads).
+    levels = (decode.neck, decode.head) if isinstance(decode, SemanticFPNLevels) else ()
+    with reused_heap(), fast_cpu_heads(*levels):  # tiles of one size: buffers taken again
         for r0, r1 in _tile_rows(finest_total, tile // stride, resume):
             if r1 <= own[0] or r0 >= own[1]:
                 continue
@@ -418,7 +420,11 @@ def _write_labels(labels: Tensor, t: Tile, logits: Tensor, stride: int, align: b
         r1 = min(t.y1, r0 + 32)
         top, bottom = max(t.cy0, r0 - 1), min(t.cy1, r1 + 1)  # one row for the interpolation
         left, right = max(t.cx0, t.x0 - 1), min(t.cx1, t.x1 + 1)
-        band = logits[:, :, top - t.cy0:bottom - t.cy0, left - t.cx0:right - t.cx0]
+        # Upsampled in float32 whatever the head's dtype (bf16 logits convert exactly):
+        # bf16's rounding of the upsampled scores would make ties, and keep many more
+        # classes in contention (upsampled_class_argmax's margin is the dtype's).
+        band = logits[:, :, top - t.cy0:bottom - t.cy0, left - t.cx0:right - t.cx0].to(
+            torch.float32, memory_format=torch.contiguous_format)
         y0, x0 = (r0 - top) * stride, (t.x0 - left) * stride
         ys, xs = r0 * stride, t.x0 * stride
         ye, xe = min(h, r1 * stride), min(w, t.x1 * stride)
