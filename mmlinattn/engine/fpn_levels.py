@@ -158,9 +158,9 @@ class SemanticFPNLevels:
                 lateral = lateral + _cut(up, wide, regions[k], scale)
             above = lateral
             branches[k] = self._run(self.branches[k], lateral, regions[k], out, crop)
-        # FPNHead's sum, in its order; each branch is at the finest scale on ``out``.
-        # FPNHead resizes each branch to the finest branch's size, which it already has
-        # here (as on the whole padded image): a bilinear resize to the same size weighs
+        # FPNHead's sum, in its order, of the branches (each at the finest scale on
+        # ``out``). FPNHead resizes each to the finest branch's size, which it already
+        # has (as on the whole padded image): a bilinear resize to the same size weighs
         # each pixel by 1 and its neighbour by 0, so it is skipped (it only differs where
         # a neighbour is not finite, and costs as much as the sum).
         output = branches[0]

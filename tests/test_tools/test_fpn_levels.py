@@ -134,3 +134,24 @@ def test_other_heads_and_options_run_on_the_whole_crop(segmenter) -> None:
         assert semantic_fpn_levels(segmenter) is None
     finally:
         segmenter.decode_head.align_corners = False
+
+
+def test_bf16_logits_are_upsampled_in_float32() -> None:
+    # The tiles' labels: bilinear x4 of the logits in float32 whatever the head's dtype
+    # (bf16 scores rounded after the interpolation tie and flip labels).
+    import torch.nn.functional as F
+
+    from mmlinattn.engine.large_image import Tile, _write_labels
+    from mmlinattn.ops import class_argmax
+
+    logits = torch.randn(1, 20, 18, 18, generator=torch.Generator().manual_seed(3))
+    logits = logits.to(torch.bfloat16)
+    labels = torch.empty(64, 64, dtype=torch.int32)
+    _write_labels(labels, Tile(0, 16, 0, 16, 0, 18, 0, 18), logits, 4, False)
+
+    def upsampled(x: torch.Tensor) -> torch.Tensor:
+        up = F.interpolate(x, size=(72, 72), mode='bilinear', align_corners=False)
+        return class_argmax(up[0])[:64, :64]
+
+    assert torch.equal(labels.long(), upsampled(logits.float()))
+    assert not torch.equal(labels.long(), upsampled(logits))  # bf16 would differ here
