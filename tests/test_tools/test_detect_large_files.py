@@ -179,13 +179,8 @@ SMALL = dict(model=dict(
 
 @pytest.fixture(scope='module')
 def detector():
-    from mmlinattn.engine.build import build_from_config
-    torch.manual_seed(0)
-    model, _ = build_from_config(str(DET_CFG), SMALL)
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
+    from seeded import seeded_model
+    model = seeded_model(DET_CFG, SMALL)
     with torch.no_grad():
         # No box regression: every detection is an anchor, so a detection lies within
         # the margin exactly when everything it was computed from does (random

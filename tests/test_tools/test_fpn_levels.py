@@ -14,7 +14,8 @@ import torch
 
 pytest.importorskip('mmseg.models', reason='mmseg is needed')
 
-from mmlinattn.engine.build import build_from_config  # noqa: E402
+from seeded import seeded_model  # noqa: E402
+
 from mmlinattn.engine.fpn_levels import SemanticFPNLevels, semantic_fpn_levels  # noqa: E402
 from mmlinattn.engine.large_image import (  # noqa: E402
     _box,
@@ -32,19 +33,9 @@ TILE, HALO = 16, 40  # finest (stride-4) pixels: 64 and 160 image pixels
 TOL = dict(rtol=1e-4, atol=1e-4)
 
 
-def _model(config: Path, options: dict | None = None):
-    torch.manual_seed(0)
-    model, _ = build_from_config(str(config), options)
-    for m in model.modules():  # BatchNorm statistics that are not the identity
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-    return model.eval()
-
-
 @pytest.fixture(scope='module')
 def segmenter():
-    return _model(SEG_CFG)
+    return seeded_model(SEG_CFG)
 
 
 @pytest.fixture(scope='module')
@@ -127,7 +118,7 @@ def test_segment_large_uses_the_levels_and_equals_whole(segmenter, monkeypatch) 
 
 
 def test_other_heads_and_options_run_on_the_whole_crop(segmenter) -> None:
-    uper = _model(UPER_CFG, dict(model=dict(backbone=dict(depths=(1, 1, 1, 1)))))
+    uper = seeded_model(UPER_CFG, dict(model=dict(backbone=dict(depths=(1, 1, 1, 1)))))
     assert semantic_fpn_levels(uper) is None
     segmenter.decode_head.align_corners = True  # crops would not be translation-invariant
     try:

@@ -18,7 +18,8 @@ import torch
 pytest.importorskip('mmdet.models', reason='mmdet with a compiled mmcv is needed')
 pytest.importorskip('mmseg.models', reason='mmseg is needed')
 
-from mmlinattn.engine.build import build_from_config  # noqa: E402
+from seeded import seeded_model  # noqa: E402
+
 from mmlinattn.engine.large_image import (  # noqa: E402
     detect_large,
     prepare_image,
@@ -34,16 +35,6 @@ UPER_CFG = (REPO / 'configs/segmentation/inline_swin'
             / 'upernet_inline-swin-t_8xb2-160k_ade20k-512x512.py')
 
 
-def _model(config: Path, options: dict | None = None):
-    torch.manual_seed(0)
-    model, _ = build_from_config(str(config), options)
-    for m in model.modules():  # BatchNorm statistics that are not the identity
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-    return model.eval()
-
-
 def _image(h: int = 202, w: int = 330) -> torch.Tensor:
     return torch.randint(0, 256, (3, h, w), dtype=torch.uint8,
                          generator=torch.Generator().manual_seed(1))
@@ -51,7 +42,7 @@ def _image(h: int = 202, w: int = 330) -> torch.Tensor:
 
 @pytest.fixture(scope='module')
 def fpn_segmenter():
-    return _model(SEG_CFG)
+    return seeded_model(SEG_CFG)
 
 
 def test_semantic_fpn_tiles_equal_whole_image(fpn_segmenter) -> None:
@@ -69,7 +60,7 @@ def test_semantic_fpn_tiles_equal_whole_image(fpn_segmenter) -> None:
 
 def test_upernet_tiles_equal_whole_image() -> None:
     # UperNet: pyramid pooling is global (computed once), the rest per tile.
-    model = _model(UPER_CFG, dict(model=dict(backbone=dict(depths=(1, 1, 1, 1)))))
+    model = seeded_model(UPER_CFG, dict(model=dict(backbone=dict(depths=(1, 1, 1, 1)))))
     image = _image(150, 200)
     _, logits_ref = segment_whole(model, image)
     _, info = segment_large(model, image, chunk_tokens=64, tile=64, halo=64, keep_logits=True)
@@ -82,7 +73,7 @@ def test_tiling_arguments_are_checked(fpn_segmenter) -> None:
 
 
 def test_detector_neck_by_tiles_and_predictions_equal_whole() -> None:
-    model = _model(DET_CFG, dict(model=dict(test_cfg=dict(
+    model = seeded_model(DET_CFG, dict(model=dict(test_cfg=dict(
         rpn=dict(nms_pre=200, max_per_img=100), rcnn=dict(score_thr=0.0, max_per_img=20)))))
     image = _image(190, 260)
     x, samples, _ = prepare_image(model, image, 'mmdet')
@@ -143,7 +134,7 @@ def test_tool_under_torchrun_splits_rows_and_writes_the_same_mask(tmp_path):
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
     weights = tmp_path / 'random.pth'
-    torch.save(_model(SEG_CFG).state_dict(), weights)
+    torch.save(seeded_model(SEG_CFG).state_dict(), weights)
     common = ['--synthetic', '300', '200', '--tile', '128', '--halo', '128']
     env = dict(os.environ, OMP_NUM_THREADS='1', PORT=str(port), PYTHON=sys.executable,
                MMLINATTN_COLLECTIVE_TIMEOUT_S='120')
