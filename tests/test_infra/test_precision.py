@@ -69,10 +69,11 @@ def test_mmcv_nms_and_roi_align_run_under_bf16_autocast() -> None:
 
 
 def test_a_segmenter_by_regions_in_bf16_agrees_with_fp32() -> None:
-    from test_infer_large import SEG_CFG, _image, _model
+    from seeded import seeded_model
+    from test_infer_large import SEG_CFG, _image
 
     from mmlinattn.engine.large_image import segment_large
-    model = _model(SEG_CFG)
+    model = seeded_model(SEG_CFG)
     image = _image(160, 224)
     labels, info = segment_large(model, image, chunk_tokens=64, tile=64, halo=128,
                                  keep_logits=True)

@@ -35,7 +35,8 @@ from mmlinattn.rasters import (  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).parent))
-from test_infer_large import SEG_CFG, _model  # noqa: E402
+from seeded import seeded_model  # noqa: E402
+from test_infer_large import SEG_CFG  # noqa: E402
 
 sys.path.insert(0, str(REPO / 'tools'))
 from make_large_image import band, geo_tags  # noqa: E402
@@ -60,7 +61,7 @@ def _tensor(rgb: np.ndarray) -> torch.Tensor:
 
 @pytest.fixture(scope='module')
 def model():
-    return _model(SEG_CFG)
+    return seeded_model(SEG_CFG)
 
 
 @pytest.fixture(scope='module')
@@ -401,7 +402,7 @@ def test_ranks_read_and_spill_only_their_rows(scene, tmp_path) -> None:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
     weights = tmp_path / 'random.pth'
-    torch.save(_model(SEG_CFG).state_dict(), weights)
+    torch.save(seeded_model(SEG_CFG).state_dict(), weights)
     common = ['--tile', '64', '--halo', '128', '--chunk-tokens', str(CHUNK)]
     env = dict(os.environ, OMP_NUM_THREADS='1', PORT=str(port), PYTHON=sys.executable,
                MMLINATTN_COLLECTIVE_TIMEOUT_S='120')
@@ -429,7 +430,7 @@ def test_in_memory_tool_writes_the_same_pyramid_as_by_regions(scene, tmp_path) -
     png = tmp_path / 'scene.png'
     cv2.imwrite(str(png), rgb[..., ::-1])
     weights = tmp_path / 'random.pth'
-    torch.save(_model(SEG_CFG).state_dict(), weights)
+    torch.save(seeded_model(SEG_CFG).state_dict(), weights)
     common = [str(SEG_CFG), str(weights), '--tile', '64', '--halo', '128', '--chunk-tokens',
               str(CHUNK)]
     outs = []
