@@ -35,7 +35,7 @@ from ..models.backbones.base import RowSource, chunked_inference
 from ..models.layers import DEFAULT_CHUNK_TOKENS
 from ..ops import class_argmax, upsampled_class_argmax
 from ..parallel import SpatialGroup
-from ..utils.heap import reused_heap, trim_retained
+from ..utils.heap import RetainedBound, reused_heap
 from .fpn_levels import SemanticFPNLevels, semantic_fpn_levels
 from .head_kernels import fast_cpu_heads
 
@@ -391,6 +391,7 @@ def _decode_tiles(decode: Callable[[list[Tensor], Tile], tuple[Tile, Tensor]],
     own = own or (0, finest_total)
     # Semantic FPN by levels: channels-last convolutions (see fast_cpu_heads).
     levels = (decode.neck, decode.head) if isinstance(decode, SemanticFPNLevels) else ()
+    trim = RetainedBound()  # border tiles are smaller: bound what they strand
     with reused_heap(), fast_cpu_heads(*levels):  # tiles of one size: buffers taken again
         for r0, r1 in _tile_rows(finest_total, tile // stride, resume):
             if r1 <= own[0] or r0 >= own[1]:
@@ -401,7 +402,7 @@ def _decode_tiles(decode: Callable[[list[Tensor], Tile], tuple[Tile, Tensor]],
                 _write_labels(labels, t, logits, stride, align, logits_out, labels_row0,
                               height)
                 count()
-                trim_retained()  # border tiles are smaller: bound what they strand
+                trim()
             if resume is not None:
                 resume.row_done(r0)
 

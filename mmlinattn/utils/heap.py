@@ -27,8 +27,8 @@ import ctypes.util
 import functools
 from typing import Any, Iterator, Optional
 
-__all__ = ['keep_freed_memory', 'reused_heap', 'trim_retained', 'RETAINED_SLACK',
-           'anon_rss_bytes', 'mallinfo2']
+__all__ = ['keep_freed_memory', 'reused_heap', 'trim_retained', 'RetainedBound',
+           'retained_bytes', 'RETAINED_SLACK', 'anon_rss_bytes', 'mallinfo2']
 
 #: Freed memory a loop under :func:`reused_heap` may keep resident from one step (a
 #: tile) to the next before :func:`trim_retained` gives its pages back.
@@ -132,17 +132,46 @@ def reused_heap(top_pad: int = 256 * 2**20) -> Iterator[bool]:
 
 
 
+def retained_bytes() -> Optional[int]:
+    """Freed memory the heap keeps resident: the private resident memory less the bytes
+    in use (glibc's ``mallinfo2``); None without it."""
+    if _glibc() is None or mallinfo2 is None:
+        return None
+    info = mallinfo2()
+    return anon_rss_bytes() - (info.uordblks + info.hblkhd)
+
+
 def trim_retained(slack: int = RETAINED_SLACK) -> bool:
     """Give the heap's free pages back to the system (``malloc_trim``) when the private
     resident memory exceeds the memory in use by more than ``slack`` bytes; for a loop
     under :func:`reused_heap` whose steps allocate different sizes (tiles), so that the
     kept memory is reused from one step to the next but bounded. Returns whether it
     trimmed (never without glibc's ``mallinfo2``)."""
-    libc = _glibc()
-    if libc is None or mallinfo2 is None:
+    kept = retained_bytes()
+    if kept is None or kept <= slack:
         return False
-    info = mallinfo2()
-    if anon_rss_bytes() - (info.uordblks + info.hblkhd) <= slack:
-        return False
-    libc.malloc_trim(0)
+    _glibc().malloc_trim(0)
     return True
+
+
+class RetainedBound:
+    """:func:`trim_retained` for a loop whose steps take about the same buffers (tiles
+    of one size): what the first step leaves resident once its buffers are freed is
+    what every later step takes again, so the bound is ``max(slack, factor x that)``
+    bytes, set after the first call. A fixed bound below one step's buffers trims after
+    every step, and every step faults its buffers in and zeroes them anew: float32
+    Semantic FPN tiles of 2048 px keep about 2.2 GiB, and under the 2 GiB bound all 16
+    tiles of an 8192^2 image were trimmed (12.1 M page faults, 36 s of kernel time).
+    Call it after each step; returns whether it trimmed."""
+
+    def __init__(self, slack: int = RETAINED_SLACK, factor: float = 1.5) -> None:
+        self.slack, self.factor = slack, factor
+        self.bound: Optional[int] = None
+
+    def __call__(self) -> bool:
+        if self.bound is None:
+            kept = retained_bytes()
+            if kept is None:
+                return False
+            self.bound = max(self.slack, int(self.factor * kept))
+        return trim_retained(self.bound)
