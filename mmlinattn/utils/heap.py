@@ -17,7 +17,9 @@ fragment. :func:`reused_heap` keeps freed memory for the time of a block and giv
 free pages back (``malloc_trim``) when it ends; by regions at 16384^2 that cut the
 backbone's time by a third (see docs/large_images.md). A loop whose steps allocate
 varying sizes (detection tiles) calls :func:`trim_retained` after each step, which
-gives the free pages back once more than a set amount of freed memory is resident.
+gives the free pages back once more than a set amount of freed memory is resident;
+a loop of same-size steps (Semantic FPN tiles) uses :class:`RetainedBound`, whose amount
+follows what its first step keeps.
 """
 from __future__ import annotations
 

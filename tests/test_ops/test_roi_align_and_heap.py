@@ -110,3 +110,60 @@ def test_reused_heap_takes_freed_buffers_again_then_gives_the_pages_back():
     if out.stdout.startswith('SKIP'):
         pytest.skip('not glibc')
     assert out.stdout.startswith('OK')
+
+
+def test_retained_bound_follows_what_the_first_step_keeps():
+    """In a process of its own, under ``reused_heap``: steps that each write and free
+    the same 64 MiB buffer are not trimmed by a :class:`RetainedBound` (the buffer is
+    taken again: at most one of three faulted in, as glibc places chunks), although
+    its ``slack`` is 0 (a fixed bound of 0 bytes trims after every step, and the next
+    step faults the whole buffer in again);
+    a step that leaves much more resident than the first is trimmed back under the
+    bound. (What the process keeps besides the heap, a few hundred MiB after importing
+    torch, counts as kept: the bound is relative to it.)"""
+    code = textwrap.dedent('''
+        import resource
+        import torch
+        from mmlinattn.utils.heap import RetainedBound, retained_bytes, reused_heap, trim_retained
+
+        def step(mib):
+            t = torch.ones(mib * 2**18)  # mib MiB, every page written
+            del t
+
+        def faults():
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+        pages = 64 * 2**20 // resource.getpagesize()
+        with reused_heap() as applied:
+            if not applied or retained_bytes() is None:
+                print('SKIP'); raise SystemExit
+            bound = RetainedBound(slack=0)
+            step(64)
+            step(64)  # glibc may take a second chunk before it reuses one
+            first = bound()
+            before = faults()
+            kept = []
+            for _ in range(3):
+                step(64)
+                kept.append(bound())
+            reused = faults() - before
+            step(1024)
+            grown = bound()
+            after = retained_bytes()
+            # The fixed bound of the same slack: trims, then the buffer faults in again.
+            step(64)
+            fixed = trim_retained(0)
+            before = faults()
+            step(64)
+            refaulted = faults() - before
+        print('OK', first, kept, reused, grown, after, bound.bound, fixed, refaulted, pages)
+        assert not first and kept == [False] * 3, (first, kept)
+        assert reused < 2 * pages, (reused, pages)  # trimmed each time: 3 buffers' pages
+        assert grown and after <= bound.bound, (grown, after, bound.bound)
+        assert fixed and refaulted > pages // 2, (fixed, refaulted, pages)
+    ''')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr + out.stdout
+    if out.stdout.startswith('SKIP'):
+        pytest.skip('not glibc >= 2.33')
+    assert out.stdout.startswith('OK')
