@@ -133,7 +133,6 @@ def reused_heap(top_pad: int = 256 * 2**20) -> Iterator[bool]:
         libc.malloc_trim(0)
 
 
-
 def retained_bytes() -> Optional[int]:
     """Freed memory the heap keeps resident: the private resident memory less the bytes
     in use (glibc's ``mallinfo2``); None without it."""
@@ -162,7 +161,7 @@ class RetainedBound:
     what every later step takes again, so the bound is ``max(slack, factor x that)``
     bytes, set after the first call. A fixed bound below one step's buffers trims after
     every step, and every step faults its buffers in and zeroes them anew: float32
-    Semantic FPN tiles of 2048 px keep about 2.2 GiB, and under the 2 GiB bound all 16
+    Semantic FPN tiles of 2048 px keep more than 2 GiB, and under the 2 GiB bound all 16
     tiles of an 8192^2 image were trimmed (12.1 M page faults, 36 s of kernel time).
     Call it after each step; returns whether it trimmed."""
 
